@@ -1,0 +1,137 @@
+//! Developer tasks for consolegate, run as `cargo xtask <command>`.
+//!
+//! `cargo xtask test` is the one command that runs the whole suite on a fresh
+//! Debian 12 machine, and the only thing `.ci/run` does. It installs what is
+//! missing (`setup`), then runs rustfmt, clippy, `cargo test --workspace` and
+//! every fuzz target for a bounded time, keeps going past a failed step so one
+//! run shows every failure, and ends with a summary and a nonzero exit code if
+//! any step failed.
+//!
+//! # Layout
+//! - `setup`: Debian packages, rustup components, the nightly toolchain and
+//!   cargo-fuzz; each installed only when missing.
+//! - `fuzz`: builds the cargo-fuzz targets in `fuzz/` and runs each one for a
+//!   bounded time from its committed seed corpus.
+//! - `steps`: running a command as a named step, section headers, the summary.
+
+mod fuzz;
+mod setup;
+mod steps;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+use crate::steps::Steps;
+
+/// Seconds each fuzz target runs for in `cargo xtask test`.
+const DEFAULT_FUZZ_SECONDS: u64 = 20;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "consolegate developer tasks"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Run the whole suite: setup, rustfmt, clippy, cargo test, every fuzz target.
+    Test {
+        /// Seconds each fuzz target runs for (0 = only replay the seed corpus).
+        #[arg(long, value_name = "N", default_value_t = DEFAULT_FUZZ_SECONDS)]
+        fuzz_seconds: u64,
+        /// Do not install anything; assume the machine is already set up.
+        #[arg(long)]
+        skip_setup: bool,
+    },
+    /// Install what the suite needs (Debian packages, rustup components,
+    /// nightly, cargo-fuzz), each only when missing.
+    Setup,
+    /// rustfmt --check and clippy -D warnings over the workspace.
+    Lint,
+    /// Build the fuzz targets and run each (or one) for a bounded time.
+    Fuzz {
+        /// Seconds each target runs for (0 = only replay the seed corpus).
+        #[arg(long, value_name = "N", default_value_t = DEFAULT_FUZZ_SECONDS)]
+        seconds: u64,
+        /// Run only this target (default: all of them).
+        target: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let root = repo_root();
+    let mut steps = Steps::new();
+    let outcome = match cli.command {
+        Task::Test {
+            fuzz_seconds,
+            skip_setup,
+        } => test(&root, &mut steps, fuzz_seconds, skip_setup),
+        Task::Setup => setup::all(&mut steps),
+        Task::Lint => setup::rust_components(&mut steps).and_then(|()| lint(&root, &mut steps)),
+        Task::Fuzz { seconds, target } => setup::fuzz_tools(&mut steps)
+            .and_then(|()| fuzz::run(&root, &mut steps, seconds, target.as_deref())),
+    };
+    if let Err(err) = outcome {
+        steps.abort(&err);
+    }
+    steps.finish()
+}
+
+/// `cargo xtask test`: everything, in order, keeping going past failed steps.
+fn test(root: &Path, steps: &mut Steps, fuzz_seconds: u64, skip_setup: bool) -> Result<()> {
+    if !skip_setup {
+        setup::all(steps)?;
+    }
+    lint(root, steps)?;
+    steps.run(
+        "cargo test",
+        cargo(root).args(["test", "--workspace", "--no-fail-fast"]),
+    );
+    fuzz::run(root, steps, fuzz_seconds, None)
+}
+
+/// `cargo xtask lint`: rustfmt over the workspace and the fuzz crate, then clippy.
+fn lint(root: &Path, steps: &mut Steps) -> Result<()> {
+    steps.run(
+        "rustfmt",
+        cargo(root).args(["fmt", "--all", "--", "--check"]),
+    );
+    steps.run(
+        "rustfmt (fuzz)",
+        cargo(root).args(["fmt", "--manifest-path", "fuzz/Cargo.toml", "--", "--check"]),
+    );
+    steps.run(
+        "clippy",
+        cargo(root).args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]),
+    );
+    Ok(())
+}
+
+/// The cargo that runs this xtask (same toolchain), in the repository root.
+fn cargo(root: &Path) -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(root);
+    cmd
+}
+
+/// The workspace root: the parent of this crate's directory.
+fn repo_root() -> PathBuf {
+    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest_dir.parent().unwrap_or(manifest_dir).to_path_buf()
+}
