@@ -1,0 +1,49 @@
+//! Test harness: starts real QEMU, the consolegate binary and real clients.
+//!
+//! * [`qemu`]: QEMU (TCG only) with a VNC server (TCP or UNIX) and a serial
+//!   chardev wired to a tiny boot sector that prints a banner and echoes.
+//! * [`rfb`]: an RFC 6143 client over any transport.
+//! * [`ws`]: WebSocket clients (tokio-tungstenite over our own rustls TLS)
+//!   and a byte-stream adapter for the `binary` and `base64` subprotocols.
+//! * [`http`]: raw HTTP/1.1 and raw WebSocket frames for hostile inputs.
+//! * [`proxy`]: the real `consolegate` binary, its token files and logs.
+//! * [`fake`]: scripted peers, only for faults a real peer never produces.
+
+pub mod certs;
+pub mod fake;
+pub mod http;
+pub mod net;
+pub mod process;
+pub mod proxy;
+pub mod qemu;
+pub mod rfb;
+pub mod ws;
+
+use std::future::Future;
+use std::time::Duration;
+
+/// Upper bound for any single step, so a broken proxy fails a test instead
+/// of hanging it. Never used as a performance assertion.
+pub const STEP_TIMEOUT: Duration = Duration::from_secs(45);
+
+/// Runs `f` with [`STEP_TIMEOUT`] as an upper bound.
+pub async fn within<F: Future>(what: &str, f: F) -> anyhow::Result<F::Output> {
+    within_for(STEP_TIMEOUT, what, f).await
+}
+
+/// Runs `f` with `limit` as an upper bound.
+pub async fn within_for<F: Future>(limit: Duration, what: &str, f: F) -> anyhow::Result<F::Output> {
+    tokio::time::timeout(limit, f)
+        .await
+        .map_err(|_| anyhow::anyhow!("timed out after {limit:?}: {what}"))
+}
+
+/// A fresh random token secret (hex), unique per call.
+pub fn random_token() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+/// `haystack` contains `needle` as a byte substring.
+pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+}

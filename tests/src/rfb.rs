@@ -1,0 +1,204 @@
+//! A minimal RFB (RFC 6143) client: version 3.8, security None, shared
+//! ClientInit, 32 bpp true-colour, Raw encoding, and one full non-incremental
+//! framebuffer update that must cover the whole ServerInit-sized screen.
+//! Works over any `AsyncRead + AsyncWrite` (direct to QEMU, a CONNECT
+//! tunnel, or a WebSocket byte adapter).
+
+use std::collections::HashSet;
+
+use anyhow::{Context as _, bail, ensure};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+
+#[derive(Clone, Debug)]
+pub struct ServerInit {
+    pub width: u16,
+    pub height: u16,
+    pub pixel_format: [u8; 16],
+    pub name: String,
+}
+
+/// What one full framebuffer update looked like.
+#[derive(Clone, Debug)]
+pub struct Framebuffer {
+    pub width: u16,
+    pub height: u16,
+    pub rects: usize,
+    /// Sum over Raw rectangles of w*h*4 (exactly what was read).
+    pub pixel_bytes: usize,
+    /// Distinct 32-bit pixel values seen (capped at 4096).
+    pub distinct_colours: usize,
+}
+
+/// Pixel format we ask for: 32 bpp, depth 24, little-endian, true colour,
+/// 8 bits per channel, red at bit 16.
+pub const PIXEL_FORMAT_32: [u8; 16] = [32, 24, 0, 1, 0, 255, 0, 255, 0, 255, 16, 8, 0, 0, 0, 0];
+
+/// RFB 3.8 handshake up to and including ServerInit.
+pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> anyhow::Result<ServerInit> {
+    let mut version = [0u8; 12];
+    s.read_exact(&mut version).await.context("reading ProtocolVersion")?;
+    ensure!(
+        version.starts_with(b"RFB 003.") && version[11] == b'\n',
+        "not an RFB server: {:?}",
+        String::from_utf8_lossy(&version)
+    );
+    let minor: u32 = std::str::from_utf8(&version[8..11])?.parse()?;
+    ensure!(minor >= 8, "server speaks RFB 3.{minor}, want 3.8");
+    s.write_all(b"RFB 003.008\n").await?;
+
+    let n = s.read_u8().await.context("reading security types")?;
+    if n == 0 {
+        bail!("server refused: {}", read_reason(s).await?);
+    }
+    let mut types = vec![0u8; usize::from(n)];
+    s.read_exact(&mut types).await?;
+    ensure!(types.contains(&1), "security type None not offered: {types:?}");
+    s.write_all(&[1]).await?;
+    let result = s.read_u32().await.context("reading SecurityResult")?;
+    if result != 0 {
+        bail!("security handshake failed: {}", read_reason(s).await?);
+    }
+
+    s.write_all(&[1]).await?; // ClientInit, shared
+    let width = s.read_u16().await.context("reading ServerInit")?;
+    let height = s.read_u16().await?;
+    let mut pixel_format = [0u8; 16];
+    s.read_exact(&mut pixel_format).await?;
+    let name_len = s.read_u32().await?;
+    ensure!(name_len < 4096, "absurd desktop name length {name_len}");
+    let mut name = vec![0u8; name_len as usize];
+    s.read_exact(&mut name).await?;
+    ensure!(width > 0 && height > 0, "empty screen {width}x{height}");
+    Ok(ServerInit {
+        width,
+        height,
+        pixel_format,
+        name: String::from_utf8_lossy(&name).into_owned(),
+    })
+}
+
+async fn read_reason<S: AsyncRead + Unpin>(s: &mut S) -> anyhow::Result<String> {
+    let len = s.read_u32().await?;
+    ensure!(len < 65536, "absurd reason length");
+    let mut r = vec![0u8; len as usize];
+    s.read_exact(&mut r).await?;
+    Ok(String::from_utf8_lossy(&r).into_owned())
+}
+
+/// SetPixelFormat (32 bpp), SetEncodings [Raw], then non-incremental
+/// full-screen FramebufferUpdateRequests until Raw rectangles have covered
+/// every pixel of the ServerInit-sized screen.
+pub async fn full_update<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    init: &ServerInit,
+) -> anyhow::Result<Framebuffer> {
+    let (w, h) = (init.width, init.height);
+    let mut msg = vec![0u8, 0, 0, 0];
+    msg.extend_from_slice(&PIXEL_FORMAT_32);
+    s.write_all(&msg).await?;
+    s.write_all(&[2, 0, 0, 1, 0, 0, 0, 0]).await?; // SetEncodings: [Raw]
+    request(s, w, h).await?;
+
+    let mut covered = vec![false; usize::from(w) * usize::from(h)];
+    let mut uncovered = covered.len();
+    let mut rects = 0usize;
+    let mut pixel_bytes = 0usize;
+    let mut colours: HashSet<u32> = HashSet::new();
+    let mut row = Vec::new();
+    while uncovered > 0 {
+        let kind = s.read_u8().await.context("reading server message")?;
+        match kind {
+            0 => {
+                let _pad = s.read_u8().await?;
+                let n = s.read_u16().await?;
+                for _ in 0..n {
+                    let rx = s.read_u16().await?;
+                    let ry = s.read_u16().await?;
+                    let rw = s.read_u16().await?;
+                    let rh = s.read_u16().await?;
+                    let enc = s.read_i32().await?;
+                    ensure!(enc == 0, "rectangle with encoding {enc}, only Raw was asked for");
+                    ensure!(
+                        u32::from(rx) + u32::from(rw) <= u32::from(w)
+                            && u32::from(ry) + u32::from(rh) <= u32::from(h),
+                        "rectangle {rw}x{rh}+{rx}+{ry} outside the {w}x{h} screen"
+                    );
+                    rects += 1;
+                    row.resize(usize::from(rw) * 4, 0);
+                    for y in ry..ry + rh {
+                        s.read_exact(&mut row).await.context("reading Raw pixels")?;
+                        pixel_bytes += row.len();
+                        for (i, px) in row.chunks_exact(4).enumerate() {
+                            let idx = usize::from(y) * usize::from(w) + usize::from(rx) + i;
+                            if !covered[idx] {
+                                covered[idx] = true;
+                                uncovered -= 1;
+                            }
+                            if colours.len() < 4096 {
+                                colours.insert(u32::from_le_bytes([px[0], px[1], px[2], px[3]]));
+                            }
+                        }
+                    }
+                }
+                if uncovered > 0 {
+                    request(s, w, h).await?;
+                }
+            }
+            1 => {
+                let mut hdr = [0u8; 5];
+                s.read_exact(&mut hdr).await?;
+                let count = u16::from_be_bytes([hdr[3], hdr[4]]);
+                let mut entries = vec![0u8; usize::from(count) * 6];
+                s.read_exact(&mut entries).await?;
+            }
+            2 => {} // Bell
+            3 => {
+                let mut pad = [0u8; 3];
+                s.read_exact(&mut pad).await?;
+                let len = s.read_u32().await?;
+                ensure!(len < 1 << 20, "absurd cut text length");
+                let mut text = vec![0u8; len as usize];
+                s.read_exact(&mut text).await?;
+            }
+            other => bail!("unexpected server message type {other}"),
+        }
+    }
+    ensure!(rects > 0, "no rectangles");
+    ensure!(
+        pixel_bytes >= usize::from(w) * usize::from(h) * 4,
+        "read {pixel_bytes} pixel bytes for a {w}x{h} screen"
+    );
+    Ok(Framebuffer {
+        width: w,
+        height: h,
+        rects,
+        pixel_bytes,
+        distinct_colours: colours.len(),
+    })
+}
+
+async fn request<S: AsyncWrite + Unpin>(s: &mut S, w: u16, h: u16) -> anyhow::Result<()> {
+    let mut m = vec![3u8, 0, 0, 0, 0, 0];
+    m.extend_from_slice(&w.to_be_bytes());
+    m.extend_from_slice(&h.to_be_bytes());
+    s.write_all(&m).await?;
+    s.flush().await?;
+    Ok(())
+}
+
+/// Handshake + full update, bounded by the step timeout; checks the screen
+/// is the SeaBIOS text console (not a single flat colour).
+pub async fn check_session<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+) -> anyhow::Result<(ServerInit, Framebuffer)> {
+    crate::within("RFB handshake and full framebuffer update", async {
+        let init = handshake(s).await?;
+        let fb = full_update(s, &init).await?;
+        ensure!(
+            fb.distinct_colours > 1,
+            "framebuffer is one flat colour; expected the guest's text console"
+        );
+        anyhow::Ok((init, fb))
+    })
+    .await?
+}

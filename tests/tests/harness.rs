@@ -1,0 +1,51 @@
+//! Self-tests of the harness against real peers, without the proxy: if
+//! these fail, the proxy tests cannot be trusted.
+
+use consolegate_tests::qemu::{Qemu, QemuOptions, SERIAL_BANNER, Sock, read_until};
+use consolegate_tests::{fake, rfb};
+use tokio::io::AsyncWriteExt as _;
+
+#[tokio::test]
+async fn rfb_client_against_qemu_vnc_over_tcp() {
+    let qemu = Qemu::start(QemuOptions::default()).await.unwrap();
+    let mut io = qemu.vnc.connect().await.unwrap();
+    let (init, fb) = rfb::check_session(&mut io).await.unwrap();
+    // SeaBIOS leaves the VGA in 80x25 text mode: 720x400.
+    assert_eq!((init.width, init.height), (720, 400), "{init:?}");
+    assert_eq!((fb.width, fb.height), (init.width, init.height));
+    assert!(fb.pixel_bytes >= 720 * 400 * 4);
+}
+
+#[tokio::test]
+async fn rfb_client_against_qemu_vnc_over_unix_socket() {
+    let qemu = Qemu::start(QemuOptions {
+        vnc: Sock::Unix,
+        serial: Sock::Unix,
+    })
+    .await
+    .unwrap();
+    let mut io = qemu.vnc.connect().await.unwrap();
+    let (init, fb) = rfb::check_session(&mut io).await.unwrap();
+    assert_eq!((fb.width, fb.height), (init.width, init.height));
+}
+
+#[tokio::test]
+async fn guest_serial_banner_and_echo_over_tcp_chardev() {
+    let qemu = Qemu::start(QemuOptions {
+        vnc: Sock::Unix,
+        serial: Sock::Tcp,
+    })
+    .await
+    .unwrap();
+    let mut s = qemu.serial.connect().await.unwrap();
+    read_until(&mut s, SERIAL_BANNER).await.unwrap();
+    let probe = format!("echo-{:08x}", rand::random::<u32>());
+    s.write_all(probe.as_bytes()).await.unwrap();
+    read_until(&mut s, probe.as_bytes()).await.unwrap();
+}
+
+#[test]
+fn blackhole_swallows_dials() {
+    let b = fake::Blackhole::new().unwrap();
+    b.verify().unwrap();
+}
