@@ -1,3 +1,8 @@
+# consolegate-tests serial guest: a 512-byte boot sector.
+# Initialises COM1 (0x3F8) to 115200 8N1 with FIFOs, prints the banner every
+# 4 timer ticks (~220 ms) until a byte arrives, then echoes every byte.
+# Waits with HLT (woken by the BIOS timer IRQ) so TCG idles instead of
+# spinning. Build: as --32 -o boot.o boot.S && objcopy -O binary -j .text boot.o boot.img
     .code16
     .intel_syntax noprefix
     .text
@@ -46,6 +51,7 @@ wait:
     in al, dx
     test al, 1
     jnz echo
+    hlt
     mov ax, word ptr [0x46c]
     sub ax, bx
     cmp ax, 4
@@ -55,7 +61,10 @@ echo:
     mov dx, 0x3fd
     in al, dx
     test al, 1
-    jz echo
+    jnz echo_byte
+    hlt
+    jmp echo
+echo_byte:
     mov dx, 0x3f8
     in al, dx
     call putc

@@ -51,7 +51,12 @@ pub async fn read_response_head<S: AsyncRead + Unpin>(s: &mut S) -> anyhow::Resu
         headers: resp
             .headers
             .iter()
-            .map(|h| (h.name.to_owned(), String::from_utf8_lossy(h.value).into_owned()))
+            .map(|h| {
+                (
+                    h.name.to_owned(),
+                    String::from_utf8_lossy(h.value).into_owned(),
+                )
+            })
             .collect(),
     })
 }
@@ -150,7 +155,10 @@ pub async fn read_close<S: AsyncRead + Unpin>(s: &mut S) -> anyhow::Result<(Opti
         if f.opcode == 8 {
             if f.payload.len() >= 2 {
                 let code = u16::from_be_bytes([f.payload[0], f.payload[1]]);
-                return Ok((Some(code), String::from_utf8_lossy(&f.payload[2..]).into_owned()));
+                return Ok((
+                    Some(code),
+                    String::from_utf8_lossy(&f.payload[2..]).into_owned(),
+                ));
             }
             return Ok((None, String::new()));
         }
@@ -167,7 +175,12 @@ pub async fn raw_websocket(
 ) -> anyhow::Result<BoxIo> {
     let head = upgrade_head(&crate::net::authority(addr), path, extra);
     let (resp, io) = exchange(addr, transport, head.as_bytes()).await?;
-    ensure!(resp.status == 101, "expected 101, got {} {}", resp.status, resp.reason);
+    ensure!(
+        resp.status == 101,
+        "expected 101, got {} {}",
+        resp.status,
+        resp.reason
+    );
     Ok(io)
 }
 

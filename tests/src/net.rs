@@ -39,7 +39,11 @@ pub async fn connect(addr: SocketAddr, transport: &Transport) -> anyhow::Result<
     wrap(tcp, addr, transport).await
 }
 
-pub async fn wrap(tcp: TcpStream, addr: SocketAddr, transport: &Transport) -> anyhow::Result<BoxIo> {
+pub async fn wrap(
+    tcp: TcpStream,
+    addr: SocketAddr,
+    transport: &Transport,
+) -> anyhow::Result<BoxIo> {
     let (config, name) = match transport {
         Transport::Plain => return Ok(Box::new(tcp)),
         Transport::Tls(c) => (Arc::clone(c), ServerName::IpAddress(addr.ip().into())),

@@ -27,10 +27,14 @@ impl ChildGuard {
             .map_err(|e| anyhow::anyhow!("spawning {name} ({cmd:?}): {e}"))?;
         let stderr = Arc::new(Mutex::new(String::new()));
         let mut readers = Vec::new();
-        let out: Option<Box<dyn Read + Send>> =
-            child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>);
-        let err: Option<Box<dyn Read + Send>> =
-            child.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>);
+        let out: Option<Box<dyn Read + Send>> = child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>);
+        let err: Option<Box<dyn Read + Send>> = child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>);
         for pipe in [out, err].into_iter().flatten() {
             let buf = Arc::clone(&stderr);
             let label = format!("[{name} {}]", child.id());
@@ -44,7 +48,9 @@ impl ChildGuard {
                         Ok(_) => {
                             let text = String::from_utf8_lossy(&line);
                             eprint!("{label} {text}");
-                            buf.lock().unwrap_or_else(|p| p.into_inner()).push_str(&text);
+                            buf.lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .push_str(&text);
                         }
                     }
                 }
@@ -64,7 +70,10 @@ impl ChildGuard {
 
     /// Everything the child printed so far (stdout and stderr, interleaved by line).
     pub fn output(&self) -> String {
-        self.stderr.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.stderr
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// `Some(status)` once the child has exited.

@@ -259,7 +259,10 @@ impl Proxy {
     pub fn assert_secrets_not_logged(&self, secrets: &[&str]) {
         let logs = self.logs();
         for s in secrets {
-            assert!(!logs.contains(s), "token secret {s:?} appears in the logs:\n{logs}");
+            assert!(
+                !logs.contains(s),
+                "token secret {s:?} appears in the logs:\n{logs}"
+            );
         }
     }
 

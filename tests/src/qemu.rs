@@ -24,7 +24,7 @@ pub const SERIAL_BANNER: &[u8] = b"consolegate-serial-ready\r\n";
 /// Machine code of the boot sector (source: `tests/src/boot.S`, assembled
 /// with `as --32` + `objcopy -O binary`; this listing is
 /// `objdump -D -b binary -m i8086 -M intel` of it). The banner text follows
-/// at 0x7d; [`boot_image`] pads to 510 bytes and appends the 0x55AA mark.
+/// the code (at 0x81); [`boot_image`] pads to 510 bytes and appends the 0x55AA mark.
 #[rustfmt::skip]
 pub const BOOT_CODE: &[u8] = &[
     0xfa,                            // 0000: cli
@@ -55,39 +55,42 @@ pub const BOOT_CODE: &[u8] = &[
     0xba, 0xfc, 0x03,                // 0030: mov dx,0x3fc
     0xb0, 0x03,                      // 0033: mov al,0x3
     0xee,                            // 0035: out dx,al
-    0xbe, 0x7d, 0x7c,                // 0036: mov si,0x7c7d
+    0xbe, 0x81, 0x7c,                // 0036: mov si,0x7c81
     0xac,                            // 0039: lods al,BYTE PTR ds:[si]
     0x84, 0xc0,                      // 003a: test al,al
     0x74, 0x05,                      // 003c: je 0x43
-    0xe8, 0x2b, 0x00,                // 003e: call 0x6c
+    0xe8, 0x2f, 0x00,                // 003e: call 0x70
     0xeb, 0xf6,                      // 0041: jmp 0x39
     0x8b, 0x1e, 0x6c, 0x04,          // 0043: mov bx,WORD PTR ds:0x46c
     0xba, 0xfd, 0x03,                // 0047: mov dx,0x3fd
     0xec,                            // 004a: in al,dx
     0xa8, 0x01,                      // 004b: test al,0x1
-    0x75, 0x0c,                      // 004d: jne 0x5b
-    0xa1, 0x6c, 0x04,                // 004f: mov ax,ds:0x46c
-    0x29, 0xd8,                      // 0052: sub ax,bx
-    0x83, 0xf8, 0x04,                // 0054: cmp ax,0x4
-    0x72, 0xee,                      // 0057: jb 0x47
-    0xeb, 0xdb,                      // 0059: jmp 0x36
-    0xba, 0xfd, 0x03,                // 005b: mov dx,0x3fd
-    0xec,                            // 005e: in al,dx
-    0xa8, 0x01,                      // 005f: test al,0x1
-    0x74, 0xf8,                      // 0061: je 0x5b
-    0xba, 0xf8, 0x03,                // 0063: mov dx,0x3f8
-    0xec,                            // 0066: in al,dx
-    0xe8, 0x02, 0x00,                // 0067: call 0x6c
-    0xeb, 0xef,                      // 006a: jmp 0x5b
-    0x88, 0xc4,                      // 006c: mov ah,al
-    0xba, 0xfd, 0x03,                // 006e: mov dx,0x3fd
-    0xec,                            // 0071: in al,dx
-    0xa8, 0x20,                      // 0072: test al,0x20
-    0x74, 0xfb,                      // 0074: je 0x71
-    0xba, 0xf8, 0x03,                // 0076: mov dx,0x3f8
-    0x88, 0xe0,                      // 0079: mov al,ah
-    0xee,                            // 007b: out dx,al
-    0xc3,                            // 007c: ret
+    0x75, 0x0d,                      // 004d: jne 0x5c
+    0xf4,                            // 004f: hlt
+    0xa1, 0x6c, 0x04,                // 0050: mov ax,ds:0x46c
+    0x29, 0xd8,                      // 0053: sub ax,bx
+    0x83, 0xf8, 0x04,                // 0055: cmp ax,0x4
+    0x72, 0xed,                      // 0058: jb 0x47
+    0xeb, 0xda,                      // 005a: jmp 0x36
+    0xba, 0xfd, 0x03,                // 005c: mov dx,0x3fd
+    0xec,                            // 005f: in al,dx
+    0xa8, 0x01,                      // 0060: test al,0x1
+    0x75, 0x03,                      // 0062: jne 0x67
+    0xf4,                            // 0064: hlt
+    0xeb, 0xf5,                      // 0065: jmp 0x5c
+    0xba, 0xf8, 0x03,                // 0067: mov dx,0x3f8
+    0xec,                            // 006a: in al,dx
+    0xe8, 0x02, 0x00,                // 006b: call 0x70
+    0xeb, 0xec,                      // 006e: jmp 0x5c
+    0x88, 0xc4,                      // 0070: mov ah,al
+    0xba, 0xfd, 0x03,                // 0072: mov dx,0x3fd
+    0xec,                            // 0075: in al,dx
+    0xa8, 0x20,                      // 0076: test al,0x20
+    0x74, 0xfb,                      // 0078: je 0x75
+    0xba, 0xf8, 0x03,                // 007a: mov dx,0x3f8
+    0x88, 0xe0,                      // 007d: mov al,ah
+    0xee,                            // 007f: out dx,al
+    0xc3,                            // 0080: ret
 ];
 
 /// The 512-byte boot sector: code, NUL-terminated banner, zero padding, 55 AA.
@@ -221,12 +224,20 @@ impl Qemu {
         };
 
         let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.args(["-accel", "tcg", "-nodefaults", "-vga", "std", "-display", "none"])
-            .args(["-vnc", &vnc_arg])
-            .args(["-m", "64", "-smp", "1", "-no-reboot"])
-            .args(["-chardev", &chardev, "-serial", "chardev:ser0"])
-            .arg("-drive")
-            .arg(format!("file={},format=raw,if=floppy", img.display()));
+        cmd.args([
+            "-accel",
+            "tcg",
+            "-nodefaults",
+            "-vga",
+            "std",
+            "-display",
+            "none",
+        ])
+        .args(["-vnc", &vnc_arg])
+        .args(["-m", "64", "-smp", "1", "-no-reboot"])
+        .args(["-chardev", &chardev, "-serial", "chardev:ser0"])
+        .arg("-drive")
+        .arg(format!("file={},format=raw,if=floppy", img.display()));
         let mut child = ChildGuard::spawn("qemu", cmd)?;
 
         let ready = async {
@@ -258,7 +269,10 @@ async fn wait_accepting(ep: &Endpoint, child: &mut ChildGuard) -> anyhow::Result
     loop {
         if let Some(st) = child.exited() {
             child.drain_output();
-            anyhow::bail!("QEMU exited ({st}) before {ep:?} accepted: {}", child.output());
+            anyhow::bail!(
+                "QEMU exited ({st}) before {ep:?} accepted: {}",
+                child.output()
+            );
         }
         let ok = match ep {
             Endpoint::Tcp(a) => tokio::net::TcpStream::connect(a).await.is_ok(),

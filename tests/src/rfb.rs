@@ -36,7 +36,9 @@ pub const PIXEL_FORMAT_32: [u8; 16] = [32, 24, 0, 1, 0, 255, 0, 255, 0, 255, 16,
 /// RFB 3.8 handshake up to and including ServerInit.
 pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> anyhow::Result<ServerInit> {
     let mut version = [0u8; 12];
-    s.read_exact(&mut version).await.context("reading ProtocolVersion")?;
+    s.read_exact(&mut version)
+        .await
+        .context("reading ProtocolVersion")?;
     ensure!(
         version.starts_with(b"RFB 003.") && version[11] == b'\n',
         "not an RFB server: {:?}",
@@ -52,7 +54,10 @@ pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> anyhow::
     }
     let mut types = vec![0u8; usize::from(n)];
     s.read_exact(&mut types).await?;
-    ensure!(types.contains(&1), "security type None not offered: {types:?}");
+    ensure!(
+        types.contains(&1),
+        "security type None not offered: {types:?}"
+    );
     s.write_all(&[1]).await?;
     let result = s.read_u32().await.context("reading SecurityResult")?;
     if result != 0 {
@@ -117,7 +122,10 @@ pub async fn full_update<S: AsyncRead + AsyncWrite + Unpin>(
                     let rw = s.read_u16().await?;
                     let rh = s.read_u16().await?;
                     let enc = s.read_i32().await?;
-                    ensure!(enc == 0, "rectangle with encoding {enc}, only Raw was asked for");
+                    ensure!(
+                        enc == 0,
+                        "rectangle with encoding {enc}, only Raw was asked for"
+                    );
                     ensure!(
                         u32::from(rx) + u32::from(rw) <= u32::from(w)
                             && u32::from(ry) + u32::from(rh) <= u32::from(h),

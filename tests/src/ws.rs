@@ -60,8 +60,14 @@ impl WsRequest {
 /// What the proxy answered to an upgrade request.
 #[derive(Debug)]
 pub enum WsOutcome {
-    Upgraded { ws: Box<Ws>, protocol: Option<String> },
-    Refused { status: u16, body: String },
+    Upgraded {
+        ws: Box<Ws>,
+        protocol: Option<String>,
+    },
+    Refused {
+        status: u16,
+        body: String,
+    },
 }
 
 impl WsOutcome {
@@ -89,7 +95,10 @@ pub async fn connect(
     req: &WsRequest,
 ) -> anyhow::Result<WsOutcome> {
     let io = crate::net::connect(addr, transport).await?;
-    let host = req.host.clone().unwrap_or_else(|| crate::net::authority(addr));
+    let host = req
+        .host
+        .clone()
+        .unwrap_or_else(|| crate::net::authority(addr));
     let scheme = match transport {
         Transport::Plain => "ws",
         _ => "wss",
