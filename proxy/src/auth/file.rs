@@ -1,0 +1,210 @@
+//! Sans-io token file parsers: websockify's `token: host:port` TokenFile
+//! format and consolegate's TOML form.
+#![forbid(unsafe_code)]
+
+use std::time::SystemTime;
+
+use serde::Deserialize;
+
+use super::token::Token;
+use crate::console::{ConsoleKind, Target};
+
+/// One token as read from a source.
+#[derive(Debug, Clone)]
+pub struct TokenEntry {
+    pub token: Token,
+    pub grant: Grant,
+}
+
+/// What a token admits its holder to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    pub kind: ConsoleKind,
+    pub target: Target,
+    pub not_before: Option<SystemTime>,
+    pub not_after: Option<SystemTime>,
+}
+
+/// Why a token file was rejected.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum TokenFileError {
+    #[error("line {line}: expected `token: host:port` or `token: unix_socket:/path`")]
+    Syntax { line: usize },
+    #[error("line {line}: empty token")]
+    EmptyToken { line: usize },
+    #[error("line {line}: bad target: {reason}")]
+    BadTarget { line: usize, reason: String },
+    #[error("TOML: {0}")]
+    Toml(String),
+    #[error("token #{index}: {reason}")]
+    BadEntry { index: usize, reason: String },
+}
+
+/// Parses websockify's TokenFile format. Every token is a VNC console.
+pub fn parse_websockify(text: &str) -> Result<Vec<TokenEntry>, TokenFileError> {
+    let mut out = Vec::new();
+    for (i, raw) in text.lines().enumerate() {
+        let line = i + 1;
+        let l = raw.trim();
+        if l.is_empty() || l.starts_with('#') {
+            continue;
+        }
+        let (tok, target) = l.split_once(':').ok_or(TokenFileError::Syntax { line })?;
+        let tok = tok.trim();
+        if tok.is_empty() {
+            return Err(TokenFileError::EmptyToken { line });
+        }
+        let target = Target::parse(target).map_err(|e| TokenFileError::BadTarget {
+            line,
+            reason: e.to_string(),
+        })?;
+        out.push(TokenEntry {
+            token: Token::new(tok),
+            grant: Grant {
+                kind: ConsoleKind::Vnc,
+                target,
+                not_before: None,
+                not_after: None,
+            },
+        });
+    }
+    Ok(out)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TomlFile {
+    #[serde(default)]
+    token: Vec<TomlToken>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TomlToken {
+    token: String,
+    #[serde(default = "default_kind")]
+    kind: ConsoleKind,
+    target: Option<String>,
+    unix: Option<String>,
+    not_before: Option<String>,
+    not_after: Option<String>,
+}
+
+fn default_kind() -> ConsoleKind {
+    ConsoleKind::Vnc
+}
+
+/// Parses the TOML token file form (`[[token]]` tables).
+pub fn parse_toml(text: &str) -> Result<Vec<TokenEntry>, TokenFileError> {
+    // The TOML error message may quote the offending line, which may hold a
+    // secret: keep only the position.
+    let file: TomlFile = toml::from_str(text).map_err(|e| {
+        TokenFileError::Toml(match e.span() {
+            Some(span) => {
+                let line = text[..span.start.min(text.len())].lines().count().max(1);
+                format!("invalid token file near line {line}")
+            }
+            None => "invalid token file".to_owned(),
+        })
+    })?;
+    file.token
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let index = i + 1;
+            let bad = |reason: String| TokenFileError::BadEntry { index, reason };
+            if t.token.trim().is_empty() {
+                return Err(bad("empty token".into()));
+            }
+            let target = match (t.target, t.unix) {
+                (Some(tcp), None) => Target::parse(&tcp).map_err(|e| bad(e.to_string()))?,
+                (None, Some(path)) if !path.trim().is_empty() => Target::Unix(path.into()),
+                (None, Some(_)) => return Err(bad("empty unix path".into())),
+                _ => return Err(bad("exactly one of `target` or `unix` is required".into())),
+            };
+            let time = |v: Option<String>, name: &str| {
+                v.map(|s| {
+                    humantime::parse_rfc3339_weak(&s)
+                        .map_err(|e| bad(format!("{name}: {e} (want RFC 3339)")))
+                })
+                .transpose()
+            };
+            let not_before = time(t.not_before, "not_before")?;
+            let not_after = time(t.not_after, "not_after")?;
+            Ok(TokenEntry {
+                token: Token::new(t.token.trim()),
+                grant: Grant {
+                    kind: t.kind,
+                    target,
+                    not_before,
+                    not_after,
+                },
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn websockify_format() {
+        let text = "# a comment\n\ntok1: 127.0.0.1:5900\n tok2 : [::1]:5901 \ntok3: unix_socket:/run/vm3.sock\n";
+        let e = parse_websockify(text).unwrap();
+        assert_eq!(e.len(), 3);
+        assert_eq!(e[0].token.expose(), "tok1");
+        assert_eq!(e[1].token.expose(), "tok2");
+        assert_eq!(e[1].grant.target.to_string(), "[::1]:5901");
+        assert_eq!(e[2].grant.target, Target::Unix("/run/vm3.sock".into()));
+        assert!(e.iter().all(|t| t.grant.kind == ConsoleKind::Vnc));
+    }
+
+    #[test]
+    fn websockify_errors_name_the_line() {
+        assert_eq!(
+            parse_websockify("ok: 1.2.3.4:1\nbroken\n").unwrap_err(),
+            TokenFileError::Syntax { line: 2 }
+        );
+        assert_eq!(
+            parse_websockify(": 1.2.3.4:1").unwrap_err(),
+            TokenFileError::EmptyToken { line: 1 }
+        );
+        assert!(matches!(
+            parse_websockify("t: 1.2.3.4:70000").unwrap_err(),
+            TokenFileError::BadTarget { line: 1, .. }
+        ));
+    }
+
+    #[test]
+    fn toml_format() {
+        let text = r#"
+[[token]]
+token = "s1"
+kind = "serial"
+target = "127.0.0.1:4555"
+not_after = "2030-01-01T00:00:00Z"
+
+[[token]]
+token = "s2"
+unix = "/run/vm.vnc"
+"#;
+        let e = parse_toml(text).unwrap();
+        assert_eq!(e.len(), 2);
+        assert_eq!(e[0].grant.kind, ConsoleKind::Serial);
+        assert!(e[0].grant.not_after.is_some());
+        assert_eq!(e[1].grant.kind, ConsoleKind::Vnc);
+        assert_eq!(e[1].grant.target, Target::Unix("/run/vm.vnc".into()));
+    }
+
+    #[test]
+    fn toml_errors_do_not_quote_secrets() {
+        let err = parse_toml("[[token]]\ntoken = \"topsecret\"\nbogus = 1\n").unwrap_err();
+        assert!(!err.to_string().contains("topsecret"), "{err}");
+        let err = parse_toml("[[token]]\ntoken = \"topsecret\"\n").unwrap_err();
+        assert!(matches!(err, TokenFileError::BadEntry { index: 1, .. }));
+        let err = parse_toml("[[token]]\ntoken = \"x\"\ntarget = \"a:1\"\nnot_after = \"soon\"\n")
+            .unwrap_err();
+        assert!(err.to_string().contains("not_after"));
+    }
+}

@@ -1,0 +1,97 @@
+//! Command-line interface.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// consolegate: a secure gateway to virtual-machine consoles.
+#[derive(Debug, Parser)]
+#[command(name = "consolegate", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the proxy. Without --config or --token-file it runs the embedded
+    /// development default (loopback, self-signed certificate, generated token).
+    Serve(Box<ServeArgs>),
+    /// Validate a configuration file and exit (0 = valid, 64 = invalid).
+    CheckConfig {
+        /// TOML configuration file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+/// Flags of `serve`; each overrides the same setting of the config file.
+#[derive(Debug, Default, clap::Args)]
+pub struct ServeArgs {
+    /// TOML configuration file.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// WebSocket listener address (repeatable). HTTPS unless --plain-http.
+    #[arg(long = "ws-listen", value_name = "ADDR")]
+    pub ws_listen: Vec<SocketAddr>,
+    /// HTTP CONNECT listener address (repeatable).
+    #[arg(long = "connect-listen", value_name = "ADDR")]
+    pub connect_listen: Vec<SocketAddr>,
+    /// Token file or directory (repeatable): websockify format, or TOML if it ends in .toml.
+    #[arg(long = "token-file", value_name = "PATH")]
+    pub token_file: Vec<PathBuf>,
+    /// PEM certificate chain for tenant-facing TLS.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for tenant-facing TLS.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Serve WebSocket over unencrypted HTTP (loopback listeners only).
+    #[arg(long)]
+    pub plain_http: bool,
+    /// Allowed WebSocket Origin, e.g. https://console.example.com (repeatable).
+    #[arg(long = "allow-origin", value_name = "ORIGIN")]
+    pub allow_origin: Vec<String>,
+    /// CONNECT proxy authentication.
+    #[arg(long, value_enum)]
+    pub connect_auth: Option<ConnectAuthArg>,
+    /// Directory for the development certificate and token file.
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Write the bound listener addresses as JSON to this file once ready.
+    #[arg(long)]
+    pub ready_file: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// Time allowed for TLS and the HTTP request head (e.g. 10s).
+    #[arg(long, value_name = "DUR")]
+    pub handshake_timeout: Option<String>,
+    /// Compute-side dial timeout (e.g. 5s).
+    #[arg(long, value_name = "DUR")]
+    pub connect_timeout: Option<String>,
+    /// Close sessions with no data either way for this long (0 = never).
+    #[arg(long, value_name = "DUR")]
+    pub idle_timeout: Option<String>,
+    /// WebSocket keepalive ping interval (0 = off).
+    #[arg(long, value_name = "DUR")]
+    pub ping_interval: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConnectAuthArg {
+    /// Proxy-Authorization must carry a token for the requested target.
+    Token,
+    /// No authentication; the target must still be a known console.
+    None,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}

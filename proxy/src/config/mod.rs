@@ -1,0 +1,435 @@
+//! Configuration: the TOML file (`FileConfig`), CLI overrides, and the
+//! validated [`Config`] the rest of the proxy uses.
+//!
+//! Precedence: command-line flags, then the config file, then defaults.
+//! Relative paths in the file are relative to the file's directory.
+
+pub mod dev;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::cli::{ConnectAuthArg, LogFormat, ServeArgs};
+
+/// Default WebSocket listener of the embedded development setup.
+pub const DEV_WS_LISTEN: &str = "127.0.0.1:6080";
+/// Default CONNECT listener of the embedded development setup.
+pub const DEV_CONNECT_LISTEN: &str = "127.0.0.1:6081";
+
+/// The config file as written by an operator.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub state_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub websocket: WebSocketSection,
+    #[serde(default)]
+    pub connect: ConnectSection,
+    #[serde(default)]
+    pub tls: TlsSection,
+    #[serde(default)]
+    pub tokens: TokensSection,
+    #[serde(default)]
+    pub compute: ComputeSection,
+    #[serde(default)]
+    pub session: SessionSection,
+    #[serde(default)]
+    pub log: LogSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebSocketSection {
+    #[serde(default)]
+    pub listen: Vec<SocketAddr>,
+    #[serde(default)]
+    pub plain_http: bool,
+    /// Also allow plain HTTP on non-loopback addresses (behind a
+    /// TLS-terminating load balancer). Off by default.
+    #[serde(default)]
+    pub plain_http_non_loopback: bool,
+    #[serde(default)]
+    pub allow_origins: Vec<String>,
+    pub ping_interval: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectSection {
+    #[serde(default)]
+    pub listen: Vec<SocketAddr>,
+    pub auth: Option<ConnectAuthArg>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokensSection {
+    #[serde(default)]
+    pub files: Vec<PathBuf>,
+    pub reload_interval: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ComputeSection {
+    pub connect_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionSection {
+    pub handshake_timeout: Option<String>,
+    pub idle_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSection {
+    pub format: Option<LogFormat>,
+}
+
+/// Where the tenant-facing certificate comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TenantTls {
+    /// Operator-provided PEM files.
+    Files { cert: PathBuf, key: PathBuf },
+    /// The self-signed development certificate in the state directory.
+    Dev { dir: PathBuf },
+    /// Plain HTTP, explicitly requested.
+    Off,
+}
+
+/// How the CONNECT front end authenticates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectAuth {
+    Token,
+    None,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub ws_listen: Vec<SocketAddr>,
+    pub connect_listen: Vec<SocketAddr>,
+    pub tenant_tls: TenantTls,
+    pub allow_origins: Vec<String>,
+    pub connect_auth: ConnectAuth,
+    pub token_sources: Vec<PathBuf>,
+    /// The dev token file must be created if missing.
+    pub dev_tokens: Option<PathBuf>,
+    pub state_dir: PathBuf,
+    pub reload_interval: Duration,
+    pub handshake_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Option<Duration>,
+    pub ping_interval: Option<Duration>,
+    pub log_format: LogFormat,
+    pub ready_file: Option<PathBuf>,
+}
+
+/// Why a configuration is invalid. Reported with exit code 64.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{setting}: invalid duration {value:?} (examples: 500ms, 10s, 5m, 1h, 0)")]
+    Duration {
+        setting: &'static str,
+        value: String,
+    },
+    #[error("no listener configured: set websocket.listen and/or connect.listen")]
+    NoListener,
+    #[error(
+        "plain HTTP on non-loopback address {0}: use TLS, or set websocket.plain_http_non_loopback = true"
+    )]
+    PlainHttpNotLoopback(SocketAddr),
+    #[error("tls.cert and tls.key must be given together")]
+    HalfTls,
+    #[error("allowed origin {0:?} must look like scheme://host[:port]")]
+    BadOrigin(String),
+    #[error("no token source: give --token-file or tokens.files")]
+    NoTokens,
+}
+
+fn duration(
+    setting: &'static str,
+    value: Option<&str>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    match value.map(str::trim) {
+        None => Ok(default),
+        Some("0") => Ok(Duration::ZERO),
+        Some(v) => humantime::parse_duration(v).map_err(|_| ConfigError::Duration {
+            setting,
+            value: v.to_owned(),
+        }),
+    }
+}
+
+fn nonzero(d: Duration) -> Option<Duration> {
+    (!d.is_zero()).then_some(d)
+}
+
+impl FileConfig {
+    /// Reads and parses a config file.
+    pub fn read(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses config text; `path` names it in errors and anchors relative paths.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let mut fc: FileConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let rel = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fc.tokens.files.iter_mut().for_each(rel);
+        fc.tls.cert.as_mut().map(rel);
+        fc.tls.key.as_mut().map(rel);
+        fc.state_dir.as_mut().map(rel);
+        Ok(fc)
+    }
+}
+
+impl Config {
+    /// Builds the validated configuration from flags and an optional file.
+    pub fn build(args: &ServeArgs) -> Result<Self, ConfigError> {
+        let file = match &args.config {
+            Some(p) => Some(FileConfig::read(p)?),
+            None => None,
+        };
+        let dev = file.is_none() && args.token_file.is_empty();
+        let fc = file.unwrap_or_default();
+
+        let state_dir = args
+            .state_dir
+            .clone()
+            .or(fc.state_dir)
+            .unwrap_or_else(|| PathBuf::from("consolegate-dev"));
+
+        let pick = |flag: &[SocketAddr], file: &[SocketAddr]| -> Vec<SocketAddr> {
+            if flag.is_empty() {
+                file.to_vec()
+            } else {
+                flag.to_vec()
+            }
+        };
+        let mut ws_listen = pick(&args.ws_listen, &fc.websocket.listen);
+        let mut connect_listen = pick(&args.connect_listen, &fc.connect.listen);
+        if dev && ws_listen.is_empty() && connect_listen.is_empty() {
+            ws_listen = vec![DEV_WS_LISTEN.parse().expect("constant address")];
+            connect_listen = vec![DEV_CONNECT_LISTEN.parse().expect("constant address")];
+        }
+        if ws_listen.is_empty() && connect_listen.is_empty() {
+            return Err(ConfigError::NoListener);
+        }
+
+        let plain = args.plain_http || fc.websocket.plain_http;
+        let (cert, key) = match (&args.tls_cert, &args.tls_key) {
+            (Some(c), Some(k)) => (Some(c.clone()), Some(k.clone())),
+            _ => (fc.tls.cert, fc.tls.key),
+        };
+        let tenant_tls = match (cert, key) {
+            (Some(cert), Some(key)) => TenantTls::Files { cert, key },
+            (None, None) if plain => TenantTls::Off,
+            (None, None) => TenantTls::Dev {
+                dir: state_dir.join("tls"),
+            },
+            _ => return Err(ConfigError::HalfTls),
+        };
+        if tenant_tls == TenantTls::Off
+            && !fc.websocket.plain_http_non_loopback
+            && let Some(a) = ws_listen.iter().find(|a| !a.ip().is_loopback())
+        {
+            return Err(ConfigError::PlainHttpNotLoopback(*a));
+        }
+
+        let allow_origins = if args.allow_origin.is_empty() {
+            fc.websocket.allow_origins
+        } else {
+            args.allow_origin.clone()
+        };
+        for o in &allow_origins {
+            let ok = o
+                .split_once("://")
+                .is_some_and(|(s, h)| !s.is_empty() && !h.is_empty() && !h.contains('/'));
+            if !ok {
+                return Err(ConfigError::BadOrigin(o.clone()));
+            }
+        }
+
+        let connect_auth = match args.connect_auth.or(fc.connect.auth) {
+            Some(ConnectAuthArg::None) => ConnectAuth::None,
+            Some(ConnectAuthArg::Token) | None => ConnectAuth::Token,
+        };
+
+        let mut token_sources = if args.token_file.is_empty() {
+            fc.tokens.files
+        } else {
+            args.token_file.clone()
+        };
+        let dev_tokens = if dev {
+            let p = state_dir.join("tokens.toml");
+            token_sources = vec![p.clone()];
+            Some(p)
+        } else {
+            None
+        };
+        if token_sources.is_empty() {
+            return Err(ConfigError::NoTokens);
+        }
+
+        let d = |s: &'static str, flag: &Option<String>, file: &Option<String>, def: u64| {
+            duration(
+                s,
+                flag.as_deref().or(file.as_deref()),
+                Duration::from_secs(def),
+            )
+        };
+        let handshake_timeout = d(
+            "handshake_timeout",
+            &args.handshake_timeout,
+            &fc.session.handshake_timeout,
+            10,
+        )?;
+        let connect_timeout = d(
+            "connect_timeout",
+            &args.connect_timeout,
+            &fc.compute.connect_timeout,
+            5,
+        )?;
+        let idle_timeout = d(
+            "idle_timeout",
+            &args.idle_timeout,
+            &fc.session.idle_timeout,
+            3600,
+        )?;
+        let ping_interval = d(
+            "ping_interval",
+            &args.ping_interval,
+            &fc.websocket.ping_interval,
+            30,
+        )?;
+        let reload_interval = d("reload_interval", &None, &fc.tokens.reload_interval, 2)?;
+
+        Ok(Config {
+            ws_listen,
+            connect_listen,
+            tenant_tls,
+            allow_origins,
+            connect_auth,
+            token_sources,
+            dev_tokens,
+            state_dir,
+            reload_interval: if reload_interval.is_zero() {
+                Duration::from_secs(2)
+            } else {
+                reload_interval
+            },
+            handshake_timeout: if handshake_timeout.is_zero() {
+                Duration::from_secs(10)
+            } else {
+                handshake_timeout
+            },
+            connect_timeout: if connect_timeout.is_zero() {
+                Duration::from_secs(5)
+            } else {
+                connect_timeout
+            },
+            idle_timeout: nonzero(idle_timeout),
+            ping_interval: nonzero(ping_interval),
+            log_format: args.log_format.or(fc.log.format).unwrap_or_default(),
+            ready_file: args.ready_file.clone(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args() -> ServeArgs {
+        ServeArgs::default()
+    }
+
+    #[test]
+    fn dev_default_without_anything() {
+        let c = Config::build(&args()).unwrap();
+        assert_eq!(
+            c.ws_listen,
+            vec![DEV_WS_LISTEN.parse::<SocketAddr>().unwrap()]
+        );
+        assert_eq!(c.connect_listen.len(), 1);
+        assert!(matches!(c.tenant_tls, TenantTls::Dev { .. }));
+        assert_eq!(c.connect_auth, ConnectAuth::Token);
+        assert!(c.dev_tokens.is_some());
+        assert_eq!(c.ping_interval, Some(Duration::from_secs(30)));
+    }
+
+    #[test]
+    fn plain_http_only_on_loopback() {
+        let mut a = args();
+        a.token_file = vec!["t".into()];
+        a.plain_http = true;
+        a.ws_listen = vec!["0.0.0.0:6080".parse().unwrap()];
+        assert!(matches!(
+            Config::build(&a),
+            Err(ConfigError::PlainHttpNotLoopback(_))
+        ));
+        a.ws_listen = vec!["[::1]:6080".parse().unwrap()];
+        assert_eq!(Config::build(&a).unwrap().tenant_tls, TenantTls::Off);
+    }
+
+    #[test]
+    fn flags_override_file_and_paths_are_relative_to_file() {
+        let fc = FileConfig::parse(
+            "[websocket]\nlisten=['127.0.0.1:1']\nping_interval='5s'\n[tokens]\nfiles=['tok']\n\
+             [tls]\ncert='c.pem'\nkey='k.pem'\n",
+            Path::new("/etc/cg/consolegate.toml"),
+        )
+        .unwrap();
+        assert_eq!(fc.tokens.files, vec![PathBuf::from("/etc/cg/tok")]);
+        assert_eq!(fc.tls.cert, Some(PathBuf::from("/etc/cg/c.pem")));
+        assert!(FileConfig::parse("[websocket]\nbogus=1\n", Path::new("x")).is_err());
+    }
+
+    #[test]
+    fn bad_values_are_errors() {
+        let mut a = args();
+        a.idle_timeout = Some("soon".into());
+        assert!(matches!(
+            Config::build(&a),
+            Err(ConfigError::Duration { .. })
+        ));
+        let mut a = args();
+        a.allow_origin = vec!["example.com".into()];
+        assert!(matches!(Config::build(&a), Err(ConfigError::BadOrigin(_))));
+        let mut a = args();
+        a.idle_timeout = Some("0".into());
+        assert_eq!(Config::build(&a).unwrap().idle_timeout, None);
+    }
+}

@@ -1,0 +1,140 @@
+//! HOT PATH: moving console bytes once a session is established.
+//!
+//! `copy` is the universal userspace bidirectional copy (CONNECT and other
+//! raw streams); `websocket` pumps between a WebSocket tenant and a raw
+//! compute stream. Kernel paths (splice, sockmap, kTLS, io_uring) will join
+//! as a ladder with this as the fallback. This module never imports config,
+//! serde or control-plane code.
+
+pub mod copy;
+pub mod websocket;
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// Byte counters and last-activity time of one session, shared by its pumps.
+#[derive(Debug)]
+pub struct Counters {
+    start: Instant,
+    /// Tenant to compute bytes.
+    pub up: AtomicU64,
+    /// Compute to tenant bytes.
+    pub down: AtomicU64,
+    last_ms: AtomicU64,
+    /// Keepalive pings sent and not yet answered.
+    pub unanswered_pings: AtomicU32,
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Counters {
+    pub fn new() -> Self {
+        Self {
+            start: Instant::now(),
+            up: AtomicU64::new(0),
+            down: AtomicU64::new(0),
+            last_ms: AtomicU64::new(0),
+            unanswered_pings: AtomicU32::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = self.start.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Records `n` bytes tenant to compute.
+    pub fn add_up(&self, n: usize) {
+        self.up.fetch_add(n as u64, Ordering::Relaxed);
+        self.touch();
+    }
+
+    /// Records `n` bytes compute to tenant.
+    pub fn add_down(&self, n: usize) {
+        self.down.fetch_add(n as u64, Ordering::Relaxed);
+        self.touch();
+    }
+
+    /// Time since data last moved either way.
+    pub fn idle_for(&self) -> Duration {
+        let now = self.start.elapsed().as_millis() as u64;
+        Duration::from_millis(now.saturating_sub(self.last_ms.load(Ordering::Relaxed)))
+    }
+
+    /// Time since the session's data path started.
+    pub fn elapsed(&self) -> Duration {
+        self.start.elapsed()
+    }
+
+    pub fn up_bytes(&self) -> u64 {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    pub fn down_bytes(&self) -> u64 {
+        self.down.load(Ordering::Relaxed)
+    }
+}
+
+/// How a session's data path ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum End {
+    /// Both sides finished normally (EOF / close handshake).
+    Closed,
+    /// The tenant closed (WebSocket close frame or EOF).
+    TenantClosed,
+    /// The compute side closed.
+    ComputeClosed,
+    /// No data either way for the idle timeout.
+    IdleTimeout,
+    /// The tenant stopped answering keepalive pings.
+    KeepaliveTimeout,
+    /// The proxy is shutting down.
+    Shutdown,
+    /// The tenant broke the protocol; closed with this code.
+    TenantProtocol { code: u16, reason: &'static str },
+    /// An I/O error on the tenant side.
+    TenantIo(String),
+    /// An I/O error on the compute side.
+    ComputeIo(String),
+}
+
+impl End {
+    /// Stable label for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            End::Closed => "closed",
+            End::TenantClosed => "tenant_closed",
+            End::ComputeClosed => "compute_closed",
+            End::IdleTimeout => "idle_timeout",
+            End::KeepaliveTimeout => "keepalive_timeout",
+            End::Shutdown => "shutdown",
+            End::TenantProtocol { .. } => "tenant_protocol_error",
+            End::TenantIo(_) => "tenant_io_error",
+            End::ComputeIo(_) => "compute_io_error",
+        }
+    }
+}
+
+/// Resolves when the session has been idle for `idle` (never if `None`).
+pub(crate) async fn idle_watch(counters: &Counters, idle: Option<Duration>) {
+    let Some(idle) = idle else {
+        return std::future::pending().await;
+    };
+    loop {
+        let quiet = counters.idle_for();
+        if quiet >= idle {
+            return;
+        }
+        tokio::time::sleep(idle - quiet).await;
+    }
+}
+
+/// Resolves once `shutdown` turns true (or its sender is gone).
+pub async fn shutdown_signalled(shutdown: &mut tokio::sync::watch::Receiver<bool>) {
+    // An error means the sender is gone: the proxy is going away too.
+    let _ = shutdown.wait_for(|s| *s).await;
+}

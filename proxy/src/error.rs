@@ -1,0 +1,131 @@
+//! Refusal kinds shared by every front end.
+//!
+//! A refusal is the proxy saying "no" to a tenant before a session exists.
+//! Each kind has a stable name (metric label, `reason=` log field), a
+//! side that caused it, and the HTTP status the tenant gets.
+
+use std::fmt;
+
+/// Which side of a session caused a failure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    /// The tenant (browser, VNC client) sent something wrong.
+    Tenant,
+    /// The compute host (QEMU) failed or misbehaved.
+    Compute,
+    /// consolegate itself (configuration, resources).
+    Proxy,
+}
+
+impl fmt::Display for Side {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Side::Tenant => "tenant",
+            Side::Compute => "compute",
+            Side::Proxy => "proxy",
+        })
+    }
+}
+
+/// Why a tenant request was refused before a session started.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    BadRequest,
+    HeadTooLarge,
+    HandshakeTimeout,
+    MethodNotAllowed,
+    NotFound,
+    UpgradeRequired,
+    BadSubprotocol,
+    TokenMissing,
+    TokenUnknown,
+    TokenExpired,
+    OriginNotAllowed,
+    TargetNotAllowed,
+    ProxyAuthRequired,
+    ComputeUnreachable,
+    ComputeTimeout,
+    TlsHandshake,
+}
+
+impl Refusal {
+    /// Stable name, used as `reason=` in logs and as a metric label.
+    pub fn kind(self) -> &'static str {
+        match self {
+            Refusal::BadRequest => "bad_request",
+            Refusal::HeadTooLarge => "head_too_large",
+            Refusal::HandshakeTimeout => "handshake_timeout",
+            Refusal::MethodNotAllowed => "method_not_allowed",
+            Refusal::NotFound => "not_found",
+            Refusal::UpgradeRequired => "upgrade_required",
+            Refusal::BadSubprotocol => "bad_subprotocol",
+            Refusal::TokenMissing => "token_missing",
+            Refusal::TokenUnknown => "token_unknown",
+            Refusal::TokenExpired => "token_expired",
+            Refusal::OriginNotAllowed => "origin_not_allowed",
+            Refusal::TargetNotAllowed => "target_not_allowed",
+            Refusal::ProxyAuthRequired => "proxy_auth_required",
+            Refusal::ComputeUnreachable => "compute_unreachable",
+            Refusal::ComputeTimeout => "compute_timeout",
+            Refusal::TlsHandshake => "tls_handshake",
+        }
+    }
+
+    /// HTTP status and reason phrase sent to the tenant.
+    pub fn status(self) -> (u16, &'static str) {
+        match self {
+            Refusal::BadRequest | Refusal::BadSubprotocol | Refusal::TlsHandshake => {
+                (400, "Bad Request")
+            }
+            Refusal::HeadTooLarge => (431, "Request Header Fields Too Large"),
+            Refusal::HandshakeTimeout => (408, "Request Timeout"),
+            Refusal::MethodNotAllowed => (405, "Method Not Allowed"),
+            Refusal::NotFound => (404, "Not Found"),
+            Refusal::UpgradeRequired => (426, "Upgrade Required"),
+            Refusal::TokenMissing => (401, "Unauthorized"),
+            Refusal::TokenUnknown
+            | Refusal::TokenExpired
+            | Refusal::OriginNotAllowed
+            | Refusal::TargetNotAllowed => (403, "Forbidden"),
+            Refusal::ProxyAuthRequired => (407, "Proxy Authentication Required"),
+            Refusal::ComputeUnreachable => (502, "Bad Gateway"),
+            Refusal::ComputeTimeout => (504, "Gateway Timeout"),
+        }
+    }
+
+    /// Which side caused the refusal.
+    pub fn side(self) -> Side {
+        match self {
+            Refusal::ComputeUnreachable | Refusal::ComputeTimeout => Side::Compute,
+            _ => Side::Tenant,
+        }
+    }
+
+    /// Text sent to the tenant in the response body. Never contains secrets,
+    /// and never says whether a token exists but expired (both read the same).
+    pub fn tenant_message(self) -> &'static str {
+        match self {
+            Refusal::BadRequest => "malformed request",
+            Refusal::HeadTooLarge => "request head too large",
+            Refusal::HandshakeTimeout => "request not received in time",
+            Refusal::MethodNotAllowed => "method not allowed",
+            Refusal::NotFound => "no such console endpoint",
+            Refusal::UpgradeRequired => "this endpoint speaks WebSocket only",
+            Refusal::BadSubprotocol => "no supported WebSocket subprotocol (binary, base64)",
+            Refusal::TokenMissing => "a console token is required",
+            Refusal::TokenUnknown | Refusal::TokenExpired => "invalid or expired console token",
+            Refusal::OriginNotAllowed => "origin not allowed",
+            Refusal::TargetNotAllowed => "target is not a console endpoint",
+            Refusal::ProxyAuthRequired => "proxy authentication required",
+            Refusal::ComputeUnreachable => "console backend unreachable",
+            Refusal::ComputeTimeout => "console backend did not answer in time",
+            Refusal::TlsHandshake => "TLS handshake failed",
+        }
+    }
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.kind())
+    }
+}

@@ -1,0 +1,208 @@
+//! The HTTP CONNECT front end: target validated against the token table
+//! (never an open relay), optional token authentication, then a raw tunnel.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use base64::Engine as _;
+use tokio::io::AsyncWriteExt as _;
+use tokio::net::TcpStream;
+use tracing::Instrument as _;
+
+use super::http::{HeadLimits, RequestHead};
+use super::read_head;
+use crate::auth::Admission;
+use crate::config::ConnectAuth;
+use crate::console::{ConsoleKind, Host, Target, split_host_port};
+use crate::datapath::{Counters, copy};
+use crate::error::Refusal;
+use crate::session::{Context, log_end, refuse};
+
+/// What an admitted CONNECT request opens.
+struct Admitted {
+    target: Target,
+    kind: Option<ConsoleKind>,
+    token: Option<Admission>,
+}
+
+/// Serves one tenant connection on a CONNECT listener.
+pub async fn serve(mut tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
+    let guard = ctx.live.enter();
+    let span = tracing::info_span!(
+        "session",
+        session.id = guard.id,
+        tenant.addr = %peer,
+        front = "connect",
+        console.kind = tracing::field::Empty,
+        token.id = tracing::field::Empty,
+        compute.addr = tracing::field::Empty,
+        datapath = tracing::field::Empty,
+    );
+    async move {
+        let _ = tcp.set_nodelay(true);
+        let limits = HeadLimits::default();
+        let read = read_head(&mut tcp, &limits);
+        let (head, rest) = match tokio::time::timeout(ctx.handshake_timeout, read).await {
+            Ok(Ok(v)) => v,
+            Ok(Err(Some(r))) => return refuse(&mut tcp, r, peer).await,
+            Ok(Err(None)) => return,
+            Err(_) => return refuse(&mut tcp, Refusal::HandshakeTimeout, peer).await,
+        };
+        let admitted = match admit(&ctx, &head) {
+            Ok(a) => a,
+            Err(r) => return refuse(&mut tcp, r, peer).await,
+        };
+        let span = tracing::Span::current();
+        if let Some(k) = admitted.kind {
+            span.record("console.kind", k.as_str());
+        }
+        if let Some(a) = &admitted.token {
+            span.record("token.id", tracing::field::display(a.token_id));
+        }
+        span.record("compute.addr", tracing::field::display(&admitted.target));
+        let mut compute = match ctx.dial(&admitted.target).await {
+            Ok(c) => c,
+            Err(r) => return refuse(&mut tcp, r, peer).await,
+        };
+        if let Err(e) = tcp
+            .write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+            .await
+        {
+            tracing::info!(error = %e, "tenant went away before the tunnel opened");
+            return;
+        }
+        let counters = Counters::new();
+        // Bytes the tenant sent right after the head belong to the console.
+        if !rest.is_empty() {
+            if let Err(e) = compute.write_all(&rest).await {
+                tracing::info!(error = %e, "compute write failed");
+                return;
+            }
+            counters.add_up(rest.len());
+        }
+        span.record("datapath", "userspace");
+        tracing::info!("session established");
+        let end = copy::bidirectional(
+            tcp,
+            compute,
+            &counters,
+            ctx.idle_timeout,
+            ctx.shutdown.clone(),
+        )
+        .await;
+        log_end(&end, &counters);
+        drop(guard);
+    }
+    .instrument(span)
+    .await;
+}
+
+fn admit(ctx: &Context, head: &RequestHead) -> Result<Admitted, Refusal> {
+    if head.method != "CONNECT" {
+        return Err(Refusal::MethodNotAllowed);
+    }
+    let authority = head.target.as_str();
+    // Token as pseudo-hostname: `CONNECT <token>:0`. Tokens are case
+    // sensitive, so look at the host exactly as sent.
+    if let Some((raw_host, _)) = authority.rsplit_once(':')
+        && !raw_host.is_empty()
+        && !raw_host.starts_with('[')
+    {
+        match ctx.resolve(raw_host) {
+            Ok(a) => {
+                return Ok(Admitted {
+                    target: a.grant.target.clone(),
+                    kind: Some(a.grant.kind),
+                    token: Some(a),
+                });
+            }
+            Err(Refusal::TokenExpired) => return Err(Refusal::TokenExpired),
+            Err(_) => {}
+        }
+    }
+    let (host, port) = split_host_port(authority).map_err(|_| Refusal::BadRequest)?;
+    match ctx.connect_auth {
+        ConnectAuth::Token => {
+            let token = proxy_token(head).ok_or(Refusal::ProxyAuthRequired)?;
+            let a = ctx.resolve(&token)?;
+            if !same_endpoint(&a.grant.target, &host, port) {
+                return Err(Refusal::TargetNotAllowed);
+            }
+            Ok(Admitted {
+                target: a.grant.target.clone(),
+                kind: Some(a.grant.kind),
+                token: Some(a),
+            })
+        }
+        ConnectAuth::None => {
+            let kind = ctx
+                .tokens
+                .known_target_kind(&host, port)
+                .ok_or(Refusal::TargetNotAllowed)?;
+            Ok(Admitted {
+                target: Target::Tcp { host, port },
+                kind: Some(kind),
+                token: None,
+            })
+        }
+    }
+}
+
+fn same_endpoint(target: &Target, host: &Host, port: u16) -> bool {
+    target.tcp().is_some_and(|(h, p)| h == host && p == port)
+}
+
+/// The token from `Proxy-Authorization: Bearer <t>` or `Basic b64(user:t)`.
+fn proxy_token(head: &RequestHead) -> Option<String> {
+    let value = head.header("proxy-authorization")?;
+    let (scheme, cred) = value.split_once(' ')?;
+    let cred = cred.trim();
+    if scheme.eq_ignore_ascii_case("bearer") {
+        return (!cred.is_empty()).then(|| cred.to_owned());
+    }
+    if scheme.eq_ignore_ascii_case("basic") {
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(cred)
+            .ok()?;
+        let text = String::from_utf8(raw).ok()?;
+        let (_, token) = text.split_once(':')?;
+        return (!token.is_empty()).then(|| token.to_owned());
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::front::http::parse_request_head;
+
+    fn head(extra: &str) -> RequestHead {
+        let raw = format!("CONNECT 127.0.0.1:5900 HTTP/1.1\r\nHost: 127.0.0.1:5900\r\n{extra}\r\n");
+        parse_request_head(raw.as_bytes(), &HeadLimits::default())
+            .unwrap()
+            .unwrap()
+            .0
+    }
+
+    #[test]
+    fn proxy_authorization_forms() {
+        assert_eq!(
+            proxy_token(&head("Proxy-Authorization: Bearer abc\r\n")).as_deref(),
+            Some("abc")
+        );
+        // base64("user:s3cret")
+        assert_eq!(
+            proxy_token(&head("Proxy-Authorization: Basic dXNlcjpzM2NyZXQ=\r\n")).as_deref(),
+            Some("s3cret")
+        );
+        assert_eq!(
+            proxy_token(&head("Proxy-Authorization: Basic !!!\r\n")),
+            None
+        );
+        assert_eq!(
+            proxy_token(&head("Proxy-Authorization: Digest x\r\n")),
+            None
+        );
+        assert_eq!(proxy_token(&head("")), None);
+    }
+}

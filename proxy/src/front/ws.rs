@@ -1,0 +1,188 @@
+//! The WebSocket front end: TLS accept, upgrade, Origin and token checks,
+//! compute dial, then the WebSocket pump.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::io::AsyncWriteExt as _;
+use tokio::net::TcpStream;
+use tracing::Instrument as _;
+
+use super::http::{HeadLimits, RequestHead, decode_component};
+use super::websocket::handshake::{check_upgrade, switching_response};
+use super::{TenantStream, read_head};
+use crate::datapath::websocket::{WsSettings, pump};
+use crate::datapath::{Counters, End};
+use crate::error::Refusal;
+use crate::session::{Context, log_end, refuse};
+
+/// Serves one tenant connection on a WebSocket listener.
+pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
+    let guard = ctx.live.enter();
+    let span = tracing::info_span!(
+        "session",
+        session.id = guard.id,
+        tenant.addr = %peer,
+        front = "websocket",
+        console.kind = tracing::field::Empty,
+        token.id = tracing::field::Empty,
+        compute.addr = tracing::field::Empty,
+        datapath = tracing::field::Empty,
+    );
+    async move {
+        let _ = tcp.set_nodelay(true);
+        // Slow or silent tenants (slow-loris) get one deadline for TLS and head.
+        let deadline = tokio::time::Instant::now() + ctx.handshake_timeout;
+        let mut stream = match &ctx.tenant_tls {
+            Some(tls) => {
+                let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
+                match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
+                    Ok(Ok(s)) => TenantStream::Tls(Box::new(s)),
+                    Ok(Err(e)) => {
+                        tracing::info!(reason = Refusal::TlsHandshake.kind(), error = %e, "session refused");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::warn!(reason = Refusal::HandshakeTimeout.kind(), "session refused");
+                        return;
+                    }
+                }
+            }
+            None => TenantStream::Plain(tcp),
+        };
+        let (head, rest) =
+            match tokio::time::timeout_at(deadline, read_head(&mut stream, &HeadLimits::default()))
+                .await
+            {
+                Ok(Ok(v)) => v,
+                Ok(Err(Some(r))) => return refuse(&mut stream, r, peer).await,
+                Ok(Err(None)) => return,
+                Err(_) => return refuse(&mut stream, Refusal::HandshakeTimeout, peer).await,
+            };
+        let (upgrade, admission) = match admit(&ctx, &head) {
+            Ok(v) => v,
+            Err(r) => return refuse(&mut stream, r, peer).await,
+        };
+        let grant = &admission.grant;
+        let span = tracing::Span::current();
+        span.record("console.kind", grant.kind.as_str());
+        span.record("token.id", tracing::field::display(admission.token_id));
+        span.record("compute.addr", tracing::field::display(&grant.target));
+        let compute = match ctx.dial(&grant.target).await {
+            Ok(c) => c,
+            Err(r) => return refuse(&mut stream, r, peer).await,
+        };
+        if let Err(e) = stream.write_all(&switching_response(&upgrade)).await {
+            tracing::info!(error = %e, "tenant went away during upgrade");
+            return;
+        }
+        span.record("datapath", "userspace");
+        tracing::info!(mode = upgrade.mode.name(), "session established");
+        let counters = Counters::new();
+        let settings = WsSettings {
+            mode: upgrade.mode,
+            idle: ctx.idle_timeout,
+            ping_interval: ctx.ping_interval,
+        };
+        let end: End = pump(stream, rest, compute, settings, &counters, ctx.shutdown.clone()).await;
+        log_end(&end, &counters);
+        drop(guard);
+    }
+    .instrument(span)
+    .await;
+}
+
+/// Validates the upgrade, Origin and token; returns the upgrade and grant.
+fn admit(
+    ctx: &Context,
+    head: &RequestHead,
+) -> Result<(super::websocket::handshake::Upgrade, crate::auth::Admission), Refusal> {
+    let path_token = path_token(head.path())?;
+    let upgrade = check_upgrade(head)?;
+    if !origin_allowed(head, &ctx.allow_origins) {
+        return Err(Refusal::OriginNotAllowed);
+    }
+    let token = head
+        .query_param("token")
+        .filter(|t| !t.is_empty())
+        .or(path_token)
+        .or_else(|| head.cookie("token").filter(|t| !t.is_empty()))
+        .ok_or(Refusal::TokenMissing)?;
+    let admission = ctx.resolve(&token)?;
+    Ok((upgrade, admission))
+}
+
+/// The token carried in the path: `/<token>` or `/websockify/<token>`.
+fn path_token(path: &str) -> Result<Option<String>, Refusal> {
+    let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    match segs.as_slice() {
+        [] | ["websockify"] => Ok(None),
+        ["websockify", t] | [t] => Ok(Some(decode_component(t))),
+        _ => Err(Refusal::NotFound),
+    }
+}
+
+/// Origin policy: an explicit allow-list, or same-origin only. Requests
+/// without an Origin header (native clients) are allowed.
+fn origin_allowed(head: &RequestHead, allow: &[String]) -> bool {
+    let Some(origin) = head.header("origin") else {
+        return true;
+    };
+    if !allow.is_empty() {
+        return allow
+            .iter()
+            .any(|a| a.trim_end_matches('/').eq_ignore_ascii_case(origin));
+    }
+    let Some(host) = head.header("host") else {
+        return false;
+    };
+    origin
+        .split_once("://")
+        .is_some_and(|(_, authority)| authority.eq_ignore_ascii_case(host))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::front::http::parse_request_head;
+
+    fn head(extra: &str) -> RequestHead {
+        let raw = format!("GET / HTTP/1.1\r\nHost: proxy.example:6080\r\n{extra}\r\n");
+        parse_request_head(raw.as_bytes(), &HeadLimits::default())
+            .unwrap()
+            .unwrap()
+            .0
+    }
+
+    #[test]
+    fn token_in_path() {
+        assert_eq!(path_token("/"), Ok(None));
+        assert_eq!(path_token("/websockify"), Ok(None));
+        assert_eq!(path_token("/websockify/abc"), Ok(Some("abc".into())));
+        assert_eq!(path_token("/a%2Fb"), Ok(Some("a/b".into())));
+        assert_eq!(path_token("/a/b/c"), Err(Refusal::NotFound));
+    }
+
+    #[test]
+    fn origin_policy() {
+        assert!(origin_allowed(&head(""), &[]));
+        assert!(origin_allowed(
+            &head("Origin: https://proxy.example:6080\r\n"),
+            &[]
+        ));
+        assert!(!origin_allowed(
+            &head("Origin: https://evil.example\r\n"),
+            &[]
+        ));
+        assert!(!origin_allowed(&head("Origin: null\r\n"), &[]));
+        let allow = vec!["https://console.example".to_owned()];
+        assert!(origin_allowed(
+            &head("Origin: https://console.example\r\n"),
+            &allow
+        ));
+        assert!(!origin_allowed(
+            &head("Origin: https://proxy.example:6080\r\n"),
+            &allow
+        ));
+    }
+}

@@ -1,0 +1,35 @@
+//! consolegate: a secure, kernel-accelerated gateway to VM consoles.
+//!
+//! # Layout
+//!
+//! The modules follow a session's life from the tenant side to the compute
+//! side.
+//!
+//! - [`cli`] and [`config`]: command line, the TOML file and the validated
+//!   [`config::Config`]; [`config::dev`] creates the embedded development
+//!   setup (self-signed certificate, token file).
+//! - [`front`]: the tenant side. Listeners, TLS accept ([`front::tls`]),
+//!   the sans-io HTTP head parser ([`front::http`]), the sans-io WebSocket
+//!   handshake, frame codec and message rules ([`front::websocket`]), and the
+//!   two front ends: [`front::ws`] (WebSocket) and [`front::connect`] (HTTP
+//!   CONNECT).
+//! - [`auth`]: the token secret type (masked, constant-time comparison),
+//!   sans-io token file parsers and the reloadable [`auth::TokenStore`].
+//! - [`console`]: the compute side: console kinds, backend targets and
+//!   dialling QEMU over TCP or UNIX sockets.
+//! - [`session`]: what every front end shares: context, live-session
+//!   accounting, refusals and the closing log line.
+//! - [`datapath`]: the hot path once a session is established: the
+//!   userspace bidirectional copy and the WebSocket pump.
+//! - [`app`]: start-up, reload (SIGHUP, token-file changes) and shutdown.
+//! - [`error`]: refusal kinds with their stable names and HTTP statuses.
+
+pub mod app;
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod console;
+pub mod datapath;
+pub mod error;
+pub mod front;
+pub mod session;
