@@ -4,7 +4,6 @@
 //! This module holds what every front end needs for that: the shared
 //! context, session ids, the refusal path and the closing log line.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
@@ -50,7 +49,7 @@ impl Context {
                     DialError::Timeout { .. } => Refusal::ComputeTimeout,
                     DialError::Io { .. } => Refusal::ComputeUnreachable,
                 };
-                tracing::warn!(reason = r.kind(), side = %r.side(), error = %e, "session refused");
+                tracing::warn!(reason = %r, side = %r.side(), error = %e, "session refused");
                 Err(r)
             }
         }
@@ -111,7 +110,7 @@ impl Drop for LiveGuard {
 }
 
 /// Sends an HTTP refusal to the tenant (best effort) and logs it.
-pub async fn refuse<W: AsyncWrite + Unpin>(w: &mut W, r: Refusal, peer: SocketAddr) {
+pub async fn refuse<W: AsyncWrite + Unpin>(w: &mut W, r: Refusal) {
     let (status, phrase) = r.status();
     let extra: &[(&str, &str)] = match r {
         Refusal::ProxyAuthRequired => &[("Proxy-Authenticate", "Basic realm=\"consolegate\"")],
@@ -127,7 +126,7 @@ pub async fn refuse<W: AsyncWrite + Unpin>(w: &mut W, r: Refusal, peer: SocketAd
     })
     .await;
     if !matches!(r, Refusal::ComputeTimeout | Refusal::ComputeUnreachable) {
-        tracing::warn!(reason = r.kind(), side = %r.side(), status, tenant.addr = %peer, "session refused");
+        tracing::warn!(reason = %r, side = %r.side(), status, "session refused");
     }
 }
 
@@ -138,10 +137,10 @@ pub fn log_end(end: &End, counters: &Counters) {
     let duration_ms = counters.elapsed().as_millis() as u64;
     match end {
         End::TenantIo(e) | End::ComputeIo(e) => tracing::info!(
-            end = end.kind(), error = %e, bytes_up, bytes_down, duration_ms, "session closed"
+            end = %end.kind(), error = %e, bytes_up, bytes_down, duration_ms, "session closed"
         ),
         End::TenantProtocol { code, reason } => tracing::info!(
-            end = end.kind(),
+            end = %end.kind(),
             close_code = code,
             close_reason = reason,
             bytes_up,
@@ -150,7 +149,7 @@ pub fn log_end(end: &End, counters: &Counters) {
             "session closed"
         ),
         _ => tracing::info!(
-            end = end.kind(),
+            end = %end.kind(),
             bytes_up,
             bytes_down,
             duration_ms,

@@ -44,13 +44,13 @@ pub async fn serve(mut tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
         let read = read_head(&mut tcp, &limits);
         let (head, rest) = match tokio::time::timeout(ctx.handshake_timeout, read).await {
             Ok(Ok(v)) => v,
-            Ok(Err(Some(r))) => return refuse(&mut tcp, r, peer).await,
+            Ok(Err(Some(r))) => return refuse(&mut tcp, r).await,
             Ok(Err(None)) => return,
-            Err(_) => return refuse(&mut tcp, Refusal::HandshakeTimeout, peer).await,
+            Err(_) => return refuse(&mut tcp, Refusal::HandshakeTimeout).await,
         };
         let admitted = match admit(&ctx, &head) {
             Ok(a) => a,
-            Err(r) => return refuse(&mut tcp, r, peer).await,
+            Err(r) => return refuse(&mut tcp, r).await,
         };
         let span = tracing::Span::current();
         if let Some(k) = admitted.kind {
@@ -62,7 +62,7 @@ pub async fn serve(mut tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
         span.record("compute.addr", tracing::field::display(&admitted.target));
         let mut compute = match ctx.dial(&admitted.target).await {
             Ok(c) => c,
-            Err(r) => return refuse(&mut tcp, r, peer).await,
+            Err(r) => return refuse(&mut tcp, r).await,
         };
         if let Err(e) = tcp
             .write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n")

@@ -39,11 +39,11 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
                 match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
                     Ok(Ok(s)) => TenantStream::Tls(Box::new(s)),
                     Ok(Err(e)) => {
-                        tracing::info!(reason = Refusal::TlsHandshake.kind(), error = %e, "session refused");
+                        tracing::info!(reason = %Refusal::TlsHandshake, error = %e, "session refused");
                         return;
                     }
                     Err(_) => {
-                        tracing::warn!(reason = Refusal::HandshakeTimeout.kind(), "session refused");
+                        tracing::warn!(reason = %Refusal::HandshakeTimeout, "session refused");
                         return;
                     }
                 }
@@ -55,13 +55,13 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
                 .await
             {
                 Ok(Ok(v)) => v,
-                Ok(Err(Some(r))) => return refuse(&mut stream, r, peer).await,
+                Ok(Err(Some(r))) => return refuse(&mut stream, r).await,
                 Ok(Err(None)) => return,
-                Err(_) => return refuse(&mut stream, Refusal::HandshakeTimeout, peer).await,
+                Err(_) => return refuse(&mut stream, Refusal::HandshakeTimeout).await,
             };
         let (upgrade, admission) = match admit(&ctx, &head) {
             Ok(v) => v,
-            Err(r) => return refuse(&mut stream, r, peer).await,
+            Err(r) => return refuse(&mut stream, r).await,
         };
         let grant = &admission.grant;
         let span = tracing::Span::current();
@@ -70,7 +70,7 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
         span.record("compute.addr", tracing::field::display(&grant.target));
         let compute = match ctx.dial(&grant.target).await {
             Ok(c) => c,
-            Err(r) => return refuse(&mut stream, r, peer).await,
+            Err(r) => return refuse(&mut stream, r).await,
         };
         if let Err(e) = stream.write_all(&switching_response(&upgrade)).await {
             tracing::info!(error = %e, "tenant went away during upgrade");
