@@ -418,6 +418,20 @@ mod tests {
     }
 
     #[test]
+    fn example_config_is_valid() {
+        let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/consolegate.example.toml"));
+        let fc = FileConfig::read(path).unwrap();
+        assert_eq!(fc.websocket.listen.len(), 2);
+        assert_eq!(fc.connect.auth, Some(ConnectAuthArg::Token));
+        let a = ServeArgs { config: Some(path.to_owned()), ..Default::default() };
+        let c = Config::build(&a).unwrap();
+        assert_eq!(c.allow_origins, vec!["https://console.example.com".to_owned()]);
+        assert_eq!(c.idle_timeout, Some(Duration::from_secs(3600)));
+        assert!(matches!(c.tenant_tls, TenantTls::Files { .. }));
+        assert_eq!(c.token_sources.len(), 2);
+    }
+
+    #[test]
     fn bad_values_are_errors() {
         let mut a = args();
         a.idle_timeout = Some("soon".into());
