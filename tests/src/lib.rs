@@ -17,6 +17,7 @@ pub mod process;
 pub mod proxy;
 pub mod qemu;
 pub mod rfb;
+pub mod scenario;
 pub mod ws;
 
 use std::future::Future;

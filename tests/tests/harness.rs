@@ -49,3 +49,33 @@ fn blackhole_swallows_dials() {
     let b = fake::Blackhole::new().unwrap();
     b.verify().unwrap();
 }
+
+/// QEMU serves several shared RFB clients at once; the bad-input tests rely
+/// on it (hostile sessions next to a healthy one on the same VM).
+#[tokio::test]
+async fn qemu_serves_concurrent_shared_vnc_clients() {
+    let qemu = Qemu::start(QemuOptions {
+        vnc: Sock::Tcp,
+        serial: Sock::Unix,
+    })
+    .await
+    .unwrap();
+    let mut idle = qemu.vnc.connect().await.unwrap();
+    let mut version = [0u8; 12];
+    tokio::io::AsyncReadExt::read_exact(&mut idle, &mut version)
+        .await
+        .unwrap();
+    let (a, b) = tokio::join!(
+        async {
+            let mut io = qemu.vnc.connect().await?;
+            rfb::check_session(&mut io).await
+        },
+        async {
+            let mut io = qemu.vnc.connect().await?;
+            rfb::check_session(&mut io).await
+        }
+    );
+    a.unwrap();
+    b.unwrap();
+    drop(idle);
+}

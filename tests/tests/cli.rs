@@ -1,0 +1,197 @@
+//! The command line: the README quick start (dev defaults in a state dir)
+//! and exit code 64 on bad configurations.
+
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use consolegate_tests::certs::client_config_trusting;
+use consolegate_tests::net::{Transport, authority};
+use consolegate_tests::proxy::{Proxy, TomlToken, binary, toml_text, write_atomic};
+use consolegate_tests::qemu::{Qemu, QemuOptions, Sock};
+use consolegate_tests::ws::{self, Mode, WsOutcome, WsRequest};
+use consolegate_tests::{rfb, within_for};
+
+fn port_free(port: u16) -> bool {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok()
+}
+
+fn dev_token(state: &Path) -> (String, Option<String>) {
+    let text = std::fs::read_to_string(state.join("tokens.toml")).unwrap();
+    let v: toml::Value = toml::from_str(&text).unwrap();
+    let first = &v["token"].as_array().expect("[[token]] array")[0];
+    (
+        first["token"].as_str().expect("token").to_owned(),
+        first
+            .get("target")
+            .and_then(|t| t.as_str())
+            .map(str::to_owned),
+    )
+}
+
+async fn start_dev(state: &Path) -> Proxy {
+    let mut args: Vec<String> = vec![
+        "serve".into(),
+        "--state-dir".into(),
+        state.display().to_string(),
+    ];
+    if !(port_free(6080) && port_free(6081)) {
+        // Someone else holds the documented dev ports; keep the dev default
+        // but let the kernel pick ports.
+        eprintln!("127.0.0.1:6080/6081 busy: overriding the dev listeners with port 0");
+        args.extend(
+            [
+                "--ws-listen",
+                "127.0.0.1:0",
+                "--connect-listen",
+                "127.0.0.1:0",
+            ]
+            .map(String::from),
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    Proxy::start_args(dir, &args).await.unwrap()
+}
+
+#[tokio::test]
+async fn quick_start_dev_default_creates_state_and_dev_token_works() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let proxy = start_dev(&state).await;
+    assert!(
+        state.join("tokens.toml").is_file(),
+        "no <state>/tokens.toml"
+    );
+    let cert = state.join("tls/cert.pem");
+    assert!(cert.is_file(), "no <state>/tls/cert.pem");
+    assert!(
+        state.join("tls/key.pem").is_file(),
+        "no <state>/tls/key.pem"
+    );
+    assert!(!proxy.websocket.is_empty() && !proxy.connect.is_empty());
+
+    let cert_pem = std::fs::read(&cert).unwrap();
+    let tls = Transport::Tls(client_config_trusting(&cert_pem).unwrap());
+    let ws_addr: SocketAddr = proxy.ws_addr();
+    let (tok, _target) = dev_token(&state);
+
+    // The dev token is known (whatever its target's state is) ...
+    let req = WsRequest::path(format!("/websockify?token={tok}")).protocol("binary");
+    let status = ws::connect(ws_addr, &tls, &req).await.unwrap().status();
+    assert!(
+        [101, 502, 504].contains(&status),
+        "dev token refused with {status}"
+    );
+
+    // ... and once pointed at a real VM (editing the watched file), it
+    // carries a full VNC session over the self-signed dev certificate.
+    let q = Qemu::start(QemuOptions {
+        vnc: Sock::Tcp,
+        serial: Sock::Unix,
+    })
+    .await
+    .unwrap();
+    write_atomic(
+        &state.join("tokens.toml"),
+        &toml_text(&[TomlToken {
+            token: tok.clone(),
+            target: Some(authority(q.vnc.tcp())),
+            ..TomlToken::default()
+        }]),
+    )
+    .unwrap();
+    let w = within_for(Duration::from_secs(30), "dev token re-pointed", async {
+        loop {
+            match ws::connect(ws_addr, &tls, &req).await.unwrap() {
+                WsOutcome::Upgraded { ws, .. } => return *ws,
+                WsOutcome::Refused { .. } => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    })
+    .await
+    .unwrap();
+    let mut b = ws::into_bytes(w, Mode::Binary);
+    rfb::check_session(&mut b.io).await.unwrap();
+    proxy.assert_secrets_not_logged(&[&tok]);
+    drop(b);
+    drop(proxy);
+
+    // A second start reuses the state: same certificate.
+    let again = start_dev(&state).await;
+    assert_eq!(
+        std::fs::read(&cert).unwrap(),
+        cert_pem,
+        "dev certificate regenerated"
+    );
+    let req = WsRequest::path(format!("/websockify?token={tok}")).protocol("binary");
+    ws::rfb_over_ws(again.ws_addr(), &tls, &req, Mode::Binary)
+        .await
+        .unwrap();
+}
+
+/// Runs the binary to completion (bounded) and returns (exit code, stderr).
+/// If `ready` is given and the file appears, the configuration was wrongly
+/// accepted: the process is killed at once and the test fails.
+fn run(args: &[&str], ready: Option<&Path>) -> (Option<i32>, String) {
+    let mut cmd = Command::new(binary().unwrap());
+    cmd.args(args);
+    if let Some(r) = ready {
+        cmd.arg("--ready-file").arg(r);
+    }
+    let mut child = consolegate_tests::process::ChildGuard::spawn("consolegate", cmd).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let st = loop {
+        if let Some(st) = child.exited() {
+            break st;
+        }
+        if ready.is_some_and(Path::exists) {
+            drop(child);
+            panic!("{args:?} was accepted (ready file written)");
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{args:?} did not exit"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    child.drain_output();
+    (st.code(), child.output())
+}
+
+#[test]
+fn bad_configurations_exit_64_with_one_line_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "this is [not toml\n").unwrap();
+    let (code, err) = run(&["check-config", "--config", bad.to_str().unwrap()], None);
+    assert_eq!(code, Some(64), "check-config on broken TOML: {err}");
+    assert_eq!(
+        err.trim().lines().count(),
+        1,
+        "want a one-line reason, got:\n{err}"
+    );
+
+    // Plain HTTP is for loopback listeners only.
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, "t: 127.0.0.1:5900\n").unwrap();
+    let (code, err) = run(
+        &[
+            "serve",
+            "--plain-http",
+            "--ws-listen",
+            "0.0.0.0:0",
+            "--token-file",
+            tokens.to_str().unwrap(),
+            "--state-dir",
+            dir.path().join("state").to_str().unwrap(),
+        ],
+        Some(&dir.path().join("ready.json")),
+    );
+    assert_eq!(code, Some(64), "--plain-http on 0.0.0.0: {err}");
+    assert_eq!(
+        err.trim().lines().count(),
+        1,
+        "want a one-line reason, got:\n{err}"
+    );
+}
