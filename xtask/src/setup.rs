@@ -10,18 +10,11 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::steps::{Steps, display};
 
-/// Debian packages the suite needs, with the reason. To need another package,
-/// add one line here; `apt-get update` runs only when one is missing.
-const DEBIAN_PACKAGES: &[(&str, &str)] = &[
-    (
-        "qemu-system-x86",
-        "integration tests boot real QEMU VMs for VNC and serial consoles",
-    ),
-    // Later, for example:
-    // ("redis-server", "Redis token resolver tests"),
-    // ("clang-19", "eBPF programs in C"),
-    // ("libbpf-dev", "eBPF headers"),
-    // ("chromium", "noVNC browser tests"),
+/// Debian packages the suite needs, one a line with the reason beside it. To
+/// need another package (`redis-server`, `clang-19`, `libbpf-dev`,
+/// `chromium`, ...), add a line; `apt-get update` runs only when one is missing.
+const DEBIAN_PACKAGES: &[&str] = &[
+    "qemu-system-x86", // integration tests run real QEMU VNC and serial consoles
 ];
 
 /// rustup components of the active toolchain, by the cargo subcommand that
@@ -45,19 +38,19 @@ pub fn all(steps: &mut Steps) -> Result<()> {
 pub fn debian_packages(steps: &mut Steps) -> Result<()> {
     step(steps, "setup: debian packages", || {
         if !succeeds(Command::new("dpkg-query").arg("--version")) {
-            println!("xtask: no dpkg here; install these yourself:");
-            for (name, why) in DEBIAN_PACKAGES {
-                println!("  {name:<20} {why}");
-            }
+            println!(
+                "xtask: no dpkg here; install these yourself: {}",
+                DEBIAN_PACKAGES.join(" ")
+            );
             return Ok("skipped: not a Debian system".to_owned());
         }
         let missing: Vec<&str> = DEBIAN_PACKAGES
             .iter()
-            .map(|(name, _)| *name)
+            .copied()
             .filter(|n| !deb_installed(n))
             .collect();
         if missing.is_empty() {
-            return Ok(format!("{} present", DEBIAN_PACKAGES.len()));
+            return Ok(format!("present: {}", DEBIAN_PACKAGES.join(" ")));
         }
         println!("xtask: missing Debian packages: {}", missing.join(" "));
         let lock_wait = ["-o", "DPkg::Lock::Timeout=600"];

@@ -74,7 +74,7 @@ impl Steps {
         println!();
         println!("xtask: stopping: {err:#}");
         self.records.push(Record {
-            name: "(aborted)".to_owned(),
+            name: "stopped".to_owned(),
             failure: Some(format!("{err:#}")),
             note: None,
             took: Duration::ZERO,
