@@ -117,3 +117,35 @@ impl Blackhole {
         }
     }
 }
+
+/// A compute side that accepts, reads whatever the tenant sends first, then
+/// resets the connection (RST via SO_LINGER 0): a fault QEMU never shows.
+#[derive(Debug)]
+pub struct ResetAfterRead {
+    pub addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl ResetAfterRead {
+    pub async fn start() -> anyhow::Result<Self> {
+        let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+        let addr = listener.local_addr()?;
+        let task = tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    let _ = s.read(&mut buf).await;
+                    let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+                    drop(s);
+                });
+            }
+        });
+        Ok(Self { addr, task })
+    }
+}
+
+impl Drop for ResetAfterRead {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

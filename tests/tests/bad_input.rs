@@ -43,6 +43,12 @@ async fn origin_same_origin_admitted_foreign_refused() {
         .await
         .unwrap();
 
+    // Same port but another host name than the Host header: not same-origin.
+    let other_host = WsRequest::path(&path)
+        .protocol("binary")
+        .origin(&format!("https://localhost:{}", a.port()));
+    assert_eq!(upgrade_status(a, &t, &other_host).await, 403);
+
     // Same origin (Origin host == Host) is admitted.
     let same = WsRequest::path(&path)
         .protocol("binary")
@@ -246,6 +252,17 @@ async fn malformed_and_oversized_heads_and_wrong_requests() {
         .wait_log(&["session refused", "reason=head_too_large"])
         .await
         .unwrap();
+
+    // Within the limits (64 headers, a 7 KiB head) is not refused.
+    let filler: Vec<String> = (0..58).map(|i| format!("X-H{i}: v")).collect();
+    let mut filler: Vec<&str> = filler.iter().map(String::as_str).collect();
+    filler.push("Sec-WebSocket-Protocol: binary");
+    let head = http::upgrade_head(&host, &tokq, &filler);
+    assert_eq!(head.matches("\r\n").count() - 2, 64, "64 header lines");
+    assert_eq!(raw_status(a, &t, head.as_bytes()).await, 101, "64 headers");
+    let big = format!("X-Filler: {}", "a".repeat(7 * 1024));
+    let head = http::upgrade_head(&host, &tokq, &[&big, "Sec-WebSocket-Protocol: binary"]);
+    assert_eq!(raw_status(a, &t, head.as_bytes()).await, 101, "7 KiB head");
 
     // Deeper path: 404.
     let head = http::upgrade_head(&host, &format!("/websockify/{}/more", s.token), &[]);

@@ -1,0 +1,223 @@
+//! How sessions end and what happens in between: compute close (1000),
+//! compute reset (1014), proxy shutdown (1001), fragmented tenant messages,
+//! tenant pings, keepalive with a responsive client, token directories.
+
+use std::time::Duration;
+
+use consolegate_tests::fake::ResetAfterRead;
+use consolegate_tests::http::{self, frame, raw_websocket, read_close};
+use consolegate_tests::net::authority;
+use consolegate_tests::proxy::{
+    Proxy, ProxySpec, TomlToken, write_toml_tokens, write_websockify_tokens,
+};
+use consolegate_tests::qemu::{Qemu, QemuOptions, SERIAL_BANNER, Sock, read_until};
+use consolegate_tests::scenario::token_dir;
+use consolegate_tests::ws::{self, Mode, WsOutcome, WsRequest};
+use consolegate_tests::{contains, random_token, rfb, within, within_for};
+use tokio::io::AsyncWriteExt as _;
+
+async fn serial_proxy(extra: &[&str]) -> (Qemu, Proxy, String, tempfile::TempDir) {
+    let qemu = Qemu::start(QemuOptions {
+        vnc: Sock::Unix,
+        serial: Sock::Tcp,
+    })
+    .await
+    .unwrap();
+    let dir = token_dir();
+    let tok = random_token();
+    let file = dir.path().join("serial.toml");
+    write_toml_tokens(
+        &file,
+        &[TomlToken {
+            token: tok.clone(),
+            kind: Some("serial".into()),
+            target: Some(authority(qemu.serial.tcp())),
+            ..TomlToken::default()
+        }],
+    )
+    .unwrap();
+    let mut spec = ProxySpec::tls_ws(&[&file]);
+    spec.extra = extra.iter().map(|s| s.to_string()).collect();
+    let proxy = Proxy::start(spec).await.unwrap();
+    (qemu, proxy, tok, dir)
+}
+
+async fn serial_session(p: &Proxy, tok: &str) -> ws::WsBytes {
+    let req = WsRequest::path(format!("/websockify?token={tok}")).protocol("binary");
+    let (w, _) = ws::connect(p.ws_addr(), &p.transport(), &req)
+        .await
+        .unwrap()
+        .upgraded()
+        .unwrap();
+    let mut b = ws::into_bytes(w, Mode::Binary);
+    read_until(&mut b.io, SERIAL_BANNER).await.unwrap();
+    b
+}
+
+#[tokio::test]
+async fn compute_side_exit_closes_with_1000() {
+    let (qemu, proxy, tok, _d) = serial_proxy(&[]).await;
+    let b = serial_session(&proxy, &tok).await;
+    drop(qemu); // SIGKILL: the guest's chardev socket closes.
+    let closed = within("close after compute exit", b.closed)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(closed.code, Some(1000), "{closed:?}");
+    proxy.wait_log(&["session closed"]).await.unwrap();
+}
+
+#[tokio::test]
+async fn compute_side_reset_closes_with_1014() {
+    let fake = ResetAfterRead::start().await.unwrap();
+    let dir = token_dir();
+    let tok = random_token();
+    let file = dir.path().join("tokens");
+    write_websockify_tokens(&file, &[(&tok, authority(fake.addr))]).unwrap();
+    let proxy = Proxy::start(ProxySpec::tls_ws(&[&file])).await.unwrap();
+    let mut io = raw_websocket(
+        proxy.ws_addr(),
+        &proxy.transport(),
+        &format!("/websockify?token={tok}"),
+        &["Sec-WebSocket-Protocol: binary"],
+    )
+    .await
+    .unwrap();
+    http::write_all(&mut io, &http::client_frame(2, b"hello"))
+        .await
+        .unwrap();
+    let (code, reason) = within("close after compute reset", read_close(&mut io))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(code, Some(1014), "reason {reason:?}");
+}
+
+#[tokio::test]
+async fn proxy_shutdown_closes_sessions_with_1001() {
+    let (_qemu, proxy, tok, _d) = serial_proxy(&[]).await;
+    let b = serial_session(&proxy, &tok).await;
+    proxy.signal("TERM").unwrap();
+    let closed = within("close on shutdown", b.closed)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(closed.code, Some(1001), "{closed:?}");
+}
+
+#[tokio::test]
+async fn fragmented_message_and_interleaved_ping_reach_the_guest() {
+    let (_qemu, proxy, tok, _d) = serial_proxy(&[]).await;
+    let mut io = raw_websocket(
+        proxy.ws_addr(),
+        &proxy.transport(),
+        &format!("/websockify?token={tok}"),
+        &["Sec-WebSocket-Protocol: binary"],
+    )
+    .await
+    .unwrap();
+    let probe = format!("{:08x}", rand::random::<u32>());
+    let mut msg = frame(false, 0, 2, Some(rand::random()), b"frag-");
+    msg.extend(frame(true, 0, 9, Some(rand::random()), b"are-you-there"));
+    msg.extend(frame(
+        true,
+        0,
+        0,
+        Some(rand::random()),
+        format!("ment-{probe}\r").as_bytes(),
+    ));
+    let want = format!("frag-ment-{probe}");
+
+    let mut data = Vec::new();
+    let mut sent = false;
+    let mut pong = false;
+    within("echo of a fragmented message", async {
+        while !(pong && contains(&data, want.as_bytes())) {
+            let f = http::read_frame(&mut io).await?;
+            match f.opcode {
+                2 | 0 => data.extend_from_slice(&f.payload),
+                10 => {
+                    anyhow::ensure!(
+                        f.payload == b"are-you-there",
+                        "pong payload {:?}",
+                        f.payload
+                    );
+                    pong = true;
+                }
+                8 => anyhow::bail!("closed: {:?}", String::from_utf8_lossy(&f.payload)),
+                _ => {}
+            }
+            if !sent && contains(&data, SERIAL_BANNER) {
+                http::write_all(&mut io, &msg).await?;
+                sent = true;
+            }
+        }
+        anyhow::Ok(())
+    })
+    .await
+    .unwrap()
+    .unwrap();
+}
+
+#[tokio::test]
+async fn responsive_client_outlives_several_keepalive_pings() {
+    let (_qemu, proxy, tok, _d) = serial_proxy(&["--ping-interval", "1s"]).await;
+    let mut b = serial_session(&proxy, &tok).await;
+    // Four ping intervals: a client that answers pings (tungstenite does)
+    // must still be connected afterwards.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(
+        !b.closed.is_finished(),
+        "session closed despite answering pings"
+    );
+    b.io.write_all(b"still-here").await.unwrap();
+    read_until(&mut b.io, b"still-here").await.unwrap();
+}
+
+#[tokio::test]
+async fn token_directory_skips_dotfiles_and_picks_up_new_files() {
+    let qemu = Qemu::start(QemuOptions {
+        vnc: Sock::Tcp,
+        serial: Sock::Unix,
+    })
+    .await
+    .unwrap();
+    let dir = token_dir();
+    let (a, hidden, c) = (random_token(), random_token(), random_token());
+    let target = qemu.vnc.websockify_target();
+    write_websockify_tokens(&dir.path().join("a"), &[(&a, target.clone())]).unwrap();
+    write_websockify_tokens(&dir.path().join(".hidden"), &[(&hidden, target.clone())]).unwrap();
+    let proxy = Proxy::start(ProxySpec::tls_ws(&[dir.path()]))
+        .await
+        .unwrap();
+    let t = proxy.transport();
+    let req = |tok: &str| WsRequest::path(format!("/websockify?token={tok}")).protocol("binary");
+
+    ws::rfb_over_ws(proxy.ws_addr(), &t, &req(&a), Mode::Binary)
+        .await
+        .unwrap();
+    assert_eq!(
+        ws::connect(proxy.ws_addr(), &t, &req(&hidden))
+            .await
+            .unwrap()
+            .status(),
+        403,
+        "a token from a dotfile was accepted"
+    );
+
+    write_websockify_tokens(&dir.path().join("c"), &[(&c, target)]).unwrap();
+    let w = within_for(Duration::from_secs(30), "new file picked up", async {
+        loop {
+            match ws::connect(proxy.ws_addr(), &t, &req(&c)).await.unwrap() {
+                WsOutcome::Upgraded { ws, .. } => return *ws,
+                WsOutcome::Refused { .. } => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    })
+    .await
+    .unwrap();
+    let mut b = ws::into_bytes(w, Mode::Binary);
+    rfb::check_session(&mut b.io).await.unwrap();
+}
