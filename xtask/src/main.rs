@@ -18,6 +18,7 @@ mod fuzz;
 mod setup;
 mod steps;
 
+use std::io::IsTerminal as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
@@ -101,25 +102,22 @@ fn test(root: &Path, steps: &mut Steps, fuzz_seconds: u64, skip_setup: bool) -> 
 
 /// `cargo xtask lint`: rustfmt over the workspace and the fuzz crate, then clippy.
 fn lint(root: &Path, steps: &mut Steps) -> Result<()> {
-    steps.run(
-        "rustfmt",
-        cargo(root).args(["fmt", "--all", "--", "--check"]),
-    );
+    // rustfmt colours its diff even into a pipe or a CI log.
+    let color = if std::io::stdout().is_terminal() {
+        "auto"
+    } else {
+        "never"
+    };
+    let check = ["--", "--check", "--color", color];
+    steps.run("rustfmt", cargo(root).args(["fmt", "--all"]).args(check));
+    let fuzz_manifest = ["fmt", "--manifest-path", "fuzz/Cargo.toml"];
     steps.run(
         "rustfmt (fuzz)",
-        cargo(root).args(["fmt", "--manifest-path", "fuzz/Cargo.toml", "--", "--check"]),
+        cargo(root).args(fuzz_manifest).args(check),
     );
-    steps.run(
-        "clippy",
-        cargo(root).args([
-            "clippy",
-            "--workspace",
-            "--all-targets",
-            "--",
-            "-D",
-            "warnings",
-        ]),
-    );
+    let deny_warnings = ["--", "-D", "warnings"];
+    let clippy = ["clippy", "--workspace", "--all-targets"];
+    steps.run("clippy", cargo(root).args(clippy).args(deny_warnings));
     Ok(())
 }
 
