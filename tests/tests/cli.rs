@@ -160,7 +160,7 @@ fn run(args: &[&str], ready: Option<&Path>) -> (Option<i32>, String) {
 }
 
 #[test]
-fn bad_configurations_exit_64_with_one_line_reason() {
+fn broken_config_file_exits_64_with_one_line_reason() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "this is [not toml\n").unwrap();
@@ -171,8 +171,12 @@ fn bad_configurations_exit_64_with_one_line_reason() {
         1,
         "want a one-line reason, got:\n{err}"
     );
+}
 
-    // Plain HTTP is for loopback listeners only.
+/// Plain HTTP is for loopback listeners only.
+#[test]
+fn plain_http_on_a_non_loopback_listener_exits_64() {
+    let dir = tempfile::tempdir().unwrap();
     let tokens = dir.path().join("tokens");
     std::fs::write(&tokens, "t: 127.0.0.1:5900\n").unwrap();
     let (code, err) = run(
