@@ -13,6 +13,7 @@ use crate::auth::TokenStore;
 use crate::auth::store::LoadError;
 use crate::config::dev::{self, DevError};
 use crate::config::{Config, TenantTls as TlsChoice};
+use crate::console::security::{ProfileError, ProfileSet, Profiles};
 use crate::front::tls::{TenantTls, TlsLoadError, load_server_config};
 use crate::front::{connect, listener, ws};
 use crate::session::{Context, LiveSessions};
@@ -29,6 +30,8 @@ pub enum StartError {
     Tokens(#[from] LoadError),
     #[error("tenant TLS: {0}")]
     Tls(#[from] TlsLoadError),
+    #[error("{0}")]
+    Profile(#[from] ProfileError),
     #[error("binding {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -46,7 +49,10 @@ pub enum StartError {
 impl StartError {
     /// Whether this is a configuration problem (exit code 64).
     pub fn is_config(&self) -> bool {
-        matches!(self, StartError::Tokens(_) | StartError::Tls(_))
+        matches!(
+            self,
+            StartError::Tokens(_) | StartError::Tls(_) | StartError::Profile(_)
+        )
     }
 }
 
@@ -76,6 +82,14 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
         tracing::info!(file = %path.display(), "created a development token file");
     }
     let tokens = Arc::new(TokenStore::load(cfg.token_sources.clone())?);
+    let profiles = Profiles::load(&cfg.profiles, cfg.default_profile.as_deref())?;
+    if profiles.is_empty() {
+        tracing::warn!(
+            "no compute profile: connections to consoles are neither encrypted nor authenticated \
+             (configure [compute.profiles] with the private CA and a client certificate)"
+        );
+    }
+    let profiles = Arc::new(ProfileSet::new(profiles));
     let tls_files = tls_paths(&cfg)?;
     let tenant_tls = match &tls_files {
         Some((c, k)) => Some(Arc::new(TenantTls::new(load_server_config(c, k)?))),
@@ -89,6 +103,7 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
     let live = LiveSessions::default();
     let ctx = Arc::new(Context {
         tokens: Arc::clone(&tokens),
+        profiles: Arc::clone(&profiles),
         tenant_tls: tenant_tls.clone(),
         allow_origins: cfg.allow_origins.clone(),
         connect_auth: cfg.connect_auth,
@@ -161,7 +176,7 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
                 Ok(None) => {}
                 Err(e) => tracing::error!(error = %e, "token files changed but are invalid: keeping the previous tokens"),
             },
-            _ = sighup.recv() => reload(&cfg, &tokens, tenant_tls.as_deref()),
+            _ = sighup.recv() => reload(&cfg, &tokens, tenant_tls.as_deref(), &profiles),
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
@@ -182,7 +197,19 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
 }
 
 /// SIGHUP: re-read tokens and the tenant certificate; keep the old ones on error.
-fn reload(cfg: &Config, tokens: &TokenStore, tls: Option<&TenantTls>) {
+fn reload(cfg: &Config, tokens: &TokenStore, tls: Option<&TenantTls>, profiles: &ProfileSet) {
+    match Profiles::load(&cfg.profiles, cfg.default_profile.as_deref()) {
+        Ok(p) => {
+            profiles.replace(p);
+            tracing::info!(
+                "SIGHUP: compute profiles (CA, client certificates, passwords) reloaded"
+            );
+        }
+        Err(e) => tracing::error!(
+            error = %e,
+            "SIGHUP: compute profiles invalid: keeping the previous ones"
+        ),
+    }
     match tokens.reload() {
         Ok(n) => tracing::info!(tokens = n, "SIGHUP: tokens reloaded"),
         Err(e) => {

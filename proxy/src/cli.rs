@@ -74,6 +74,16 @@ pub struct ServeArgs {
     /// Close sessions with no data either way for this long (0 = never).
     #[arg(long, value_name = "DUR")]
     pub idle_timeout: Option<String>,
+    /// CA of the compute hosts' certificates (PEM): enables TLS to QEMU with
+    /// the default compute profile.
+    #[arg(long, value_name = "PATH")]
+    pub compute_ca: Option<PathBuf>,
+    /// Client certificate presented to QEMU (PEM).
+    #[arg(long, value_name = "PATH", requires_all = ["compute_key", "compute_ca"])]
+    pub compute_cert: Option<PathBuf>,
+    /// Private key of the client certificate (PEM).
+    #[arg(long, value_name = "PATH", requires = "compute_cert")]
+    pub compute_key: Option<PathBuf>,
     /// WebSocket keepalive ping interval (0 = off).
     #[arg(long, value_name = "DUR")]
     pub ping_interval: Option<String>,

@@ -45,6 +45,7 @@ pub enum Refusal {
     ProxyAuthRequired,
     ComputeUnreachable,
     ComputeTimeout,
+    ComputeConfig,
     TlsHandshake,
 }
 
@@ -67,6 +68,7 @@ impl Refusal {
             Refusal::ProxyAuthRequired => "proxy_auth_required",
             Refusal::ComputeUnreachable => "compute_unreachable",
             Refusal::ComputeTimeout => "compute_timeout",
+            Refusal::ComputeConfig => "compute_config",
             Refusal::TlsHandshake => "tls_handshake",
         }
     }
@@ -88,7 +90,7 @@ impl Refusal {
             | Refusal::OriginNotAllowed
             | Refusal::TargetNotAllowed => (403, "Forbidden"),
             Refusal::ProxyAuthRequired => (407, "Proxy Authentication Required"),
-            Refusal::ComputeUnreachable => (502, "Bad Gateway"),
+            Refusal::ComputeUnreachable | Refusal::ComputeConfig => (502, "Bad Gateway"),
             Refusal::ComputeTimeout => (504, "Gateway Timeout"),
         }
     }
@@ -97,6 +99,7 @@ impl Refusal {
     pub fn side(self) -> Side {
         match self {
             Refusal::ComputeUnreachable | Refusal::ComputeTimeout => Side::Compute,
+            Refusal::ComputeConfig => Side::Proxy,
             _ => Side::Tenant,
         }
     }
@@ -119,6 +122,7 @@ impl Refusal {
             Refusal::ProxyAuthRequired => "proxy authentication required",
             Refusal::ComputeUnreachable => "console backend unreachable",
             Refusal::ComputeTimeout => "console backend did not answer in time",
+            Refusal::ComputeConfig => "console backend misconfigured on the proxy",
             Refusal::TlsHandshake => "TLS handshake failed",
         }
     }

@@ -11,9 +11,13 @@ use std::time::{Duration, SystemTime};
 use tokio::io::{AsyncWrite, AsyncWriteExt as _};
 use tokio::sync::{Notify, watch};
 
-use crate::auth::{Admission, TokenStore};
+use tokio::io::AsyncRead;
+
+use crate::auth::{Admission, Grant, TokenStore};
 use crate::config::ConnectAuth;
-use crate::console::{self, ComputeStream, DialError, Target};
+use crate::console::security::{ProfileSet, SessionSecurity};
+use crate::console::vnc::{self, TenantRfbError, VncError};
+use crate::console::{self, ComputeIo, ComputeStream, ConsoleKind, DialError, Target};
 use crate::datapath::{Counters, End};
 use crate::error::Refusal;
 use crate::front::http::error_response;
@@ -23,6 +27,7 @@ use crate::front::tls::TenantTls;
 #[derive(Debug)]
 pub struct Context {
     pub tokens: Arc<TokenStore>,
+    pub profiles: Arc<ProfileSet>,
     pub tenant_tls: Option<Arc<TenantTls>>,
     pub allow_origins: Vec<String>,
     pub connect_auth: ConnectAuth,
@@ -38,6 +43,16 @@ impl Context {
     /// Resolves a presented token now.
     pub fn resolve(&self, token: &str) -> Result<Admission, Refusal> {
         self.tokens.resolve(token, SystemTime::now())
+    }
+
+    /// The compute-side security settings of a grant.
+    pub fn security(&self, grant: &Grant) -> Result<SessionSecurity, Refusal> {
+        SessionSecurity::resolve(&self.profiles.current(), &grant.compute, &grant.target).map_err(
+            |e| {
+                tracing::error!(reason = %Refusal::ComputeConfig, error = %e, "session refused");
+                Refusal::ComputeConfig
+            },
+        )
     }
 
     /// Dials the compute side, mapping failures to refusals (and logging them).
@@ -155,5 +170,105 @@ pub fn log_end(end: &End, counters: &Counters) {
             duration_ms,
             "session closed"
         ),
+    }
+}
+
+/// Why a session could not be established after the dial.
+#[derive(Debug, thiserror::Error)]
+pub enum EstablishError {
+    #[error("{0}")]
+    Vnc(#[from] VncError),
+    #[error("{0}")]
+    TenantRfb(#[from] TenantRfbError),
+    #[error("compute TLS handshake failed: {0}")]
+    Tls(String),
+    #[error("security handshake did not finish within {0:?}")]
+    Timeout(Duration),
+}
+
+impl EstablishError {
+    /// Stable label for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            EstablishError::Vnc(e) => e.kind(),
+            EstablishError::TenantRfb(_) => "tenant_protocol",
+            EstablishError::Tls(_) => "compute_tls",
+            EstablishError::Timeout(_) => "handshake_timeout",
+        }
+    }
+
+    /// Which side failed.
+    pub fn side(&self) -> crate::error::Side {
+        match self {
+            EstablishError::TenantRfb(_) => crate::error::Side::Tenant,
+            EstablishError::Vnc(VncError::MissingCredential(_) | VncError::NoChoice(_)) => {
+                crate::error::Side::Proxy
+            }
+            _ => crate::error::Side::Compute,
+        }
+    }
+
+    /// What the tenant is told.
+    pub fn tenant_reason(&self) -> &'static str {
+        match self {
+            EstablishError::Vnc(e) => e.tenant_reason(),
+            EstablishError::TenantRfb(_) => "invalid RFB handshake from the client",
+            EstablishError::Tls(_) => "TLS to the console server failed",
+            EstablishError::Timeout(_) => "console security handshake timed out",
+        }
+    }
+}
+
+/// Runs the console security phase on both sides after the dial and
+/// returns the compute stream ready for the data path, with a label of
+/// what was negotiated. VNC gets the RFB security MITM (the tenant sees
+/// RFB 3.8 / None); serial and SPICE get TLS when the profile has it.
+/// On a VNC failure the tenant is told why in RFB terms before returning.
+pub async fn establish<T: AsyncRead + AsyncWrite + Unpin>(
+    ctx: &Context,
+    kind: ConsoleKind,
+    security: &SessionSecurity,
+    compute: ComputeStream,
+    tenant: &mut T,
+) -> Result<(ComputeIo, String), EstablishError> {
+    let limit = ctx.handshake_timeout;
+    let within = |f| async move {
+        tokio::time::timeout(limit, f)
+            .await
+            .map_err(|_| EstablishError::Timeout(limit))
+    };
+    match kind {
+        ConsoleKind::Vnc => {
+            let negotiated = within(vnc::negotiate_compute(compute, security)).await?;
+            let (io, n) = match negotiated {
+                Ok(v) => v,
+                Err(e) => {
+                    let refusal = format!("consolegate: {}", e.tenant_reason());
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(5),
+                        vnc::refuse_tenant(tenant, &refusal),
+                    )
+                    .await;
+                    return Err(e.into());
+                }
+            };
+            tokio::time::timeout(limit, vnc::serve_tenant(tenant))
+                .await
+                .map_err(|_| EstablishError::Timeout(limit))??;
+            Ok((io, format!("rfb {} {}", n.version, n.security)))
+        }
+        ConsoleKind::Serial | ConsoleKind::Spice => match &security.tls {
+            Some((cfg, name)) => {
+                let tls = tokio::time::timeout(
+                    limit,
+                    console::tls_connect(compute, Arc::clone(cfg), name.clone()),
+                )
+                .await
+                .map_err(|_| EstablishError::Timeout(limit))?
+                .map_err(EstablishError::Tls)?;
+                Ok((ComputeIo::Tls(Box::new(tls)), "tls".to_owned()))
+            }
+            None => Ok((ComputeIo::Plain(compute), "plain".to_owned())),
+        },
     }
 }

@@ -6,7 +6,7 @@ use std::time::SystemTime;
 
 use serde::Deserialize;
 
-use super::token::Token;
+use super::token::{Secret, Token};
 use crate::console::{ConsoleKind, Target};
 
 /// One token as read from a source.
@@ -23,6 +23,23 @@ pub struct Grant {
     pub target: Target,
     pub not_before: Option<SystemTime>,
     pub not_after: Option<SystemTime>,
+    /// Compute-side security settings for this console.
+    pub compute: ComputeAuth,
+}
+
+/// Per-token compute-side settings: which security profile of the
+/// configuration applies, and credentials that belong to this console.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ComputeAuth {
+    /// Name of a `[compute.profiles.NAME]` table; `None` = the default profile.
+    pub profile: Option<String>,
+    /// Expected server identity (DNS name or IP) in the compute certificate.
+    pub server_name: Option<String>,
+    /// VNC password or SPICE ticket.
+    pub password: Option<Secret>,
+    /// SASL (and VeNCrypt Plain) user name and password.
+    pub sasl_username: Option<String>,
+    pub sasl_password: Option<Secret>,
 }
 
 /// Why a token file was rejected.
@@ -65,6 +82,7 @@ pub fn parse_websockify(text: &str) -> Result<Vec<TokenEntry>, TokenFileError> {
                 target,
                 not_before: None,
                 not_after: None,
+                compute: ComputeAuth::default(),
             },
         });
     }
@@ -88,6 +106,12 @@ struct TomlToken {
     unix: Option<String>,
     not_before: Option<String>,
     not_after: Option<String>,
+    /// Security profile name.
+    security: Option<String>,
+    server_name: Option<String>,
+    password: Option<String>,
+    sasl_username: Option<String>,
+    sasl_password: Option<String>,
 }
 
 fn default_kind() -> ConsoleKind {
@@ -131,6 +155,16 @@ pub fn parse_toml(text: &str) -> Result<Vec<TokenEntry>, TokenFileError> {
             };
             let not_before = time(t.not_before, "not_before")?;
             let not_after = time(t.not_after, "not_after")?;
+            if t.sasl_username.is_some() != t.sasl_password.is_some() {
+                return Err(bad("sasl_username and sasl_password go together".into()));
+            }
+            let compute = ComputeAuth {
+                profile: t.security,
+                server_name: t.server_name,
+                password: t.password.map(Secret::new),
+                sasl_username: t.sasl_username,
+                sasl_password: t.sasl_password.map(Secret::new),
+            };
             Ok(TokenEntry {
                 token: Token::new(t.token.trim()),
                 grant: Grant {
@@ -138,6 +172,7 @@ pub fn parse_toml(text: &str) -> Result<Vec<TokenEntry>, TokenFileError> {
                     target,
                     not_before,
                     not_after,
+                    compute,
                 },
             })
         })
@@ -188,6 +223,11 @@ not_after = "2030-01-01T00:00:00Z"
 [[token]]
 token = "s2"
 unix = "/run/vm.vnc"
+security = "x509"
+server_name = "compute-1"
+password = "vncpw"
+sasl_username = "u"
+sasl_password = "p"
 "#;
         let e = parse_toml(text).unwrap();
         assert_eq!(e.len(), 2);
@@ -195,6 +235,11 @@ unix = "/run/vm.vnc"
         assert!(e[0].grant.not_after.is_some());
         assert_eq!(e[1].grant.kind, ConsoleKind::Vnc);
         assert_eq!(e[1].grant.target, Target::Unix("/run/vm.vnc".into()));
+        let c = &e[1].grant.compute;
+        assert_eq!(c.profile.as_deref(), Some("x509"));
+        assert_eq!(c.password.as_ref().map(Secret::expose), Some("vncpw"));
+        assert_eq!(c.sasl_username.as_deref(), Some("u"));
+        assert!(!format!("{:?}", e[1].grant).contains("vncpw"));
     }
 
     #[test]

@@ -4,6 +4,6 @@ pub mod file;
 pub mod store;
 pub mod token;
 
-pub use file::{Grant, TokenEntry};
+pub use file::{ComputeAuth, Grant, TokenEntry};
 pub use store::{Admission, TokenStore};
-pub use token::{Token, TokenId};
+pub use token::{Secret, Token, TokenId};

@@ -6,6 +6,7 @@
 
 pub mod dev;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -83,6 +84,37 @@ pub struct TokensSection {
 #[serde(deny_unknown_fields)]
 pub struct ComputeSection {
     pub connect_timeout: Option<String>,
+    /// Profile applied to tokens that name none.
+    pub default_profile: Option<String>,
+    /// Named compute-side security profiles.
+    #[serde(default)]
+    pub profiles: BTreeMap<String, ProfileFile>,
+}
+
+/// One `[compute.profiles.NAME]` table: how consolegate authenticates to
+/// and encrypts towards a group of compute hosts.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileFile {
+    /// PEM CA certificate(s) that sign the compute hosts' certificates.
+    pub ca: Option<PathBuf>,
+    /// PEM client certificate chain presented to QEMU.
+    pub cert: Option<PathBuf>,
+    /// PEM private key of the client certificate.
+    pub key: Option<PathBuf>,
+    /// Expected identity in the server certificate (DNS name or IP); by
+    /// default the target's host.
+    pub server_name: Option<String>,
+    /// Refuse compute security types without TLS (default: on when `ca` is set).
+    pub require_tls: Option<bool>,
+    /// File holding the VNC password.
+    pub vnc_password_file: Option<PathBuf>,
+    /// SASL (and VeNCrypt Plain) user name.
+    pub sasl_username: Option<String>,
+    /// File holding the SASL password.
+    pub sasl_password_file: Option<PathBuf>,
+    /// File holding the SPICE ticket (password).
+    pub spice_password_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -135,6 +167,10 @@ pub struct Config {
     pub ping_interval: Option<Duration>,
     pub log_format: LogFormat,
     pub ready_file: Option<PathBuf>,
+    /// Compute-side security profiles by name.
+    pub profiles: BTreeMap<String, ProfileFile>,
+    /// Profile for tokens that name none.
+    pub default_profile: Option<String>,
 }
 
 /// Why a configuration is invalid. Reported with exit code 64.
@@ -164,6 +200,13 @@ pub enum ConfigError {
     BadOrigin(String),
     #[error("no token source: give --token-file or tokens.files")]
     NoTokens,
+    #[error("compute profile {profile:?}: {message}")]
+    Profile {
+        profile: String,
+        message: &'static str,
+    },
+    #[error("compute.default_profile {0:?} names no [compute.profiles.{0}] table")]
+    UnknownDefaultProfile(String),
 }
 
 fn duration(
@@ -211,6 +254,18 @@ impl FileConfig {
         fc.tls.cert.as_mut().map(rel);
         fc.tls.key.as_mut().map(rel);
         fc.state_dir.as_mut().map(rel);
+        for p in fc.compute.profiles.values_mut() {
+            for path in [
+                &mut p.ca,
+                &mut p.cert,
+                &mut p.key,
+                &mut p.vnc_password_file,
+                &mut p.sasl_password_file,
+                &mut p.spice_password_file,
+            ] {
+                path.as_mut().map(rel);
+            }
+        }
         Ok(fc)
     }
 }
@@ -336,6 +391,46 @@ impl Config {
         )?;
         let reload_interval = d("reload_interval", &None, &fc.tokens.reload_interval, 2)?;
 
+        let mut profiles = fc.compute.profiles;
+        let mut default_profile = fc.compute.default_profile;
+        if args.compute_ca.is_some() || args.compute_cert.is_some() {
+            profiles.insert(
+                "cli".to_owned(),
+                ProfileFile {
+                    ca: args.compute_ca.clone(),
+                    cert: args.compute_cert.clone(),
+                    key: args.compute_key.clone(),
+                    ..Default::default()
+                },
+            );
+            default_profile = Some("cli".to_owned());
+        }
+        for (name, p) in &profiles {
+            let err = |message| ConfigError::Profile {
+                profile: name.clone(),
+                message,
+            };
+            if p.cert.is_some() != p.key.is_some() {
+                return Err(err("cert and key must be given together"));
+            }
+            if p.cert.is_some() && p.ca.is_none() {
+                return Err(err(
+                    "a client certificate needs the CA of the compute hosts (ca)",
+                ));
+            }
+            if p.require_tls == Some(true) && p.ca.is_none() {
+                return Err(err("require_tls needs the CA of the compute hosts (ca)"));
+            }
+            if p.sasl_username.is_some() != p.sasl_password_file.is_some() {
+                return Err(err("sasl_username and sasl_password_file go together"));
+            }
+        }
+        if let Some(d) = &default_profile
+            && !profiles.contains_key(d)
+        {
+            return Err(ConfigError::UnknownDefaultProfile(d.clone()));
+        }
+
         Ok(Config {
             ws_listen,
             connect_listen,
@@ -364,6 +459,8 @@ impl Config {
             ping_interval: nonzero(ping_interval),
             log_format: args.log_format.or(fc.log.format).unwrap_or_default(),
             ready_file: args.ready_file.clone(),
+            profiles,
+            default_profile,
         })
     }
 }
@@ -419,13 +516,22 @@ mod tests {
 
     #[test]
     fn example_config_is_valid() {
-        let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/consolegate.example.toml"));
+        let path = Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../docs/consolegate.example.toml"
+        ));
         let fc = FileConfig::read(path).unwrap();
         assert_eq!(fc.websocket.listen.len(), 2);
         assert_eq!(fc.connect.auth, Some(ConnectAuthArg::Token));
-        let a = ServeArgs { config: Some(path.to_owned()), ..Default::default() };
+        let a = ServeArgs {
+            config: Some(path.to_owned()),
+            ..Default::default()
+        };
         let c = Config::build(&a).unwrap();
-        assert_eq!(c.allow_origins, vec!["https://console.example.com".to_owned()]);
+        assert_eq!(
+            c.allow_origins,
+            vec!["https://console.example.com".to_owned()]
+        );
         assert_eq!(c.idle_timeout, Some(Duration::from_secs(3600)));
         assert!(matches!(c.tenant_tls, TenantTls::Files { .. }));
         assert_eq!(c.token_sources.len(), 2);

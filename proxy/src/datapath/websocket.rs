@@ -17,13 +17,14 @@ use crate::front::websocket::frame::{
     self, Decoder, MAX_HEADER_LEN, Opcode, close_code, close_payload, encode_frame,
 };
 use crate::front::websocket::message::{Action, Inbound, Mode, encode_base64};
+use crate::front::websocket::stream::WsParts;
 
 /// Largest payload of one compute-to-tenant frame.
 const DOWN_CHUNK: usize = 64 * 1024;
 /// Largest tenant frame payload accepted.
 pub const MAX_TENANT_FRAME: u64 = 1 << 20;
 /// How long to wait for the other side's close frame after sending ours.
-const CLOSE_GRACE: Duration = Duration::from_secs(2);
+pub const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 /// Settings of one WebSocket pump.
 #[derive(Debug, Clone, Copy)]
@@ -40,10 +41,11 @@ enum Control {
 }
 
 /// Runs the session until either side ends it; returns why it ended.
-/// `leftover` holds tenant bytes that arrived after the HTTP head.
+/// `tenant` carries the socket plus what the handshake phase left: raw
+/// bytes not yet decoded, decoded bytes for the compute side, and the
+/// message state.
 pub async fn pump<T, C>(
-    tenant: T,
-    leftover: BytesMut,
+    tenant: WsParts<T>,
     compute: C,
     settings: WsSettings,
     counters: &Counters,
@@ -53,11 +55,17 @@ where
     T: AsyncRead + AsyncWrite,
     C: AsyncRead + AsyncWrite,
 {
-    let (tr, tw) = tokio::io::split(tenant);
+    let WsParts {
+        inner,
+        raw,
+        pending,
+        inbound,
+    } = tenant;
+    let (tr, tw) = tokio::io::split(inner);
     let (cr, cw) = tokio::io::split(compute);
     let (ctl_tx, ctl_rx) = mpsc::channel::<Control>(8);
 
-    let up = up(tr, leftover, cw, settings.mode, counters, ctl_tx.clone());
+    let up = up(tr, raw, pending, inbound, cw, counters, ctl_tx.clone());
     let down = down(cr, tw, settings, counters, ctl_rx);
     tokio::pin!(up, down);
 
@@ -93,8 +101,9 @@ where
 async fn up<R, W>(
     mut tr: R,
     mut rbuf: BytesMut,
+    pending: BytesMut,
+    mut inbound: Inbound,
     mut cw: W,
-    mode: Mode,
     counters: &Counters,
     ctl: mpsc::Sender<Control>,
 ) -> End
@@ -103,7 +112,18 @@ where
     W: AsyncWrite + Unpin,
 {
     let mut decoder = Decoder::new(MAX_TENANT_FRAME);
-    let mut inbound = Inbound::new(mode);
+    if !pending.is_empty() {
+        if let Err(e) = cw.write_all(&pending).await {
+            let _ = ctl
+                .send(Control::Close(
+                    close_code::BAD_GATEWAY,
+                    "console write failed",
+                ))
+                .await;
+            return End::ComputeIo(e.to_string());
+        }
+        counters.add_up(pending.len());
+    }
     loop {
         let frame = match decoder.decode(&mut rbuf) {
             Ok(Some(f)) => f,

@@ -11,18 +11,35 @@ use tracing::Instrument as _;
 
 use super::http::{HeadLimits, RequestHead};
 use super::read_head;
-use crate::auth::Admission;
+use crate::auth::{Admission, Grant};
 use crate::config::ConnectAuth;
 use crate::console::{ConsoleKind, Host, Target, split_host_port};
 use crate::datapath::{Counters, copy};
 use crate::error::Refusal;
-use crate::session::{Context, log_end, refuse};
+use crate::session::{Context, establish, log_end, refuse};
 
 /// What an admitted CONNECT request opens.
 struct Admitted {
     target: Target,
     kind: Option<ConsoleKind>,
     token: Option<Admission>,
+}
+
+impl Admitted {
+    /// The grant whose compute settings apply: the token's, or for an
+    /// unauthenticated CONNECT to a known target, default settings.
+    fn grant(&self) -> Grant {
+        match &self.token {
+            Some(a) => a.grant.clone(),
+            None => Grant {
+                kind: self.kind.unwrap_or(ConsoleKind::Vnc),
+                target: self.target.clone(),
+                not_before: None,
+                not_after: None,
+                compute: Default::default(),
+            },
+        }
+    }
 }
 
 /// Serves one tenant connection on a CONNECT listener.
@@ -60,7 +77,12 @@ pub async fn serve(mut tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
             span.record("token.id", tracing::field::display(a.token_id));
         }
         span.record("compute.addr", tracing::field::display(&admitted.target));
-        let mut compute = match ctx.dial(&admitted.target).await {
+        let grant = admitted.grant();
+        let security = match ctx.security(&grant) {
+            Ok(s) => s,
+            Err(r) => return refuse(&mut tcp, r).await,
+        };
+        let compute = match ctx.dial(&admitted.target).await {
             Ok(c) => c,
             Err(r) => return refuse(&mut tcp, r).await,
         };
@@ -71,15 +93,35 @@ pub async fn serve(mut tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
             tracing::info!(error = %e, "tenant went away before the tunnel opened");
             return;
         }
-        let counters = Counters::new();
         // Bytes the tenant sent right after the head belong to the console.
-        if !rest.is_empty() {
-            if let Err(e) = compute.write_all(&rest).await {
+        let mut tenant = Prefixed {
+            prefix: rest,
+            inner: tcp,
+        };
+        let (mut compute, negotiated) =
+            match establish(&ctx, grant.kind, &security, compute, &mut tenant).await {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::warn!(
+                        reason = e.kind(),
+                        side = %e.side(),
+                        profile = security.profile.as_deref().unwrap_or("-"),
+                        error = %e,
+                        "console handshake failed"
+                    );
+                    return;
+                }
+            };
+        let counters = Counters::new();
+        let Prefixed { prefix, inner: tcp } = tenant;
+        if !prefix.is_empty() {
+            if let Err(e) = compute.write_all(&prefix).await {
                 tracing::info!(error = %e, "compute write failed");
                 return;
             }
-            counters.add_up(rest.len());
+            counters.add_up(prefix.len());
         }
+        tracing::info!(security = %negotiated, "console handshake done");
         span.record("datapath", "userspace");
         tracing::info!("session established");
         let end = copy::bidirectional(
@@ -204,5 +246,52 @@ mod tests {
             None
         );
         assert_eq!(proxy_token(&head("")), None);
+    }
+}
+
+/// A stream with bytes already read in front of it.
+#[derive(Debug)]
+struct Prefixed<S> {
+    prefix: bytes::BytesMut,
+    inner: S,
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Prefixed<S> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix.split_to(n));
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }

@@ -9,12 +9,14 @@ use tokio::net::TcpStream;
 use tracing::Instrument as _;
 
 use super::http::{HeadLimits, RequestHead, decode_component};
+use super::websocket::frame::close_code;
 use super::websocket::handshake::{check_upgrade, switching_response};
+use super::websocket::stream::WsStream;
 use super::{TenantStream, read_head};
-use crate::datapath::websocket::{WsSettings, pump};
+use crate::datapath::websocket::{CLOSE_GRACE, WsSettings, pump};
 use crate::datapath::{Counters, End};
 use crate::error::Refusal;
-use crate::session::{Context, log_end, refuse};
+use crate::session::{Context, establish, log_end, refuse};
 
 /// Serves one tenant connection on a WebSocket listener.
 pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
@@ -68,6 +70,10 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
         span.record("console.kind", grant.kind.as_str());
         span.record("token.id", tracing::field::display(admission.token_id));
         span.record("compute.addr", tracing::field::display(&grant.target));
+        let security = match ctx.security(grant) {
+            Ok(s) => s,
+            Err(r) => return refuse(&mut stream, r).await,
+        };
         let compute = match ctx.dial(&grant.target).await {
             Ok(c) => c,
             Err(r) => return refuse(&mut stream, r).await,
@@ -76,15 +82,42 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
             tracing::info!(error = %e, "tenant went away during upgrade");
             return;
         }
+        let mut ws = WsStream::new(stream, rest, upgrade.mode);
+        let (compute, negotiated) =
+            match establish(&ctx, grant.kind, &security, compute, &mut ws).await {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::warn!(
+                        reason = e.kind(),
+                        side = %e.side(),
+                        profile = security.profile.as_deref().unwrap_or("-"),
+                        error = %e,
+                        "console handshake failed"
+                    );
+                    ws.queue_close(close_code::BAD_GATEWAY, e.tenant_reason());
+                    let _ = tokio::time::timeout(CLOSE_GRACE, ws.flush()).await;
+                    return;
+                }
+            };
+        if let Err(e) = ws.flush().await {
+            tracing::info!(error = %e, "tenant went away during the handshake");
+            return;
+        }
         span.record("datapath", "userspace");
-        tracing::info!(mode = upgrade.mode.name(), "session established");
+        tracing::info!(
+            mode = upgrade.mode.name(),
+            security = %negotiated,
+            profile = security.profile.as_deref().unwrap_or("-"),
+            "session established"
+        );
         let counters = Counters::new();
         let settings = WsSettings {
             mode: upgrade.mode,
             idle: ctx.idle_timeout,
             ping_interval: ctx.ping_interval,
         };
-        let end: End = pump(stream, rest, compute, settings, &counters, ctx.shutdown.clone()).await;
+        let end: End =
+            pump(ws.into_parts(), compute, settings, &counters, ctx.shutdown.clone()).await;
         log_end(&end, &counters);
         drop(guard);
     }
