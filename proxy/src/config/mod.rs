@@ -240,9 +240,18 @@ impl FileConfig {
 
     /// Parses config text; `path` names it in errors and anchors relative paths.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let mut fc: FileConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            message: e.to_string(),
+        let mut fc: FileConfig = toml::from_str(text).map_err(|e| {
+            // One line: "line N, column M: what is wrong".
+            let message = match e.span() {
+                Some(span) => {
+                    let before = &text[..span.start.min(text.len())];
+                    let line = before.matches('\n').count() + 1;
+                    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+                    format!("line {line}, column {column}: {}", e.message().trim())
+                }
+                None => e.message().trim().to_owned(),
+            };
+            ConfigError::Parse { path: path.to_owned(), message: message.replace('\n', " ") }
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
         let rel = |p: &mut PathBuf| {
@@ -511,7 +520,10 @@ mod tests {
         .unwrap();
         assert_eq!(fc.tokens.files, vec![PathBuf::from("/etc/cg/tok")]);
         assert_eq!(fc.tls.cert, Some(PathBuf::from("/etc/cg/c.pem")));
-        assert!(FileConfig::parse("[websocket]\nbogus=1\n", Path::new("x")).is_err());
+        let e = FileConfig::parse("[websocket]\nbogus=1\n", Path::new("x")).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.starts_with("config x: line 2, column 1: unknown field `bogus`"), "{msg}");
+        assert_eq!(msg.lines().count(), 1);
     }
 
     #[test]
