@@ -338,3 +338,15 @@ pub fn write_websockify_tokens(path: &Path, entries: &[(&str, String)]) -> anyho
     }
     write_atomic(path, &s)
 }
+
+/// A token for a scripted raw-byte compute peer (echo, reset...): kind
+/// `serial`, which the contract relays as plain bytes. (A `vnc` token makes
+/// the proxy speak RFB to the compute side, which a scripted peer is not.)
+pub fn raw_token(token: &str, target: SocketAddr) -> TomlToken {
+    TomlToken {
+        token: token.to_owned(),
+        kind: Some("serial".into()),
+        target: Some(crate::net::authority(target)),
+        ..TomlToken::default()
+    }
+}

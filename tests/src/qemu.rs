@@ -8,7 +8,7 @@
 //! on the serial port, which also means SeaBIOS has finished and the VGA
 //! text mode (and so the VNC framebuffer size) is stable.
 
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -141,8 +141,11 @@ impl Endpoint {
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Sock {
+    /// Loopback TCP on 127.0.0.1.
     #[default]
     Tcp,
+    /// Loopback TCP on [::1] (VNC only).
+    Tcp6,
     Unix,
 }
 
@@ -166,8 +169,12 @@ pub struct Qemu {
 /// VNC ports as display numbers). QEMU may still lose a race for it, so
 /// `start` retries with fresh ports.
 fn free_port() -> anyhow::Result<u16> {
+    free_port_on(Ipv4Addr::LOCALHOST.into())
+}
+
+fn free_port_on(ip: std::net::IpAddr) -> anyhow::Result<u16> {
     loop {
-        let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+        let l = TcpListener::bind((ip, 0))?;
         let port = l.local_addr()?.port();
         if port >= 5900 {
             return Ok(port);
@@ -201,6 +208,11 @@ impl Qemu {
                 let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
                 (Endpoint::Tcp(addr), format!("127.0.0.1:{}", port - 5900))
             }
+            Sock::Tcp6 => {
+                let port = free_port_on(Ipv6Addr::LOCALHOST.into())?;
+                let addr = SocketAddr::from((Ipv6Addr::LOCALHOST, port));
+                (Endpoint::Tcp(addr), format!("[::1]:{}", port - 5900))
+            }
             Sock::Unix => {
                 let p = dir.path().join("vnc.sock");
                 let arg = format!("unix:{}", p.display());
@@ -208,7 +220,7 @@ impl Qemu {
             }
         };
         let (serial, chardev) = match opts.serial {
-            Sock::Tcp => {
+            Sock::Tcp | Sock::Tcp6 => {
                 let port = free_port()?;
                 let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
                 (

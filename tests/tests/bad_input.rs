@@ -8,8 +8,9 @@ use std::time::Duration;
 use consolegate_tests::fake::{Blackhole, EchoServer, dead_port};
 use consolegate_tests::http::{self, client_frame, frame, raw_websocket, read_close};
 use consolegate_tests::net::{Transport, authority};
-use consolegate_tests::proxy::{Proxy, ProxySpec, TomlToken, write_toml_tokens};
+use consolegate_tests::proxy::{Proxy, ProxySpec, TomlToken, raw_token, write_toml_tokens};
 use consolegate_tests::qemu::Sock;
+use consolegate_tests::qemu::{Qemu, QemuOptions};
 use consolegate_tests::scenario::{token_dir, vnc_behind_proxy};
 use consolegate_tests::ws::{self, Mode, WsRequest};
 use consolegate_tests::{random_token, rfb, within};
@@ -99,18 +100,21 @@ async fn token_missing_unknown_expired_not_yet_valid() {
         &dir.path().join("t.toml"),
         &[
             TomlToken {
+                kind: Some("serial".into()),
                 token: expired.clone(),
                 target: target.clone(),
                 not_after: Some("2001-01-01T00:00:00Z".into()),
                 ..TomlToken::default()
             },
             TomlToken {
+                kind: Some("serial".into()),
                 token: future.clone(),
                 target: target.clone(),
                 not_before: Some("2999-01-01T00:00:00Z".into()),
                 ..TomlToken::default()
             },
             TomlToken {
+                kind: Some("serial".into()),
                 token: good.clone(),
                 target,
                 not_after: Some("2999-01-01T00:00:00Z".into()),
@@ -445,18 +449,32 @@ async fn hostile_frames_get_close_codes_and_other_sessions_survive() {
 }
 
 #[tokio::test]
-async fn unanswered_pings_close_1001_and_idle_timeout_closes_1001() {
-    let mut spec = ProxySpec::tls_ws(&[]);
+async fn unanswered_pings_close_with_1001_keepalive_timeout() {
+    // A serial console: bytes flow without any console-level handshake.
+    let qemu = Qemu::start(QemuOptions {
+        vnc: Sock::Unix,
+        serial: Sock::Tcp,
+    })
+    .await
+    .unwrap();
+    let dir = token_dir();
+    let tok = random_token();
+    let file = dir.path().join("serial.toml");
+    write_toml_tokens(&file, &[raw_token(&tok, qemu.serial.tcp())]).unwrap();
+    let mut spec = ProxySpec::tls_ws(&[&file]);
     spec.extra = vec!["--ping-interval".into(), "1s".into()];
-    let s = vnc_behind_proxy(Sock::Tcp, spec).await.unwrap();
-    let (a, t) = (s.proxy.ws_addr(), s.proxy.transport());
-    let path = format!("/websockify?token={}", s.token);
-    // A raw client that never answers pings.
-    let mut io = raw_websocket(a, &t, &path, &["Sec-WebSocket-Protocol: binary"])
-        .await
-        .unwrap();
+    let proxy = Proxy::start(spec).await.unwrap();
+    // A raw client that reads everything and never answers pings.
+    let mut io = raw_websocket(
+        proxy.ws_addr(),
+        &proxy.transport(),
+        &format!("/websockify?token={tok}"),
+        &["Sec-WebSocket-Protocol: binary"],
+    )
+    .await
+    .unwrap();
     let mut pings = 0;
-    let close = within("keepalive close", async {
+    let (code, reason) = within("keepalive close", async {
         loop {
             let f = http::read_frame(&mut io).await?;
             match f.opcode {
@@ -464,10 +482,8 @@ async fn unanswered_pings_close_1001_and_idle_timeout_closes_1001() {
                 8 => {
                     let code = (f.payload.len() >= 2)
                         .then(|| u16::from_be_bytes([f.payload[0], f.payload[1]]));
-                    return anyhow::Ok((
-                        code,
-                        String::from_utf8_lossy(&f.payload[2.min(f.payload.len())..]).into_owned(),
-                    ));
+                    let reason = String::from_utf8_lossy(&f.payload[2.min(f.payload.len())..]);
+                    return anyhow::Ok((code, reason.into_owned()));
                 }
                 _ => {}
             }
@@ -477,30 +493,36 @@ async fn unanswered_pings_close_1001_and_idle_timeout_closes_1001() {
     .unwrap()
     .unwrap();
     assert!(pings >= 2, "closed after {pings} pings");
-    assert_eq!(close.0, Some(1001), "reason {:?}", close.1);
-    assert!(close.1.contains("keepalive"), "reason {:?}", close.1);
+    assert_eq!(code, Some(1001), "reason {reason:?}");
+    assert!(reason.contains("keepalive"), "reason {reason:?}");
+}
 
-    // Idle timeout: a second proxy where nothing flows after the RFB
-    // version string closes the session with 1001.
-    let mut spec = ProxySpec::tls_ws(&[&s.token_file]);
+#[tokio::test]
+async fn quiet_vnc_session_hits_idle_timeout_1001() {
+    let mut spec = ProxySpec::tls_ws(&[]);
     spec.extra = vec![
         "--idle-timeout".into(),
         "2s".into(),
         "--ping-interval".into(),
         "0".into(),
     ];
-    let p2 = Proxy::start(spec).await.unwrap();
-    let mut io = raw_websocket(
-        p2.ws_addr(),
-        &p2.transport(),
-        &path,
-        &["Sec-WebSocket-Protocol: binary"],
-    )
-    .await
-    .unwrap();
-    let (code, reason) = within("idle close", read_close(&mut io))
+    let s = vnc_behind_proxy(Sock::Tcp, spec).await.unwrap();
+    let req = WsRequest::path(format!("/websockify?token={}", s.token)).protocol("binary");
+    let (w, _) = ws::connect(s.proxy.ws_addr(), &s.proxy.transport(), &req)
+        .await
+        .unwrap()
+        .upgraded()
+        .unwrap();
+    let mut b = ws::into_bytes(w, Mode::Binary);
+    // A real RFB handshake, then silence: no update requests, no input.
+    within("RFB handshake", rfb::handshake(&mut b.io))
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(code, Some(1001), "reason {reason:?}");
+    let closed = within("idle close", b.closed)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(closed.code, Some(1001), "{closed:?}");
 }

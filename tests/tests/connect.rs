@@ -4,7 +4,9 @@
 use consolegate_tests::fake::{EchoServer, dead_port};
 use consolegate_tests::http::{self, ConnectOutcome, basic, bearer, connect_tunnel};
 use consolegate_tests::net::{Transport, authority};
-use consolegate_tests::proxy::{Proxy, ProxySpec, write_websockify_tokens};
+use consolegate_tests::proxy::{
+    Proxy, ProxySpec, raw_token, write_toml_tokens, write_websockify_tokens,
+};
 use consolegate_tests::qemu::Sock;
 use consolegate_tests::scenario::{token_dir, vnc_behind_proxy};
 use consolegate_tests::{random_token, rfb};
@@ -144,15 +146,10 @@ async fn connect_compute_down_is_502_and_half_close_passes() {
     let dead = dead_port().unwrap();
     let dir = token_dir();
     let (live_tok, dead_tok) = (random_token(), random_token());
-    let file = dir.path().join("tokens");
-    write_websockify_tokens(
-        &file,
-        &[
-            (&live_tok, authority(echo.addr)),
-            (&dead_tok, authority(dead)),
-        ],
-    )
-    .unwrap();
+    let file = dir.path().join("tokens.toml");
+    let mut dead_vnc = raw_token(&dead_tok, dead);
+    dead_vnc.kind = None; // vnc: refused at dial time, before any RFB
+    write_toml_tokens(&file, &[raw_token(&live_tok, echo.addr), dead_vnc]).unwrap();
     let proxy = Proxy::start(ProxySpec::connect(&[&file])).await.unwrap();
     let p = proxy.connect_addr();
 
@@ -179,4 +176,50 @@ async fn connect_compute_down_is_502_and_half_close_passes() {
         .unwrap();
     assert_eq!(back.len(), payload.len());
     assert!(back == payload);
+}
+
+#[tokio::test]
+async fn connect_over_ipv6_listener_to_ipv6_target() {
+    let mut spec = ProxySpec::connect(&[]);
+    spec.connect_listen = vec!["[::1]:0".into()];
+    let s = vnc_behind_proxy(Sock::Tcp6, spec).await.unwrap();
+    let p = s.proxy.connect_addr();
+    assert!(p.is_ipv6(), "{p}");
+    let o = connect_tunnel(p, &authority(s.qemu.vnc.tcp()), Some(&bearer(&s.token)))
+        .await
+        .unwrap();
+    assert_eq!(o.status(), 200);
+    rfb_through(o).await;
+}
+
+#[tokio::test]
+async fn connect_slow_head_gets_408() {
+    let echo = EchoServer::start().await.unwrap();
+    let dir = token_dir();
+    let tok = random_token();
+    let file = dir.path().join("tokens");
+    write_websockify_tokens(&file, &[(&tok, authority(echo.addr))]).unwrap();
+    let mut spec = ProxySpec::connect(&[&file]);
+    spec.handshake_timeout = Some("2s".into());
+    let proxy = Proxy::start(spec).await.unwrap();
+    let mut io = consolegate_tests::net::tcp(proxy.connect_addr())
+        .await
+        .unwrap();
+    // Half a head, then nothing.
+    http::write_all(
+        &mut io,
+        format!("CONNECT {} HTTP/1.1\r\nProxy-Auth", authority(echo.addr)).as_bytes(),
+    )
+    .await
+    .unwrap();
+    let r = consolegate_tests::within("408", http::read_response_head(&mut io))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.status, 408);
+    proxy
+        .wait_log(&["session refused", "reason=handshake_timeout"])
+        .await
+        .unwrap();
+    assert_eq!(echo.accepted(), 0);
 }

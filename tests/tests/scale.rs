@@ -6,8 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use consolegate_tests::fake::EchoServer;
-use consolegate_tests::net::authority;
-use consolegate_tests::proxy::{Proxy, ProxySpec, write_websockify_tokens};
+use consolegate_tests::proxy::{Proxy, ProxySpec, raw_token, write_toml_tokens};
 use consolegate_tests::scenario::token_dir;
 use consolegate_tests::ws::{self, Mode, WsRequest};
 use consolegate_tests::{random_token, within_for};
@@ -21,8 +20,8 @@ async fn two_hundred_concurrent_sessions_echo_their_own_payload() {
     let echo = EchoServer::start().await.unwrap();
     let dir = token_dir();
     let tok = random_token();
-    let file = dir.path().join("tokens");
-    write_websockify_tokens(&file, &[(&tok, authority(echo.addr))]).unwrap();
+    let file = dir.path().join("tokens.toml");
+    write_toml_tokens(&file, &[raw_token(&tok, echo.addr)]).unwrap();
     let proxy = Proxy::start(ProxySpec::tls_ws(&[&file])).await.unwrap();
     let (addr, t) = (proxy.ws_addr(), proxy.transport());
 

@@ -8,7 +8,7 @@ use consolegate_tests::fake::ResetAfterRead;
 use consolegate_tests::http::{self, frame, raw_websocket, read_close};
 use consolegate_tests::net::authority;
 use consolegate_tests::proxy::{
-    Proxy, ProxySpec, TomlToken, write_toml_tokens, write_websockify_tokens,
+    Proxy, ProxySpec, TomlToken, raw_token, write_toml_tokens, write_websockify_tokens,
 };
 use consolegate_tests::qemu::{Qemu, QemuOptions, SERIAL_BANNER, Sock, read_until};
 use consolegate_tests::scenario::token_dir;
@@ -73,8 +73,8 @@ async fn compute_side_reset_closes_with_1014() {
     let fake = ResetAfterRead::start().await.unwrap();
     let dir = token_dir();
     let tok = random_token();
-    let file = dir.path().join("tokens");
-    write_websockify_tokens(&file, &[(&tok, authority(fake.addr))]).unwrap();
+    let file = dir.path().join("tokens.toml");
+    write_toml_tokens(&file, &[raw_token(&tok, fake.addr)]).unwrap();
     let proxy = Proxy::start(ProxySpec::tls_ws(&[&file])).await.unwrap();
     let mut io = raw_websocket(
         proxy.ws_addr(),

@@ -166,3 +166,20 @@ async fn subprotocol_negotiation_prefers_binary() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn vnc_ipv6_compute_target_and_query_with_other_parameters() {
+    // websockify form `tok: [::1]:port`.
+    let s = vnc_behind_proxy(Sock::Tcp6, ProxySpec::tls_ws(&[]))
+        .await
+        .unwrap();
+    assert!(s.qemu.vnc.tcp().is_ipv6());
+    let req = WsRequest::path(format!(
+        "/websockify?autoconnect=1&token={}&resize=scale",
+        s.token
+    ))
+    .protocol("binary");
+    ws::rfb_over_ws(s.proxy.ws_addr(), &s.proxy.transport(), &req, Mode::Binary)
+        .await
+        .unwrap();
+}
