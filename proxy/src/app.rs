@@ -104,6 +104,7 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
     let ctx = Arc::new(Context {
         tokens: Arc::clone(&tokens),
         profiles: Arc::clone(&profiles),
+        spice: Arc::default(),
         tenant_tls: tenant_tls.clone(),
         allow_origins: cfg.allow_origins.clone(),
         connect_auth: cfg.connect_auth,

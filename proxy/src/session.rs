@@ -13,9 +13,10 @@ use tokio::sync::{Notify, watch};
 
 use tokio::io::AsyncRead;
 
-use crate::auth::{Admission, Grant, TokenStore};
+use crate::auth::{Admission, Grant, TokenId, TokenStore};
 use crate::config::ConnectAuth;
 use crate::console::security::{ProfileSet, SessionSecurity};
+use crate::console::spice::{self, SpiceError, SpiceSessions};
 use crate::console::vnc::{self, TenantRfbError, VncError};
 use crate::console::{self, ComputeIo, ComputeStream, ConsoleKind, DialError, Target};
 use crate::datapath::{Counters, End};
@@ -28,6 +29,7 @@ use crate::front::tls::TenantTls;
 pub struct Context {
     pub tokens: Arc<TokenStore>,
     pub profiles: Arc<ProfileSet>,
+    pub spice: Arc<SpiceSessions>,
     pub tenant_tls: Option<Arc<TenantTls>>,
     pub allow_origins: Vec<String>,
     pub connect_auth: ConnectAuth,
@@ -180,6 +182,8 @@ pub enum EstablishError {
     Vnc(#[from] VncError),
     #[error("{0}")]
     TenantRfb(#[from] TenantRfbError),
+    #[error("{0}")]
+    Spice(#[from] SpiceError),
     #[error("compute TLS handshake failed: {0}")]
     Tls(String),
     #[error("security handshake did not finish within {0:?}")]
@@ -191,6 +195,7 @@ impl EstablishError {
     pub fn kind(&self) -> &'static str {
         match self {
             EstablishError::Vnc(e) => e.kind(),
+            EstablishError::Spice(e) => e.kind(),
             EstablishError::TenantRfb(_) => "tenant_protocol",
             EstablishError::Tls(_) => "compute_tls",
             EstablishError::Timeout(_) => "handshake_timeout",
@@ -212,6 +217,7 @@ impl EstablishError {
     pub fn tenant_reason(&self) -> &'static str {
         match self {
             EstablishError::Vnc(e) => e.tenant_reason(),
+            EstablishError::Spice(e) => e.tenant_reason(),
             EstablishError::TenantRfb(_) => "invalid RFB handshake from the client",
             EstablishError::Tls(_) => "TLS to the console server failed",
             EstablishError::Timeout(_) => "console security handshake timed out",
@@ -227,19 +233,15 @@ impl EstablishError {
 pub async fn establish<T: AsyncRead + AsyncWrite + Unpin>(
     ctx: &Context,
     kind: ConsoleKind,
+    token: Option<TokenId>,
     security: &SessionSecurity,
     compute: ComputeStream,
     tenant: &mut T,
 ) -> Result<(ComputeIo, String), EstablishError> {
     let limit = ctx.handshake_timeout;
-    let within = |f| async move {
-        tokio::time::timeout(limit, f)
-            .await
-            .map_err(|_| EstablishError::Timeout(limit))
-    };
     match kind {
         ConsoleKind::Vnc => {
-            let negotiated = within(vnc::negotiate_compute(compute, security)).await?;
+            let negotiated = within(limit, vnc::negotiate_compute(compute, security)).await?;
             let (io, n) = match negotiated {
                 Ok(v) => v,
                 Err(e) => {
@@ -252,23 +254,35 @@ pub async fn establish<T: AsyncRead + AsyncWrite + Unpin>(
                     return Err(e.into());
                 }
             };
-            tokio::time::timeout(limit, vnc::serve_tenant(tenant))
-                .await
-                .map_err(|_| EstablishError::Timeout(limit))??;
+            within(limit, vnc::serve_tenant(tenant)).await??;
             Ok((io, format!("rfb {} {}", n.version, n.security)))
         }
-        ConsoleKind::Serial | ConsoleKind::Spice => match &security.tls {
+        ConsoleKind::Spice => {
+            let token = token.unwrap_or(TokenId::ANONYMOUS);
+            let link = spice::establish(tenant, compute, security, &ctx.spice, token);
+            Ok(within(limit, link).await??)
+        }
+        ConsoleKind::Serial => match &security.tls {
             Some((cfg, name)) => {
-                let tls = tokio::time::timeout(
+                let tls = within(
                     limit,
                     console::tls_connect(compute, Arc::clone(cfg), name.clone()),
                 )
-                .await
-                .map_err(|_| EstablishError::Timeout(limit))?
+                .await?
                 .map_err(EstablishError::Tls)?;
                 Ok((ComputeIo::Tls(Box::new(tls)), "tls".to_owned()))
             }
             None => Ok((ComputeIo::Plain(compute), "plain".to_owned())),
         },
     }
+}
+
+/// Runs a handshake step within the handshake timeout.
+async fn within<F: std::future::Future>(
+    limit: Duration,
+    f: F,
+) -> Result<F::Output, EstablishError> {
+    tokio::time::timeout(limit, f)
+        .await
+        .map_err(|_| EstablishError::Timeout(limit))
 }

@@ -57,6 +57,11 @@ impl fmt::Display for Token {
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct TokenId([u8; 4]);
 
+impl TokenId {
+    /// Stands for "no token" (an unauthenticated CONNECT to a known target).
+    pub const ANONYMOUS: TokenId = TokenId([0; 4]);
+}
+
 impl fmt::Display for TokenId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for b in self.0 {

@@ -251,7 +251,10 @@ impl FileConfig {
                 }
                 None => e.message().trim().to_owned(),
             };
-            ConfigError::Parse { path: path.to_owned(), message: message.replace('\n', " ") }
+            ConfigError::Parse {
+                path: path.to_owned(),
+                message: message.replace('\n', " "),
+            }
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
         let rel = |p: &mut PathBuf| {
@@ -522,7 +525,10 @@ mod tests {
         assert_eq!(fc.tls.cert, Some(PathBuf::from("/etc/cg/c.pem")));
         let e = FileConfig::parse("[websocket]\nbogus=1\n", Path::new("x")).unwrap_err();
         let msg = e.to_string();
-        assert!(msg.starts_with("config x: line 2, column 1: unknown field `bogus`"), "{msg}");
+        assert!(
+            msg.starts_with("config x: line 2, column 1: unknown field `bogus`"),
+            "{msg}"
+        );
         assert_eq!(msg.lines().count(), 1);
     }
 

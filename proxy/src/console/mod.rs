@@ -4,6 +4,7 @@
 //! SPICE link handling build on this module.
 
 pub mod security;
+pub mod spice;
 pub mod vnc;
 
 use std::fmt;

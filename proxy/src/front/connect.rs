@@ -98,20 +98,28 @@ pub async fn serve(mut tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
             prefix: rest,
             inner: tcp,
         };
-        let (mut compute, negotiated) =
-            match establish(&ctx, grant.kind, &security, compute, &mut tenant).await {
-                Ok(v) => v,
-                Err(e) => {
-                    tracing::warn!(
-                        reason = e.kind(),
-                        side = %e.side(),
-                        profile = security.profile.as_deref().unwrap_or("-"),
-                        error = %e,
-                        "console handshake failed"
-                    );
-                    return;
-                }
-            };
+        let (mut compute, negotiated) = match establish(
+            &ctx,
+            grant.kind,
+            admitted.token.as_ref().map(|a| a.token_id),
+            &security,
+            compute,
+            &mut tenant,
+        )
+        .await
+        {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(
+                    reason = e.kind(),
+                    side = %e.side(),
+                    profile = security.profile.as_deref().unwrap_or("-"),
+                    error = %e,
+                    "console handshake failed"
+                );
+                return;
+            }
+        };
         let counters = Counters::new();
         let Prefixed { prefix, inner: tcp } = tenant;
         if !prefix.is_empty() {

@@ -84,7 +84,7 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
         }
         let mut ws = WsStream::new(stream, rest, upgrade.mode);
         let (compute, negotiated) =
-            match establish(&ctx, grant.kind, &security, compute, &mut ws).await {
+            match establish(&ctx, grant.kind, Some(admission.token_id), &security, compute, &mut ws).await {
                 Ok(v) => v,
                 Err(e) => {
                     tracing::warn!(
