@@ -160,17 +160,20 @@ impl Proxy {
         Ok(p)
     }
 
-    /// Runs `consolegate <args> --ready-file <dir>/ready.json --log-format text`
-    /// and waits for the ready file.
+    /// Runs `consolegate <args> --ready-file <dir>/ready.json` (plus
+    /// `--log-format text` unless `args` choose a format) and waits for the
+    /// ready file.
     pub async fn start_args(dir: tempfile::TempDir, args: &[String]) -> anyhow::Result<Self> {
         let ready = dir.path().join("ready.json");
         let mut cmd = Command::new(binary()?);
         cmd.args(args)
             .arg("--ready-file")
             .arg(&ready)
-            .args(["--log-format", "text"])
             .current_dir(dir.path())
             .env_remove("RUST_LOG");
+        if !args.iter().any(|a| a == "--log-format") {
+            cmd.args(["--log-format", "text"]);
+        }
         let mut child = ChildGuard::spawn("consolegate", cmd)?;
         let addrs = crate::within("consolegate ready file", async {
             loop {

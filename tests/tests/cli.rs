@@ -199,3 +199,61 @@ fn plain_http_on_a_non_loopback_listener_exits_64() {
         "want a one-line reason, got:\n{err}"
     );
 }
+
+/// True if `v` holds `key` = `want` at any depth.
+fn has_field(v: &serde_json::Value, key: &str, want: &str) -> bool {
+    match v {
+        serde_json::Value::Object(m) => m
+            .iter()
+            .any(|(k, x)| (k == key && x.as_str() == Some(want)) || has_field(x, key, want)),
+        serde_json::Value::Array(a) => a.iter().any(|x| has_field(x, key, want)),
+        _ => false,
+    }
+}
+
+#[tokio::test]
+async fn json_logs_are_json_and_carry_the_refusal_reason() {
+    let tokens_dir = tempfile::tempdir().unwrap();
+    let tokens = tokens_dir.path().join("tokens");
+    let tok = consolegate_tests::random_token();
+    std::fs::write(&tokens, format!("{tok}: 127.0.0.1:1\n")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let args: Vec<String> = [
+        "serve",
+        "--ws-listen",
+        "127.0.0.1:0",
+        "--plain-http",
+        "--token-file",
+        tokens.to_str().unwrap(),
+        "--state-dir",
+        dir.path().join("state").to_str().unwrap(),
+        "--log-format",
+        "json",
+    ]
+    .map(String::from)
+    .to_vec();
+    let proxy = Proxy::start_args(dir, &args).await.unwrap();
+    let unknown = consolegate_tests::random_token();
+    let req = WsRequest::path(format!("/websockify?token={unknown}")).protocol("binary");
+    let status = ws::connect(proxy.ws_addr(), &Transport::Plain, &req)
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 403);
+    proxy.wait_log(&["session refused"]).await.unwrap();
+    let logs = proxy.logs();
+    let mut refusal = None;
+    for line in logs.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("log line is not JSON ({e}): {line}"));
+        if line.contains("session refused") {
+            refusal = Some(v);
+        }
+    }
+    let refusal = refusal.expect("a session refused line");
+    assert!(
+        has_field(&refusal, "reason", "token_unknown"),
+        "no reason=token_unknown in {refusal}"
+    );
+    proxy.assert_secrets_not_logged(&[&tok, &unknown]);
+}
