@@ -110,7 +110,11 @@ fn run_target(root: &Path, steps: &mut Steps, target: &str, seconds: u64) -> Res
         Ok(s) => Some(format!("{s}; log {}", log_path.display())),
         Err(err) => Some(format!("could not start cargo fuzz: {err}")),
     };
-    print_tail(&text, if failure.is_some() { 80 } else { 6 });
+    if failure.is_some() {
+        print_tail(&text, 80);
+    } else {
+        print_stats(&text);
+    }
     let note = runs(&text).map(|n| format!("{n} runs"));
     steps.record(&name, took, failure, note);
     Ok(())
@@ -132,6 +136,15 @@ fn nightly_cargo(root: &Path) -> Command {
 fn print_tail(text: &str, lines: usize) {
     let all: Vec<&str> = text.lines().collect();
     for line in &all[all.len().saturating_sub(lines)..] {
+        println!("  | {line}");
+    }
+}
+
+/// libFuzzer's coverage at start and end, and its closing line.
+fn print_stats(text: &str) {
+    let interesting =
+        |l: &&str| l.contains(" INITED ") || l.contains(" DONE ") || l.starts_with("Done ");
+    for line in text.lines().filter(interesting) {
         println!("  | {line}");
     }
 }
