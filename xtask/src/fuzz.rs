@@ -142,8 +142,10 @@ fn print_tail(text: &str, lines: usize) {
 
 /// libFuzzer's coverage at start and end, and its closing line.
 fn print_stats(text: &str) {
-    let interesting =
-        |l: &&str| l.contains(" INITED ") || l.contains(" DONE ") || l.starts_with("Done ");
+    let interesting = |l: &&str| {
+        let stat = l.starts_with('#') && (l.contains("\tINITED ") || l.contains("\tDONE "));
+        stat || l.starts_with("Done ")
+    };
     for line in text.lines().filter(interesting) {
         println!("  | {line}");
     }
