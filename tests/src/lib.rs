@@ -7,6 +7,7 @@
 //!   and a byte-stream adapter for the `binary` and `base64` subprotocols.
 //! * [`http`]: raw HTTP/1.1 and raw WebSocket frames for hostile inputs.
 //! * [`proxy`]: the real `consolegate` binary, its token files and logs.
+//! * [`spice`]: the SPICE link handshake (main channel).
 //! * [`fake`]: scripted peers, only for faults a real peer never produces.
 
 pub mod certs;
@@ -18,6 +19,7 @@ pub mod proxy;
 pub mod qemu;
 pub mod rfb;
 pub mod scenario;
+pub mod spice;
 pub mod ws;
 
 use std::future::Future;

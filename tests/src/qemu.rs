@@ -155,6 +155,8 @@ pub struct QemuOptions {
     /// The serial chardev always exists (it tells us the guest is up); this
     /// chooses whether it listens on loopback TCP or a UNIX socket.
     pub serial: Sock,
+    /// Also run a SPICE server (no ticketing) on loopback TCP.
+    pub spice: bool,
 }
 
 #[derive(Debug)]
@@ -162,6 +164,7 @@ pub struct Qemu {
     child: ChildGuard,
     pub vnc: Endpoint,
     pub serial: Endpoint,
+    pub spice: Option<SocketAddr>,
     dir: tempfile::TempDir,
 }
 
@@ -235,6 +238,12 @@ impl Qemu {
             }
         };
 
+        let spice = if opts.spice {
+            Some(SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?)))
+        } else {
+            None
+        };
+
         let mut cmd = Command::new("qemu-system-x86_64");
         cmd.args([
             "-accel",
@@ -250,11 +259,20 @@ impl Qemu {
         .args(["-chardev", &chardev, "-serial", "chardev:ser0"])
         .arg("-drive")
         .arg(format!("file={},format=raw,if=floppy", img.display()));
+        if let Some(a) = spice {
+            cmd.arg("-spice").arg(format!(
+                "port={},addr=127.0.0.1,disable-ticketing=on",
+                a.port()
+            ));
+        }
         let mut child = ChildGuard::spawn("qemu", cmd)?;
 
         let ready = async {
             wait_accepting(&vnc, &mut child).await?;
             wait_accepting(&serial, &mut child).await?;
+            if let Some(a) = spice {
+                wait_accepting(&Endpoint::Tcp(a), &mut child).await?;
+            }
             let mut s = serial.connect().await?;
             read_until(&mut s, SERIAL_BANNER).await?;
             anyhow::Ok(())
@@ -264,6 +282,7 @@ impl Qemu {
             child,
             vnc,
             serial,
+            spice,
             dir,
         })
     }

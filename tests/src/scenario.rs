@@ -29,6 +29,7 @@ pub async fn vnc_behind_proxy(vnc: Sock, mut spec: ProxySpec) -> anyhow::Result<
     let qemu = Qemu::start(QemuOptions {
         vnc,
         serial: Sock::Unix,
+        ..QemuOptions::default()
     })
     .await?;
     let dir = token_dir();

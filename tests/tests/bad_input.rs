@@ -44,6 +44,10 @@ async fn origin_same_origin_admitted_foreign_refused() {
         .await
         .unwrap();
 
+    // The opaque origin of sandboxed frames and file:// pages.
+    let null = WsRequest::path(&path).protocol("binary").origin("null");
+    assert_eq!(upgrade_status(a, &t, &null).await, 403);
+
     // Same port but another host name than the Host header: not same-origin.
     let other_host = WsRequest::path(&path)
         .protocol("binary")
@@ -422,6 +426,34 @@ async fn hostile_frames_get_close_codes_and_other_sessions_survive() {
             client_frame(0x1, b"!!not base64!!"),
             1007,
         ),
+        (
+            "ping payload over 125 bytes",
+            "binary",
+            client_frame(0x9, &[7u8; 200]),
+            1002,
+        ),
+        (
+            "fragmented ping",
+            "binary",
+            frame(false, 0, 0x9, Some([5, 6, 7, 8]), b"p"),
+            1002,
+        ),
+        (
+            "continuation without a start",
+            "binary",
+            client_frame(0x0, b"orphan"),
+            1002,
+        ),
+        (
+            "new message inside a fragmented one",
+            "binary",
+            {
+                let mut f = frame(false, 0, 2, Some([1, 1, 1, 1]), b"first");
+                f.extend(client_frame(2, b"second"));
+                f
+            },
+            1002,
+        ),
         ("payload over 1 MiB", "binary", too_big, 1009),
     ];
     let mut failures = Vec::new();
@@ -454,6 +486,7 @@ async fn unanswered_pings_close_with_1001_keepalive_timeout() {
     let qemu = Qemu::start(QemuOptions {
         vnc: Sock::Unix,
         serial: Sock::Tcp,
+        ..QemuOptions::default()
     })
     .await
     .unwrap();

@@ -89,6 +89,7 @@ async fn quick_start_dev_default_creates_state_and_dev_token_works() {
     let q = Qemu::start(QemuOptions {
         vnc: Sock::Tcp,
         serial: Sock::Unix,
+        ..QemuOptions::default()
     })
     .await
     .unwrap();

@@ -21,6 +21,7 @@ async fn rfb_client_against_qemu_vnc_over_unix_socket() {
     let qemu = Qemu::start(QemuOptions {
         vnc: Sock::Unix,
         serial: Sock::Unix,
+        ..QemuOptions::default()
     })
     .await
     .unwrap();
@@ -34,6 +35,7 @@ async fn guest_serial_banner_and_echo_over_tcp_chardev() {
     let qemu = Qemu::start(QemuOptions {
         vnc: Sock::Unix,
         serial: Sock::Tcp,
+        ..QemuOptions::default()
     })
     .await
     .unwrap();
@@ -57,6 +59,7 @@ async fn qemu_serves_concurrent_shared_vnc_clients() {
     let qemu = Qemu::start(QemuOptions {
         vnc: Sock::Tcp,
         serial: Sock::Unix,
+        ..QemuOptions::default()
     })
     .await
     .unwrap();
@@ -78,4 +81,26 @@ async fn qemu_serves_concurrent_shared_vnc_clients() {
     a.unwrap();
     b.unwrap();
     drop(idle);
+}
+
+#[tokio::test]
+async fn spice_link_handshake_against_qemu() {
+    let qemu = Qemu::start(QemuOptions {
+        vnc: Sock::Unix,
+        serial: Sock::Unix,
+        spice: true,
+    })
+    .await
+    .unwrap();
+    let mut io = consolegate_tests::net::tcp(qemu.spice.unwrap())
+        .await
+        .unwrap();
+    let reply = consolegate_tests::within(
+        "SPICE link",
+        consolegate_tests::spice::link_main_channel(&mut io),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(reply.error, 0, "{reply:?}");
 }

@@ -53,6 +53,7 @@ async fn qemu() -> Qemu {
     Qemu::start(QemuOptions {
         vnc: Sock::Tcp,
         serial: Sock::Tcp,
+        ..QemuOptions::default()
     })
     .await
     .unwrap()

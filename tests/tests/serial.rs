@@ -37,6 +37,7 @@ async fn serial_setup(serial: Sock) -> (Qemu, Proxy, String, tempfile::TempDir) 
     let qemu = Qemu::start(QemuOptions {
         vnc: Sock::Unix,
         serial,
+        ..QemuOptions::default()
     })
     .await
     .unwrap();

@@ -20,6 +20,7 @@ async fn serial_proxy(extra: &[&str]) -> (Qemu, Proxy, String, tempfile::TempDir
     let qemu = Qemu::start(QemuOptions {
         vnc: Sock::Unix,
         serial: Sock::Tcp,
+        ..QemuOptions::default()
     })
     .await
     .unwrap();
@@ -181,6 +182,7 @@ async fn token_directory_skips_dotfiles_and_picks_up_new_files() {
     let qemu = Qemu::start(QemuOptions {
         vnc: Sock::Tcp,
         serial: Sock::Unix,
+        ..QemuOptions::default()
     })
     .await
     .unwrap();

@@ -14,10 +14,23 @@ async fn vnc_tls_binary_token_in_query() {
         .await
         .unwrap();
     let req = WsRequest::path(format!("/websockify?token={}", s.token)).protocol("binary");
-    let (init, fb) = ws::rfb_over_ws(s.proxy.ws_addr(), &s.proxy.transport(), &req, Mode::Binary)
+    let (w, proto) = ws::connect(s.proxy.ws_addr(), &s.proxy.transport(), &req)
         .await
+        .unwrap()
+        .upgraded()
         .unwrap();
+    assert_eq!(proto.as_deref(), Some("binary"));
+    let mut b = ws::into_bytes(w, Mode::Binary);
+    let (init, fb) = rfb::check_session(&mut b.io).await.unwrap();
     assert_eq!((fb.width, fb.height), (init.width, init.height));
+    // The tenant closes (1000); the proxy answers with 1000.
+    drop(b.io);
+    let closed = consolegate_tests::within("close handshake", b.closed)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(closed.code, Some(1000), "{closed:?}");
     // The session ends (we closed) and is logged with byte counts, never
     // with the token secret.
     s.proxy.wait_log(&["session closed"]).await.unwrap();
