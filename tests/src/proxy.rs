@@ -258,6 +258,30 @@ impl Proxy {
         found.with_context(|| format!("no log line with {parts:?}; logs:\n{}", self.logs()))
     }
 
+    /// Waits (bounded) until at least `n` log lines contain every one of `parts`.
+    pub async fn wait_log_count(&self, parts: &[&str], n: usize) -> anyhow::Result<()> {
+        let found = crate::within_for(Duration::from_secs(30), "log lines", async {
+            loop {
+                let logs = self.logs();
+                let c = logs
+                    .lines()
+                    .filter(|l| parts.iter().all(|p| l.contains(p)))
+                    .count();
+                if c >= n {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        found.with_context(|| {
+            format!(
+                "fewer than {n} log lines with {parts:?}; logs:\n{}",
+                self.logs()
+            )
+        })
+    }
+
     /// Fails if any secret appears anywhere in the output so far.
     pub fn assert_secrets_not_logged(&self, secrets: &[&str]) {
         let logs = self.logs();

@@ -159,6 +159,11 @@ async fn token_missing_unknown_expired_not_yet_valid() {
         upgrade_status(a, &t, &req(format!("/websockify?token={future}"))).await,
         403
     );
+    // docs/config.md: not yet valid is refused "exactly like" expired.
+    proxy
+        .wait_log_count(&["session refused", "reason=token_expired"], 2)
+        .await
+        .unwrap();
     assert_eq!(
         echo.accepted(),
         0,

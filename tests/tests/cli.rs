@@ -69,6 +69,12 @@ async fn quick_start_dev_default_creates_state_and_dev_token_works() {
         state.join("tls/key.pem").is_file(),
         "no <state>/tls/key.pem"
     );
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(state.join("tls/key.pem"))
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(mode & 0o077, 0, "dev key readable by others: {mode:o}");
     assert!(!proxy.websocket.is_empty() && !proxy.connect.is_empty());
 
     let cert_pem = std::fs::read(&cert).unwrap();
@@ -257,4 +263,123 @@ async fn json_logs_are_json_and_carry_the_refusal_reason() {
         "no reason=token_unknown in {refusal}"
     );
     proxy.assert_secrets_not_logged(&[&tok, &unknown]);
+}
+
+/// `--config` with relative paths (relative to the file), validated by
+/// `check-config`, served, and overridden by flags.
+#[tokio::test]
+async fn config_file_is_checked_served_and_overridden_by_flags() {
+    let q = Qemu::start(QemuOptions {
+        vnc: Sock::Tcp,
+        serial: Sock::Unix,
+        ..QemuOptions::default()
+    })
+    .await
+    .unwrap();
+    let cfg_dir = tempfile::tempdir().unwrap();
+    let pki = consolegate_tests::certs::TestPki::generate(&cfg_dir.path().join("pki")).unwrap();
+    let tok = consolegate_tests::random_token();
+    std::fs::create_dir(cfg_dir.path().join("tokens.d")).unwrap();
+    std::fs::write(
+        cfg_dir.path().join("tokens.d/vm"),
+        format!("{tok}: {}\n", q.vnc.websockify_target()),
+    )
+    .unwrap();
+    let cfg = cfg_dir.path().join("consolegate.toml");
+    std::fs::write(
+        &cfg,
+        r#"
+state_dir = "state"
+
+[websocket]
+listen = ["127.0.0.1:0"]
+allow_origins = ["https://config.example"]
+
+[tls]
+cert = "pki/server.pem"
+key = "pki/server.key"
+
+[tokens]
+files = ["tokens.d"]
+"#,
+    )
+    .unwrap();
+    let (code, err) = run(&["check-config", "--config", cfg.to_str().unwrap()], None);
+    assert_eq!(code, Some(0), "check-config: {err}");
+
+    // Served from another working directory: paths resolve against the file.
+    let args: Vec<String> = [
+        "serve",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--ws-listen",
+        "[::1]:0",
+        "--allow-origin",
+        "https://flag.example",
+    ]
+    .map(String::from)
+    .to_vec();
+    let proxy = Proxy::start_args(tempfile::tempdir().unwrap(), &args)
+        .await
+        .unwrap();
+    assert!(
+        proxy.websocket.iter().all(|a| a.is_ipv6()),
+        "--ws-listen should replace the file's listen list: {:?}",
+        proxy.websocket
+    );
+    let tls = Transport::Tls(pki.client_config().unwrap());
+    let path = format!("/websockify?token={tok}");
+    let ok = WsRequest::path(&path)
+        .protocol("binary")
+        .origin("https://flag.example");
+    ws::rfb_over_ws(proxy.ws_addr(), &tls, &ok, Mode::Binary)
+        .await
+        .unwrap();
+    let from_file = WsRequest::path(&path)
+        .protocol("binary")
+        .origin("https://config.example");
+    let status = ws::connect(proxy.ws_addr(), &tls, &from_file)
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 403, "--allow-origin should replace the file's list");
+    proxy.assert_secrets_not_logged(&[&tok]);
+}
+
+#[test]
+fn unknown_config_keys_and_duplicate_tokens_are_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(
+        &cfg,
+        "[websocket]\nlisten = [\"127.0.0.1:0\"]\nlisten_typo = 1\n",
+    )
+    .unwrap();
+    let (code, err) = run(&["check-config", "--config", cfg.to_str().unwrap()], None);
+    assert_eq!(code, Some(64), "unknown key accepted: {err}");
+
+    let tokens = dir.path().join("dup");
+    std::fs::write(&tokens, "same: 127.0.0.1:5900\nsame: 127.0.0.1:5901\n").unwrap();
+    std::fs::write(
+        &cfg,
+        format!(
+            "[websocket]\nlisten = [\"127.0.0.1:0\"]\nplain_http = true\n[tokens]\nfiles = [{:?}]\n",
+            tokens.display().to_string()
+        ),
+    )
+    .unwrap();
+    // check-config validates the file itself; the token files are read
+    // when serving, and a token defined twice stops the start.
+    let (code, err) = run(
+        &[
+            "serve",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--state-dir",
+            dir.path().join("state").to_str().unwrap(),
+        ],
+        Some(&dir.path().join("ready.json")),
+    );
+    assert_eq!(code, Some(64), "duplicate token accepted: {err}");
+    assert!(!err.contains("same:"), "token secret in the error: {err}");
 }
