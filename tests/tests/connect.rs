@@ -223,3 +223,28 @@ async fn connect_slow_head_gets_408() {
         .unwrap();
     assert_eq!(echo.accepted(), 0);
 }
+
+#[tokio::test]
+async fn connect_dial_timeout_is_504() {
+    let hole = consolegate_tests::fake::Blackhole::new().unwrap();
+    hole.verify().unwrap();
+    let dir = token_dir();
+    let tok = random_token();
+    let file = dir.path().join("tokens");
+    write_websockify_tokens(&file, &[(&tok, authority(hole.addr))]).unwrap();
+    let mut spec = ProxySpec::connect(&[&file]);
+    spec.connect_timeout = Some("1s".into());
+    let proxy = Proxy::start(spec).await.unwrap();
+    let o = connect_tunnel(
+        proxy.connect_addr(),
+        &authority(hole.addr),
+        Some(&bearer(&tok)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(o.status(), 504);
+    proxy
+        .wait_log(&["session refused", "reason=compute_timeout"])
+        .await
+        .unwrap();
+}
