@@ -46,7 +46,39 @@ fn locate() -> anyhow::Result<PathBuf> {
         anyhow::ensure!(st.success(), "cargo build -p consolegate failed");
     }
     anyhow::ensure!(bin.exists(), "{} not found", bin.display());
+    warn_if_stale(
+        &bin,
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("../proxy"),
+    );
     Ok(bin)
+}
+
+/// `cargo test -p consolegate-tests` does not rebuild the binary: say so
+/// loudly when a proxy source file is newer than it.
+fn warn_if_stale(bin: &Path, src: &Path) {
+    fn newest(dir: &Path) -> Option<std::time::SystemTime> {
+        let mut best = None;
+        for e in std::fs::read_dir(dir).ok()?.flatten() {
+            let p = e.path();
+            let t = if p.is_dir() {
+                newest(&p)
+            } else {
+                e.metadata().ok()?.modified().ok()
+            };
+            best = best.max(t);
+        }
+        best
+    }
+    let built = std::fs::metadata(bin).and_then(|m| m.modified()).ok();
+    if let (Some(built), Some(src_time)) = (built, newest(src))
+        && src_time > built
+    {
+        eprintln!(
+            "WARNING: {} is older than the proxy sources; run `cargo build -p consolegate` \
+             (or set CONSOLEGATE_BIN) to test the current code",
+            bin.display()
+        );
+    }
 }
 
 /// What to pass to `consolegate serve`. Empty listener lists mean the flag
