@@ -15,6 +15,8 @@ pub struct ServerInit {
     pub height: u16,
     pub pixel_format: [u8; 16],
     pub name: String,
+    /// The security types the server offered (3.7/3.8), or the one it chose (3.3).
+    pub security_types: Vec<u8>,
 }
 
 /// What one full framebuffer update looked like.
@@ -35,6 +37,16 @@ pub const PIXEL_FORMAT_32: [u8; 16] = [32, 24, 0, 1, 0, 255, 0, 255, 0, 255, 16,
 
 /// RFB 3.8 handshake up to and including ServerInit.
 pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> anyhow::Result<ServerInit> {
+    handshake_as(s, 8).await
+}
+
+/// Handshake as an RFB 3.`minor` client (3, 7 or 8), security None, up to
+/// and including ServerInit.
+pub async fn handshake_as<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    minor: u32,
+) -> anyhow::Result<ServerInit> {
+    ensure!([3, 7, 8].contains(&minor), "RFB 3.{minor} is not a version");
     let mut version = [0u8; 12];
     s.read_exact(&mut version)
         .await
@@ -44,25 +56,43 @@ pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> anyhow::
         "not an RFB server: {:?}",
         String::from_utf8_lossy(&version)
     );
-    let minor: u32 = std::str::from_utf8(&version[8..11])?.parse()?;
-    ensure!(minor >= 8, "server speaks RFB 3.{minor}, want 3.8");
-    s.write_all(b"RFB 003.008\n").await?;
-
-    let n = s.read_u8().await.context("reading security types")?;
-    if n == 0 {
-        bail!("server refused: {}", read_reason(s).await?);
-    }
-    let mut types = vec![0u8; usize::from(n)];
-    s.read_exact(&mut types).await?;
+    let server_minor: u32 = std::str::from_utf8(&version[8..11])?.parse()?;
     ensure!(
-        types.contains(&1),
-        "security type None not offered: {types:?}"
+        server_minor >= 8,
+        "server speaks RFB 3.{server_minor}, want 3.8"
     );
-    s.write_all(&[1]).await?;
-    let result = s.read_u32().await.context("reading SecurityResult")?;
-    if result != 0 {
-        bail!("security handshake failed: {}", read_reason(s).await?);
-    }
+    s.write_all(format!("RFB 003.{minor:03}\n").as_bytes())
+        .await?;
+
+    let security_types = if minor == 3 {
+        // 3.3: the server decides and sends one u32 type.
+        let t = s.read_u32().await.context("reading 3.3 security type")?;
+        if t == 0 {
+            bail!("server refused: {}", read_reason(s).await?);
+        }
+        ensure!(t == 1, "3.3 security type {t}, expected None (1)");
+        vec![1]
+    } else {
+        let n = s.read_u8().await.context("reading security types")?;
+        if n == 0 {
+            bail!("server refused: {}", read_reason(s).await?);
+        }
+        let mut types = vec![0u8; usize::from(n)];
+        s.read_exact(&mut types).await?;
+        ensure!(
+            types.contains(&1),
+            "security type None not offered: {types:?}"
+        );
+        s.write_all(&[1]).await?;
+        // 3.7 sends no SecurityResult for None; 3.8 always does.
+        if minor == 8 {
+            let result = s.read_u32().await.context("reading SecurityResult")?;
+            if result != 0 {
+                bail!("security handshake failed: {}", read_reason(s).await?);
+            }
+        }
+        types
+    };
 
     s.write_all(&[1]).await?; // ClientInit, shared
     let width = s.read_u16().await.context("reading ServerInit")?;
@@ -79,6 +109,7 @@ pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> anyhow::
         height,
         pixel_format,
         name: String::from_utf8_lossy(&name).into_owned(),
+        security_types,
     })
 }
 

@@ -104,3 +104,17 @@ async fn spice_link_handshake_against_qemu() {
     .unwrap();
     assert_eq!(reply.error, 0, "{reply:?}");
 }
+
+/// The 3.3 and 3.7 handshake forms, against QEMU itself.
+#[tokio::test]
+async fn rfb_client_old_versions_against_qemu() {
+    let qemu = Qemu::start(QemuOptions::default()).await.unwrap();
+    for minor in [3, 7] {
+        let mut io = qemu.vnc.connect().await.unwrap();
+        let init = consolegate_tests::within("handshake", rfb::handshake_as(&mut io, minor))
+            .await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("RFB 3.{minor}: {e:#}"));
+        rfb::full_update(&mut io, &init).await.unwrap();
+    }
+}

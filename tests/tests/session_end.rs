@@ -70,7 +70,7 @@ async fn compute_side_exit_closes_with_1000() {
 }
 
 #[tokio::test]
-async fn compute_side_reset_closes_with_1014() {
+async fn compute_side_reset_closes_with_compute_error_code() {
     let fake = ResetAfterRead::start().await.unwrap();
     let dir = token_dir();
     let tok = random_token();
@@ -92,7 +92,11 @@ async fn compute_side_reset_closes_with_1014() {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(code, Some(1014), "reason {reason:?}");
+    assert_eq!(
+        code,
+        Some(consolegate_tests::CLOSE_COMPUTE_ERROR),
+        "reason {reason:?}"
+    );
 }
 
 #[tokio::test]
@@ -222,4 +226,52 @@ async fn token_directory_skips_dotfiles_and_picks_up_new_files() {
     .unwrap();
     let mut b = ws::into_bytes(w, Mode::Binary);
     rfb::check_session(&mut b.io).await.unwrap();
+}
+
+/// A VNC tenant that upgrades but never answers the RFB handshake is closed
+/// when --handshake-timeout expires, and is not pinged before that.
+#[tokio::test]
+async fn vnc_tenant_stuck_in_rfb_handshake_is_closed_at_handshake_timeout() {
+    let mut spec = ProxySpec::tls_ws(&[]);
+    spec.handshake_timeout = Some("2s".into());
+    spec.extra = vec!["--ping-interval".into(), "1s".into()];
+    let s = consolegate_tests::scenario::vnc_behind_proxy(Sock::Tcp, spec)
+        .await
+        .unwrap();
+    let mut io = raw_websocket(
+        s.proxy.ws_addr(),
+        &s.proxy.transport(),
+        &format!("/websockify?token={}", s.token),
+        &["Sec-WebSocket-Protocol: binary"],
+    )
+    .await
+    .unwrap();
+    let mut pings = 0;
+    let mut data = Vec::new();
+    let (code, reason) = within("close of a stuck RFB handshake", async {
+        loop {
+            let f = http::read_frame(&mut io).await?;
+            match f.opcode {
+                9 => pings += 1,
+                2 | 0 => data.extend_from_slice(&f.payload),
+                8 => {
+                    let code = (f.payload.len() >= 2)
+                        .then(|| u16::from_be_bytes([f.payload[0], f.payload[1]]));
+                    let reason = String::from_utf8_lossy(&f.payload[2.min(f.payload.len())..]);
+                    return anyhow::Ok((code, reason.into_owned()));
+                }
+                _ => {}
+            }
+        }
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(data.starts_with(b"RFB 003.008\n"), "tenant got {data:?}");
+    assert_eq!(pings, 0, "pinged during the console handshake");
+    assert_eq!(
+        code,
+        Some(consolegate_tests::CLOSE_COMPUTE_ERROR),
+        "reason {reason:?}"
+    );
 }

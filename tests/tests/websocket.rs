@@ -196,3 +196,31 @@ async fn vnc_ipv6_compute_target_and_query_with_other_parameters() {
         .await
         .unwrap();
 }
+
+/// The proxy terminates the RFB security phase: every tenant sees exactly
+/// one security type (None), and 3.3 / 3.7 tenants get their version's form.
+#[tokio::test]
+async fn tenant_sees_security_none_only_in_every_rfb_version() {
+    let s = vnc_behind_proxy(Sock::Tcp, ProxySpec::tls_ws(&[]))
+        .await
+        .unwrap();
+    let req = WsRequest::path(format!("/websockify?token={}", s.token)).protocol("binary");
+    for minor in [8, 7, 3] {
+        let (w, _) = ws::connect(s.proxy.ws_addr(), &s.proxy.transport(), &req)
+            .await
+            .unwrap()
+            .upgraded()
+            .unwrap();
+        let mut b = ws::into_bytes(w, Mode::Binary);
+        let init = consolegate_tests::within("RFB handshake", rfb::handshake_as(&mut b.io, minor))
+            .await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("RFB 3.{minor}: {e:#}"));
+        assert_eq!(init.security_types, vec![1], "RFB 3.{minor}");
+        let fb = consolegate_tests::within("full update", rfb::full_update(&mut b.io, &init))
+            .await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("RFB 3.{minor}: {e:#}"));
+        assert_eq!((fb.width, fb.height), (init.width, init.height));
+    }
+}
