@@ -116,7 +116,7 @@ where
         if let Err(e) = cw.write_all(&pending).await {
             let _ = ctl
                 .send(Control::Close(
-                    close_code::BAD_GATEWAY,
+                    close_code::COMPUTE_ERROR,
                     "console write failed",
                 ))
                 .await;
@@ -157,7 +157,7 @@ where
                 if let Err(e) = cw.write_all(&data).await {
                     let _ = ctl
                         .send(Control::Close(
-                            close_code::BAD_GATEWAY,
+                            close_code::COMPUTE_ERROR,
                             "console write failed",
                         ))
                         .await;
@@ -273,7 +273,7 @@ where
                     counters.add_down(n);
                 }
                 Err(e) => {
-                    send_close(&mut tw, close_code::BAD_GATEWAY, "console connection failed").await;
+                    send_close(&mut tw, close_code::COMPUTE_ERROR, "console connection failed").await;
                     return End::ComputeIo(e.to_string());
                 }
             },

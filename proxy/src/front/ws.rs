@@ -94,7 +94,7 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
                         error = %e,
                         "console handshake failed"
                     );
-                    ws.queue_close(close_code::BAD_GATEWAY, e.tenant_reason());
+                    ws.queue_close(close_code::COMPUTE_ERROR, e.tenant_reason());
                     let _ = tokio::time::timeout(CLOSE_GRACE, ws.flush()).await;
                     return;
                 }

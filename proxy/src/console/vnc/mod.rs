@@ -266,22 +266,34 @@ async fn vencrypt_flow(
     }
     let st = rfb::choose_subtype(&subtypes, caps)?;
     write(&mut s, &st.to_be_bytes(), "VeNCrypt subtype choice").await?;
-    if read_u8(&mut s, "VeNCrypt subtype ack").await? != 1 {
-        return Err(VncError::SubtypeRejected(rfb::vencrypt_name(st)));
+    let ack = read_u8(&mut s, "VeNCrypt subtype ack").await?;
+    if ack != 1 {
+        return Err(VncError::SubtypeRejected(format!(
+            "{} (answer {ack})",
+            rfb::vencrypt_name(st)
+        )));
     }
     let (cfg, name) = security
         .tls
         .clone()
         .ok_or(VncError::MissingCredential("a compute TLS profile"))?;
-    let mut tls = super::tls_connect(s, cfg, name)
-        .await
-        .map_err(VncError::Tls)?;
+    let mut tls = super::tls_connect(s, cfg, name).await.map_err(|e| {
+        if rfb::subtype_is_anonymous_label(st) {
+            VncError::Tls(format!(
+                "{e} (the server offered {}: if it uses anonymous TLS credentials \
+                 (tls-creds-anon), give it tls-creds-x509 instead)",
+                rfb::vencrypt_name(st)
+            ))
+        } else {
+            VncError::Tls(e)
+        }
+    })?;
     let mut label = format!("VeNCrypt/{}", rfb::vencrypt_name(st));
     match st {
-        vencrypt::X509_NONE => {}
-        vencrypt::X509_VNC => vnc_auth(&mut tls, security).await?,
-        vencrypt::X509_PLAIN => plain_auth(&mut tls, security).await?,
-        vencrypt::X509_SASL => {
+        vencrypt::X509_NONE | vencrypt::TLS_NONE => {}
+        vencrypt::X509_VNC | vencrypt::TLS_VNC => vnc_auth(&mut tls, security).await?,
+        vencrypt::X509_PLAIN | vencrypt::TLS_PLAIN => plain_auth(&mut tls, security).await?,
+        vencrypt::X509_SASL | vencrypt::TLS_SASL => {
             let mech = sasl::authenticate(&mut tls, security).await?;
             label = format!("{label} ({mech})");
         }

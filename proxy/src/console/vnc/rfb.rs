@@ -30,8 +30,12 @@ pub mod vencrypt {
     pub const X509_NONE: u32 = 260;
     pub const X509_VNC: u32 = 261;
     pub const X509_PLAIN: u32 = 262;
-    pub const TLS_SASL: u32 = 263;
-    pub const X509_SASL: u32 = 264;
+    /// QEMU, gtk-vnc and libvncclient number the SASL subtypes 263 =
+    /// X509SASL and 264 = TLSSASL; rfbproto's table lists them the other way
+    /// round. consolegate talks to QEMU, so it follows QEMU. Either way the
+    /// proxy verifies the server certificate.
+    pub const X509_SASL: u32 = 263;
+    pub const TLS_SASL: u32 = 264;
 }
 
 /// RFB protocol versions the proxy speaks.
@@ -226,23 +230,29 @@ pub fn choose_security(offered: &[u8], caps: Capabilities) -> Result<u8, NoChoic
     })
 }
 
-/// Chooses the strongest VeNCrypt subtype we can complete. Anonymous-TLS
-/// subtypes (TLS*) are refused: rustls (rightly) has no anonymous cipher
-/// suites, and they would not authenticate the compute host anyway.
+/// Chooses the strongest VeNCrypt subtype we can complete.
+///
+/// Every subtype but Plain runs TLS, and the proxy always verifies the
+/// server certificate against the profile's CA: the X509/TLS prefix is only
+/// the server's label (QEMU 7.2 says TLSSASL for x509 credentials). A server
+/// with anonymous credentials (`tls-creds-anon`) fails the TLS handshake,
+/// since rustls has no anonymous cipher suites. Plain (no TLS) is refused.
 pub fn choose_subtype(offered: &[u32], caps: Capabilities) -> Result<u32, NoChoice> {
     use vencrypt::*;
     let has = |t| offered.contains(&t);
-    let order: [(u32, bool); 3] = [
+    let order: [(u32, bool); 8] = [
         (X509_SASL, caps.user_password),
+        (TLS_SASL, caps.user_password),
         (X509_PLAIN, caps.user_password),
+        (TLS_PLAIN, caps.user_password),
         (X509_VNC, caps.vnc_password),
+        (TLS_VNC, caps.vnc_password),
+        (X509_NONE, true),
+        (TLS_NONE, true),
     ];
     if caps.tls {
         if let Some((t, _)) = order.iter().find(|(t, ok)| *ok && has(*t)) {
             return Ok(*t);
-        }
-        if has(X509_NONE) {
-            return Ok(X509_NONE);
         }
     }
     let offered_names = offered
@@ -250,15 +260,14 @@ pub fn choose_subtype(offered: &[u32], caps: Capabilities) -> Result<u32, NoChoi
         .map(|t| vencrypt_name(*t))
         .collect::<Vec<_>>()
         .join(", ");
-    let why = if offered
-        .iter()
-        .all(|t| matches!(*t, TLS_NONE | TLS_VNC | TLS_PLAIN | TLS_SASL | PLAIN))
-    {
-        "anonymous TLS and plaintext subtypes are not supported: give QEMU tls-creds-x509"
-    } else if has(X509_VNC) && !caps.vnc_password {
-        "X509Vnc needs a VNC password in the token or profile"
-    } else if (has(X509_SASL) || has(X509_PLAIN)) && !caps.user_password {
-        "X509SASL/X509Plain need sasl_username and a password"
+    let why = if !caps.tls {
+        "VeNCrypt needs a compute profile with a CA"
+    } else if has(X509_VNC) || has(TLS_VNC) {
+        "X509Vnc/TLSVnc need a VNC password in the token or profile"
+    } else if has(X509_SASL) || has(TLS_SASL) || has(X509_PLAIN) || has(TLS_PLAIN) {
+        "SASL and Plain subtypes need sasl_username and a password"
+    } else if has(PLAIN) {
+        "Plain sends the password without TLS and is refused"
     } else {
         "none of them is supported"
     };
@@ -268,9 +277,12 @@ pub fn choose_subtype(offered: &[u32], caps: Capabilities) -> Result<u32, NoChoi
     })
 }
 
-/// Whether a VeNCrypt subtype runs TLS first.
-pub fn subtype_uses_tls(t: u32) -> bool {
-    t != vencrypt::PLAIN
+/// Whether the subtype's name says anonymous TLS (TLS* rather than X509*).
+pub fn subtype_is_anonymous_label(t: u32) -> bool {
+    matches!(
+        t,
+        vencrypt::TLS_NONE | vencrypt::TLS_VNC | vencrypt::TLS_PLAIN | vencrypt::TLS_SASL
+    )
 }
 
 /// VNC Authentication: DES-encrypts the 16-byte challenge with the
@@ -387,9 +399,16 @@ mod tests {
         };
         assert_eq!(choose_subtype(&[X509_NONE, X509_VNC], some), Ok(X509_NONE));
         let e = choose_subtype(&[X509_VNC], some).unwrap_err().to_string();
-        assert!(e.contains("X509Vnc needs a VNC password"), "{e}");
-        let e = choose_subtype(&[TLS_NONE], all).unwrap_err().to_string();
-        assert!(e.contains("anonymous TLS"), "{e}");
+        assert!(e.contains("need a VNC password"), "{e}");
+        // QEMU 7.2 labels x509 SASL as TLSSASL: accepted (the certificate is verified).
+        assert_eq!(choose_subtype(&[TLS_SASL], all), Ok(TLS_SASL));
+        assert_eq!(choose_subtype(&[TLS_NONE, X509_NONE], all), Ok(X509_NONE));
+        let e = choose_subtype(&[PLAIN], all).unwrap_err().to_string();
+        assert!(e.contains("without TLS"), "{e}");
+        let e = choose_subtype(&[X509_NONE], Capabilities::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("needs a compute profile"), "{e}");
     }
 
     #[test]

@@ -94,7 +94,10 @@ pub mod close_code {
     pub const POLICY_VIOLATION: u16 = 1008;
     pub const TOO_BIG: u16 = 1009;
     pub const INTERNAL_ERROR: u16 = 1011;
-    pub const BAD_GATEWAY: u16 = 1014;
+    /// Compute-side failures. (IANA's 1014 "Bad Gateway" would fit better,
+    /// but common WebSocket clients, e.g. tungstenite, treat it as a
+    /// protocol error, so the tenant would lose the reason.)
+    pub const COMPUTE_ERROR: u16 = 1011;
 }
 
 /// Incremental frame decoder for frames sent by a tenant (client).
