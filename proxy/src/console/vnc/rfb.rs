@@ -250,10 +250,10 @@ pub fn choose_subtype(offered: &[u32], caps: Capabilities) -> Result<u32, NoChoi
         (X509_NONE, true),
         (TLS_NONE, true),
     ];
-    if caps.tls {
-        if let Some((t, _)) = order.iter().find(|(t, ok)| *ok && has(*t)) {
-            return Ok(*t);
-        }
+    if caps.tls
+        && let Some((t, _)) = order.iter().find(|(t, ok)| *ok && has(*t))
+    {
+        return Ok(*t);
     }
     let offered_names = offered
         .iter()
