@@ -564,3 +564,56 @@ async fn quiet_vnc_session_hits_idle_timeout_1001() {
         .unwrap();
     assert_eq!(closed.code, Some(1001), "{closed:?}");
 }
+
+/// The 1 MiB payload limit is inclusive: a 1 MiB frame is relayed whole,
+/// one byte more is 1009. (Scripted echo compute side: a serial guest
+/// echoes far too slowly for a megabyte.)
+#[tokio::test]
+async fn one_mib_frame_passes_one_more_byte_is_1009() {
+    let echo = consolegate_tests::fake::EchoServer::start().await.unwrap();
+    let dir = token_dir();
+    let tok = random_token();
+    let file = dir.path().join("raw.toml");
+    write_toml_tokens(&file, &[raw_token(&tok, echo.addr)]).unwrap();
+    let proxy = Proxy::start(ProxySpec::tls_ws(&[&file])).await.unwrap();
+    let (a, t) = (proxy.ws_addr(), proxy.transport());
+    let path = format!("/websockify?token={tok}");
+
+    let payload: Vec<u8> = (0..1usize << 20).map(|i| (i % 251) as u8).collect();
+    let mut io = raw_websocket(a, &t, &path, &["Sec-WebSocket-Protocol: binary"])
+        .await
+        .unwrap();
+    let (mut rd, mut wr) = tokio::io::split(&mut io);
+    let send = async {
+        wr.write_all(&client_frame(2, &payload)).await?;
+        wr.flush().await?;
+        anyhow::Ok(())
+    };
+    let recv = async {
+        let mut back = Vec::new();
+        while back.len() < payload.len() {
+            let f = http::read_frame(&mut rd).await?;
+            anyhow::ensure!(
+                f.opcode != 8,
+                "closed: {:?}",
+                String::from_utf8_lossy(&f.payload)
+            );
+            if f.opcode == 2 || f.opcode == 0 {
+                back.extend_from_slice(&f.payload);
+            }
+        }
+        anyhow::Ok(back)
+    };
+    let (sent, back) = within("1 MiB echo", async { tokio::join!(send, recv) })
+        .await
+        .unwrap();
+    sent.unwrap();
+    assert!(back.unwrap() == payload, "1 MiB payload not echoed intact");
+
+    let mut over = payload;
+    over.push(0);
+    let (code, reason) = hostile_case(a, &t, &path, "binary", client_frame(2, &over))
+        .await
+        .unwrap();
+    assert_eq!(code, Some(1009), "reason {reason:?}");
+}

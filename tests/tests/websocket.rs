@@ -33,7 +33,11 @@ async fn vnc_tls_binary_token_in_query() {
     assert_eq!(closed.code, Some(1000), "{closed:?}");
     // The session ends (we closed) and is logged with byte counts, never
     // with the token secret.
-    s.proxy.wait_log(&["session closed"]).await.unwrap();
+    let line = s.proxy.wait_log(&["session closed"]).await.unwrap();
+    assert!(
+        line.contains("bytes") && line.contains("duration"),
+        "session closed without byte counts or duration: {line}"
+    );
     s.proxy.assert_secrets_not_logged(&[&s.token]);
 }
 
