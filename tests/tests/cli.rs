@@ -383,3 +383,61 @@ fn unknown_config_keys_and_duplicate_tokens_are_rejected() {
     assert_eq!(code, Some(64), "duplicate token accepted: {err}");
     assert!(!err.contains("same:"), "token secret in the error: {err}");
 }
+
+/// Bad configurations found at start-up: exit 64, and the last stderr line
+/// names what is wrong.
+#[test]
+fn startup_configuration_errors_exit_64() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, "t: 127.0.0.1:5900\n").unwrap();
+    let missing = dir.path().join("missing");
+    let state = dir.path().join("state");
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec![
+                "--token-file".into(),
+                missing.join("tokens").display().to_string(),
+            ],
+            "missing",
+        ),
+        (
+            vec![
+                "--token-file".into(),
+                tokens.display().to_string(),
+                "--tls-cert".into(),
+                missing.join("cert.pem").display().to_string(),
+                "--tls-key".into(),
+                missing.join("key.pem").display().to_string(),
+            ],
+            "cert.pem",
+        ),
+        (
+            vec![
+                "--token-file".into(),
+                tokens.display().to_string(),
+                "--handshake-timeout".into(),
+                "soon".into(),
+            ],
+            "soon",
+        ),
+    ];
+    for (extra, mentions) in cases {
+        let mut args = vec![
+            "serve".to_owned(),
+            "--ws-listen".into(),
+            "127.0.0.1:0".into(),
+            "--state-dir".into(),
+            state.display().to_string(),
+        ];
+        args.extend(extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, err) = run(&args, Some(&dir.path().join("ready.json")));
+        assert_eq!(code, Some(64), "{args:?}: {err}");
+        let last = err.trim().lines().last().unwrap_or_default();
+        assert!(
+            last.contains(mentions),
+            "{args:?}: last line {last:?} does not say what is wrong"
+        );
+    }
+}
