@@ -27,7 +27,7 @@ use std::time::Duration;
 
 /// The WebSocket close code docs/contract.md gives for compute-side errors
 /// (and for a tenant that never completes the console handshake).
-pub const CLOSE_COMPUTE_ERROR: u16 = 1014;
+pub const CLOSE_COMPUTE_ERROR: u16 = 1011;
 
 /// Upper bound for any single step, so a broken proxy fails a test instead
 /// of hanging it. Never used as a performance assertion.
