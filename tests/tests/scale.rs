@@ -95,3 +95,66 @@ async fn two_hundred_concurrent_sessions_echo_their_own_payload() {
     assert_eq!(echo.accepted(), SESSIONS);
     proxy.assert_secrets_not_logged(&[&tok]);
 }
+
+/// 100 concurrent CONNECT tunnels, each sending its payload, half-closing,
+/// and reading exactly its payload back before EOF.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundred_concurrent_connect_tunnels_with_half_close() {
+    const TUNNELS: usize = 100;
+    let echo = EchoServer::start().await.unwrap();
+    let dir = token_dir();
+    let tok = random_token();
+    let file = dir.path().join("tokens.toml");
+    write_toml_tokens(&file, &[raw_token(&tok, echo.addr)]).unwrap();
+    let proxy = Proxy::start(ProxySpec::connect(&[&file])).await.unwrap();
+    let p = proxy.connect_addr();
+    let target = consolegate_tests::net::authority(echo.addr);
+    let all_open = Arc::new(tokio::sync::Barrier::new(TUNNELS));
+    let mut tasks = Vec::new();
+    for i in 0..TUNNELS {
+        let (tok, target, all_open) = (tok.clone(), target.clone(), Arc::clone(&all_open));
+        tasks.push(tokio::spawn(async move {
+            let opened = async {
+                consolegate_tests::http::connect_tunnel(
+                    p,
+                    &target,
+                    Some(&consolegate_tests::http::bearer(&tok)),
+                )
+                .await?
+                .tunnel()
+            }
+            .await;
+            all_open.wait().await;
+            let mut io = opened?;
+            let payload: Vec<u8> = (0..PAYLOAD).map(|j| (i * 7 + j) as u8).collect();
+            io.write_all(&payload).await?;
+            io.shutdown().await?;
+            let back = consolegate_tests::http::read_to_close(&mut io).await;
+            anyhow::ensure!(back == payload, "tunnel {i}: got {} bytes back", back.len());
+            anyhow::Ok(())
+        }));
+    }
+    let results = within_for(
+        Duration::from_secs(180),
+        "100 tunnels",
+        futures_util::future::join_all(tasks),
+    )
+    .await
+    .unwrap();
+    let failures: Vec<String> = results
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, r)| match r {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(format!("tunnel {i}: {e:#}")),
+            Err(e) => Some(format!("tunnel {i}: task {e}")),
+        })
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "{} failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    assert_eq!(echo.accepted(), TUNNELS);
+}
