@@ -124,7 +124,13 @@ async fn vnc_over_ipv6_listener() {
         .find(|a| a.is_ipv6())
         .unwrap_or_else(|| panic!("no IPv6 address in the ready file: {:?}", s.proxy.websocket));
     assert!(s.proxy.websocket.iter().any(|a| a.is_ipv4()));
-    let req = WsRequest::path(format!("/websockify?token={}", s.token)).protocol("binary");
+    // Same-origin over IPv6: Origin https://[::1]:port, Host [::1]:port.
+    let req = WsRequest::path(format!("/websockify?token={}", s.token))
+        .protocol("binary")
+        .origin(&format!(
+            "https://{}",
+            consolegate_tests::net::authority(v6)
+        ));
     ws::rfb_over_ws(v6, &s.proxy.transport(), &req, Mode::Binary)
         .await
         .unwrap();
@@ -226,5 +232,73 @@ async fn tenant_sees_security_none_only_in_every_rfb_version() {
             .unwrap()
             .unwrap_or_else(|e| panic!("RFB 3.{minor}: {e:#}"));
         assert_eq!((fb.width, fb.height), (init.width, init.height));
+    }
+}
+
+/// Heads as real browsers write them: Firefox's `Connection: keep-alive,
+/// Upgrade`, lower-case header names, mixed-case `WebSocket`; the compute
+/// side's RFB greeting then arrives as a binary frame.
+#[tokio::test]
+async fn browser_style_upgrade_heads_are_accepted() {
+    let s = vnc_behind_proxy(Sock::Tcp, ProxySpec::tls_ws(&[]))
+        .await
+        .unwrap();
+    let (a, t) = (s.proxy.ws_addr(), s.proxy.transport());
+    let host = consolegate_tests::net::authority(a);
+    let key = "dGhlIHNhbXBsZSBub25jZQ==";
+    let heads = [
+        format!(
+            "GET /websockify?token={tok} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: Mozilla/5.0\r\n\
+             Connection: keep-alive, Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+             Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Protocol: binary\r\n\
+             Sec-WebSocket-Extensions: permessage-deflate\r\nPragma: no-cache\r\n\r\n",
+            tok = s.token
+        ),
+        format!(
+            "GET /websockify/{tok} HTTP/1.1\r\nhost: {host}\r\nconnection: upgrade\r\n\
+             upgrade: WebSocket\r\nsec-websocket-version: 13\r\nsec-websocket-key: {key}\r\n\
+             sec-websocket-protocol: binary\r\n\r\n",
+            tok = s.token
+        ),
+    ];
+    for head in heads {
+        let (resp, mut io) = consolegate_tests::http::exchange(a, &t, head.as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(resp.status, 101, "head:\n{head}");
+        // RFC 6455's sample key and its accept value.
+        assert_eq!(
+            resp.header("sec-websocket-accept"),
+            Some("s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
+        );
+        assert_eq!(resp.header("sec-websocket-protocol"), Some("binary"));
+        assert_eq!(
+            resp.header("sec-websocket-extensions"),
+            None,
+            "no extension was implemented, none may be accepted"
+        );
+        let f =
+            consolegate_tests::within("RFB greeting", consolegate_tests::http::read_frame(&mut io))
+                .await
+                .unwrap()
+                .unwrap();
+        assert_eq!(f.opcode, 2);
+        assert_eq!(f.payload, b"RFB 003.008\n");
+    }
+    s.proxy.assert_secrets_not_logged(&[&s.token]);
+}
+
+#[tokio::test]
+async fn empty_tokens_are_missing_tokens() {
+    let s = vnc_behind_proxy(Sock::Unix, ProxySpec::tls_ws(&[]))
+        .await
+        .unwrap();
+    for path in ["/websockify?token=", "/websockify", "/", "/?token="] {
+        let req = WsRequest::path(path).protocol("binary");
+        let status = ws::connect(s.proxy.ws_addr(), &s.proxy.transport(), &req)
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(status, 401, "{path}");
     }
 }
