@@ -237,7 +237,7 @@ pub async fn establish<T: AsyncRead + AsyncWrite + Unpin>(
     security: &SessionSecurity,
     compute: ComputeStream,
     tenant: &mut T,
-) -> Result<(ComputeIo, String), EstablishError> {
+) -> Result<(ComputeIo, spice::Label), EstablishError> {
     let limit = ctx.handshake_timeout;
     match kind {
         ConsoleKind::Vnc => {
@@ -255,7 +255,7 @@ pub async fn establish<T: AsyncRead + AsyncWrite + Unpin>(
                 }
             };
             within(limit, vnc::serve_tenant(tenant)).await??;
-            Ok((io, format!("rfb {} {}", n.version, n.security)))
+            Ok((io, format!("rfb {} {}", n.version, n.security).into()))
         }
         ConsoleKind::Spice => {
             let token = token.unwrap_or(TokenId::ANONYMOUS);
@@ -270,9 +270,9 @@ pub async fn establish<T: AsyncRead + AsyncWrite + Unpin>(
                 )
                 .await?
                 .map_err(EstablishError::Tls)?;
-                Ok((ComputeIo::Tls(Box::new(tls)), "tls".to_owned()))
+                Ok((ComputeIo::Tls(Box::new(tls)), "tls".into()))
             }
-            None => Ok((ComputeIo::Plain(compute), "plain".to_owned())),
+            None => Ok((ComputeIo::Plain(compute), "plain".into())),
         },
     }
 }
