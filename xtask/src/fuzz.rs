@@ -8,7 +8,7 @@
 
 use std::fs::{self, File};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{Context as _, Result, bail};
@@ -98,18 +98,12 @@ fn run_target(root: &Path, steps: &mut Steps, target: &str, seconds: u64) -> Res
 
     let log =
         File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
-    let status = cmd
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .status();
+    let status = steps.status(cmd.stdout(log.try_clone()?).stderr(log));
     let took = started.elapsed();
     let text = fs::read_to_string(&log_path).unwrap_or_default();
-    let failure = match status {
-        Ok(s) if s.success() => None,
-        Ok(s) => Some(format!("{s}; log {}", log_path.display())),
-        Err(err) => Some(format!("could not start cargo fuzz: {err}")),
-    };
+    let failure = status
+        .err()
+        .map(|why| format!("{why}; log {}", log_path.display()));
     if failure.is_some() {
         print_tail(&text, 80);
     } else {

@@ -21,6 +21,7 @@ mod steps;
 use std::io::IsTerminal as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
+use std::time::Duration;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -37,6 +38,10 @@ const DEFAULT_FUZZ_SECONDS: u64 = 20;
     about = "consolegate developer tasks"
 )]
 struct Cli {
+    /// Kill any step (cargo test, a fuzz run, ...) still running after this
+    /// many seconds and count it as failed (0 = no limit; CI sets one).
+    #[arg(long, global = true, value_name = "SECS", default_value_t = 0)]
+    step_timeout: u64,
     #[command(subcommand)]
     command: Task,
 }
@@ -70,7 +75,8 @@ enum Task {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let root = repo_root();
-    let mut steps = Steps::new();
+    let timeout = (cli.step_timeout > 0).then(|| Duration::from_secs(cli.step_timeout));
+    let mut steps = Steps::new(timeout);
     let outcome = match cli.command {
         Task::Test {
             fuzz_seconds,

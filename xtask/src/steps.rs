@@ -1,10 +1,15 @@
 //! Named steps: a section header before each, its outcome and time recorded,
 //! and a summary at the end. A failed step does not stop the run; the exit
-//! code says whether every step passed.
+//! code says whether every step passed. With a step timeout (CI sets one),
+//! a step that runs too long is killed, with everything it started, and
+//! recorded as failed, so a hung test ends in a summary rather than in CI's
+//! own time limit.
 
 use std::fmt::Write as _;
+use std::os::unix::process::CommandExt as _;
 use std::path::Path;
-use std::process::{Command, ExitCode, Stdio};
+use std::process::{Command, ExitCode, ExitStatus, Stdio};
+use std::thread;
 use std::time::{Duration, Instant};
 
 /// What became of one step.
@@ -20,11 +25,16 @@ struct Record {
 #[derive(Debug, Default)]
 pub struct Steps {
     records: Vec<Record>,
+    timeout: Option<Duration>,
 }
 
 impl Steps {
-    pub fn new() -> Self {
-        Self::default()
+    /// Steps that may each run for at most `timeout` (None: no limit).
+    pub fn new(timeout: Option<Duration>) -> Self {
+        Self {
+            records: Vec::new(),
+            timeout,
+        }
     }
 
     /// Print a section header for a step that is about to start.
@@ -39,12 +49,43 @@ impl Steps {
         self.header(name);
         println!("$ {}", display(cmd));
         let started = Instant::now();
-        let failure = match cmd.stdin(Stdio::null()).status() {
-            Ok(status) if status.success() => None,
-            Ok(status) => Some(status.to_string()),
-            Err(err) => Some(format!("could not start {}: {err}", program(cmd))),
-        };
+        let failure = self.status(cmd).err();
         self.record(name, started.elapsed(), failure, None)
+    }
+
+    /// Run `cmd` with no standard input, within the step timeout; Ok if it
+    /// succeeded, else why not. Output goes wherever `cmd` sends it.
+    pub fn status(&self, cmd: &mut Command) -> Result<ExitStatus, String> {
+        cmd.stdin(Stdio::null());
+        let Some(timeout) = self.timeout else {
+            return match cmd.status() {
+                Ok(status) if status.success() => Ok(status),
+                Ok(status) => Err(status.to_string()),
+                Err(err) => Err(format!("could not start {}: {err}", program(cmd))),
+            };
+        };
+        // Its own process group, so that a timeout can end the test binaries,
+        // QEMU and proxies it started too. (Only with a timeout: a process
+        // group of its own would not get a terminal's Ctrl-C.)
+        cmd.process_group(0);
+        let mut child = cmd
+            .spawn()
+            .map_err(|err| format!("could not start {}: {err}", program(cmd)))?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            match child.try_wait() {
+                Ok(Some(status)) if status.success() => return Ok(status),
+                Ok(Some(status)) => return Err(status.to_string()),
+                Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(100)),
+                Ok(None) => {
+                    let group = format!("-{}", child.id());
+                    let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
+                    let _ = child.wait();
+                    return Err(format!("timed out after {}; killed", seconds(timeout)));
+                }
+                Err(err) => return Err(format!("waiting for {}: {err}", program(cmd))),
+            }
+        }
     }
 
     /// Record the outcome of a step run some other way. Returns whether it passed.
