@@ -19,7 +19,7 @@ use crate::steps::{Steps, display};
 /// Seconds one input may take before libFuzzer calls it a hang.
 const INPUT_TIMEOUT_SECS: u32 = 10;
 
-/// Run `only` (or every target) for `seconds` each; 0 only replays the seeds.
+/// Run `only` (or every target) for `seconds` each; 0 only replays the corpus.
 pub fn run(root: &Path, steps: &mut Steps, seconds: u64, only: Option<&str>) -> Result<()> {
     let all = targets(root)?;
     let selected: Vec<String> = match only {
@@ -63,7 +63,7 @@ fn targets(root: &Path) -> Result<Vec<String>> {
 
 fn run_target(root: &Path, steps: &mut Steps, target: &str, seconds: u64) -> Result<()> {
     let name = if seconds == 0 {
-        format!("fuzz: {target} (seed corpus)")
+        format!("fuzz: {target} (corpus replay)")
     } else {
         format!("fuzz: {target} ({seconds} s)")
     };
@@ -154,4 +154,32 @@ fn runs(log: &str) -> Option<u64> {
             .parse()
             .ok()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_run_count_from_libfuzzers_last_line() {
+        let log = "#2\tINITED cov: 5\n#99\tDONE   cov: 9\nDone 99 runs in 2 second(s)\n";
+        assert_eq!(runs(log), Some(99));
+        assert_eq!(runs("==123==ERROR: AddressSanitizer\n"), None);
+    }
+
+    #[test]
+    fn finds_the_committed_targets_with_seed_corpora() {
+        let root = crate::repo_root();
+        let targets = targets(&root).unwrap();
+        for t in ["http_head", "token_file", "ws_frame"] {
+            assert!(targets.iter().any(|have| have == t), "{targets:?}");
+        }
+        for t in &targets {
+            let seeds = root.join("fuzz/corpus").join(t);
+            assert!(
+                fs::read_dir(&seeds).is_ok_and(|mut d| d.next().is_some()),
+                "{t}: no seeds"
+            );
+        }
+    }
 }

@@ -50,7 +50,7 @@ struct Cli {
 enum Task {
     /// Run the whole suite: setup, rustfmt, clippy, cargo test, every fuzz target.
     Test {
-        /// Seconds each fuzz target runs for (0 = only replay the seed corpus).
+        /// Seconds each fuzz target runs for (0 = only replay the corpus).
         #[arg(long, value_name = "N", default_value_t = DEFAULT_FUZZ_SECONDS)]
         fuzz_seconds: u64,
         /// Do not install anything; assume the machine is already set up.
@@ -64,7 +64,7 @@ enum Task {
     Lint,
     /// Build the fuzz targets and run each (or one) for a bounded time.
     Fuzz {
-        /// Seconds each target runs for (0 = only replay the seed corpus).
+        /// Seconds each target runs for (0 = only replay the corpus).
         #[arg(long, value_name = "N", default_value_t = DEFAULT_FUZZ_SECONDS)]
         seconds: u64,
         /// Run only this target (default: all of them).

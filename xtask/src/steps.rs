@@ -200,3 +200,35 @@ fn program(cmd: &Command) -> String {
         .to_string_lossy()
         .into_owned()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shows_commands_as_typed() {
+        let mut cmd = Command::new("/usr/bin/cargo");
+        cmd.args(["fmt", "--", "--check", "a b", ""]);
+        assert_eq!(display(&cmd), "cargo fmt -- --check 'a b' ''");
+    }
+
+    #[test]
+    fn a_failed_step_fails_the_run() {
+        let mut steps = Steps::new(None);
+        assert!(steps.run("true", &mut Command::new("true")));
+        assert!(!steps.run("false", &mut Command::new("false")));
+        assert_eq!(steps.finish(), ExitCode::FAILURE);
+        let mut steps = Steps::new(None);
+        assert!(steps.run("true", &mut Command::new("true")));
+        assert_eq!(steps.finish(), ExitCode::SUCCESS);
+    }
+
+    #[test]
+    fn a_step_past_its_timeout_is_killed() {
+        let steps = Steps::new(Some(Duration::from_millis(300)));
+        let started = Instant::now();
+        let err = steps.status(Command::new("sleep").arg("30")).unwrap_err();
+        assert!(err.contains("timed out"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
+}
