@@ -1,7 +1,9 @@
 //! The raw client: `connections` TCP connections to one address, each reading
 //! `bytes` bytes (or until the peer closes), timed from connect to last byte.
+//! With a [`Via`] proxy, each connection first asks an HTTP CONNECT proxy
+//! (consolegate's CONNECT front end) for the target, so the bytes cross it.
 
-use std::io::{self, Read as _};
+use std::io::{self, Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs as _};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -20,12 +22,30 @@ pub struct Options {
     pub connect_timeout: Duration,
     /// Give up on a connection whose reads block for this long.
     pub read_timeout: Duration,
+    /// Reach the target through this HTTP CONNECT proxy.
+    pub via: Option<Via>,
 }
+
+/// An HTTP CONNECT proxy in front of the target.
+#[derive(Clone, Debug)]
+pub struct Via {
+    /// The proxy's listening address.
+    pub proxy: String,
+    /// Sent as `Proxy-Authorization: Bearer <token>`.
+    pub token: Option<String>,
+}
+
+/// Largest CONNECT response head we accept.
+const MAX_RESPONSE_HEAD: usize = 8 * 1024;
 
 /// One run's outcome over all connections.
 #[derive(Clone, Debug)]
 pub struct Report {
-    pub target: SocketAddr,
+    /// The target as given (reached through `via`, if set).
+    pub target: String,
+    /// The address connected to: the target's, or the proxy's.
+    pub connected_to: SocketAddr,
+    pub via: bool,
     pub connections: u64,
     /// Bytes asked for, over all connections.
     pub expected: u64,
@@ -46,7 +66,9 @@ impl Report {
     pub fn json(&self) -> serde_json::Value {
         serde_json::json!({
             "mode": "raw",
-            "target": self.target.to_string(),
+            "target": self.target,
+            "connected_to": self.connected_to.to_string(),
+            "via_connect_proxy": self.via,
             "connections": self.connections,
             "bytes_expected": self.expected,
             "bytes": self.received,
@@ -59,15 +81,16 @@ impl Report {
 }
 
 pub fn run(target: &str, opts: &Options) -> Result<Report> {
-    let addr = target
+    let dial = opts.via.as_ref().map_or(target, |v| v.proxy.as_str());
+    let addr = dial
         .to_socket_addrs()
-        .with_context(|| format!("resolving {target}"))?
+        .with_context(|| format!("resolving {dial}"))?
         .next()
-        .with_context(|| format!("{target} resolves to no address"))?;
+        .with_context(|| format!("{dial} resolves to no address"))?;
     let started = Instant::now();
     let results: Vec<(u64, Option<io::Error>)> = thread::scope(|scope| {
         let workers: Vec<_> = (0..opts.connections)
-            .map(|_| scope.spawn(|| read_from(addr, opts)))
+            .map(|_| scope.spawn(|| read_from(addr, target, opts)))
             .collect();
         workers
             .into_iter()
@@ -76,7 +99,9 @@ pub fn run(target: &str, opts: &Options) -> Result<Report> {
     });
     let took = started.elapsed();
     Ok(Report {
-        target: addr,
+        target: target.to_owned(),
+        connected_to: addr,
+        via: opts.via.is_some(),
         connections: opts.connections,
         expected: opts.bytes * opts.connections,
         received: results.iter().map(|(n, _)| n).sum(),
@@ -88,14 +113,50 @@ pub fn run(target: &str, opts: &Options) -> Result<Report> {
     })
 }
 
+/// Asks the CONNECT proxy on `stream` for `target`; returns the bytes that
+/// came after the response head (already tunnelled data).
+fn connect_through(stream: &mut TcpStream, target: &str, via: &Via) -> io::Result<Vec<u8>> {
+    let mut request = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n");
+    if let Some(token) = &via.token {
+        request.push_str(&format!("Proxy-Authorization: Bearer {token}\r\n"));
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes())?;
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    let end = loop {
+        if let Some(i) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        if head.len() > MAX_RESPONSE_HEAD {
+            return Err(io::Error::other("CONNECT response head too large"));
+        }
+        match stream.read(&mut buf)? {
+            0 => return Err(io::Error::other("proxy closed before answering CONNECT")),
+            n => head.extend_from_slice(&buf[..n]),
+        }
+    };
+    let status_line = String::from_utf8_lossy(&head[..end]);
+    let status_line = status_line.lines().next().unwrap_or_default();
+    if status_line.split_whitespace().nth(1) != Some("200") {
+        return Err(io::Error::other(format!(
+            "proxy refused CONNECT: {status_line}"
+        )));
+    }
+    Ok(head.split_off(end))
+}
+
 /// Reads up to `opts.bytes` from one connection; the count and the error
 /// that stopped it early, if any (an early EOF is an error too).
-fn read_from(addr: SocketAddr, opts: &Options) -> (u64, Option<io::Error>) {
+fn read_from(addr: SocketAddr, target: &str, opts: &Options) -> (u64, Option<io::Error>) {
     let mut got = 0u64;
     let result = (|| -> io::Result<()> {
         let mut stream = TcpStream::connect_timeout(&addr, opts.connect_timeout)?;
         stream.set_nodelay(true)?;
         stream.set_read_timeout(Some(opts.read_timeout))?;
+        if let Some(via) = &opts.via {
+            got = connect_through(&mut stream, target, via)?.len() as u64;
+        }
         let mut buf = vec![0u8; CHUNK];
         while got < opts.bytes {
             let want = usize::try_from(opts.bytes - got).map_or(CHUNK, |left| left.min(CHUNK));
@@ -141,6 +202,7 @@ mod tests {
             connections,
             connect_timeout: Duration::from_secs(5),
             read_timeout: Duration::from_secs(10),
+            via: None,
         }
     }
 
@@ -182,5 +244,48 @@ mod tests {
     fn flood_server_gives_up_without_clients() {
         let server = server_waiting(1, 1, Duration::from_millis(50));
         assert!(server.serve(|_| {}).is_err());
+    }
+
+    /// A one-shot CONNECT proxy that checks the request, answers 200 with
+    /// some tunnelled bytes in the same write, then floods the rest.
+    fn fake_connect_proxy(bytes: usize) -> (String, thread::JoinHandle<String>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let proxy = thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut head = Vec::new();
+            let mut b = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                s.read_exact(&mut b).unwrap();
+                head.push(b[0]);
+            }
+            let mut out = b"HTTP/1.1 200 Connection Established\r\n\r\n".to_vec();
+            out.extend(std::iter::repeat_n(7u8, bytes));
+            s.write_all(&out).unwrap();
+            String::from_utf8(head).unwrap()
+        });
+        (addr, proxy)
+    }
+
+    #[test]
+    fn goes_through_a_connect_proxy_with_the_token() {
+        let (proxy, handle) = fake_connect_proxy(100_000);
+        let mut opts = client(100_000, 1);
+        opts.via = Some(Via {
+            proxy,
+            token: Some("t0k".into()),
+        });
+        let report = run("127.0.0.1:5900", &opts).unwrap();
+        let head = handle.join().unwrap();
+        assert!(
+            head.starts_with("CONNECT 127.0.0.1:5900 HTTP/1.1\r\n"),
+            "{head}"
+        );
+        assert!(
+            head.contains("Proxy-Authorization: Bearer t0k\r\n"),
+            "{head}"
+        );
+        assert!(report.complete(), "{report:?}");
+        assert_eq!(report.json()["via_connect_proxy"], true);
     }
 }

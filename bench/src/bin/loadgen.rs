@@ -3,6 +3,7 @@
 //! ```text
 //! loadgen flood-server --listen 127.0.0.1:5900 --bytes 1073741824 --clients 1
 //! loadgen raw --target 127.0.0.1:5900 --bytes 1073741824
+//! loadgen raw --target 127.0.0.1:5900 --via 127.0.0.1:6081 --token s3cret
 //! ```
 //! The flood server prints `{"event":"listening","addr":...}` once bound (so
 //! `--listen 127.0.0.1:0` works), a `served` line per client and a `done`
@@ -42,6 +43,13 @@ enum Mode {
         /// Seconds a connect or a blocked read may take.
         #[arg(long, value_name = "SECS", default_value_t = 30)]
         timeout: u64,
+        /// Reach the target through this HTTP CONNECT proxy (consolegate's
+        /// --connect-listen address).
+        #[arg(long, value_name = "ADDR")]
+        via: Option<String>,
+        /// Token for the CONNECT proxy (sent as a Bearer token).
+        #[arg(long, value_name = "TOKEN", requires = "via", env = "LOADGEN_TOKEN")]
+        token: Option<String>,
     },
     /// Listen on ADDR and write N bytes to every client (a framebuffer flood).
     FloodServer {
@@ -67,6 +75,8 @@ fn main() -> Result<ExitCode> {
             bytes,
             connections,
             timeout,
+            via,
+            token,
         } => {
             let timeout = Duration::from_secs(timeout);
             let opts = raw::Options {
@@ -74,6 +84,7 @@ fn main() -> Result<ExitCode> {
                 connections,
                 connect_timeout: timeout,
                 read_timeout: timeout,
+                via: via.map(|proxy| raw::Via { proxy, token }),
             };
             let report = raw::run(&target, &opts)?;
             println!("{}", report.json());
