@@ -148,10 +148,20 @@ pub async fn refuse<W: AsyncWrite + Unpin>(w: &mut W, r: Refusal) {
 }
 
 /// Logs the end of an established session.
-pub fn log_end(end: &End, counters: &Counters) {
+/// `compute_tls` says whether the compute leg ran TLS, for the hint below.
+pub fn log_end(end: &End, counters: &Counters, compute_tls: bool) {
     let bytes_up = counters.up_bytes();
     let bytes_down = counters.down_bytes();
     let duration_ms = counters.elapsed().as_millis() as u64;
+    if compute_tls && bytes_down == 0 && matches!(end, End::ComputeIo(_) | End::ComputeClosed) {
+        // With TLS 1.3 a client learns that the server rejected its
+        // certificate only after the handshake, often by a bare close.
+        tracing::warn!(
+            reason = "compute_tls",
+            "the compute host closed the TLS session before sending any data: it may reject \
+             the proxy's client certificate (check the compute host's CA and the profile's cert)"
+        );
+    }
     match end {
         End::TenantIo(e) | End::ComputeIo(e) => tracing::info!(
             end = %end.kind(), error = %e, bytes_up, bytes_down, duration_ms, "session closed"
@@ -186,8 +196,8 @@ pub enum EstablishError {
     Spice(#[from] SpiceError),
     #[error("compute TLS handshake failed: {0}")]
     Tls(String),
-    #[error("security handshake did not finish within {0:?}")]
-    Timeout(Duration),
+    #[error("{step} did not finish within {after:?}")]
+    Timeout { step: &'static str, after: Duration },
 }
 
 impl EstablishError {
@@ -198,7 +208,7 @@ impl EstablishError {
             EstablishError::Spice(e) => e.kind(),
             EstablishError::TenantRfb(_) => "tenant_protocol",
             EstablishError::Tls(_) => "compute_tls",
-            EstablishError::Timeout(_) => "handshake_timeout",
+            EstablishError::Timeout { .. } => "handshake_timeout",
         }
     }
 
@@ -220,7 +230,7 @@ impl EstablishError {
             EstablishError::Spice(e) => e.tenant_reason(),
             EstablishError::TenantRfb(_) => "invalid RFB handshake from the client",
             EstablishError::Tls(_) => "TLS to the console server failed",
-            EstablishError::Timeout(_) => "console security handshake timed out",
+            EstablishError::Timeout { .. } => "console security handshake timed out",
         }
     }
 }
@@ -241,7 +251,12 @@ pub async fn establish<T: AsyncRead + AsyncWrite + Unpin>(
     let limit = ctx.handshake_timeout;
     match kind {
         ConsoleKind::Vnc => {
-            let negotiated = within(limit, vnc::negotiate_compute(compute, security)).await?;
+            let negotiated = within(
+                "compute RFB security handshake",
+                limit,
+                vnc::negotiate_compute(compute, security),
+            )
+            .await?;
             let (io, n) = match negotiated {
                 Ok(v) => v,
                 Err(e) => {
@@ -254,17 +269,18 @@ pub async fn establish<T: AsyncRead + AsyncWrite + Unpin>(
                     return Err(e.into());
                 }
             };
-            within(limit, vnc::serve_tenant(tenant)).await??;
+            within("tenant RFB handshake", limit, vnc::serve_tenant(tenant)).await??;
             Ok((io, format!("rfb {} {}", n.version, n.security).into()))
         }
         ConsoleKind::Spice => {
             let token = token.unwrap_or(TokenId::ANONYMOUS);
             let link = spice::establish(tenant, compute, security, &ctx.spice, token);
-            Ok(within(limit, link).await??)
+            Ok(within("SPICE link", limit, link).await??)
         }
         ConsoleKind::Serial => match &security.tls {
             Some((cfg, name)) => {
                 let tls = within(
+                    COMPUTE_TLS_STEP,
                     limit,
                     console::tls_connect(compute, Arc::clone(cfg), name.clone()),
                 )
@@ -277,12 +293,18 @@ pub async fn establish<T: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
+/// A TLS handshake to QEMU that never finishes usually means QEMU rejected
+/// the proxy's client certificate without sending an alert.
+const COMPUTE_TLS_STEP: &str =
+    "compute TLS handshake (does the compute host accept the proxy's client certificate?)";
+
 /// Runs a handshake step within the handshake timeout.
 async fn within<F: std::future::Future>(
+    step: &'static str,
     limit: Duration,
     f: F,
 ) -> Result<F::Output, EstablishError> {
     tokio::time::timeout(limit, f)
         .await
-        .map_err(|_| EstablishError::Timeout(limit))
+        .map_err(|_| EstablishError::Timeout { step, after: limit })
 }

@@ -680,3 +680,116 @@ async fn rfb_version_3_3_and_3_7_tenants_are_served() {
         assert!(init.0 > 0 && init.1 > 0, "ServerInit size {init:?}");
     }
 }
+
+/// Serial console over TLS: QEMU's chardev with `tls-creds` and
+/// `verify-peer=on`; the guest (our boot sector) prints a banner and echoes.
+#[tokio::test]
+async fn serial_chardev_over_tls_with_client_certificate() {
+    let ca = Ca::new("compute CA");
+    let pki = Pki::new(&ca, &ca, &["127.0.0.1"], false);
+    let img = pki.path("boot.img");
+    std::fs::write(&img, consolegate_tests::qemu::boot_image()).unwrap();
+    let port = free_port();
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args([
+        "-accel",
+        "tcg",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-m",
+        "64",
+        "-no-reboot",
+    ])
+    .arg("-object")
+    .arg(format!(
+        "tls-creds-x509,id=tls0,dir={},endpoint=server,verify-peer=on",
+        pki.path("qemu-x509").display()
+    ))
+    .arg("-chardev")
+    .arg(format!(
+        "socket,id=ser0,host=127.0.0.1,port={port},server=on,wait=off,tls-creds=tls0"
+    ))
+    .args(["-serial", "chardev:ser0", "-drive"])
+    .arg(format!("file={},format=raw,if=floppy", img.display()));
+    let _qemu = ChildGuard::spawn("qemu", cmd).unwrap();
+    consolegate_tests::within("serial socket", async {
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .unwrap();
+    let ca_file = pki.proxy_trusts(&ca);
+    let tokens =
+        format!("[[token]]\ntoken = \"ser\"\nkind = \"serial\"\ntarget = \"127.0.0.1:{port}\"\n");
+    let p = proxy(
+        pki.dir.path(),
+        &tokens,
+        &compute_flags(&pki, &ca_file, true),
+    )
+    .await;
+    let req = WsRequest::path("/websockify?token=ser").protocol("binary");
+    let (socket, _) = ws::connect(p.ws_addr(), &p.transport(), &req)
+        .await
+        .unwrap()
+        .upgraded()
+        .unwrap();
+    let mut b = ws::into_bytes(socket, Mode::Binary);
+    consolegate_tests::qemu::read_until(&mut b.io, consolegate_tests::qemu::SERIAL_BANNER)
+        .await
+        .unwrap_or_else(|e| panic!("banner through TLS: {e:#}\n{}", p.logs()));
+    b.io.write_all(b"ping-over-tls").await.unwrap();
+    consolegate_tests::qemu::read_until(&mut b.io, b"ping-over-tls")
+        .await
+        .unwrap();
+    p.wait_log(&["session established", "security=tls"])
+        .await
+        .unwrap();
+
+    // The chardev takes one client at a time: end this session first.
+    drop(b);
+    p.wait_log(&["session closed"]).await.unwrap();
+
+    // Without a client certificate QEMU refuses the TLS session.
+    let file = pki.dir.path().join("tokens-nocert.toml");
+    std::fs::write(&file, &tokens).unwrap();
+    let mut spec = ProxySpec::tls_ws(&[&file]);
+    spec.extra = compute_flags(&pki, &ca_file, false);
+    spec.extra
+        .extend(["--handshake-timeout".to_owned(), "3s".to_owned()]);
+    let p2 = Proxy::start(spec).await.unwrap();
+    let (socket, _) = ws::connect(p2.ws_addr(), &p2.transport(), &req)
+        .await
+        .unwrap()
+        .upgraded()
+        .unwrap();
+    let b2 = ws::into_bytes(socket, Mode::Binary);
+    let closed = consolegate_tests::within("close", b2.closed)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    eprintln!("refusal without a client certificate: {closed:?}");
+    assert_eq!(closed.code, Some(1011), "{closed:?}");
+    p2.wait_log(&[
+        "closed the TLS session before sending any data",
+        "client certificate",
+    ])
+    .await
+    .unwrap();
+    // The correctly configured proxy still reaches the console.
+    let (socket, _) = ws::connect(p.ws_addr(), &p.transport(), &req)
+        .await
+        .unwrap()
+        .upgraded()
+        .unwrap();
+    let mut b3 = ws::into_bytes(socket, Mode::Binary);
+    b3.io.write_all(b"still-here").await.unwrap();
+    consolegate_tests::qemu::read_until(&mut b3.io, b"still-here")
+        .await
+        .unwrap();
+}

@@ -132,6 +132,7 @@ pub async fn serve(mut tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
         tracing::info!(security = %negotiated, "console handshake done");
         span.record("datapath", "userspace");
         tracing::info!("session established");
+        let compute_tls = compute.is_tls();
         let end = copy::bidirectional(
             tcp,
             compute,
@@ -140,7 +141,7 @@ pub async fn serve(mut tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
             ctx.shutdown.clone(),
         )
         .await;
-        log_end(&end, &counters);
+        log_end(&end, &counters, compute_tls);
         drop(guard);
     }
     .instrument(span)

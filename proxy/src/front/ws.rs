@@ -116,9 +116,10 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
             idle: ctx.idle_timeout,
             ping_interval: ctx.ping_interval,
         };
+        let compute_tls = compute.is_tls();
         let end: End =
             pump(ws.into_parts(), compute, settings, &counters, ctx.shutdown.clone()).await;
-        log_end(&end, &counters);
+        log_end(&end, &counters, compute_tls);
         drop(guard);
     }
     .instrument(span)
