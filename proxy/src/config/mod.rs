@@ -553,6 +553,10 @@ mod tests {
         assert_eq!(c.idle_timeout, Some(Duration::from_secs(3600)));
         assert!(matches!(c.tenant_tls, TenantTls::Files { .. }));
         assert_eq!(c.token_sources.len(), 2);
+        assert_eq!(c.default_profile.as_deref(), Some("qemu"));
+        let q = &c.profiles["qemu"];
+        assert_eq!(q.require_tls, Some(true));
+        assert!(q.ca.as_ref().is_some_and(|p| p.is_absolute()), "relative to the file");
     }
 
     #[test]
