@@ -272,10 +272,18 @@ pub async fn open_session<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
     ticket: &[u8],
 ) -> anyhow::Result<u32> {
-    let req = LinkRequest::main();
-    let l = link(s, &req, ticket).await?;
+    open_session_as(s, &LinkRequest::main(), ticket).await
+}
+
+/// [`open_session`] with the client's capabilities chosen by `req`.
+pub async fn open_session_as<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    req: &LinkRequest,
+    ticket: &[u8],
+) -> anyhow::Result<u32> {
+    let l = link(s, req, ticket).await?;
     ensure!(l.ok(), "main channel link failed: {:?}", l.outcome);
-    read_main_init(s, l.mini_header(&req)).await
+    read_main_init(s, l.mini_header(req)).await
 }
 
 /// A private CA with a server certificate (SAN IP 127.0.0.1) for QEMU and

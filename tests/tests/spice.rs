@@ -13,7 +13,7 @@ use consolegate_tests::scenario::token_dir;
 use consolegate_tests::spice::{
     CHANNEL_DISPLAY, CHANNEL_INPUTS, LINK_ERR_BAD_CONNECTION_ID, LINK_ERR_OK,
     LINK_ERR_PERMISSION_DENIED, LinkOutcome, LinkRequest, SpicePki, SpiceQemu, SpiceToken, link,
-    link_main_channel, open_session, write_spice_tokens,
+    link_main_channel, open_session, open_session_as, write_spice_tokens,
 };
 use consolegate_tests::ws::{self, Mode, WsBytes, WsRequest};
 use consolegate_tests::{random_token, within};
@@ -176,18 +176,24 @@ async fn main_and_secondary_channels_over_connect() {
     let s = setup(&[(&tok, Some("{ticket}"))], false).await;
     let target = s.qemu.tls;
 
+    // An old client: no auth selection, no mini header (so the proxy
+    // forwards SPICE_MSG_MAIN_INIT with the full SpiceDataHeader).
+    let old = LinkRequest {
+        auth_selection: false,
+        mini_header: false,
+        ..LinkRequest::main()
+    };
     let mut main = connect_tenant(&s.proxy, &tok, target).await;
-    let id = within("main channel", open_session(&mut main, b""))
+    let id = within("main channel", open_session_as(&mut main, &old, b""))
         .await
         .unwrap()
         .unwrap();
 
     let mut inputs = connect_tenant(&s.proxy, &tok, target).await;
-    // An old client without auth selection and without the mini header.
     let req = LinkRequest {
-        auth_selection: false,
-        mini_header: false,
-        ..LinkRequest::secondary(id, CHANNEL_INPUTS)
+        connection_id: id,
+        channel_type: CHANNEL_INPUTS,
+        ..old
     };
     let l = within("inputs channel", link(&mut inputs, &req, b"whatever"))
         .await
