@@ -13,6 +13,9 @@ use crate::steps::{Steps, display};
 /// Debian packages the suite needs, one a line with the reason beside it. To
 /// need another package (`redis-server`, `clang-19`, `libbpf-dev`,
 /// `chromium`, ...), add a line; `apt-get update` runs only when one is missing.
+/// They are installed without their Recommends (qemu-system-x86's would pull
+/// in GTK): the VNC server, SPICE (qemu-system-common) and SeaBIOS the tests
+/// use are hard dependencies. Name a recommended package here if one is needed.
 const DEBIAN_PACKAGES: &[&str] = &[
     "qemu-system-x86", // integration tests run real QEMU VNC and serial consoles
 ];
