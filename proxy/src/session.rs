@@ -216,6 +216,7 @@ impl EstablishError {
     pub fn side(&self) -> crate::error::Side {
         match self {
             EstablishError::TenantRfb(_) => crate::error::Side::Tenant,
+            EstablishError::Spice(e) => e.side(),
             EstablishError::Vnc(VncError::MissingCredential(_) | VncError::NoChoice(_)) => {
                 crate::error::Side::Proxy
             }
