@@ -5,8 +5,8 @@
 #![no_main]
 
 use consolegate::console::vnc::rfb::{
-    Capabilities, check_reason_len, choose_security, choose_subtype, parse_mechlist,
-    parse_version, sanitize, sasl_message, sasl_payload, vnc_auth_response,
+    Capabilities, check_reason_len, choose_security, choose_subtype, parse_mechlist, parse_version,
+    sanitize, sasl_message, sasl_payload, vnc_auth_response,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -36,7 +36,10 @@ fuzz_target!(|data: &[u8]| {
         .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
         .collect();
     if let Ok(t) = choose_subtype(&subtypes, caps) {
-        assert!(subtypes.contains(&t), "chose a subtype the server did not offer");
+        assert!(
+            subtypes.contains(&t),
+            "chose a subtype the server did not offer"
+        );
         assert!(caps.tls, "chose a VeNCrypt subtype without a TLS profile");
     }
 
@@ -47,7 +50,10 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     let clean = sanitize(rest);
-    assert!(!clean.chars().any(char::is_control), "control character survived");
+    assert!(
+        !clean.chars().any(char::is_control),
+        "control character survived"
+    );
     for m in parse_mechlist(rest) {
         assert!(!m.is_empty() && !m.contains(','));
     }
