@@ -6,6 +6,7 @@
 //! own time limit.
 
 use std::fmt::Write as _;
+use std::io::IsTerminal as _;
 use std::os::unix::process::CommandExt as _;
 use std::path::Path;
 use std::process::{Command, ExitCode, ExitStatus, Stdio};
@@ -64,10 +65,13 @@ impl Steps {
                 Err(err) => Err(format!("could not start {}: {err}", program(cmd))),
             };
         };
-        // Its own process group, so that a timeout can end the test binaries,
-        // QEMU and proxies it started too. (Only with a timeout: a process
-        // group of its own would not get a terminal's Ctrl-C.)
-        cmd.process_group(0);
+        // Off a terminal (CI), its own process group, so that a timeout ends
+        // the test binaries, QEMU and proxies it started too. On a terminal
+        // it stays in ours, so Ctrl-C still reaches all of them.
+        let own_group = !std::io::stdout().is_terminal();
+        if own_group {
+            cmd.process_group(0);
+        }
         let mut child = cmd
             .spawn()
             .map_err(|err| format!("could not start {}: {err}", program(cmd)))?;
@@ -78,8 +82,11 @@ impl Steps {
                 Ok(Some(status)) => return Err(status.to_string()),
                 Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(100)),
                 Ok(None) => {
-                    let group = format!("-{}", child.id());
-                    let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
+                    if own_group {
+                        let group = format!("-{}", child.id());
+                        let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
+                    }
+                    let _ = child.kill();
                     let _ = child.wait();
                     return Err(format!("timed out after {}; killed", seconds(timeout)));
                 }
