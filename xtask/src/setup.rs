@@ -17,7 +17,12 @@ use crate::steps::{Steps, display};
 /// in GTK): the VNC server, SPICE (qemu-system-common) and SeaBIOS the tests
 /// use are hard dependencies. Name a recommended package here if one is needed.
 const DEBIAN_PACKAGES: &[&str] = &[
-    "qemu-system-x86", // integration tests run real QEMU VNC and serial consoles
+    "qemu-system-x86",     // integration tests run real QEMU VNC and serial consoles
+    "libspice-server1",    // QEMU's SPICE server (tests/tests/spice.rs)
+    "sasl2-bin",           // saslpasswd2: a sasldb user for QEMU's VNC SASL (X509SASL tests)
+    "libsasl2-modules",    // the SCRAM plugin QEMU's SASL server loads (a Recommends, so named)
+    "libsasl2-modules-db", // the sasldb auxprop plugin
+    "binutils",            // as/objcopy: the boot-sector test reassembles tests/src/boot.S
 ];
 
 /// rustup components of the active toolchain, by the cargo subcommand that
