@@ -13,6 +13,7 @@
 
 pub mod flood;
 pub mod raw;
+pub mod ws;
 
 use std::time::Duration;
 

@@ -29,7 +29,10 @@ pub struct AllowV6 {
 impl AllowV4 {
     /// Builds a key from host-order values.
     pub fn new(addr: [u8; 4], port: u16) -> Self {
-        Self { addr: u32::from_ne_bytes(addr), port: u32::from(port.to_be()) }
+        Self {
+            addr: u32::from_ne_bytes(addr),
+            port: u32::from(port.to_be()),
+        }
     }
 }
 
@@ -41,7 +44,10 @@ impl AllowV6 {
             let b = &addr[i * 4..i * 4 + 4];
             *w = u32::from_ne_bytes([b[0], b[1], b[2], b[3]]);
         }
-        Self { addr: words, port: u32::from(port.to_be()) }
+        Self {
+            addr: words,
+            port: u32::from(port.to_be()),
+        }
     }
 }
 

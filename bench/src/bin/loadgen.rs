@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use consolegate_bench::{flood, mb_per_s, raw};
+use consolegate_bench::{flood, mb_per_s, raw, ws};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -50,6 +50,25 @@ enum Mode {
         /// Token for the CONNECT proxy (sent as a Bearer token).
         #[arg(long, value_name = "TOKEN", requires = "via", env = "LOADGEN_TOKEN")]
         token: Option<String>,
+    },
+    /// Open WebSockets to consolegate's plain-HTTP WebSocket listener and read
+    /// N bytes of console payload on each (binary subprotocol); report MB/s.
+    Ws {
+        /// consolegate's WebSocket listener (started with --plain-http).
+        #[arg(long, value_name = "ADDR")]
+        proxy: String,
+        /// Request path with the token, e.g. /websockify?token=T.
+        #[arg(long, value_name = "PATH")]
+        path: String,
+        /// Payload bytes to read on each WebSocket.
+        #[arg(long, value_name = "N", default_value_t = 1 << 30)]
+        bytes: u64,
+        /// Parallel WebSockets.
+        #[arg(long, value_name = "C", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+        connections: u64,
+        /// Seconds a connect or a blocked read may take.
+        #[arg(long, value_name = "SECS", default_value_t = 30)]
+        timeout: u64,
     },
     /// Listen on ADDR and write N bytes to every client (a framebuffer flood).
     FloodServer {
@@ -87,6 +106,29 @@ fn main() -> Result<ExitCode> {
                 via: via.map(|proxy| raw::Via { proxy, token }),
             };
             let report = raw::run(&target, &opts)?;
+            println!("{}", report.json());
+            Ok(if report.complete() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Mode::Ws {
+            proxy,
+            path,
+            bytes,
+            connections,
+            timeout,
+        } => {
+            let timeout = Duration::from_secs(timeout);
+            let opts = raw::Options {
+                bytes,
+                connections,
+                connect_timeout: timeout,
+                read_timeout: timeout,
+                via: None,
+            };
+            let report = ws::run(&proxy, &path, &opts)?;
             println!("{}", report.json());
             Ok(if report.complete() {
                 ExitCode::SUCCESS

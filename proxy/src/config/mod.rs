@@ -556,7 +556,10 @@ mod tests {
         assert_eq!(c.default_profile.as_deref(), Some("qemu"));
         let q = &c.profiles["qemu"];
         assert_eq!(q.require_tls, Some(true));
-        assert!(q.ca.as_ref().is_some_and(|p| p.is_absolute()), "relative to the file");
+        assert!(
+            q.ca.as_ref().is_some_and(|p| p.is_absolute()),
+            "relative to the file"
+        );
     }
 
     #[test]
