@@ -52,7 +52,7 @@ pub fn run(proxy: &str, path: &str, opts: &Options) -> Result<Report> {
 fn upgrade(stream: &mut TcpStream, addr: SocketAddr, path: &str) -> io::Result<Vec<u8>> {
     let req = format!(
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: bG9hZGdlbi1iZW5jaG1hcms=\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: bG9hZGdlbi1iZW5jaG1hcg==\r\n\
          Sec-WebSocket-Protocol: binary\r\n\r\n"
     );
     stream.write_all(req.as_bytes())?;
