@@ -793,3 +793,51 @@ async fn serial_chardev_over_tls_with_client_certificate() {
         .await
         .unwrap();
 }
+
+/// Unreadable or mismatched compute credentials are a start-up error with
+/// exit code 64 and a reason naming the file.
+#[test]
+fn bad_compute_credentials_exit_64() {
+    let ca = Ca::new("compute CA");
+    let other = Ca::new("other CA");
+    let pki = Pki::new(&ca, &ca, &["127.0.0.1"], false);
+    let tokens = pki.path("t.toml");
+    std::fs::write(&tokens, token_toml("t", "127.0.0.1:5999", "")).unwrap();
+    // A key that does not belong to the certificate.
+    let (_, stray_key) = other.leaf("stray", &[], false);
+    std::fs::write(pki.path("stray-key.pem"), stray_key).unwrap();
+    let ca_file = pki.proxy_trusts(&ca);
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec![
+                "--compute-ca".into(),
+                pki.path("missing.pem").display().to_string(),
+            ],
+            "missing.pem",
+        ),
+        (
+            vec![
+                "--compute-ca".into(),
+                ca_file.display().to_string(),
+                "--compute-cert".into(),
+                pki.path("client-cert.pem").display().to_string(),
+                "--compute-key".into(),
+                pki.path("stray-key.pem").display().to_string(),
+            ],
+            "client certificate and key",
+        ),
+    ];
+    let bin = consolegate_tests::proxy::binary().unwrap();
+    for (flags, want) in cases {
+        let out = Command::new(&bin)
+            .args(["serve", "--ws-listen", "127.0.0.1:0", "--token-file"])
+            .arg(&tokens)
+            .args(&flags)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{flags:?}: {err}");
+        let last = err.trim().lines().last().unwrap_or_default();
+        assert!(last.contains(want), "{flags:?}: last line {last:?}");
+    }
+}

@@ -15,6 +15,15 @@ enum Dir {
     Down,
 }
 
+impl Dir {
+    fn name(&self) -> &'static str {
+        match self {
+            Dir::Up => "up",
+            Dir::Down => "down",
+        }
+    }
+}
+
 async fn pump<R, W>(mut r: R, mut w: W, dir: Dir, counters: &Counters) -> Result<(), End>
 where
     R: AsyncRead + Unpin,
@@ -31,6 +40,7 @@ where
                 });
             }
         };
+        tracing::trace!(dir = dir.name(), n, "read");
         if n == 0 {
             // Pass the half-close on; the other direction keeps flowing.
             let _ = w.shutdown().await;
@@ -42,6 +52,7 @@ where
                 Dir::Down => End::TenantIo(e.to_string()),
             });
         }
+        tracing::trace!(dir = dir.name(), n, "written");
         match dir {
             Dir::Up => counters.add_up(n),
             Dir::Down => counters.add_down(n),

@@ -151,6 +151,7 @@ where
         };
         match inbound.on_frame(frame) {
             Ok(Action::Forward(data)) => {
+                tracing::trace!(n = data.len(), "tenant data");
                 if data.is_empty() {
                     continue;
                 }
@@ -270,6 +271,7 @@ where
                     if let Err(e) = tw.flush().await {
                         return End::TenantIo(e.to_string());
                     }
+                    tracing::trace!(n, "compute data");
                     counters.add_down(n);
                 }
                 Err(e) => {
