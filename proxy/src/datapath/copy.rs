@@ -46,7 +46,14 @@ where
             let _ = w.shutdown().await;
             return Ok(());
         }
-        if let Err(e) = w.write_all(&buf[..n]).await {
+        // A TLS writer (rustls) may keep bytes buffered after `write_all`
+        // returns when its socket would block: flush, or they wait for the
+        // next chunk (a stalled console until the tenant sends again).
+        let written = match w.write_all(&buf[..n]).await {
+            Ok(()) => w.flush().await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = written {
             return Err(match dir {
                 Dir::Up => End::ComputeIo(e.to_string()),
                 Dir::Down => End::TenantIo(e.to_string()),
