@@ -33,6 +33,9 @@ where
     loop {
         let n = match r.read(&mut buf).await {
             Ok(n) => n,
+            // A TLS peer that closes without close_notify (QEMU does): for a
+            // console stream that is an ordinary end, not a failure.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => 0,
             Err(e) => {
                 return Err(match dir {
                     Dir::Up => End::TenantIo(e.to_string()),

@@ -254,7 +254,13 @@ where
                 None => return End::Closed,
             },
             r = cr.read(&mut buf[MAX_HEADER_LEN..]) => match r {
+                // EOF, or a TLS compute peer closing without close_notify
+                // (QEMU does): an ordinary end of the console.
                 Ok(0) => {
+                    send_close(&mut tw, close_code::NORMAL, "console closed").await;
+                    return End::ComputeClosed;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
                     send_close(&mut tw, close_code::NORMAL, "console closed").await;
                     return End::ComputeClosed;
                 }
