@@ -87,6 +87,10 @@ pub struct ServeArgs {
     /// WebSocket keepalive ping interval (0 = off).
     #[arg(long, value_name = "DUR")]
     pub ping_interval: Option<String>,
+    /// On SIGTERM, how long live sessions may go on before they are closed
+    /// (default 30s; 0 = close them at once).
+    #[arg(long, value_name = "DUR")]
+    pub drain_timeout: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize)]

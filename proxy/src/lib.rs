@@ -21,6 +21,8 @@
 //!   accounting, refusals and the closing log line.
 //! - [`datapath`]: the hot path once a session is established: the
 //!   userspace bidirectional copy and the WebSocket pump.
+//! - [`control`]: the control plane beside the sessions: systemd
+//!   notifications (ready, reload, stopping, watchdog).
 //! - [`app`]: start-up, reload (SIGHUP, token-file changes) and shutdown.
 //! - [`error`]: refusal kinds with their stable names and HTTP statuses.
 
@@ -29,6 +31,7 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod console;
+pub mod control;
 pub mod datapath;
 pub mod error;
 pub mod front;
