@@ -24,6 +24,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "libsasl2-modules-db", // the sasldb auxprop plugin
     "binutils",            // as/objcopy: the boot-sector test reassembles tests/src/boot.S
     "systemd",             // systemd-analyze verify checks the unit (tests/tests/systemd.rs)
+    "haproxy", // a real load balancer: PROXY protocol and X-Forwarded-For (tests/tests/forwarding.rs)
 ];
 
 /// rustup components of the active toolchain, by the cargo subcommand that
