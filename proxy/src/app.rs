@@ -113,6 +113,8 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
         tenant_tls: tenant_tls.clone(),
         allow_origins: cfg.allow_origins.clone(),
         trusted_proxies: cfg.trusted_proxies.clone(),
+        limits: crate::limits::Limits::new(cfg.limits),
+        max_duration: cfg.max_duration,
         connect_auth: cfg.connect_auth,
         handshake_timeout: cfg.handshake_timeout,
         connect_timeout: cfg.connect_timeout,

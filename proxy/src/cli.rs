@@ -99,6 +99,18 @@ pub struct ServeArgs {
     /// every listener.
     #[arg(long)]
     pub proxy_protocol: bool,
+    /// Close sessions after this long, busy or not (default 24h; 0 = never).
+    #[arg(long, value_name = "DUR")]
+    pub max_session_duration: Option<String>,
+    /// Established sessions at once, in total (default 20000; 0 = no limit).
+    #[arg(long, value_name = "N")]
+    pub max_sessions: Option<usize>,
+    /// Established sessions at once per token (default 32; 0 = no limit).
+    #[arg(long, value_name = "N")]
+    pub max_sessions_per_token: Option<usize>,
+    /// Established sessions at once per tenant address (default 256; 0 = no limit).
+    #[arg(long, value_name = "N")]
+    pub max_sessions_per_source: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize)]

@@ -47,6 +47,9 @@ pub enum Refusal {
     ComputeTimeout,
     ComputeConfig,
     TlsHandshake,
+    TooManySessions,
+    TokenSessionLimit,
+    SourceSessionLimit,
 }
 
 impl Refusal {
@@ -70,6 +73,9 @@ impl Refusal {
             Refusal::ComputeTimeout => "compute_timeout",
             Refusal::ComputeConfig => "compute_config",
             Refusal::TlsHandshake => "tls_handshake",
+            Refusal::TooManySessions => "too_many_sessions",
+            Refusal::TokenSessionLimit => "token_session_limit",
+            Refusal::SourceSessionLimit => "source_session_limit",
         }
     }
 
@@ -92,6 +98,8 @@ impl Refusal {
             Refusal::ProxyAuthRequired => (407, "Proxy Authentication Required"),
             Refusal::ComputeUnreachable | Refusal::ComputeConfig => (502, "Bad Gateway"),
             Refusal::ComputeTimeout => (504, "Gateway Timeout"),
+            Refusal::TooManySessions => (503, "Service Unavailable"),
+            Refusal::TokenSessionLimit | Refusal::SourceSessionLimit => (429, "Too Many Requests"),
         }
     }
 
@@ -99,7 +107,7 @@ impl Refusal {
     pub fn side(self) -> Side {
         match self {
             Refusal::ComputeUnreachable | Refusal::ComputeTimeout => Side::Compute,
-            Refusal::ComputeConfig => Side::Proxy,
+            Refusal::ComputeConfig | Refusal::TooManySessions => Side::Proxy,
             _ => Side::Tenant,
         }
     }
@@ -124,6 +132,11 @@ impl Refusal {
             Refusal::ComputeTimeout => "console backend did not answer in time",
             Refusal::ComputeConfig => "console backend misconfigured on the proxy",
             Refusal::TlsHandshake => "TLS handshake failed",
+            Refusal::TooManySessions => {
+                "the console proxy is at its session limit; try again later"
+            }
+            Refusal::TokenSessionLimit => "too many open sessions for this console token",
+            Refusal::SourceSessionLimit => "too many open sessions from your address",
         }
     }
 }

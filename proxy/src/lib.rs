@@ -17,6 +17,8 @@
 //!   sans-io token file parsers and the reloadable [`auth::TokenStore`].
 //! - [`console`]: the compute side: console kinds, backend targets and
 //!   dialling QEMU over TCP or UNIX sockets.
+//! - [`limits`]: admission limits (sessions in total, per token, per
+//!   tenant address).
 //! - [`session`]: what every front end shares: context, live-session
 //!   accounting, refusals and the closing log line.
 //! - [`datapath`]: the hot path once a session is established: the
@@ -35,4 +37,5 @@ pub mod control;
 pub mod datapath;
 pub mod error;
 pub mod front;
+pub mod limits;
 pub mod session;

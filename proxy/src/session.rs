@@ -35,6 +35,10 @@ pub struct Context {
     pub allow_origins: Vec<String>,
     /// Load balancers whose PROXY headers and X-Forwarded-For are believed.
     pub trusted_proxies: crate::front::forwarded::TrustedNets,
+    /// Session count limits.
+    pub limits: Arc<crate::limits::Limits>,
+    /// Sessions end after this long.
+    pub max_duration: Option<Duration>,
     pub connect_auth: ConnectAuth,
     pub handshake_timeout: Duration,
     pub connect_timeout: Duration,
@@ -48,7 +52,12 @@ impl Context {
     /// Names the tenant behind a trusted load balancer in the session span
     /// (`tenant.addr`, with the balancer as `tenant.via`), from the
     /// request's X-Forwarded-For / Forwarded headers.
-    pub fn record_forwarded(&self, head: &crate::front::http::RequestHead, peer: SocketAddr) {
+    /// Returns the tenant's address: the forwarded one, or `peer`'s.
+    pub fn record_forwarded(
+        &self,
+        head: &crate::front::http::RequestHead,
+        peer: SocketAddr,
+    ) -> std::net::IpAddr {
         let headers = head
             .headers
             .iter()
@@ -59,7 +68,9 @@ impl Context {
             let span = tracing::Span::current();
             span.record("tenant.addr", tracing::field::display(client));
             span.record("tenant.via", tracing::field::display(peer));
+            return client;
         }
+        peer.ip()
     }
 
     /// Resolves a presented token now.

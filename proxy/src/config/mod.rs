@@ -20,6 +20,14 @@ pub const DEV_WS_LISTEN: &str = "127.0.0.1:6080";
 /// Default CONNECT listener of the embedded development setup.
 pub const DEV_CONNECT_LISTEN: &str = "127.0.0.1:6081";
 
+/// Default limit on established sessions at once.
+pub const DEFAULT_MAX_SESSIONS: usize = 20_000;
+/// Default limit per token: a SPICE console opens a session per channel
+/// (main, display, inputs, cursor, sound, several USB redirections).
+pub const DEFAULT_MAX_PER_TOKEN: usize = 32;
+/// Default limit per tenant address (offices behind one NAT address).
+pub const DEFAULT_MAX_PER_SOURCE: usize = 256;
+
 /// The config file as written by an operator.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -142,6 +150,14 @@ pub struct SessionSection {
     pub idle_timeout: Option<String>,
     /// On SIGTERM, how long live sessions may go on before they are closed.
     pub drain_timeout: Option<String>,
+    /// Sessions are closed after this long, busy or not ("0" = never).
+    pub max_duration: Option<String>,
+    /// Established sessions at once, in total (0 = no limit).
+    pub max_sessions: Option<usize>,
+    /// ... per token (a SPICE console uses one per channel).
+    pub max_sessions_per_token: Option<usize>,
+    /// ... per tenant address.
+    pub max_sessions_per_source: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -193,6 +209,10 @@ pub struct Config {
     pub ping_interval: Option<Duration>,
     /// On SIGTERM, how long live sessions may go on before they are closed.
     pub drain_timeout: Duration,
+    /// Sessions are closed after this long.
+    pub max_duration: Option<Duration>,
+    /// Session count limits.
+    pub limits: crate::limits::Maxima,
     pub log_format: LogFormat,
     pub ready_file: Option<PathBuf>,
     /// Compute-side security profiles by name.
@@ -454,6 +474,26 @@ impl Config {
             &fc.session.drain_timeout,
             30,
         )?;
+        let max_duration = d(
+            "max_duration",
+            &args.max_session_duration,
+            &fc.session.max_duration,
+            24 * 3600,
+        )?;
+        let limits = crate::limits::Maxima {
+            total: args
+                .max_sessions
+                .or(fc.session.max_sessions)
+                .unwrap_or(DEFAULT_MAX_SESSIONS),
+            per_token: args
+                .max_sessions_per_token
+                .or(fc.session.max_sessions_per_token)
+                .unwrap_or(DEFAULT_MAX_PER_TOKEN),
+            per_source: args
+                .max_sessions_per_source
+                .or(fc.session.max_sessions_per_source)
+                .unwrap_or(DEFAULT_MAX_PER_SOURCE),
+        };
 
         let mut profiles = fc.compute.profiles;
         let mut default_profile = fc.compute.default_profile;
@@ -522,6 +562,8 @@ impl Config {
             idle_timeout: nonzero(idle_timeout),
             ping_interval: nonzero(ping_interval),
             drain_timeout,
+            max_duration: nonzero(max_duration),
+            limits,
             trusted_proxies,
             ws_proxy_protocol,
             connect_proxy_protocol,

@@ -94,6 +94,8 @@ pub enum End {
     KeepaliveTimeout,
     /// The proxy is shutting down.
     Shutdown,
+    /// The session reached its maximum duration.
+    MaxDuration,
     /// The tenant broke the protocol; closed with this code.
     TenantProtocol { code: u16, reason: &'static str },
     /// An I/O error on the tenant side.
@@ -112,6 +114,7 @@ impl End {
             End::IdleTimeout => "idle_timeout",
             End::KeepaliveTimeout => "keepalive_timeout",
             End::Shutdown => "shutdown",
+            End::MaxDuration => "max_duration",
             End::TenantProtocol { .. } => "tenant_protocol_error",
             End::TenantIo(_) => "tenant_io_error",
             End::ComputeIo(_) => "compute_io_error",

@@ -32,6 +32,8 @@ pub struct WsSettings {
     pub mode: Mode,
     pub idle: Option<Duration>,
     pub ping_interval: Option<Duration>,
+    /// The session is closed (1001) after this long.
+    pub max_duration: Option<Duration>,
 }
 
 #[derive(Debug)]
@@ -88,6 +90,14 @@ where
             let _ = ctl_tx.try_send(Control::Close(close_code::GOING_AWAY, "idle timeout"));
             let _ = tokio::time::timeout(CLOSE_GRACE, &mut down).await;
             End::IdleTimeout
+        }
+        () = async { match settings.max_duration {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        } } => {
+            let _ = ctl_tx.try_send(Control::Close(close_code::GOING_AWAY, "maximum session duration reached"));
+            let _ = tokio::time::timeout(CLOSE_GRACE, &mut down).await;
+            End::MaxDuration
         }
         () = crate::datapath::shutdown_signalled(&mut shutdown) => {
             let _ = ctl_tx.try_send(Control::Close(close_code::GOING_AWAY, "proxy shutting down"));

@@ -14,7 +14,7 @@ use super::read_head;
 use crate::auth::{Admission, Grant};
 use crate::config::ConnectAuth;
 use crate::console::{ConsoleKind, Host, Target, split_host_port};
-use crate::datapath::{Counters, copy};
+use crate::datapath::{Counters, End, copy};
 use crate::error::Refusal;
 use crate::session::{Context, establish, log_end, refuse};
 
@@ -66,9 +66,14 @@ pub async fn serve(mut tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
             Ok(Err(None)) => return,
             Err(_) => return refuse(&mut tcp, Refusal::HandshakeTimeout).await,
         };
-        ctx.record_forwarded(&head, peer);
+        let source = ctx.record_forwarded(&head, peer);
         let admitted = match admit(&ctx, &head) {
             Ok(a) => a,
+            Err(r) => return refuse(&mut tcp, r).await,
+        };
+        let token_id = admitted.token.as_ref().map(|a| a.token_id);
+        let _slot = match ctx.limits.acquire(source, token_id) {
+            Ok(s) => s,
             Err(r) => return refuse(&mut tcp, r).await,
         };
         let span = tracing::Span::current();
@@ -139,14 +144,21 @@ pub async fn serve(mut tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
         span.record("datapath", "userspace");
         tracing::info!("session established");
         let compute_tls = compute.is_tls();
-        let end = copy::bidirectional(
+        let copy = copy::bidirectional(
             tcp,
             compute,
             &counters,
             ctx.idle_timeout,
             ctx.shutdown.clone(),
-        )
-        .await;
+        );
+        // At the maximum duration both sockets are dropped (closed): a raw
+        // tunnel has no close frame to carry a reason.
+        let end = match ctx.max_duration {
+            Some(d) => tokio::time::timeout(d, copy)
+                .await
+                .unwrap_or(End::MaxDuration),
+            None => copy.await,
+        };
         log_end(&end, &counters, compute_tls);
         drop(guard);
     }

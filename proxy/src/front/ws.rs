@@ -62,9 +62,13 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
                 Ok(Err(None)) => return,
                 Err(_) => return refuse(&mut stream, Refusal::HandshakeTimeout).await,
             };
-        ctx.record_forwarded(&head, peer);
+        let source = ctx.record_forwarded(&head, peer);
         let (upgrade, admission) = match admit(&ctx, &head) {
             Ok(v) => v,
+            Err(r) => return refuse(&mut stream, r).await,
+        };
+        let _slot = match ctx.limits.acquire(source, Some(admission.token_id)) {
+            Ok(s) => s,
             Err(r) => return refuse(&mut stream, r).await,
         };
         let grant = &admission.grant;
@@ -117,6 +121,7 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
             mode: upgrade.mode,
             idle: ctx.idle_timeout,
             ping_interval: ctx.ping_interval,
+            max_duration: ctx.max_duration,
         };
         let compute_tls = compute.is_tls();
         let end: End =
