@@ -14,6 +14,7 @@ use crate::auth::store::LoadError;
 use crate::config::dev::{self, DevError};
 use crate::config::{Config, TenantTls as TlsChoice};
 use crate::console::security::{ProfileError, ProfileSet, Profiles};
+use crate::control::audit::{Audit, AuditFileError};
 use crate::control::systemd::Notifier;
 use crate::front::tls::{TenantTls, TlsLoadError, load_server_config};
 use crate::front::{connect, listener, ws};
@@ -44,6 +45,8 @@ pub enum StartError {
         path: String,
         source: std::io::Error,
     },
+    #[error("{0}")]
+    Audit(#[from] AuditFileError),
     #[error("installing signal handlers: {0}")]
     Signals(std::io::Error),
 }
@@ -53,7 +56,10 @@ impl StartError {
     pub fn is_config(&self) -> bool {
         matches!(
             self,
-            StartError::Tokens(_) | StartError::Tls(_) | StartError::Profile(_)
+            StartError::Tokens(_)
+                | StartError::Tls(_)
+                | StartError::Profile(_)
+                | StartError::Audit(_)
         )
     }
 }
@@ -105,6 +111,7 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
     // starts), `shutdown` tells live sessions to close (drain deadline).
     let (stop_accepting_tx, stop_accepting_rx) = watch::channel(false);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let audit = Arc::new(Audit::new(cfg.audit_file.as_deref())?);
     let live = LiveSessions::default();
     let ctx = Arc::new(Context {
         tokens: Arc::clone(&tokens),
@@ -115,6 +122,7 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
         trusted_proxies: cfg.trusted_proxies.clone(),
         limits: crate::limits::Limits::new(cfg.limits),
         max_duration: cfg.max_duration,
+        audit: Arc::clone(&audit),
         connect_auth: cfg.connect_auth,
         handshake_timeout: cfg.handshake_timeout,
         connect_timeout: cfg.connect_timeout,
@@ -200,6 +208,10 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
             _ = sighup.recv() => {
                 notifier.reloading();
                 reload(&cfg, &tokens, tenant_tls.as_deref(), &profiles);
+                match audit.reopen() {
+                    Ok(()) => {}
+                    Err(e) => tracing::error!(error = %e, "SIGHUP: audit file not reopened: keeping the old one"),
+                }
                 notifier.ready(&format!("serving; reloaded; {} sessions", live.count()));
             }
             _ = async { match watchdog.as_mut() { Some(t) => t.tick().await, None => std::future::pending().await } } => {

@@ -65,6 +65,9 @@ pub struct ServeArgs {
     /// Log format.
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Also append one JSON audit record per console session to this file.
+    #[arg(long, value_name = "PATH")]
+    pub audit_log: Option<PathBuf>,
     /// Time allowed for TLS and the HTTP request head (e.g. 10s).
     #[arg(long, value_name = "DUR")]
     pub handshake_timeout: Option<String>,

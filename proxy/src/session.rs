@@ -39,6 +39,8 @@ pub struct Context {
     pub limits: Arc<crate::limits::Limits>,
     /// Sessions end after this long.
     pub max_duration: Option<Duration>,
+    /// Where the per-session audit records go.
+    pub audit: Arc<crate::control::audit::Audit>,
     pub connect_auth: ConnectAuth,
     pub handshake_timeout: Duration,
     pub connect_timeout: Duration,

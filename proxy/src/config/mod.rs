@@ -164,6 +164,8 @@ pub struct SessionSection {
 #[serde(deny_unknown_fields)]
 pub struct LogSection {
     pub format: Option<LogFormat>,
+    /// Append one JSON line per console session to this file.
+    pub audit_file: Option<PathBuf>,
 }
 
 /// Where the tenant-facing certificate comes from.
@@ -214,6 +216,8 @@ pub struct Config {
     /// Session count limits.
     pub limits: crate::limits::Maxima,
     pub log_format: LogFormat,
+    /// Audit records also go to this file (JSON lines).
+    pub audit_file: Option<PathBuf>,
     pub ready_file: Option<PathBuf>,
     /// Compute-side security profiles by name.
     pub profiles: BTreeMap<String, ProfileFile>,
@@ -320,6 +324,7 @@ impl FileConfig {
         fc.tls.cert.as_mut().map(rel);
         fc.tls.key.as_mut().map(rel);
         fc.state_dir.as_mut().map(rel);
+        fc.log.audit_file.as_mut().map(rel);
         for p in fc.compute.profiles.values_mut() {
             for path in [
                 &mut p.ca,
@@ -568,6 +573,7 @@ impl Config {
             ws_proxy_protocol,
             connect_proxy_protocol,
             log_format: args.log_format.or(fc.log.format).unwrap_or_default(),
+            audit_file: args.audit_log.clone().or(fc.log.audit_file),
             ready_file: args.ready_file.clone(),
             profiles,
             default_profile,

@@ -2,4 +2,5 @@
 //! (systemd integration today; admin API, metrics, eBPF map sync and
 //! capability probes join here).
 
+pub mod audit;
 pub mod systemd;

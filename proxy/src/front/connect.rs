@@ -14,6 +14,7 @@ use super::read_head;
 use crate::auth::{Admission, Grant};
 use crate::config::ConnectAuth;
 use crate::console::{ConsoleKind, Host, Target, split_host_port};
+use crate::control::audit::SessionRecord;
 use crate::datapath::{Counters, End, copy};
 use crate::error::Refusal;
 use crate::session::{Context, establish, log_end, refuse};
@@ -160,6 +161,22 @@ pub async fn serve(mut tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
             None => copy.await,
         };
         log_end(&end, &counters, compute_tls);
+        ctx.audit.session(&SessionRecord {
+            session_id: guard.id,
+            front: "connect",
+            tenant: source,
+            via: (source != peer.ip()).then_some(peer),
+            token_id,
+            console_kind: grant.kind.as_str(),
+            compute: admitted.target.to_string(),
+            security: negotiated.to_string(),
+            datapath: "userspace",
+            started: std::time::SystemTime::now() - counters.elapsed(),
+            duration: counters.elapsed(),
+            bytes_up: counters.up_bytes(),
+            bytes_down: counters.down_bytes(),
+            end: end.kind(),
+        });
         drop(guard);
     }
     .instrument(span)

@@ -13,6 +13,7 @@ use super::websocket::frame::close_code;
 use super::websocket::handshake::{check_upgrade, switching_response};
 use super::websocket::stream::WsStream;
 use super::{TenantStream, read_head};
+use crate::control::audit::SessionRecord;
 use crate::datapath::websocket::{CLOSE_GRACE, WsSettings, pump};
 use crate::datapath::{Counters, End};
 use crate::error::Refusal;
@@ -127,6 +128,22 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
         let end: End =
             pump(ws.into_parts(), compute, settings, &counters, ctx.shutdown.clone()).await;
         log_end(&end, &counters, compute_tls);
+        ctx.audit.session(&SessionRecord {
+            session_id: guard.id,
+            front: "websocket",
+            tenant: source,
+            via: (source != peer.ip()).then_some(peer),
+            token_id: Some(admission.token_id),
+            console_kind: grant.kind.as_str(),
+            compute: grant.target.to_string(),
+            security: negotiated.to_string(),
+            datapath: "userspace",
+            started: std::time::SystemTime::now() - counters.elapsed(),
+            duration: counters.elapsed(),
+            bytes_up: counters.up_bytes(),
+            bytes_down: counters.down_bytes(),
+            end: end.kind(),
+        });
         drop(guard);
     }
     .instrument(span)
