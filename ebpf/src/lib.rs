@@ -81,6 +81,7 @@ impl AllowV6 {
     }
 }
 
+#[cfg(consolegate_bpf_built)]
 #[repr(C, align(32))]
 struct Aligned<B: ?Sized>(B);
 

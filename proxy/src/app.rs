@@ -44,6 +44,8 @@ pub enum StartError {
     },
     #[error("installing signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error("eBPF allow-list is required (kernel.allowlist = \"required\") but unavailable: {0}")]
+    AllowList(#[from] crate::control::allowlist::AllowListError),
 }
 
 impl StartError {
@@ -82,6 +84,8 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
         tracing::info!(file = %path.display(), "created a development token file");
     }
     let tokens = Arc::new(TokenStore::load(cfg.token_sources.clone())?);
+    let allowlist =
+        crate::control::allowlist::start_configured(cfg.allowlist, cfg.cgroup, &tokens)?;
     let profiles = Profiles::load(&cfg.profiles, cfg.default_profile.as_deref())?;
     if profiles.is_empty() {
         tracing::warn!(
@@ -114,6 +118,8 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
         ping_interval: cfg.ping_interval,
         shutdown: shutdown_rx.clone(),
         live: live.clone(),
+        datapath: cfg.datapath,
+        allowlist: allowlist.clone(),
     });
 
     let mut bound_ws = Vec::new();
@@ -150,7 +156,8 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
         connect = ?bound_connect,
         tls = tenant_tls.is_some(),
         tokens = tokens.len(),
-        datapath = "userspace",
+        datapath = cfg.datapath.as_str(),
+        allowlist = if allowlist.is_some() { "on" } else { "off" },
         "consolegate ready"
     );
     if let Some(path) = &cfg.ready_file {
@@ -181,6 +188,9 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
+        if let Some(list) = &allowlist {
+            list.sync_static(tokens.tcp_targets());
+        }
     }
 
     tracing::info!(sessions = live.count(), "shutting down: closing sessions");
@@ -193,6 +203,9 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
             sessions = live.count(),
             "sessions still open at the drain deadline"
         );
+    }
+    if let Some(list) = &allowlist {
+        list.close();
     }
     Ok(())
 }

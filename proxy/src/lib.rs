@@ -20,7 +20,12 @@
 //! - [`session`]: what every front end shares: context, live-session
 //!   accounting, refusals and the closing log line.
 //! - [`datapath`]: the hot path once a session is established: the
-//!   userspace bidirectional copy and the WebSocket pump.
+//!   userspace bidirectional copy, splice(2) for plaintext streams and the
+//!   WebSocket pump.
+//! - [`control`]: the eBPF connect allow-list kept in sync with the token
+//!   table, cgroup v2 handling and the `doctor` capability report.
+//! - [`sys`]: the only module with `unsafe` code: pipes, splice, FIONREAD,
+//!   capability probes.
 //! - [`app`]: start-up, reload (SIGHUP, token-file changes) and shutdown.
 //! - [`error`]: refusal kinds with their stable names and HTTP statuses.
 
@@ -29,7 +34,9 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod console;
+pub mod control;
 pub mod datapath;
 pub mod error;
 pub mod front;
 pub mod session;
+pub mod sys;

@@ -19,7 +19,10 @@ use crate::console::security::{ProfileSet, SessionSecurity};
 use crate::console::spice::{self, SpiceError, SpiceSessions};
 use crate::console::vnc::{self, TenantRfbError, VncError};
 use crate::console::{self, ComputeIo, ComputeStream, ConsoleKind, DialError, Target};
-use crate::datapath::{Counters, End};
+use crate::config::kernel::DatapathMode;
+use crate::control::allowlist::{self, AllowList};
+use crate::datapath::splice::{Socket, Splicer};
+use crate::datapath::{Counters, End, copy};
 use crate::error::Refusal;
 use crate::front::http::error_response;
 use crate::front::tls::TenantTls;
@@ -39,6 +42,10 @@ pub struct Context {
     pub ping_interval: Option<Duration>,
     pub shutdown: watch::Receiver<bool>,
     pub live: LiveSessions,
+    /// Data path preference of established sessions.
+    pub datapath: DatapathMode,
+    /// The eBPF connect allow-list, when active.
+    pub allowlist: Option<Arc<AllowList>>,
 }
 
 impl Context {
@@ -59,7 +66,11 @@ impl Context {
 
     /// Dials the compute side, mapping failures to refusals (and logging them).
     pub async fn dial(&self, target: &Target) -> Result<ComputeStream, Refusal> {
-        match console::dial(target, self.connect_timeout).await {
+        let dialled = match &self.allowlist {
+            Some(list) => allowlist::dial(list, target, self.connect_timeout).await,
+            None => console::dial(target, self.connect_timeout).await,
+        };
+        match dialled {
             Ok(s) => Ok(s),
             Err(e) => {
                 let r = match e {
@@ -308,4 +319,46 @@ async fn within<F: std::future::Future>(
     tokio::time::timeout(limit, f)
         .await
         .map_err(|_| EstablishError::Timeout { step, after: limit })
+}
+
+/// Runs the data path of an established raw (CONNECT) session: splice
+/// when both legs are plain sockets and the configuration allows it, the
+/// userspace copy otherwise. Records the choice in the span (`datapath`)
+/// and logs "session established" with it.
+pub async fn pump_raw(
+    ctx: &Context,
+    tenant: tokio::net::TcpStream,
+    compute: ComputeIo,
+    counters: &Counters,
+) -> End {
+    let span = tracing::Span::current();
+    let compute = match compute {
+        ComputeIo::Plain(c) if ctx.datapath != DatapathMode::Copy => match Splicer::new() {
+            Ok(splicer) => {
+                span.record("datapath", "splice");
+                tracing::info!(datapath = "splice", "session established");
+                let compute = match c {
+                    ComputeStream::Tcp(s) => Socket::Tcp(s),
+                    ComputeStream::Unix(s) => Socket::Unix(s),
+                };
+                return splicer
+                    .run(
+                        Socket::Tcp(tenant),
+                        compute,
+                        counters,
+                        ctx.idle_timeout,
+                        ctx.shutdown.clone(),
+                    )
+                    .await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot create pipes for splice: using the copy");
+                ComputeIo::Plain(c)
+            }
+        },
+        other => other,
+    };
+    span.record("datapath", "copy");
+    tracing::info!(datapath = "copy", "session established");
+    copy::bidirectional(tenant, compute, counters, ctx.idle_timeout, ctx.shutdown.clone()).await
 }

@@ -5,6 +5,7 @@
 //! Relative paths in the file are relative to the file's directory.
 
 pub mod dev;
+pub mod kernel;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -39,6 +40,8 @@ pub struct FileConfig {
     pub session: SessionSection,
     #[serde(default)]
     pub log: LogSection,
+    #[serde(default)]
+    pub kernel: kernel::KernelSection,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -171,6 +174,12 @@ pub struct Config {
     pub profiles: BTreeMap<String, ProfileFile>,
     /// Profile for tokens that name none.
     pub default_profile: Option<String>,
+    /// Data path of established sessions.
+    pub datapath: kernel::DatapathMode,
+    /// eBPF connect allow-list.
+    pub allowlist: kernel::AllowListMode,
+    /// Where the allow-list attaches.
+    pub cgroup: kernel::CgroupMode,
 }
 
 /// Why a configuration is invalid. Reported with exit code 64.
@@ -473,6 +482,9 @@ impl Config {
             ready_file: args.ready_file.clone(),
             profiles,
             default_profile,
+            datapath: args.datapath.or(fc.kernel.datapath).unwrap_or_default(),
+            allowlist: args.allowlist.or(fc.kernel.allowlist).unwrap_or_default(),
+            cgroup: fc.kernel.cgroup.unwrap_or_default(),
         })
     }
 }

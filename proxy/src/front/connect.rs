@@ -14,7 +14,7 @@ use super::read_head;
 use crate::auth::{Admission, Grant};
 use crate::config::ConnectAuth;
 use crate::console::{ConsoleKind, Host, Target, split_host_port};
-use crate::datapath::{Counters, copy};
+use crate::datapath::Counters;
 use crate::error::Refusal;
 use crate::session::{Context, establish, log_end, refuse};
 
@@ -130,17 +130,12 @@ pub async fn serve(mut tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
             counters.add_up(prefix.len());
         }
         tracing::info!(security = %negotiated, "console handshake done");
-        span.record("datapath", "userspace");
-        tracing::info!("session established");
         let compute_tls = compute.is_tls();
-        let end = copy::bidirectional(
-            tcp,
-            compute,
-            &counters,
-            ctx.idle_timeout,
-            ctx.shutdown.clone(),
-        )
-        .await;
+        if compute_tls && let Err(e) = compute.flush().await {
+            tracing::info!(error = %e, "compute write failed");
+            return;
+        }
+        let end = crate::session::pump_raw(&ctx, tcp, compute, &counters).await;
         log_end(&end, &counters, compute_tls);
         drop(guard);
     }

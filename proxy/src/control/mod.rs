@@ -1,0 +1,8 @@
+//! Control plane around the data path: the eBPF connect allow-list kept in
+//! sync with the token table ([`allowlist`]), the cgroup v2 it attaches to
+//! ([`cgroup`]) and the capability report of `consolegate doctor`
+//! ([`doctor`]). `datapath/` never imports this module.
+
+pub mod allowlist;
+pub mod cgroup;
+pub mod doctor;
