@@ -443,6 +443,94 @@ pub async fn dial(
 mod tests {
     use super::*;
 
+    use crate::control::cgroup;
+
+    /// Runs `bash` inside the cgroup at `dir` and opens a TCP connection to
+    /// `host`:`port` with bash's /dev/tcp; returns bash's stderr/stdout.
+    fn connect_from(dir: &std::path::Path, host: &str, port: u16) -> (bool, String) {
+        let script = format!(
+            "echo $$ > {}/cgroup.procs || exit 3; exec 3<>/dev/tcp/{host}/{port} && echo connected",
+            dir.display()
+        );
+        let out = std::process::Command::new("bash")
+            .args(["-c", &script])
+            .output()
+            .expect("bash runs");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success() && text.contains("connected"), text)
+    }
+
+    /// The kernel enforces the list: a process in the attached cgroup gets
+    /// EPERM for a listening loopback port not in the map, and connects once
+    /// the key is added (v4, v6, and v4-mapped v6 through connect6).
+    #[test]
+    fn kernel_refuses_unlisted_connects_with_eperm() {
+        let Some(parent) = cgroup::current_dir().ok() else {
+            println!("skipped: no cgroup v2 here; the proxy starts without the allow-list");
+            return;
+        };
+        let dir = parent.join(format!("consolegate-unit-{}", std::process::id()));
+        let scratch = match cgroup::Attached::scratch(&dir) {
+            Ok(s) => s,
+            Err(e) => {
+                println!("skipped: cannot create a test cgroup ({e}): not root?");
+                return;
+            }
+        };
+        let list = match AllowList::with_cgroup(scratch) {
+            Ok(l) => l,
+            Err(e) => {
+                println!("skipped: the allow-list cannot load here ({e}); fallback tested in tests/tests/ebpf.rs");
+                return;
+            }
+        };
+        let l4 = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let a4 = l4.local_addr().unwrap();
+        let (ok, text) = connect_from(&dir, "127.0.0.1", a4.port());
+        assert!(!ok && text.contains("Operation not permitted"), "{text}");
+        let (ok, text) = connect_from(&dir, "::ffff:127.0.0.1", a4.port());
+        assert!(!ok && text.contains("Operation not permitted"), "{text}");
+
+        list.sync_static([(Host::Ip(a4.ip()), a4.port())]);
+        assert!(list.contains(a4));
+        let (ok, text) = connect_from(&dir, "127.0.0.1", a4.port());
+        assert!(ok, "{text}");
+        // A dual-stack socket to ::ffff:127.0.0.1 goes through connect6 and
+        // is looked up in the v4 table.
+        let (ok, text) = connect_from(&dir, "::ffff:127.0.0.1", a4.port());
+        assert!(ok, "{text}");
+        // Another port on the same host stays refused.
+        let (ok, text) = connect_from(&dir, "127.0.0.1", a4.port().wrapping_add(1).max(1));
+        assert!(!ok && text.contains("Operation not permitted"), "{text}");
+
+        if let Ok(l6) = std::net::TcpListener::bind("[::1]:0") {
+            let a6 = l6.local_addr().unwrap();
+            let (ok, text) = connect_from(&dir, "::1", a6.port());
+            assert!(!ok && text.contains("Operation not permitted"), "{text}");
+            {
+                let _g = list.dialling(a6);
+                let (ok, text) = connect_from(&dir, "::1", a6.port());
+                assert!(ok, "{text}");
+            }
+            // The dial guard is gone: refused again.
+            assert!(!list.contains(a6));
+            let (ok, text) = connect_from(&dir, "::1", a6.port());
+            assert!(!ok && text.contains("Operation not permitted"), "{text}");
+        }
+
+        // A reload that drops the target removes it from the map.
+        list.sync_static(std::iter::empty());
+        let (ok, text) = connect_from(&dir, "127.0.0.1", a4.port());
+        assert!(!ok && text.contains("Operation not permitted"), "{text}");
+        list.close();
+        // Programs detached: the scratch cgroup is gone, nothing filtered.
+        assert!(!dir.exists());
+    }
+
     #[test]
     fn v4_mapped_goes_to_the_v4_table() {
         let m: SocketAddr = "[::ffff:127.0.0.1]:5900".parse().unwrap();
