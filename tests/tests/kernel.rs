@@ -1,0 +1,227 @@
+//! Kernel paths through the real binary: the eBPF connect allow-list
+//! (required mode in front of a real QEMU VNC server over CONNECT; the
+//! warning fallback when privileges do not allow it) and each data path
+//! (`--datapath copy|splice`) moving large random payloads byte for byte.
+//!
+//! That the kernel itself refuses an unlisted connect with EPERM is shown
+//! by the unit test `control::allowlist::tests::kernel_refuses_unlisted_connects_with_eperm`
+//! (a child process in an attached test cgroup); here the proxy refuses
+//! such targets before dialling, and the kernel list must not get in the
+//! way of anything a token names.
+
+use std::process::Command;
+
+use consolegate_tests::fake::EchoServer;
+use consolegate_tests::http::{bearer, connect_tunnel};
+use consolegate_tests::net::authority;
+use consolegate_tests::proxy::{Proxy, ProxySpec, binary, raw_token, write_toml_tokens};
+use consolegate_tests::qemu::Sock;
+use consolegate_tests::scenario::{token_dir, vnc_behind_proxy};
+use consolegate_tests::{random_token, rfb};
+use rand::RngCore as _;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+/// `Ok` if `consolegate doctor` can attach the allow-list here, else why not.
+fn allowlist_available() -> Result<(), String> {
+    let out = Command::new(binary().map_err(|e| e.to_string())?)
+        .arg("doctor")
+        .output()
+        .map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let line = text
+        .lines()
+        .find(|l| l.contains("cgroup attach"))
+        .ok_or_else(|| format!("doctor printed no cgroup attach line:\n{text}"))?;
+    if line.trim_start().starts_with("yes") {
+        Ok(())
+    } else {
+        Err(line.trim().to_owned())
+    }
+}
+
+/// The proxy's cgroup v2 path from /proc/<pid>/cgroup.
+fn cgroup_of(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("0::").map(str::to_owned))
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn allowlist_required_vnc_over_connect_with_each_datapath() {
+    if let Err(why) = allowlist_available() {
+        println!(
+            "skipped: the eBPF allow-list cannot attach here ({why}); \
+             allowlist_without_privileges_warns_or_refuses tests the fallback"
+        );
+        return;
+    }
+    for datapath in ["copy", "splice"] {
+        let mut spec = ProxySpec::connect(&[]);
+        spec.extra = ["--allowlist", "required", "--datapath", datapath]
+            .map(String::from)
+            .to_vec();
+        let s = vnc_behind_proxy(Sock::Tcp, spec).await.unwrap();
+        s.proxy
+            .wait_log(&["eBPF connect allow-list active", "entries=1"])
+            .await
+            .unwrap();
+        let pid = s.proxy.pid();
+        let cg = cgroup_of(pid);
+        assert!(
+            cg.ends_with(&format!("/consolegate-{pid}")),
+            "the proxy is not in its own cgroup: {cg:?}"
+        );
+
+        let target = authority(s.qemu.vnc.tcp());
+        let p = s.proxy.connect_addr();
+        let mut io = connect_tunnel(p, &target, Some(&bearer(&s.token)))
+            .await
+            .unwrap()
+            .tunnel()
+            .unwrap();
+        let (init, fb) = rfb::check_session(&mut io).await.unwrap();
+        assert_eq!((fb.width, fb.height), (init.width, init.height));
+        s.proxy
+            .wait_log(&["session established", &format!("datapath=\"{datapath}\"")])
+            .await
+            .unwrap();
+        drop(io);
+
+        // A listening service no token names: refused, never dialled.
+        let other = EchoServer::start().await.unwrap();
+        let o = connect_tunnel(p, &authority(other.addr), Some(&bearer(&s.token)))
+            .await
+            .unwrap();
+        assert_eq!(o.status(), 403);
+        assert_eq!(other.accepted(), 0);
+
+        // At exit the proxy leaves and removes its cgroup.
+        let mut proxy = s.proxy;
+        let dir = format!("/sys/fs/cgroup/unified{cg}");
+        let mount_dir = std::path::Path::new(&dir);
+        proxy.signal("TERM").unwrap();
+        consolegate_tests::within("proxy exit", async {
+            while proxy.alive() {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .unwrap();
+        if mount_dir.parent().is_some_and(|p| p.exists()) {
+            assert!(!mount_dir.exists(), "{dir} left behind");
+        }
+    }
+}
+
+/// Sends `len` random bytes through a CONNECT tunnel to an echo server and
+/// checks the echo byte for byte; half-closes after writing.
+async fn echo_roundtrip(proxy: std::net::SocketAddr, token: &str, target: &str, len: usize) {
+    let io = connect_tunnel(proxy, target, Some(&bearer(token)))
+        .await
+        .unwrap()
+        .tunnel()
+        .unwrap();
+    let mut data = vec![0u8; len];
+    rand::rng().fill_bytes(&mut data);
+    let (mut r, mut w) = tokio::io::split(io);
+    let send = async {
+        w.write_all(&data).await.unwrap();
+        w.flush().await.unwrap();
+        w.shutdown().await.unwrap();
+    };
+    let recv = async {
+        let mut got = Vec::with_capacity(len);
+        r.read_to_end(&mut got).await.unwrap();
+        got
+    };
+    let ((), got) = consolegate_tests::within("echo round trip", async { tokio::join!(send, recv) })
+        .await
+        .unwrap();
+    assert_eq!(got.len(), data.len());
+    assert!(got == data, "echoed bytes differ");
+}
+
+#[tokio::test]
+async fn each_datapath_moves_bulk_and_many_sessions_byte_for_byte() {
+    let echo = EchoServer::start().await.unwrap();
+    let dir = token_dir();
+    let token = random_token();
+    let file = dir.path().join("tokens.toml");
+    // By name: with the allow-list on, the address is resolved and allowed
+    // just before the dial.
+    let mut entry = raw_token(&token, echo.addr);
+    entry.target = Some(format!("localhost:{}", echo.addr.port()));
+    write_toml_tokens(&file, &[entry]).unwrap();
+    let target = format!("localhost:{}", echo.addr.port());
+    for datapath in ["copy", "splice"] {
+        let mut spec = ProxySpec::connect(&[&file]);
+        spec.extra = ["--datapath", datapath].map(String::from).to_vec();
+        let proxy = Proxy::start(spec).await.unwrap();
+        let p = proxy.connect_addr();
+        echo_roundtrip(p, &token, &target, 32 << 20).await;
+        let many: Vec<_> = (0..24)
+            .map(|i| {
+                let (token, target) = (token.clone(), target.clone());
+                tokio::spawn(async move { echo_roundtrip(p, &token, &target, 200_000 + i * 4099).await })
+            })
+            .collect();
+        for t in many {
+            t.await.unwrap();
+        }
+        proxy
+            .wait_log_count(
+                &["session established", &format!("datapath=\"{datapath}\"")],
+                25,
+            )
+            .await
+            .unwrap();
+        proxy
+            .wait_log_count(&["session closed", "end=closed"], 25)
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn allowlist_without_privileges_warns_or_refuses() {
+    if Command::new("setpriv").arg("--version").output().is_err() {
+        println!("skipped: setpriv (util-linux) missing: cannot drop capabilities");
+        return;
+    }
+    // Root without capabilities: bpf(2) and the cgroup are refused.
+    let launcher: Vec<String> = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--"]
+        .map(String::from)
+        .to_vec();
+    let echo = EchoServer::start().await.unwrap();
+    let dir = token_dir();
+    let token = random_token();
+    let file = dir.path().join("tokens.toml");
+    write_toml_tokens(&file, &[raw_token(&token, echo.addr)]).unwrap();
+
+    // auto: starts anyway, says so loudly, and still serves.
+    let mut spec = ProxySpec::connect(&[&file]);
+    spec.launcher = launcher.clone();
+    let proxy = Proxy::start(spec).await.unwrap();
+    proxy
+        .wait_log(&["WARN", "eBPF connect allow-list NOT active"])
+        .await
+        .unwrap();
+    proxy
+        .wait_log(&["consolegate ready", "allowlist=\"off\""])
+        .await
+        .unwrap();
+    echo_roundtrip(proxy.connect_addr(), &token, &echo.addr.to_string(), 1 << 20).await;
+    drop(proxy);
+
+    // required: refuses to start and says why.
+    let mut spec = ProxySpec::connect(&[&file]);
+    spec.launcher = launcher;
+    spec.extra = ["--allowlist", "required"].map(String::from).to_vec();
+    let err = Proxy::start(spec).await.unwrap_err().to_string();
+    assert!(
+        err.contains("eBPF allow-list is required") && err.contains("unavailable"),
+        "{err}"
+    );
+}
