@@ -91,6 +91,7 @@ impl Attached {
     /// process (all threads) into it.
     pub fn own() -> Result<Self, CgroupError> {
         let parent = current_dir()?;
+        remove_stale(&parent);
         let dir = parent.join(format!("consolegate-{}", std::process::id()));
         match std::fs::create_dir(&dir) {
             Ok(()) => {}
@@ -141,6 +142,32 @@ impl Attached {
             parent: None,
             remove: true,
         })
+    }
+}
+
+/// Removes empty `consolegate-<pid>` children of `parent` whose process is
+/// gone (a proxy that was killed could not clean up). rmdir of a cgroup
+/// only succeeds when it has no process and no child, so a live cgroup is
+/// never touched.
+fn remove_stale(parent: &Path) {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("consolegate-"))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        if std::fs::remove_dir(e.path()).is_ok() {
+            tracing::info!(cgroup = %e.path().display(), "removed the cgroup of a proxy that is gone");
+        }
     }
 }
 
