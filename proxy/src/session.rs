@@ -362,3 +362,73 @@ pub async fn pump_raw(
     tracing::info!(datapath = "copy", "session established");
     copy::bidirectional(tenant, compute, counters, ctx.idle_timeout, ctx.shutdown.clone()).await
 }
+
+/// Runs the data path of an established WebSocket session: the spliced
+/// pump (`datapath = "splice"`) when the tenant is plain HTTP in binary
+/// mode and the compute leg a plain socket, the userspace pump otherwise.
+/// Records the choice in the span and calls `established` with it before
+/// the pump starts.
+pub async fn pump_ws(
+    ctx: &Context,
+    tenant: crate::front::websocket::stream::WsParts<crate::front::TenantStream>,
+    compute: ComputeIo,
+    settings: crate::datapath::websocket::WsSettings,
+    counters: &Counters,
+    established: impl FnOnce(&'static str),
+) -> End {
+    use crate::front::TenantStream;
+    use crate::front::websocket::message::Mode;
+    use crate::front::websocket::stream::WsParts;
+    let span = tracing::Span::current();
+    let WsParts {
+        inner,
+        raw,
+        pending,
+        inbound,
+    } = tenant;
+    let try_splice = ctx.datapath != DatapathMode::Copy && settings.mode == Mode::Binary;
+    let (inner, compute) = match (inner, compute) {
+        (TenantStream::Plain(tcp), ComputeIo::Plain(c)) if try_splice => {
+            match crate::sys::pipe::Pipe::new(crate::datapath::splice::PIPE_SIZE) {
+                Ok(pipe) => {
+                    span.record("datapath", "splice");
+                    established("splice");
+                    let compute = match c {
+                        ComputeStream::Tcp(s) => Socket::Tcp(s),
+                        ComputeStream::Unix(s) => Socket::Unix(s),
+                    };
+                    let parts = WsParts {
+                        inner: tcp,
+                        raw,
+                        pending,
+                        inbound,
+                    };
+                    return crate::datapath::ws_splice::pump(
+                        parts,
+                        compute,
+                        pipe,
+                        settings,
+                        counters,
+                        ctx.shutdown.clone(),
+                    )
+                    .await;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot create a pipe for splice: using the copy");
+                    (TenantStream::Plain(tcp), ComputeIo::Plain(c))
+                }
+            }
+        }
+        other => other,
+    };
+    span.record("datapath", "copy");
+    established("copy");
+    let parts = WsParts {
+        inner,
+        raw,
+        pending,
+        inbound,
+    };
+    crate::datapath::websocket::pump(parts, compute, settings, counters, ctx.shutdown.clone())
+        .await
+}

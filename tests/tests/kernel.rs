@@ -13,7 +13,8 @@ use std::process::Command;
 
 use consolegate_tests::fake::EchoServer;
 use consolegate_tests::http::{bearer, connect_tunnel};
-use consolegate_tests::net::authority;
+use consolegate_tests::net::{Transport, authority};
+use consolegate_tests::ws;
 use consolegate_tests::proxy::{Proxy, ProxySpec, binary, raw_token, write_toml_tokens};
 use consolegate_tests::qemu::Sock;
 use consolegate_tests::scenario::{token_dir, vnc_behind_proxy};
@@ -224,4 +225,67 @@ async fn allowlist_without_privileges_warns_or_refuses() {
         err.contains("eBPF allow-list is required") && err.contains("unavailable"),
         "{err}"
     );
+}
+
+/// Sends `len` random bytes through a plain WebSocket (binary or base64)
+/// to the echo console and checks the echo byte for byte.
+async fn ws_echo(addr: std::net::SocketAddr, token: &str, mode: ws::Mode, len: usize) {
+    let proto = if mode == ws::Mode::Base64 { "base64" } else { "binary" };
+    let req = ws::WsRequest::path(format!("/websockify?token={token}")).protocol(proto);
+    let (w, _) = ws::connect(addr, &Transport::Plain, &req)
+        .await
+        .unwrap()
+        .upgraded()
+        .unwrap();
+    let mut b = ws::into_bytes(w, mode);
+    let mut data = vec![0u8; len];
+    rand::rng().fill_bytes(&mut data);
+    let (mut rd, mut wr) = tokio::io::split(&mut b.io);
+    let send = async {
+        for chunk in data.chunks(60_000) {
+            wr.write_all(chunk).await.unwrap();
+        }
+        wr.flush().await.unwrap();
+    };
+    let mut back = vec![0u8; len];
+    let recv = async { rd.read_exact(&mut back).await.unwrap() };
+    consolegate_tests::within("WebSocket echo", async { tokio::join!(send, recv) })
+        .await
+        .unwrap();
+    assert!(back == data, "echoed bytes differ");
+}
+
+#[tokio::test]
+async fn websocket_each_datapath_echoes_bulk_and_many_sessions() {
+    let echo = EchoServer::start().await.unwrap();
+    let dir = token_dir();
+    let token = random_token();
+    let file = dir.path().join("tokens.toml");
+    write_toml_tokens(&file, &[raw_token(&token, echo.addr)]).unwrap();
+    for datapath in ["copy", "splice"] {
+        let mut spec = ProxySpec::plain_ws(&[&file]);
+        spec.extra = ["--datapath", datapath].map(String::from).to_vec();
+        let proxy = Proxy::start(spec).await.unwrap();
+        let a = proxy.ws_addr();
+        ws_echo(a, &token, ws::Mode::Binary, 16 << 20).await;
+        proxy
+            .wait_log(&["session established", &format!("datapath=\"{datapath}\"")])
+            .await
+            .unwrap();
+        let many: Vec<_> = (0..16)
+            .map(|i| {
+                let token = token.clone();
+                tokio::spawn(async move { ws_echo(a, &token, ws::Mode::Binary, 100_000 + i * 7919).await })
+            })
+            .collect();
+        for t in many {
+            t.await.unwrap();
+        }
+        // base64 frames are re-encoded in userspace whatever is configured.
+        ws_echo(a, &token, ws::Mode::Base64, 1 << 20).await;
+        proxy
+            .wait_log(&["session established", "mode=\"base64\"", "datapath=\"copy\""])
+            .await
+            .unwrap();
+    }
 }

@@ -3,7 +3,8 @@
 //! `copy` is the universal userspace bidirectional copy (CONNECT and other
 //! raw streams); `splice` moves plaintext streams socket -> pipe -> socket
 //! in the kernel; `websocket` pumps between a WebSocket tenant and a raw
-//! compute stream. The session picks the highest rung its legs allow
+//! compute stream, and `ws_splice` does the same with the heavy
+//! compute-to-tenant payload spliced behind a frame header we write. The session picks the highest rung its legs allow
 //! (splice when both are plain sockets) with the copy as the fallback that
 //! always exists; sockmap, kTLS and io_uring will join the ladder. This
 //! module never imports config, serde or control-plane code.
@@ -11,6 +12,7 @@
 pub mod copy;
 pub mod splice;
 pub mod websocket;
+pub mod ws_splice;
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};

@@ -33,7 +33,7 @@ pub enum Socket {
 }
 
 #[derive(Debug, Clone, Copy)]
-enum Sock<'a> {
+pub(super) enum Sock<'a> {
     Tcp(&'a TcpStream),
     Unix(&'a UnixStream),
 }
@@ -48,14 +48,14 @@ impl Socket {
 }
 
 impl<'a> Sock<'a> {
-    fn fd(self) -> BorrowedFd<'a> {
+    pub(super) fn fd(self) -> BorrowedFd<'a> {
         match self {
             Sock::Tcp(s) => s.as_fd(),
             Sock::Unix(s) => s.as_fd(),
         }
     }
 
-    async fn ready(self, interest: Interest) -> io::Result<()> {
+    pub(super) async fn ready(self, interest: Interest) -> io::Result<()> {
         match self {
             Sock::Tcp(s) => s.ready(interest).await.map(drop),
             Sock::Unix(s) => s.ready(interest).await.map(drop),
@@ -64,7 +64,7 @@ impl<'a> Sock<'a> {
 
     /// Runs `f` if tokio thinks the socket is ready; a `WouldBlock` from
     /// `f` clears that readiness so the next `ready` waits for epoll.
-    fn try_io<R>(self, interest: Interest, f: impl FnOnce() -> io::Result<R>) -> io::Result<R> {
+    pub(super) fn try_io<R>(self, interest: Interest, f: impl FnOnce() -> io::Result<R>) -> io::Result<R> {
         match self {
             Sock::Tcp(s) => s.try_io(interest, f),
             Sock::Unix(s) => s.try_io(interest, f),
@@ -152,7 +152,7 @@ impl Splicer {
 }
 
 /// Waits for `interest` on `sock` and runs one splice call.
-async fn splice_ready(
+pub(super) async fn splice_ready(
     sock: Sock<'_>,
     interest: Interest,
     from: BorrowedFd<'_>,

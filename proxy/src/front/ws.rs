@@ -13,7 +13,7 @@ use super::websocket::frame::close_code;
 use super::websocket::handshake::{check_upgrade, switching_response};
 use super::websocket::stream::WsStream;
 use super::{TenantStream, read_head};
-use crate::datapath::websocket::{CLOSE_GRACE, WsSettings, pump};
+use crate::datapath::websocket::{CLOSE_GRACE, WsSettings};
 use crate::datapath::{Counters, End};
 use crate::error::Refusal;
 use crate::session::{Context, establish, log_end, refuse};
@@ -103,13 +103,6 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
             tracing::info!(error = %e, "tenant went away during the handshake");
             return;
         }
-        span.record("datapath", "userspace");
-        tracing::info!(
-            mode = upgrade.mode.name(),
-            security = %negotiated,
-            profile = security.profile.as_deref().unwrap_or("-"),
-            "session established"
-        );
         let counters = Counters::new();
         let settings = WsSettings {
             mode: upgrade.mode,
@@ -117,8 +110,24 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
             ping_interval: ctx.ping_interval,
         };
         let compute_tls = compute.is_tls();
-        let end: End =
-            pump(ws.into_parts(), compute, settings, &counters, ctx.shutdown.clone()).await;
+        let established = |datapath: &'static str| {
+            tracing::info!(
+                mode = upgrade.mode.name(),
+                security = %negotiated,
+                profile = security.profile.as_deref().unwrap_or("-"),
+                datapath,
+                "session established"
+            );
+        };
+        let end: End = crate::session::pump_ws(
+            &ctx,
+            ws.into_parts(),
+            compute,
+            settings,
+            &counters,
+            established,
+        )
+        .await;
         log_end(&end, &counters, compute_tls);
         drop(guard);
     }
