@@ -137,13 +137,31 @@ mod tests {
     #[test]
     fn layout_matches_the_c_header() {
         assert_eq!(size_of::<AllowV4>(), header_value("ALLOW_V4_SIZE"));
-        assert_eq!(offset_of!(AllowV4, addr), header_value("ALLOW_V4_ADDR_OFFSET"));
-        assert_eq!(offset_of!(AllowV4, port), header_value("ALLOW_V4_PORT_OFFSET"));
+        assert_eq!(
+            offset_of!(AllowV4, addr),
+            header_value("ALLOW_V4_ADDR_OFFSET")
+        );
+        assert_eq!(
+            offset_of!(AllowV4, port),
+            header_value("ALLOW_V4_PORT_OFFSET")
+        );
         assert_eq!(size_of::<AllowV6>(), header_value("ALLOW_V6_SIZE"));
-        assert_eq!(offset_of!(AllowV6, addr), header_value("ALLOW_V6_ADDR_OFFSET"));
-        assert_eq!(offset_of!(AllowV6, port), header_value("ALLOW_V6_PORT_OFFSET"));
-        assert_eq!(AllowV4::new([0; 4], 0).to_bytes().len(), size_of::<AllowV4>());
-        assert_eq!(AllowV6::new([0; 16], 0).to_bytes().len(), size_of::<AllowV6>());
+        assert_eq!(
+            offset_of!(AllowV6, addr),
+            header_value("ALLOW_V6_ADDR_OFFSET")
+        );
+        assert_eq!(
+            offset_of!(AllowV6, port),
+            header_value("ALLOW_V6_PORT_OFFSET")
+        );
+        assert_eq!(
+            AllowV4::new([0; 4], 0).to_bytes().len(),
+            size_of::<AllowV4>()
+        );
+        assert_eq!(
+            AllowV6::new([0; 16], 0).to_bytes().len(),
+            size_of::<AllowV6>()
+        );
     }
 
     #[test]

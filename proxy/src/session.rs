@@ -15,11 +15,11 @@ use tokio::io::AsyncRead;
 
 use crate::auth::{Admission, Grant, TokenId, TokenStore};
 use crate::config::ConnectAuth;
+use crate::config::kernel::DatapathMode;
 use crate::console::security::{ProfileSet, SessionSecurity};
 use crate::console::spice::{self, SpiceError, SpiceSessions};
 use crate::console::vnc::{self, TenantRfbError, VncError};
 use crate::console::{self, ComputeIo, ComputeStream, ConsoleKind, DialError, Target};
-use crate::config::kernel::DatapathMode;
 use crate::control::allowlist::{self, AllowList};
 use crate::datapath::splice::{Socket, Splicer};
 use crate::datapath::{Counters, End, copy};
@@ -360,7 +360,14 @@ pub async fn pump_raw(
     };
     span.record("datapath", "copy");
     tracing::info!(datapath = "copy", "session established");
-    copy::bidirectional(tenant, compute, counters, ctx.idle_timeout, ctx.shutdown.clone()).await
+    copy::bidirectional(
+        tenant,
+        compute,
+        counters,
+        ctx.idle_timeout,
+        ctx.shutdown.clone(),
+    )
+    .await
 }
 
 /// Runs the data path of an established WebSocket session: the spliced
@@ -429,6 +436,5 @@ pub async fn pump_ws(
         pending,
         inbound,
     };
-    crate::datapath::websocket::pump(parts, compute, settings, counters, ctx.shutdown.clone())
-        .await
+    crate::datapath::websocket::pump(parts, compute, settings, counters, ctx.shutdown.clone()).await
 }

@@ -14,10 +14,10 @@ use std::process::Command;
 use consolegate_tests::fake::EchoServer;
 use consolegate_tests::http::{bearer, connect_tunnel};
 use consolegate_tests::net::{Transport, authority};
-use consolegate_tests::ws;
 use consolegate_tests::proxy::{Proxy, ProxySpec, binary, raw_token, write_toml_tokens};
 use consolegate_tests::qemu::Sock;
 use consolegate_tests::scenario::{token_dir, vnc_behind_proxy};
+use consolegate_tests::ws;
 use consolegate_tests::{random_token, rfb};
 use rand::RngCore as _;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -137,9 +137,10 @@ async fn echo_roundtrip(proxy: std::net::SocketAddr, token: &str, target: &str, 
         r.read_to_end(&mut got).await.unwrap();
         got
     };
-    let ((), got) = consolegate_tests::within("echo round trip", async { tokio::join!(send, recv) })
-        .await
-        .unwrap();
+    let ((), got) =
+        consolegate_tests::within("echo round trip", async { tokio::join!(send, recv) })
+            .await
+            .unwrap();
     assert_eq!(got.len(), data.len());
     assert!(got == data, "echoed bytes differ");
 }
@@ -165,7 +166,9 @@ async fn each_datapath_moves_bulk_and_many_sessions_byte_for_byte() {
         let many: Vec<_> = (0..24)
             .map(|i| {
                 let (token, target) = (token.clone(), target.clone());
-                tokio::spawn(async move { echo_roundtrip(p, &token, &target, 200_000 + i * 4099).await })
+                tokio::spawn(
+                    async move { echo_roundtrip(p, &token, &target, 200_000 + i * 4099).await },
+                )
             })
             .collect();
         for t in many {
@@ -213,7 +216,13 @@ async fn allowlist_without_privileges_warns_or_refuses() {
         .wait_log(&["consolegate ready", "allowlist=\"off\""])
         .await
         .unwrap();
-    echo_roundtrip(proxy.connect_addr(), &token, &echo.addr.to_string(), 1 << 20).await;
+    echo_roundtrip(
+        proxy.connect_addr(),
+        &token,
+        &echo.addr.to_string(),
+        1 << 20,
+    )
+    .await;
     drop(proxy);
 
     // required: refuses to start and says why.
@@ -230,7 +239,11 @@ async fn allowlist_without_privileges_warns_or_refuses() {
 /// Sends `len` random bytes through a plain WebSocket (binary or base64)
 /// to the echo console and checks the echo byte for byte.
 async fn ws_echo(addr: std::net::SocketAddr, token: &str, mode: ws::Mode, len: usize) {
-    let proto = if mode == ws::Mode::Base64 { "base64" } else { "binary" };
+    let proto = if mode == ws::Mode::Base64 {
+        "base64"
+    } else {
+        "binary"
+    };
     let req = ws::WsRequest::path(format!("/websockify?token={token}")).protocol(proto);
     let (w, _) = ws::connect(addr, &Transport::Plain, &req)
         .await
@@ -275,7 +288,9 @@ async fn websocket_each_datapath_echoes_bulk_and_many_sessions() {
         let many: Vec<_> = (0..16)
             .map(|i| {
                 let token = token.clone();
-                tokio::spawn(async move { ws_echo(a, &token, ws::Mode::Binary, 100_000 + i * 7919).await })
+                tokio::spawn(async move {
+                    ws_echo(a, &token, ws::Mode::Binary, 100_000 + i * 7919).await
+                })
             })
             .collect();
         for t in many {
@@ -284,7 +299,11 @@ async fn websocket_each_datapath_echoes_bulk_and_many_sessions() {
         // base64 frames are re-encoded in userspace whatever is configured.
         ws_echo(a, &token, ws::Mode::Base64, 1 << 20).await;
         proxy
-            .wait_log(&["session established", "mode=\"base64\"", "datapath=\"copy\""])
+            .wait_log(&[
+                "session established",
+                "mode=\"base64\"",
+                "datapath=\"copy\"",
+            ])
             .await
             .unwrap();
     }

@@ -178,7 +178,10 @@ fn load(cgroup: Attached) -> Result<Loaded, AllowListError> {
         cgroup: cgroup.dir.display().to_string(),
         error: e.to_string(),
     })?;
-    for program in [consolegate_ebpf::PROG_CONNECT4, consolegate_ebpf::PROG_CONNECT6] {
+    for program in [
+        consolegate_ebpf::PROG_CONNECT4,
+        consolegate_ebpf::PROG_CONNECT6,
+    ] {
         let perr = |error: String| AllowListError::Program { program, error };
         let prog: &mut CgroupSockAddr = ebpf
             .program_mut(program)
@@ -362,7 +365,10 @@ pub fn start_configured(
     tokens: &TokenStore,
 ) -> Result<Option<Arc<AllowList>>, AllowListError> {
     if mode == AllowListMode::Off {
-        tracing::info!(allowlist = "off", "eBPF connect allow-list disabled by configuration");
+        tracing::info!(
+            allowlist = "off",
+            "eBPF connect allow-list disabled by configuration"
+        );
         return Ok(None);
     }
     match AllowList::start(cgroup) {
@@ -404,7 +410,8 @@ pub async fn dial(
     let addrs: Vec<SocketAddr> = match host {
         Host::Ip(ip) => vec![SocketAddr::new(*ip, *port)],
         Host::Name(n) => {
-            match tokio::time::timeout(timeout, tokio::net::lookup_host((n.as_str(), *port))).await {
+            match tokio::time::timeout(timeout, tokio::net::lookup_host((n.as_str(), *port))).await
+            {
                 Ok(Ok(a)) => a.collect(),
                 Ok(Err(source)) => {
                     return Err(DialError::Io {
@@ -484,7 +491,9 @@ mod tests {
         let list = match AllowList::with_cgroup(scratch) {
             Ok(l) => l,
             Err(e) => {
-                println!("skipped: the allow-list cannot load here ({e}); fallback tested in tests/tests/ebpf.rs");
+                println!(
+                    "skipped: the allow-list cannot load here ({e}); fallback tested in tests/tests/ebpf.rs"
+                );
                 return;
             }
         };

@@ -204,7 +204,10 @@ mod tests {
             cgroup2_mount_in(mi),
             Some(PathBuf::from("/sys/fs/cgroup/uni fied"))
         );
-        assert_eq!(cgroup2_mount_in("30 25 0:27 / /x rw - cgroup cgroup rw\n"), None);
+        assert_eq!(
+            cgroup2_mount_in("30 25 0:27 / /x rw - cgroup cgroup rw\n"),
+            None
+        );
         assert_eq!(cgroup2_mount_in("garbage\n\n - \n"), None);
     }
 

@@ -71,7 +71,11 @@ pub fn run(datapath: DatapathMode, allowlist: AllowListMode) -> Report {
     checks.push(check(
         "cgroup v2",
         match (&mount, cgroup::current_dir()) {
-            (Some(m), Ok(cur)) => Ok(format!("mounted at {}, we are in {}", m.display(), cur.display())),
+            (Some(m), Ok(cur)) => Ok(format!(
+                "mounted at {}, we are in {}",
+                m.display(),
+                cur.display()
+            )),
             (None, _) => Err("no cgroup2 mount in /proc/self/mountinfo".to_owned()),
             (Some(_), Err(e)) => Err(e.to_string()),
         },
@@ -94,7 +98,9 @@ pub fn run(datapath: DatapathMode, allowlist: AllowListMode) -> Report {
         probe::ktls()
             .map(|()| "TCP_ULP \"tls\" accepted (not used by this build)".to_owned())
             .map_err(|e| match e.raw_os_error() {
-                Some(libc::ENOENT) => "TCP_ULP \"tls\": ENOENT (the tls module is absent)".to_owned(),
+                Some(libc::ENOENT) => {
+                    "TCP_ULP \"tls\": ENOENT (the tls module is absent)".to_owned()
+                }
                 _ => format!("TCP_ULP \"tls\": {e}"),
             }),
     ));
@@ -147,7 +153,11 @@ impl fmt::Display for Report {
             AllowListMode::Off => "off (kernel.allowlist = \"off\")".to_owned(),
             mode if self.ok("cgroup attach") => format!(
                 "on: connect4/connect6 on the proxy's own cgroup (kernel.allowlist = \"{}\")",
-                if mode == AllowListMode::Required { "required" } else { "auto" }
+                if mode == AllowListMode::Required {
+                    "required"
+                } else {
+                    "auto"
+                }
             ),
             AllowListMode::Auto => {
                 "OFF with a warning at start: cannot attach here (kernel.allowlist = \"auto\")"

@@ -64,7 +64,11 @@ impl<'a> Sock<'a> {
 
     /// Runs `f` if tokio thinks the socket is ready; a `WouldBlock` from
     /// `f` clears that readiness so the next `ready` waits for epoll.
-    pub(super) fn try_io<R>(self, interest: Interest, f: impl FnOnce() -> io::Result<R>) -> io::Result<R> {
+    pub(super) fn try_io<R>(
+        self,
+        interest: Interest,
+        f: impl FnOnce() -> io::Result<R>,
+    ) -> io::Result<R> {
         match self {
             Sock::Tcp(s) => s.try_io(interest, f),
             Sock::Unix(s) => s.try_io(interest, f),
@@ -256,7 +260,9 @@ mod tests {
         let c = Arc::clone(&counters);
         let end = tokio::spawn(async move {
             match path {
-                Path::Copy => super::super::copy::bidirectional(proxy_t, proxy_c, &c, idle, rx).await,
+                Path::Copy => {
+                    super::super::copy::bidirectional(proxy_t, proxy_c, &c, idle, rx).await
+                }
                 Path::Splice => {
                     Splicer::new()
                         .unwrap()
@@ -359,7 +365,7 @@ mod tests {
                 }
                 got.extend_from_slice(&buf[..n]);
                 sips += 1;
-                if sips % 64 == 0 {
+                if sips.is_multiple_of(64) {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
             }

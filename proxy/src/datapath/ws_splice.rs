@@ -50,7 +50,11 @@ enum ComputeWrite {
 }
 
 impl AsyncWrite for ComputeWrite {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             ComputeWrite::Tcp(w) => Pin::new(w).poll_write(cx, buf),
             ComputeWrite::Unix(w) => Pin::new(w).poll_write(cx, buf),

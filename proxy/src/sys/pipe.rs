@@ -1,5 +1,8 @@
 //! Pipes and splice(2) for the splice data path.
-#![expect(unsafe_code, reason = "pipe2, fcntl, splice and ioctl have no safe std/tokio API")]
+#![expect(
+    unsafe_code,
+    reason = "pipe2, fcntl, splice and ioctl have no safe std/tokio API"
+)]
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd as _, OwnedFd};
@@ -32,9 +35,11 @@ impl Pipe {
         let set = check(unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, size_arg) });
         let capacity = match set {
             Ok(n) => n as usize,
-            // SAFETY: as above; F_GETPIPE_SZ takes no argument.
-            Err(_) => check(unsafe { libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ) })?
-                as usize,
+            Err(_) => {
+                // SAFETY: as above; F_GETPIPE_SZ takes no argument.
+                let n = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ) };
+                check(n)? as usize
+            }
         };
         Ok(Self {
             read,

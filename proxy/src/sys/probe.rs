@@ -2,7 +2,10 @@
 //! kernel, with these privileges, create BPF maps, set up an io_uring,
 //! switch a TCP socket to kTLS? Each probe creates a throw-away object and
 //! closes it at once.
-#![expect(unsafe_code, reason = "bpf(2), io_uring_setup(2) and TCP_ULP have no safe wrapper here")]
+#![expect(
+    unsafe_code,
+    reason = "bpf(2), io_uring_setup(2) and TCP_ULP have no safe wrapper here"
+)]
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd as _, OwnedFd};
@@ -49,7 +52,11 @@ pub fn io_uring() -> io::Result<()> {
     // `struct io_uring_params`; the kernel fills it in during the call and
     // keeps no pointer to it.
     let fd = check_long(unsafe {
-        libc::syscall(libc::SYS_io_uring_setup, 2 as libc::c_uint, params.as_mut_ptr())
+        libc::syscall(
+            libc::SYS_io_uring_setup,
+            2 as libc::c_uint,
+            params.as_mut_ptr(),
+        )
     })?;
     // SAFETY: a new descriptor owned by nobody else; closed once here.
     drop(unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) });
