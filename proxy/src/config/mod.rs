@@ -545,6 +545,40 @@ mod tests {
     }
 
     #[test]
+    fn kernel_settings_flags_override_file() {
+        let fc = FileConfig::parse(
+            "[tokens]\nfiles=['t']\n[websocket]\nlisten=['127.0.0.1:1']\n\
+             [kernel]\ndatapath='copy'\nallowlist='required'\ncgroup='current'\n",
+            Path::new("/etc/cg/c.toml"),
+        )
+        .unwrap();
+        assert_eq!(fc.kernel.datapath, Some(kernel::DatapathMode::Copy));
+        assert_eq!(fc.kernel.allowlist, Some(kernel::AllowListMode::Required));
+        assert_eq!(fc.kernel.cgroup, Some(kernel::CgroupMode::Current));
+        assert!(FileConfig::parse("[kernel]\ndatapath='fast'\n", Path::new("x")).is_err());
+        let mut a = args();
+        a.token_file = vec!["t".into()];
+        a.datapath = Some(kernel::DatapathMode::Splice);
+        a.allowlist = Some(kernel::AllowListMode::Off);
+        let c = Config::build(&a).unwrap();
+        assert_eq!(c.datapath, kernel::DatapathMode::Splice);
+        assert_eq!(c.allowlist, kernel::AllowListMode::Off);
+        let c = Config::build(&ServeArgs {
+            token_file: vec!["t".into()],
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(
+            (c.datapath, c.allowlist, c.cgroup),
+            (
+                kernel::DatapathMode::Auto,
+                kernel::AllowListMode::Auto,
+                kernel::CgroupMode::Own
+            )
+        );
+    }
+
+    #[test]
     fn example_config_is_valid() {
         let path = Path::new(concat!(
             env!("CARGO_MANIFEST_DIR"),
@@ -566,6 +600,9 @@ mod tests {
         assert!(matches!(c.tenant_tls, TenantTls::Files { .. }));
         assert_eq!(c.token_sources.len(), 2);
         assert_eq!(c.default_profile.as_deref(), Some("qemu"));
+        assert_eq!(c.datapath, kernel::DatapathMode::Auto);
+        assert_eq!(c.allowlist, kernel::AllowListMode::Auto);
+        assert_eq!(c.cgroup, kernel::CgroupMode::Own);
         let q = &c.profiles["qemu"];
         assert_eq!(q.require_tls, Some(true));
         assert!(
