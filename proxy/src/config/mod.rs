@@ -558,6 +558,7 @@ mod tests {
         assert!(FileConfig::parse("[kernel]\ndatapath='fast'\n", Path::new("x")).is_err());
         let mut a = args();
         a.token_file = vec!["t".into()];
+        a.connect_listen = vec!["127.0.0.1:1".parse().unwrap()];
         a.datapath = Some(kernel::DatapathMode::Splice);
         a.allowlist = Some(kernel::AllowListMode::Off);
         let c = Config::build(&a).unwrap();
@@ -565,6 +566,7 @@ mod tests {
         assert_eq!(c.allowlist, kernel::AllowListMode::Off);
         let c = Config::build(&ServeArgs {
             token_file: vec!["t".into()],
+            connect_listen: vec!["127.0.0.1:1".parse().unwrap()],
             ..Default::default()
         })
         .unwrap();
