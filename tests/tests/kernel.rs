@@ -308,3 +308,43 @@ async fn websocket_each_datapath_echoes_bulk_and_many_sessions() {
             .unwrap();
     }
 }
+
+#[test]
+fn doctor_reports_every_acceleration_and_the_configured_use() {
+    let out = Command::new(binary().unwrap())
+        .args(["doctor", "--datapath", "copy"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    for probe in [
+        "bpf",
+        "ebpf object",
+        "cgroup v2",
+        "cgroup attach",
+        "sockmap",
+        "io_uring",
+        "kTLS",
+        "splice",
+    ] {
+        let line = text
+            .lines()
+            .find(|l| l.get(6..).is_some_and(|rest| rest.starts_with(probe)))
+            .unwrap_or_else(|| panic!("no {probe} line:\n{text}"));
+        let verdict = line.trim_start();
+        assert!(
+            verdict.starts_with("yes ") || verdict.starts_with("no "),
+            "{line}"
+        );
+    }
+    assert!(text.contains("this configuration would use:"), "{text}");
+    assert!(text.contains("copy for every session"), "{text}");
+    // With the allow-list required, the exit code follows the attach probe.
+    let attach_ok = allowlist_available().is_ok();
+    let st = Command::new(binary().unwrap())
+        .args(["doctor", "--allowlist", "required"])
+        .output()
+        .unwrap()
+        .status;
+    assert_eq!(st.success(), attach_ok);
+}
