@@ -83,6 +83,13 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
     {
         tracing::info!(file = %path.display(), "created a development token file");
     }
+    match crate::sys::rlimit::raise_nofile() {
+        Ok((before, after)) if after > before => {
+            tracing::debug!(before, after, "raised the open-file limit")
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
     let tokens = Arc::new(TokenStore::load(cfg.token_sources.clone())?);
     let allowlist =
         crate::control::allowlist::start_configured(cfg.allowlist, cfg.cgroup, &tokens)?;

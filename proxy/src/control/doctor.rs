@@ -172,7 +172,7 @@ impl fmt::Display for Report {
         let dp = match self.datapath {
             DatapathMode::Copy => "copy for every session (kernel.datapath = \"copy\")".to_owned(),
             mode if self.ok("splice") => format!(
-                "splice for plaintext CONNECT sessions, copy where a leg is TLS and for WebSocket \
+                "splice where both legs are plain sockets (CONNECT, plain-HTTP binary WebSocket), copy where a leg is TLS \
                  (kernel.datapath = \"{}\")",
                 mode.as_str()
             ),
