@@ -19,7 +19,7 @@ use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::watch;
 
 use super::{Counters, End, idle_watch};
-use crate::sys::pipe::{Pipe, splice};
+use crate::sys::pipe::{Pipe, readable_bytes, splice};
 
 /// Capacity asked for each pipe. Pages are allocated only when used;
 /// the kernel keeps the default (64 KiB) if it refuses this.
@@ -122,9 +122,14 @@ pub struct Splicer {
 impl Splicer {
     /// Creates both pipes.
     pub fn new() -> io::Result<Self> {
+        Self::with_pipe_size(PIPE_SIZE)
+    }
+
+    /// Creates both pipes with `size` bytes of capacity each.
+    pub fn with_pipe_size(size: usize) -> io::Result<Self> {
         Ok(Self {
-            up: Pipe::new(PIPE_SIZE)?,
-            down: Pipe::new(PIPE_SIZE)?,
+            up: Pipe::new(size)?,
+            down: Pipe::new(size)?,
         })
     }
 
@@ -174,7 +179,39 @@ pub(super) async fn splice_ready(
     }
 }
 
-/// One direction: fill the (empty) pipe from `src`, drain it into `dst`.
+/// Result of one attempt to move bytes from a socket into the pipe.
+enum In {
+    /// This many bytes are now in the pipe (0: end of stream).
+    Moved(usize),
+    /// The socket has data but the pipe has no free slot.
+    PipeFull,
+}
+
+/// One non-blocking `splice(src -> pipe)` inside `try_io`. EAGAIN is
+/// ambiguous (socket empty, or pipe slots full with partial pages), so
+/// FIONREAD tells them apart: only an empty socket clears tokio's
+/// readiness, otherwise the next wake-up could be lost.
+fn splice_in(src: Sock<'_>, pipe: &Pipe, len: usize) -> io::Result<In> {
+    src.try_io(Interest::READABLE, || {
+        match splice(src.fd(), pipe.writer(), len) {
+            Ok(n) => Ok(In::Moved(n)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if readable_bytes(src.fd()).unwrap_or(0) > 0 {
+                    Ok(In::PipeFull)
+                } else {
+                    Err(e)
+                }
+            }
+            Err(e) => Err(e),
+        }
+    })
+}
+
+/// One direction. Reading into the pipe and writing out of it overlap: the
+/// pipe is filled while it has room and drained while it has bytes, and
+/// the task sleeps only when neither can move (waiting for the source to
+/// become readable, the destination writable, or both). At end of stream
+/// the pipe is drained, then the destination gets `shutdown(SHUT_WR)`.
 async fn pump(
     src: Sock<'_>,
     dst: Sock<'_>,
@@ -182,37 +219,64 @@ async fn pump(
     dir: Dir,
     counters: &Counters,
 ) -> Result<(), End> {
+    let cap = pipe.capacity();
+    let mut pending = 0usize;
+    let mut eof = false;
     loop {
-        let n = splice_ready(
-            src,
-            Interest::READABLE,
-            src.fd(),
-            pipe.writer(),
-            pipe.capacity(),
-        )
-        .await
-        .map_err(|e| dir.read_err(e))?;
-        tracing::trace!(dir = dir.name(), n, "spliced in");
-        if n == 0 {
-            // The pipe is empty here: everything read has been written.
+        let mut pipe_full = false;
+        let mut progressed = false;
+        if !eof && pending < cap {
+            match splice_in(src, pipe, cap - pending) {
+                Ok(In::Moved(0)) => {
+                    eof = true;
+                    progressed = true;
+                }
+                Ok(In::Moved(n)) => {
+                    tracing::trace!(dir = dir.name(), n, "spliced in");
+                    pending += n;
+                    progressed = true;
+                }
+                Ok(In::PipeFull) => pipe_full = true,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => progressed = true,
+                Err(e) => return Err(dir.read_err(e)),
+            }
+        }
+        if pending > 0 {
+            match dst.try_io(Interest::WRITABLE, || {
+                splice(pipe.reader(), dst.fd(), pending)
+            }) {
+                Ok(0) => return Err(dir.write_err(io::ErrorKind::WriteZero.into())),
+                Ok(m) => {
+                    tracing::trace!(dir = dir.name(), m, "spliced out");
+                    pending -= m;
+                    progressed = true;
+                    match dir {
+                        Dir::Up => counters.add_up(m),
+                        Dir::Down => counters.add_down(m),
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => progressed = true,
+                Err(e) => return Err(dir.write_err(e)),
+            }
+        }
+        if eof && pending == 0 {
+            // Everything read has been written: pass the half-close on.
             let _ = dst.shutdown_write();
             return Ok(());
         }
-        let mut pending = n;
-        while pending > 0 {
-            let m = splice_ready(dst, Interest::WRITABLE, pipe.reader(), dst.fd(), pending)
-                .await
-                .map_err(|e| dir.write_err(e))?;
-            if m == 0 {
-                return Err(dir.write_err(io::ErrorKind::WriteZero.into()));
-            }
-            pending -= m;
-            match dir {
-                Dir::Up => counters.add_up(m),
-                Dir::Down => counters.add_down(m),
-            }
+        if progressed {
+            continue;
         }
-        tracing::trace!(dir = dir.name(), n, "spliced out");
+        let want_read = !eof && pending < cap && !pipe_full;
+        let want_write = pending > 0;
+        tokio::select! {
+            r = src.ready(Interest::READABLE), if want_read => r.map_err(|e| dir.read_err(e))?,
+            r = dst.ready(Interest::WRITABLE), if want_write => r.map_err(|e| dir.write_err(e))?,
+            // Not reachable (a full pipe holds bytes to write), but never spin or panic.
+            else => tokio::task::yield_now().await,
+        }
     }
 }
 
@@ -253,6 +317,10 @@ mod tests {
 
     /// tenant <-> [proxy_t | path | proxy_c] <-> compute
     async fn start(path: Path, idle: Option<Duration>) -> Running {
+        start_with(path, idle, PIPE_SIZE).await
+    }
+
+    async fn start_with(path: Path, idle: Option<Duration>, pipe: usize) -> Running {
         let (tenant, proxy_t) = tcp_pair().await;
         let (proxy_c, compute) = tcp_pair().await;
         let (stop, rx) = watch::channel(false);
@@ -264,7 +332,7 @@ mod tests {
                     super::super::copy::bidirectional(proxy_t, proxy_c, &c, idle, rx).await
                 }
                 Path::Splice => {
-                    Splicer::new()
+                    Splicer::with_pipe_size(pipe)
                         .unwrap()
                         .run(Socket::Tcp(proxy_t), Socket::Tcp(proxy_c), &c, idle, rx)
                         .await
@@ -374,6 +442,82 @@ mod tests {
             r.tenant.shutdown().await.unwrap();
             assert_eq!(r.end.await.unwrap(), End::Closed);
         }
+    }
+
+    /// With a one-page pipe, a few bytes occupy its only slot long before
+    /// its byte capacity is reached: the next splice in gets EAGAIN while
+    /// the socket has data (what FIONREAD disambiguates). Tiny segments
+    /// with a stalled reader must neither stall nor lose bytes.
+    #[tokio::test]
+    async fn tiny_segments_fill_pipe_slots_without_stalling() {
+        for path in PATHS {
+            let mut r = start_with(path, None, 4096).await;
+            r.compute.set_nodelay(true).unwrap();
+            let data = random(7 * 20_000);
+            let d2 = data.clone();
+            let mut compute = r.compute;
+            let writer = tokio::spawn(async move {
+                for chunk in d2.chunks(7) {
+                    compute.write_all(chunk).await.unwrap();
+                }
+                compute.shutdown().await.unwrap();
+                compute
+            });
+            // Let the segments pile up in the proxy before reading.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let mut got = Vec::new();
+            r.tenant.read_to_end(&mut got).await.unwrap();
+            assert!(
+                got == data,
+                "{path:?}: {} of {} bytes",
+                got.len(),
+                data.len()
+            );
+            drop(writer.await.unwrap());
+            r.tenant.shutdown().await.unwrap();
+            assert_eq!(r.end.await.unwrap(), End::Closed);
+        }
+    }
+
+    /// EAGAIN from splice(socket -> pipe) means "socket empty" or "pipe
+    /// slots full"; only the first may clear tokio's readiness.
+    #[tokio::test]
+    async fn full_pipe_is_told_apart_from_an_empty_socket() {
+        let (mut a, b) = tcp_pair().await;
+        let (c, mut d) = tcp_pair().await;
+        let pipe = Pipe::new(4096).unwrap();
+        let sock = Sock::Tcp(&b);
+        async fn arrived(b: &TcpStream, n: usize) {
+            while readable_bytes(b.as_fd()).unwrap() < n {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            b.readable().await.unwrap();
+        }
+        a.write_all(b"1234567").await.unwrap();
+        arrived(&b, 7).await;
+        assert!(matches!(
+            splice_in(sock, &pipe, 4096).unwrap(),
+            In::Moved(7)
+        ));
+        a.write_all(b"abcdefg").await.unwrap();
+        arrived(&b, 7).await;
+        // One page, one slot, already holding 7 bytes.
+        assert!(matches!(
+            splice_in(sock, &pipe, 4089).unwrap(),
+            In::PipeFull
+        ));
+        // Readiness was kept: no wait needed to move on once the pipe drains.
+        assert_eq!(splice(pipe.reader(), c.as_fd(), 7).unwrap(), 7);
+        assert!(matches!(
+            splice_in(sock, &pipe, 4096).unwrap(),
+            In::Moved(7)
+        ));
+        assert_eq!(splice(pipe.reader(), c.as_fd(), 7).unwrap(), 7);
+        let e = splice_in(sock, &pipe, 4096).err().unwrap();
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+        let mut got = [0u8; 14];
+        d.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"1234567abcdefg");
     }
 
     #[tokio::test]
