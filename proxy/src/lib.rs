@@ -17,6 +17,7 @@
 //!   sans-io token file parsers and the reloadable [`auth::TokenStore`].
 //! - [`console`]: the compute side: console kinds, backend targets and
 //!   dialling QEMU over TCP or UNIX sockets.
+//! - [`ladder`]: picks a session's data path (splice or copy) and records it.
 //! - [`session`]: what every front end shares: context, live-session
 //!   accounting, refusals and the closing log line.
 //! - [`datapath`]: the hot path once a session is established: the
@@ -38,5 +39,6 @@ pub mod control;
 pub mod datapath;
 pub mod error;
 pub mod front;
+pub mod ladder;
 pub mod session;
 pub mod sys;

@@ -135,7 +135,7 @@ pub async fn serve(mut tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
             tracing::info!(error = %e, "compute write failed");
             return;
         }
-        let end = crate::session::pump_raw(&ctx, tcp, compute, &counters).await;
+        let end = crate::ladder::pump_raw(&ctx, tcp, compute, &counters).await;
         log_end(&end, &counters, compute_tls);
         drop(guard);
     }

@@ -119,7 +119,7 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
                 "session established"
             );
         };
-        let end: End = crate::session::pump_ws(
+        let end: End = crate::ladder::pump_ws(
             &ctx,
             ws.into_parts(),
             compute,
