@@ -1,7 +1,8 @@
 //! Compiles the C eBPF programs in `programs/` with clang-19 so that a
 //! plain `cargo build` embeds them. Without clang-19 the build still
-//! succeeds: nothing is embedded and the proxy reports "eBPF program not
-//! built: clang-19 missing" when it tries to load the allow-list.
+//! succeeds (likewise without libbpf-dev's headers): nothing is embedded
+//! and the proxy reports "eBPF program not built" when it tries to load
+//! the allow-list.
 
 use std::env;
 use std::path::PathBuf;
@@ -23,15 +24,28 @@ fn main() {
     for name in PROGRAMS {
         let src = format!("programs/{name}.bpf.c");
         let obj = out.join(format!("{name}.bpf.o"));
-        let status = Command::new(&clang)
+        let output = Command::new(&clang)
             .args(["-target", "bpf", "-O2", "-g", "-Wall", "-Werror"])
             .arg(format!("-I{arch_include}"))
             .args(["-Iprograms", "-c", &src, "-o"])
             .arg(&obj)
-            .status();
-        match status {
-            Ok(s) if s.success() => {}
-            Ok(s) => panic!("{clang} failed on {src} ({s}): fix the eBPF program"),
+            .output();
+        match output {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => {
+                let stderr = String::from_utf8_lossy(&o.stderr);
+                if stderr.contains("bpf/bpf_helpers.h' file not found")
+                    || stderr.contains("bpf/bpf_endian.h' file not found")
+                {
+                    println!(
+                        "cargo::warning=eBPF programs not built: libbpf-dev missing \
+                         (no bpf/bpf_helpers.h); install it (cargo xtask setup)"
+                    );
+                    built = false;
+                    break;
+                }
+                panic!("{clang} failed on {src} ({}):\n{stderr}", o.status);
+            }
             Err(e) => {
                 println!(
                     "cargo::warning=eBPF programs not built: {clang} missing ({e}); \

@@ -102,7 +102,8 @@ pub static ALLOWLIST_OBJ: Option<&[u8]> = {
 pub static ALLOWLIST_OBJ: Option<&[u8]> = None;
 
 /// Why [`ALLOWLIST_OBJ`] is `None`.
-pub const NOT_BUILT: &str = "eBPF program not built: clang-19 missing at build time";
+pub const NOT_BUILT: &str =
+    "eBPF program not built: clang-19 (or libbpf-dev) missing at build time";
 
 #[cfg(test)]
 mod tests {
