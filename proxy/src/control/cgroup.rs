@@ -71,7 +71,12 @@ pub fn current_dir() -> Result<PathBuf, CgroupError> {
     let mount = cgroup2_mount().ok_or(CgroupError::NoMount)?;
     let text = std::fs::read_to_string("/proc/self/cgroup").map_err(|_| CgroupError::Unknown)?;
     let rel = current_in(&text).ok_or(CgroupError::Unknown)?;
-    Ok(mount.join(rel.trim_start_matches('/')))
+    let rel = rel.trim_matches('/');
+    Ok(if rel.is_empty() {
+        mount
+    } else {
+        mount.join(rel)
+    })
 }
 
 /// A cgroup the allow-list attaches to.
