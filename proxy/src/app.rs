@@ -14,12 +14,14 @@ use crate::auth::store::LoadError;
 use crate::config::dev::{self, DevError};
 use crate::config::{Config, TenantTls as TlsChoice};
 use crate::console::security::{ProfileError, ProfileSet, Profiles};
+use crate::control::systemd::Notifier;
 use crate::front::tls::{TenantTls, TlsLoadError, load_server_config};
 use crate::front::{connect, listener, ws};
 use crate::session::{Context, LiveSessions};
 
-/// How long shutdown waits for live sessions after telling them to close.
-const DRAIN: Duration = Duration::from_secs(5);
+/// How long shutdown waits for sessions after telling them to close (close
+/// frames, then the sockets), once the drain deadline has passed.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -110,6 +112,9 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
         }
     };
 
+    // Two stages of stopping: `stop_accepting` closes the listeners (drain
+    // starts), `shutdown` tells live sessions to close (drain deadline).
+    let (stop_accepting_tx, stop_accepting_rx) = watch::channel(false);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let live = LiveSessions::default();
     let ctx = Arc::new(Context {
@@ -141,7 +146,7 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
         loops.push(tokio::spawn(listener::accept_loop(
             l,
             Arc::clone(&ctx),
-            shutdown_rx.clone(),
+            stop_accepting_rx.clone(),
             ws::serve,
         )));
     }
@@ -154,7 +159,7 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
         loops.push(tokio::spawn(listener::accept_loop(
             l,
             Arc::clone(&ctx),
-            shutdown_rx.clone(),
+            stop_accepting_rx.clone(),
             connect::serve,
         )));
     }
@@ -182,6 +187,16 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
         );
     }
 
+    let notifier = Notifier::from_env();
+    notifier.ready(&format!(
+        "serving: websocket {bound_ws:?}, connect {bound_connect:?}"
+    ));
+    let mut watchdog = notifier.watchdog_interval().map(|i| {
+        let mut t = tokio::time::interval(i);
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        t
+    });
+
     let mut poll = tokio::time::interval(cfg.reload_interval);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -191,7 +206,14 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
                 Ok(None) => {}
                 Err(e) => tracing::error!(error = %e, "token files changed but are invalid: keeping the previous tokens"),
             },
-            _ = sighup.recv() => reload(&cfg, &tokens, tenant_tls.as_deref(), &profiles),
+            _ = sighup.recv() => {
+                notifier.reloading();
+                reload(&cfg, &tokens, tenant_tls.as_deref(), &profiles);
+                notifier.ready(&format!("serving; reloaded; {} sessions", live.count()));
+            }
+            _ = async { match watchdog.as_mut() { Some(t) => t.tick().await, None => std::future::pending().await } } => {
+                notifier.watchdog();
+            }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
@@ -200,20 +222,43 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
         }
     }
 
-    tracing::info!(sessions = live.count(), "shutting down: closing sessions");
-    let _ = shutdown_tx.send(true);
+    // Graceful drain: stop accepting at once, let live sessions finish on
+    // their own until the drain deadline, then close them with a reason
+    // (WebSocket close 1001 "proxy shutting down"). A second SIGTERM or
+    // SIGINT skips the wait.
+    let open = live.count();
+    tracing::info!(
+        sessions = open,
+        deadline = ?cfg.drain_timeout,
+        "draining: no new sessions; live sessions may finish"
+    );
+    notifier.stopping(&format!("draining {open} sessions"));
+    let _ = stop_accepting_tx.send(true);
     for l in loops {
         let _ = l.await;
     }
-    if !live.drained(DRAIN).await {
+    let finished = tokio::select! {
+        done = live.drained(cfg.drain_timeout) => done,
+        _ = sigterm.recv() => false,
+        _ = sigint.recv() => false,
+    };
+    if !finished {
+        tracing::info!(
+            sessions = live.count(),
+            "drain over: closing the remaining sessions"
+        );
+    }
+    let _ = shutdown_tx.send(true);
+    if !live.drained(CLOSE_WAIT).await {
         tracing::warn!(
             sessions = live.count(),
-            "sessions still open at the drain deadline"
+            "sessions still open after closing them; exiting anyway"
         );
     }
     if let Some(list) = &allowlist {
         list.close();
     }
+    tracing::info!("consolegate stopped");
     Ok(())
 }
 

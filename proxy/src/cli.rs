@@ -106,6 +106,10 @@ pub struct ServeArgs {
     /// eBPF connect allow-list: off, auto (warn if unavailable) or required.
     #[arg(long, value_enum)]
     pub allowlist: Option<crate::config::kernel::AllowListMode>,
+    /// On SIGTERM, how long live sessions may go on before they are closed
+    /// (default 30s; 0 = close them at once).
+    #[arg(long, value_name = "DUR")]
+    pub drain_timeout: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize)]

@@ -23,8 +23,10 @@
 //! - [`datapath`]: the hot path once a session is established: the
 //!   userspace bidirectional copy, splice(2) for plaintext streams and the
 //!   WebSocket pump.
-//! - [`control`]: the eBPF connect allow-list kept in sync with the token
-//!   table, cgroup v2 handling and the `doctor` capability report.
+//! - [`control`]: the control plane beside the sessions: systemd
+//!   notifications (ready, reload, stopping, watchdog), the eBPF connect
+//!   allow-list kept in sync with the token table, cgroup v2 handling and
+//!   the `doctor` capability report.
 //! - [`sys`]: the only module with `unsafe` code: pipes, splice, FIONREAD,
 //!   capability probes.
 //! - [`app`]: start-up, reload (SIGHUP, token-file changes) and shutdown.

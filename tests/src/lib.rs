@@ -7,10 +7,12 @@
 //!   and a byte-stream adapter for the `binary` and `base64` subprotocols.
 //! * [`http`]: raw HTTP/1.1 and raw WebSocket frames for hostile inputs.
 //! * [`proxy`]: the real `consolegate` binary, its token files and logs.
+//! * [`compute`]: a private CA and QEMU VNC servers with TLS, passwords, SASL.
 //! * [`spice`]: the SPICE link handshake (main channel).
 //! * [`fake`]: scripted peers, only for faults a real peer never produces.
 
 pub mod certs;
+pub mod compute;
 pub mod fake;
 pub mod http;
 pub mod net;

@@ -25,6 +25,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "binutils",            // as/objcopy: the boot-sector test reassembles tests/src/boot.S
     "clang-19",            // ebpf/build.rs compiles the C eBPF allow-list programs
     "libbpf-dev",          // bpf/bpf_helpers.h for those programs
+    "systemd",             // systemd-analyze verify checks the unit (tests/tests/systemd.rs)
 ];
 
 /// rustup components of the active toolchain, by the cargo subcommand that

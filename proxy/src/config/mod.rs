@@ -125,6 +125,8 @@ pub struct ProfileFile {
 pub struct SessionSection {
     pub handshake_timeout: Option<String>,
     pub idle_timeout: Option<String>,
+    /// On SIGTERM, how long live sessions may go on before they are closed.
+    pub drain_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -168,6 +170,8 @@ pub struct Config {
     pub connect_timeout: Duration,
     pub idle_timeout: Option<Duration>,
     pub ping_interval: Option<Duration>,
+    /// On SIGTERM, how long live sessions may go on before they are closed.
+    pub drain_timeout: Duration,
     pub log_format: LogFormat,
     pub ready_file: Option<PathBuf>,
     /// Compute-side security profiles by name.
@@ -411,6 +415,12 @@ impl Config {
             30,
         )?;
         let reload_interval = d("reload_interval", &None, &fc.tokens.reload_interval, 2)?;
+        let drain_timeout = d(
+            "drain_timeout",
+            &args.drain_timeout,
+            &fc.session.drain_timeout,
+            30,
+        )?;
 
         let mut profiles = fc.compute.profiles;
         let mut default_profile = fc.compute.default_profile;
@@ -478,6 +488,7 @@ impl Config {
             },
             idle_timeout: nonzero(idle_timeout),
             ping_interval: nonzero(ping_interval),
+            drain_timeout,
             log_format: args.log_format.or(fc.log.format).unwrap_or_default(),
             ready_file: args.ready_file.clone(),
             profiles,
@@ -611,6 +622,26 @@ mod tests {
             q.ca.as_ref().is_some_and(|p| p.is_absolute()),
             "relative to the file"
         );
+    }
+
+    #[test]
+    fn installed_service_config_is_valid() {
+        // proxy/dist/consolegate.toml is what `cargo xtask install` puts in
+        // /etc/consolegate for the systemd unit.
+        let path = Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/dist/consolegate.toml"
+        ));
+        let a = ServeArgs {
+            config: Some(path.to_owned()),
+            ..Default::default()
+        };
+        let c = Config::build(&a).unwrap();
+        assert_eq!(c.drain_timeout, Duration::from_secs(30));
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert!(c.ws_listen.iter().all(|a| a.ip().is_loopback()));
+        assert!(matches!(c.tenant_tls, TenantTls::Dev { .. }));
+        assert!(c.token_sources[0].ends_with("dist/tokens.toml"));
     }
 
     #[test]

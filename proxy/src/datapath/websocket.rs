@@ -113,7 +113,11 @@ where
 {
     let mut decoder = Decoder::new(MAX_TENANT_FRAME);
     if !pending.is_empty() {
-        if let Err(e) = cw.write_all(&pending).await {
+        let written = match cw.write_all(&pending).await {
+            Ok(()) => cw.flush().await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = written {
             let _ = ctl
                 .send(Control::Close(
                     close_code::COMPUTE_ERROR,
@@ -155,7 +159,12 @@ where
                 if data.is_empty() {
                     continue;
                 }
-                if let Err(e) = cw.write_all(&data).await {
+                // Flush: a rustls compute leg may hold written bytes back.
+                let written = match cw.write_all(&data).await {
+                    Ok(()) => cw.flush().await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = written {
                     let _ = ctl
                         .send(Control::Close(
                             close_code::COMPUTE_ERROR,
@@ -245,7 +254,13 @@ where
                 None => return End::Closed,
             },
             r = cr.read(&mut buf[MAX_HEADER_LEN..]) => match r {
+                // EOF, or a TLS compute peer closing without close_notify
+                // (QEMU does): an ordinary end of the console.
                 Ok(0) => {
+                    send_close(&mut tw, close_code::NORMAL, "console closed").await;
+                    return End::ComputeClosed;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
                     send_close(&mut tw, close_code::NORMAL, "console closed").await;
                     return End::ComputeClosed;
                 }

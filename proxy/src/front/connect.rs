@@ -123,7 +123,11 @@ pub async fn serve(mut tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
         let counters = Counters::new();
         let Prefixed { prefix, inner: tcp } = tenant;
         if !prefix.is_empty() {
-            if let Err(e) = compute.write_all(&prefix).await {
+            let written = match compute.write_all(&prefix).await {
+                Ok(()) => compute.flush().await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = written {
                 tracing::info!(error = %e, "compute write failed");
                 return;
             }
