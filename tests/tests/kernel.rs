@@ -388,9 +388,16 @@ async fn websocket_splice_control_frames_and_session_ends() {
     )
     .unwrap();
     let mut spec = ProxySpec::plain_ws(&[&file]);
-    spec.extra = ["--datapath", "splice", "--ping-interval", "1s"]
-        .map(String::from)
-        .to_vec();
+    spec.extra = [
+        "--datapath",
+        "splice",
+        "--ping-interval",
+        "1s",
+        "--drain-timeout",
+        "0",
+    ]
+    .map(String::from)
+    .to_vec();
     let proxy = Proxy::start(spec).await.unwrap();
     let path = |t: &str| format!("/websockify?token={t}");
     let binary = ["Sec-WebSocket-Protocol: binary"];
