@@ -220,6 +220,9 @@ impl AllowList {
     /// Sets up the cgroup (`mode`), loads and attaches the programs. The
     /// maps start empty: call [`AllowList::sync_static`] right after.
     pub fn start(mode: CgroupMode) -> Result<Arc<Self>, AllowListError> {
+        if consolegate_ebpf::ALLOWLIST_OBJ.is_none() {
+            return Err(AllowListError::NotBuilt);
+        }
         // A failed load drops `cgroup`, which moves us back and removes it.
         let cgroup = match mode {
             CgroupMode::Own => Attached::own()?,
