@@ -217,6 +217,27 @@ mod tests {
     }
 
     #[test]
+    fn stale_cgroups_of_dead_proxies_go_live_ones_stay() {
+        let dir = std::env::temp_dir().join(format!("cg-stale-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        // Above pid_max (at most 2^22): no such process.
+        let dead = dir.join("consolegate-4194999");
+        let live = dir.join(format!("consolegate-{}", std::process::id()));
+        let other = dir.join("consolegate-doctor-1");
+        let busy = dir.join("consolegate-4194998");
+        for d in [&dead, &live, &other, &busy] {
+            std::fs::create_dir(d).unwrap();
+        }
+        // Not empty: rmdir fails, as it does for a cgroup with processes.
+        std::fs::write(busy.join("cgroup.procs"), "1").unwrap();
+        remove_stale(&dir);
+        assert!(!dead.exists());
+        assert!(live.exists() && other.exists() && busy.exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn reads_the_v2_line() {
         let pc = "9:name=systemd:/\n4:memory:/x\n0::/system.slice/cg.service\n";
         assert_eq!(current_in(pc).as_deref(), Some("/system.slice/cg.service"));
