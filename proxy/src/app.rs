@@ -123,6 +123,7 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
         spice: Arc::default(),
         tenant_tls: tenant_tls.clone(),
         allow_origins: cfg.allow_origins.clone(),
+        trusted_proxies: cfg.trusted_proxies.clone(),
         connect_auth: cfg.connect_auth,
         handshake_timeout: cfg.handshake_timeout,
         connect_timeout: cfg.connect_timeout,
@@ -147,6 +148,7 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
             l,
             Arc::clone(&ctx),
             stop_accepting_rx.clone(),
+            cfg.ws_proxy_protocol,
             ws::serve,
         )));
     }
@@ -160,6 +162,7 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
             l,
             Arc::clone(&ctx),
             stop_accepting_rx.clone(),
+            cfg.connect_proxy_protocol,
             connect::serve,
         )));
     }

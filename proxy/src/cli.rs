@@ -110,6 +110,14 @@ pub struct ServeArgs {
     /// (default 30s; 0 = close them at once).
     #[arg(long, value_name = "DUR")]
     pub drain_timeout: Option<String>,
+    /// Load balancer network (CIDR) or address whose PROXY protocol and
+    /// X-Forwarded-For headers are believed (repeatable).
+    #[arg(long = "trusted-proxy", value_name = "NET")]
+    pub trusted_proxy: Vec<String>,
+    /// Expect a PROXY protocol header (v1 or v2) from trusted proxies on
+    /// every listener.
+    #[arg(long)]
+    pub proxy_protocol: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize)]

@@ -4,6 +4,7 @@
 //! This module holds what every front end needs for that: the shared
 //! context, session ids, the refusal path and the closing log line.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
@@ -34,6 +35,8 @@ pub struct Context {
     pub spice: Arc<SpiceSessions>,
     pub tenant_tls: Option<Arc<TenantTls>>,
     pub allow_origins: Vec<String>,
+    /// Load balancers whose PROXY headers and X-Forwarded-For are believed.
+    pub trusted_proxies: crate::front::forwarded::TrustedNets,
     pub connect_auth: ConnectAuth,
     pub handshake_timeout: Duration,
     pub connect_timeout: Duration,
@@ -48,6 +51,23 @@ pub struct Context {
 }
 
 impl Context {
+    /// Names the tenant behind a trusted load balancer in the session span
+    /// (`tenant.addr`, with the balancer as `tenant.via`), from the
+    /// request's X-Forwarded-For / Forwarded headers.
+    pub fn record_forwarded(&self, head: &crate::front::http::RequestHead, peer: SocketAddr) {
+        let headers = head
+            .headers
+            .iter()
+            .filter_map(|(n, v)| Some((n.as_str(), std::str::from_utf8(v).ok()?)));
+        if let Some(client) =
+            crate::front::forwarded::forwarded_client(headers, peer.ip(), &self.trusted_proxies)
+        {
+            let span = tracing::Span::current();
+            span.record("tenant.addr", tracing::field::display(client));
+            span.record("tenant.via", tracing::field::display(peer));
+        }
+    }
+
     /// Resolves a presented token now.
     pub fn resolve(&self, token: &str) -> Result<Admission, Refusal> {
         self.tokens.resolve(token, SystemTime::now())

@@ -26,6 +26,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "clang-19",            // ebpf/build.rs compiles the C eBPF allow-list programs
     "libbpf-dev",          // bpf/bpf_helpers.h for those programs
     "systemd",             // systemd-analyze verify checks the unit (tests/tests/systemd.rs)
+    "haproxy", // a real load balancer: PROXY protocol and X-Forwarded-For (tests/tests/forwarding.rs)
 ];
 
 /// rustup components of the active toolchain, by the cargo subcommand that

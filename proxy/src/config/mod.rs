@@ -42,6 +42,18 @@ pub struct FileConfig {
     pub log: LogSection,
     #[serde(default)]
     pub kernel: kernel::KernelSection,
+    #[serde(default)]
+    pub forwarding: ForwardingSection,
+}
+
+/// `[forwarding]`: load balancers in front of consolegate.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForwardingSection {
+    /// Networks (CIDR) or addresses whose PROXY protocol headers and
+    /// X-Forwarded-For / Forwarded headers are believed.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -58,6 +70,9 @@ pub struct WebSocketSection {
     #[serde(default)]
     pub allow_origins: Vec<String>,
     pub ping_interval: Option<String>,
+    /// Connections from trusted proxies start with a PROXY protocol header.
+    #[serde(default)]
+    pub proxy_protocol: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -66,6 +81,9 @@ pub struct ConnectSection {
     #[serde(default)]
     pub listen: Vec<SocketAddr>,
     pub auth: Option<ConnectAuthArg>,
+    /// Connections from trusted proxies start with a PROXY protocol header.
+    #[serde(default)]
+    pub proxy_protocol: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -160,6 +178,12 @@ pub struct Config {
     pub connect_listen: Vec<SocketAddr>,
     pub tenant_tls: TenantTls,
     pub allow_origins: Vec<String>,
+    /// Load balancers whose PROXY / X-Forwarded-For headers are believed.
+    pub trusted_proxies: crate::front::forwarded::TrustedNets,
+    /// PROXY protocol expected from trusted peers on the WebSocket listeners.
+    pub ws_proxy_protocol: bool,
+    /// PROXY protocol expected from trusted peers on the CONNECT listeners.
+    pub connect_proxy_protocol: bool,
     pub connect_auth: ConnectAuth,
     pub token_sources: Vec<PathBuf>,
     /// The dev token file must be created if missing.
@@ -218,6 +242,12 @@ pub enum ConfigError {
         profile: String,
         message: &'static str,
     },
+    #[error("forwarding.trusted_proxies: {0}")]
+    TrustedProxy(#[from] crate::front::forwarded::BadNet),
+    #[error(
+        "proxy_protocol is on but forwarding.trusted_proxies is empty: no peer's PROXY header would be believed"
+    )]
+    ProxyProtocolUntrusted,
     #[error("compute.default_profile {0:?} names no [compute.profiles.{0}] table")]
     UnknownDefaultProfile(String),
 }
@@ -362,6 +392,18 @@ impl Config {
             }
         }
 
+        let trusted = if args.trusted_proxy.is_empty() {
+            fc.forwarding.trusted_proxies
+        } else {
+            args.trusted_proxy.clone()
+        };
+        let trusted_proxies = crate::front::forwarded::TrustedNets::parse(&trusted)?;
+        let ws_proxy_protocol = args.proxy_protocol || fc.websocket.proxy_protocol;
+        let connect_proxy_protocol = args.proxy_protocol || fc.connect.proxy_protocol;
+        if (ws_proxy_protocol || connect_proxy_protocol) && trusted_proxies.is_empty() {
+            return Err(ConfigError::ProxyProtocolUntrusted);
+        }
+
         let connect_auth = match args.connect_auth.or(fc.connect.auth) {
             Some(ConnectAuthArg::None) => ConnectAuth::None,
             Some(ConnectAuthArg::Token) | None => ConnectAuth::Token,
@@ -489,6 +531,9 @@ impl Config {
             idle_timeout: nonzero(idle_timeout),
             ping_interval: nonzero(ping_interval),
             drain_timeout,
+            trusted_proxies,
+            ws_proxy_protocol,
+            connect_proxy_protocol,
             log_format: args.log_format.or(fc.log.format).unwrap_or_default(),
             ready_file: args.ready_file.clone(),
             profiles,

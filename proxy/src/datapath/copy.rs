@@ -33,9 +33,16 @@ where
     loop {
         let n = match r.read(&mut buf).await {
             Ok(n) => n,
-            // A TLS peer that closes without close_notify (QEMU does): for a
-            // console stream that is an ordinary end, not a failure.
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => 0,
+            // A TLS compute peer that closes without close_notify (QEMU
+            // does) after the console ran: an ordinary end. Before any byte
+            // it is a failure (e.g. QEMU refusing our client certificate).
+            Err(e)
+                if e.kind() == std::io::ErrorKind::UnexpectedEof
+                    && matches!(dir, Dir::Down)
+                    && counters.down_bytes() > 0 =>
+            {
+                0
+            }
             Err(e) => {
                 return Err(match dir {
                     Dir::Up => End::TenantIo(e.to_string()),

@@ -255,12 +255,13 @@ where
             },
             r = cr.read(&mut buf[MAX_HEADER_LEN..]) => match r {
                 // EOF, or a TLS compute peer closing without close_notify
-                // (QEMU does): an ordinary end of the console.
+                // (QEMU does) after the console ran: an ordinary end. Before
+                // any byte it is a failure (QEMU refusing our certificate).
                 Ok(0) => {
                     send_close(&mut tw, close_code::NORMAL, "console closed").await;
                     return End::ComputeClosed;
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && counters.down_bytes() > 0 => {
                     send_close(&mut tw, close_code::NORMAL, "console closed").await;
                     return End::ComputeClosed;
                 }

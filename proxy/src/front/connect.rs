@@ -49,6 +49,7 @@ pub async fn serve(mut tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
         "session",
         session.id = guard.id,
         tenant.addr = %peer,
+        tenant.via = tracing::field::Empty,
         front = "connect",
         console.kind = tracing::field::Empty,
         token.id = tracing::field::Empty,
@@ -65,6 +66,7 @@ pub async fn serve(mut tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
             Ok(Err(None)) => return,
             Err(_) => return refuse(&mut tcp, Refusal::HandshakeTimeout).await,
         };
+        ctx.record_forwarded(&head, peer);
         let admitted = match admit(&ctx, &head) {
             Ok(a) => a,
             Err(r) => return refuse(&mut tcp, r).await,

@@ -2,6 +2,7 @@
 //! front ends (WebSocket and HTTP CONNECT).
 
 pub mod connect;
+pub mod forwarded;
 pub mod http;
 pub mod listener;
 pub mod tls;

@@ -25,6 +25,7 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
         "session",
         session.id = guard.id,
         tenant.addr = %peer,
+        tenant.via = tracing::field::Empty,
         front = "websocket",
         console.kind = tracing::field::Empty,
         token.id = tracing::field::Empty,
@@ -61,6 +62,7 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
                 Ok(Err(None)) => return,
                 Err(_) => return refuse(&mut stream, Refusal::HandshakeTimeout).await,
             };
+        ctx.record_forwarded(&head, peer);
         let (upgrade, admission) = match admit(&ctx, &head) {
             Ok(v) => v,
             Err(r) => return refuse(&mut stream, r).await,
