@@ -49,6 +49,8 @@ pub enum StartError {
     Audit(#[from] AuditFileError),
     #[error("installing signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error("eBPF allow-list is required (kernel.allowlist = \"required\") but unavailable: {0}")]
+    AllowList(#[from] crate::control::allowlist::AllowListError),
 }
 
 impl StartError {
@@ -89,7 +91,16 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
     {
         tracing::info!(file = %path.display(), "created a development token file");
     }
+    match crate::sys::rlimit::raise_nofile() {
+        Ok((before, after)) if after > before => {
+            tracing::debug!(before, after, "raised the open-file limit")
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
     let tokens = Arc::new(TokenStore::load(cfg.token_sources.clone())?);
+    let allowlist =
+        crate::control::allowlist::start_configured(cfg.allowlist, cfg.cgroup, &tokens)?;
     let profiles = Profiles::load(&cfg.profiles, cfg.default_profile.as_deref())?;
     if profiles.is_empty() {
         tracing::warn!(
@@ -130,6 +141,8 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
         ping_interval: cfg.ping_interval,
         shutdown: shutdown_rx.clone(),
         live: live.clone(),
+        datapath: cfg.datapath,
+        allowlist: allowlist.clone(),
     });
 
     let mut bound_ws = Vec::new();
@@ -168,7 +181,8 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
         connect = ?bound_connect,
         tls = tenant_tls.is_some(),
         tokens = tokens.len(),
-        datapath = "userspace",
+        datapath = cfg.datapath.as_str(),
+        allowlist = if allowlist.is_some() { "on" } else { "off" },
         "consolegate ready"
     );
     if let Some(path) = &cfg.ready_file {
@@ -220,6 +234,9 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
+        if let Some(list) = &allowlist {
+            list.sync_static(tokens.tcp_targets());
+        }
     }
 
     // Graceful drain: stop accepting at once, let live sessions finish on
@@ -254,6 +271,9 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
             sessions = live.count(),
             "sessions still open after closing them; exiting anyway"
         );
+    }
+    if let Some(list) = &allowlist {
+        list.close();
     }
     tracing::info!("consolegate stopped");
     Ok(())

@@ -18,6 +18,19 @@ pub enum Command {
     /// Run the proxy. Without --config or --token-file it runs the embedded
     /// development default (loopback, self-signed certificate, generated token).
     Serve(Box<ServeArgs>),
+    /// Print which kernel accelerations this kernel and these privileges
+    /// allow, and which the configuration would use.
+    Doctor {
+        /// TOML configuration file (default: the development setup).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// As `serve --datapath`.
+        #[arg(long, value_enum)]
+        datapath: Option<crate::config::kernel::DatapathMode>,
+        /// As `serve --allowlist`.
+        #[arg(long, value_enum)]
+        allowlist: Option<crate::config::kernel::AllowListMode>,
+    },
     /// Validate a configuration file and exit (0 = valid, 64 = invalid).
     CheckConfig {
         /// TOML configuration file.
@@ -90,6 +103,12 @@ pub struct ServeArgs {
     /// WebSocket keepalive ping interval (0 = off).
     #[arg(long, value_name = "DUR")]
     pub ping_interval: Option<String>,
+    /// Data path of established sessions: auto, copy or splice.
+    #[arg(long, value_enum)]
+    pub datapath: Option<crate::config::kernel::DatapathMode>,
+    /// eBPF connect allow-list: off, auto (warn if unavailable) or required.
+    #[arg(long, value_enum)]
+    pub allowlist: Option<crate::config::kernel::AllowListMode>,
     /// On SIGTERM, how long live sessions may go on before they are closed
     /// (default 30s; 0 = close them at once).
     #[arg(long, value_name = "DUR")]

@@ -16,10 +16,12 @@ use tokio::io::AsyncRead;
 
 use crate::auth::{Admission, Grant, TokenId, TokenStore};
 use crate::config::ConnectAuth;
+use crate::config::kernel::DatapathMode;
 use crate::console::security::{ProfileSet, SessionSecurity};
 use crate::console::spice::{self, SpiceError, SpiceSessions};
 use crate::console::vnc::{self, TenantRfbError, VncError};
 use crate::console::{self, ComputeIo, ComputeStream, ConsoleKind, DialError, Target};
+use crate::control::allowlist::{self, AllowList};
 use crate::datapath::{Counters, End};
 use crate::error::Refusal;
 use crate::front::http::error_response;
@@ -48,6 +50,10 @@ pub struct Context {
     pub ping_interval: Option<Duration>,
     pub shutdown: watch::Receiver<bool>,
     pub live: LiveSessions,
+    /// Data path preference of established sessions.
+    pub datapath: DatapathMode,
+    /// The eBPF connect allow-list, when active.
+    pub allowlist: Option<Arc<AllowList>>,
 }
 
 impl Context {
@@ -92,7 +98,11 @@ impl Context {
 
     /// Dials the compute side, mapping failures to refusals (and logging them).
     pub async fn dial(&self, target: &Target) -> Result<ComputeStream, Refusal> {
-        match console::dial(target, self.connect_timeout).await {
+        let dialled = match &self.allowlist {
+            Some(list) => allowlist::dial(list, target, self.connect_timeout).await,
+            None => console::dial(target, self.connect_timeout).await,
+        };
+        match dialled {
             Ok(s) => Ok(s),
             Err(e) => {
                 let r = match e {

@@ -108,6 +108,11 @@ impl TokenStore {
             .copied()
     }
 
+    /// Every TCP endpoint some token points at (for the eBPF allow-list).
+    pub fn tcp_targets(&self) -> Vec<(Host, u16)> {
+        self.snapshot().tcp_targets.keys().cloned().collect()
+    }
+
     /// Re-reads every source; on error the previous table stays.
     pub fn reload(&self) -> Result<usize, LoadError> {
         let (table, fp) = read_all(&self.sources)?;

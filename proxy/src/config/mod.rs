@@ -5,6 +5,7 @@
 //! Relative paths in the file are relative to the file's directory.
 
 pub mod dev;
+pub mod kernel;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -47,6 +48,8 @@ pub struct FileConfig {
     pub session: SessionSection,
     #[serde(default)]
     pub log: LogSection,
+    #[serde(default)]
+    pub kernel: kernel::KernelSection,
     #[serde(default)]
     pub forwarding: ForwardingSection,
 }
@@ -223,6 +226,12 @@ pub struct Config {
     pub profiles: BTreeMap<String, ProfileFile>,
     /// Profile for tokens that name none.
     pub default_profile: Option<String>,
+    /// Data path of established sessions.
+    pub datapath: kernel::DatapathMode,
+    /// eBPF connect allow-list.
+    pub allowlist: kernel::AllowListMode,
+    /// Where the allow-list attaches.
+    pub cgroup: kernel::CgroupMode,
 }
 
 /// Why a configuration is invalid. Reported with exit code 64.
@@ -577,6 +586,9 @@ impl Config {
             ready_file: args.ready_file.clone(),
             profiles,
             default_profile,
+            datapath: args.datapath.or(fc.kernel.datapath).unwrap_or_default(),
+            allowlist: args.allowlist.or(fc.kernel.allowlist).unwrap_or_default(),
+            cgroup: fc.kernel.cgroup.unwrap_or_default(),
         })
     }
 }
@@ -637,6 +649,42 @@ mod tests {
     }
 
     #[test]
+    fn kernel_settings_flags_override_file() {
+        let fc = FileConfig::parse(
+            "[tokens]\nfiles=['t']\n[websocket]\nlisten=['127.0.0.1:1']\n\
+             [kernel]\ndatapath='copy'\nallowlist='required'\ncgroup='current'\n",
+            Path::new("/etc/cg/c.toml"),
+        )
+        .unwrap();
+        assert_eq!(fc.kernel.datapath, Some(kernel::DatapathMode::Copy));
+        assert_eq!(fc.kernel.allowlist, Some(kernel::AllowListMode::Required));
+        assert_eq!(fc.kernel.cgroup, Some(kernel::CgroupMode::Current));
+        assert!(FileConfig::parse("[kernel]\ndatapath='fast'\n", Path::new("x")).is_err());
+        let mut a = args();
+        a.token_file = vec!["t".into()];
+        a.connect_listen = vec!["127.0.0.1:1".parse().unwrap()];
+        a.datapath = Some(kernel::DatapathMode::Splice);
+        a.allowlist = Some(kernel::AllowListMode::Off);
+        let c = Config::build(&a).unwrap();
+        assert_eq!(c.datapath, kernel::DatapathMode::Splice);
+        assert_eq!(c.allowlist, kernel::AllowListMode::Off);
+        let c = Config::build(&ServeArgs {
+            token_file: vec!["t".into()],
+            connect_listen: vec!["127.0.0.1:1".parse().unwrap()],
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(
+            (c.datapath, c.allowlist, c.cgroup),
+            (
+                kernel::DatapathMode::Auto,
+                kernel::AllowListMode::Auto,
+                kernel::CgroupMode::Own
+            )
+        );
+    }
+
+    #[test]
     fn example_config_is_valid() {
         let path = Path::new(concat!(
             env!("CARGO_MANIFEST_DIR"),
@@ -658,6 +706,9 @@ mod tests {
         assert!(matches!(c.tenant_tls, TenantTls::Files { .. }));
         assert_eq!(c.token_sources.len(), 2);
         assert_eq!(c.default_profile.as_deref(), Some("qemu"));
+        assert_eq!(c.datapath, kernel::DatapathMode::Auto);
+        assert_eq!(c.allowlist, kernel::AllowListMode::Auto);
+        assert_eq!(c.cgroup, kernel::CgroupMode::Own);
         let q = &c.profiles["qemu"];
         assert_eq!(q.require_tls, Some(true));
         assert!(

@@ -1,13 +1,18 @@
 //! HOT PATH: moving console bytes once a session is established.
 //!
 //! `copy` is the universal userspace bidirectional copy (CONNECT and other
-//! raw streams); `websocket` pumps between a WebSocket tenant and a raw
-//! compute stream. Kernel paths (splice, sockmap, kTLS, io_uring) will join
-//! as a ladder with this as the fallback. This module never imports config,
-//! serde or control-plane code.
+//! raw streams); `splice` moves plaintext streams socket -> pipe -> socket
+//! in the kernel; `websocket` pumps between a WebSocket tenant and a raw
+//! compute stream, and `ws_splice` does the same with the heavy
+//! compute-to-tenant payload spliced behind a frame header we write. The session picks the highest rung its legs allow
+//! (splice when both are plain sockets) with the copy as the fallback that
+//! always exists; sockmap, kTLS and io_uring will join the ladder. This
+//! module never imports config, serde or control-plane code.
 
 pub mod copy;
+pub mod splice;
 pub mod websocket;
+pub mod ws_splice;
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};

@@ -37,7 +37,7 @@ pub struct WsSettings {
 }
 
 #[derive(Debug)]
-enum Control {
+pub(super) enum Control {
     Pong(BytesMut),
     Close(u16, &'static str),
 }
@@ -108,7 +108,7 @@ where
 }
 
 /// Tenant to compute: decode frames, forward data, route control frames.
-async fn up<R, W>(
+pub(super) async fn up<R, W>(
     mut tr: R,
     mut rbuf: BytesMut,
     pending: BytesMut,
@@ -322,7 +322,7 @@ where
     }
 }
 
-async fn send_close<W: AsyncWrite + Unpin>(tw: &mut W, code: u16, reason: &str) {
+pub(super) async fn send_close<W: AsyncWrite + Unpin>(tw: &mut W, code: u16, reason: &str) {
     let mut out = BytesMut::new();
     encode_frame(Opcode::Close, &close_payload(code, reason), &mut out);
     let _ = tw.write_all(&out).await;

@@ -15,7 +15,7 @@ use crate::auth::{Admission, Grant};
 use crate::config::ConnectAuth;
 use crate::console::{ConsoleKind, Host, Target, split_host_port};
 use crate::control::audit::SessionRecord;
-use crate::datapath::{Counters, End, copy};
+use crate::datapath::{Counters, End};
 use crate::error::Refusal;
 use crate::session::{Context, establish, log_end, refuse};
 
@@ -142,23 +142,19 @@ pub async fn serve(mut tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
             counters.add_up(prefix.len());
         }
         tracing::info!(security = %negotiated, "console handshake done");
-        span.record("datapath", "userspace");
-        tracing::info!("session established");
         let compute_tls = compute.is_tls();
-        let copy = copy::bidirectional(
-            tcp,
-            compute,
-            &counters,
-            ctx.idle_timeout,
-            ctx.shutdown.clone(),
-        );
+        if compute_tls && let Err(e) = compute.flush().await {
+            tracing::info!(error = %e, "compute write failed");
+            return;
+        }
+        let pump = crate::ladder::pump_raw(&ctx, tcp, compute, &counters);
         // At the maximum duration both sockets are dropped (closed): a raw
         // tunnel has no close frame to carry a reason.
-        let end = match ctx.max_duration {
-            Some(d) => tokio::time::timeout(d, copy)
+        let (end, datapath) = match ctx.max_duration {
+            Some(d) => tokio::time::timeout(d, pump)
                 .await
-                .unwrap_or(End::MaxDuration),
-            None => copy.await,
+                .unwrap_or((End::MaxDuration, "-")),
+            None => pump.await,
         };
         log_end(&end, &counters, compute_tls);
         ctx.audit.session(&SessionRecord {
@@ -170,7 +166,7 @@ pub async fn serve(mut tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
             console_kind: grant.kind.as_str(),
             compute: admitted.target.to_string(),
             security: negotiated.to_string(),
-            datapath: "userspace",
+            datapath,
             started: std::time::SystemTime::now() - counters.elapsed(),
             duration: counters.elapsed(),
             bytes_up: counters.up_bytes(),

@@ -14,7 +14,7 @@ use super::websocket::handshake::{check_upgrade, switching_response};
 use super::websocket::stream::WsStream;
 use super::{TenantStream, read_head};
 use crate::control::audit::SessionRecord;
-use crate::datapath::websocket::{CLOSE_GRACE, WsSettings, pump};
+use crate::datapath::websocket::{CLOSE_GRACE, WsSettings};
 use crate::datapath::{Counters, End};
 use crate::error::Refusal;
 use crate::session::{Context, establish, log_end, refuse};
@@ -110,13 +110,6 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
             tracing::info!(error = %e, "tenant went away during the handshake");
             return;
         }
-        span.record("datapath", "userspace");
-        tracing::info!(
-            mode = upgrade.mode.name(),
-            security = %negotiated,
-            profile = security.profile.as_deref().unwrap_or("-"),
-            "session established"
-        );
         let counters = Counters::new();
         let settings = WsSettings {
             mode: upgrade.mode,
@@ -125,8 +118,26 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
             max_duration: ctx.max_duration,
         };
         let compute_tls = compute.is_tls();
-        let end: End =
-            pump(ws.into_parts(), compute, settings, &counters, ctx.shutdown.clone()).await;
+        let chosen = std::sync::OnceLock::new();
+        let established = |datapath: &'static str| {
+            let _ = chosen.set(datapath);
+            tracing::info!(
+                mode = upgrade.mode.name(),
+                security = %negotiated,
+                profile = security.profile.as_deref().unwrap_or("-"),
+                datapath,
+                "session established"
+            );
+        };
+        let end: End = crate::ladder::pump_ws(
+            &ctx,
+            ws.into_parts(),
+            compute,
+            settings,
+            &counters,
+            established,
+        )
+        .await;
         log_end(&end, &counters, compute_tls);
         ctx.audit.session(&SessionRecord {
             session_id: guard.id,
@@ -137,7 +148,7 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
             console_kind: grant.kind.as_str(),
             compute: grant.target.to_string(),
             security: negotiated.to_string(),
-            datapath: "userspace",
+            datapath: chosen.get().copied().unwrap_or("-"),
             started: std::time::SystemTime::now() - counters.elapsed(),
             duration: counters.elapsed(),
             bytes_up: counters.up_bytes(),
