@@ -109,6 +109,15 @@ impl Audit {
 
     /// Records one ended session.
     pub fn session(&self, r: &SessionRecord) {
+        // The file first: whoever sees the log line finds the record.
+        if let Some((path, f)) = &self.file {
+            let mut line = r.to_json().to_string();
+            line.push('\n');
+            let mut f = f.lock().unwrap_or_else(|p| p.into_inner());
+            if let Err(e) = f.write_all(line.as_bytes()) {
+                tracing::error!(file = %path.display(), error = %e, "audit record not written");
+            }
+        }
         tracing::info!(
             target: "consolegate::audit",
             session_id = r.session_id,
@@ -127,14 +136,6 @@ impl Audit {
             end = r.end,
             "audit: console session"
         );
-        if let Some((path, f)) = &self.file {
-            let mut line = r.to_json().to_string();
-            line.push('\n');
-            let mut f = f.lock().unwrap_or_else(|p| p.into_inner());
-            if let Err(e) = f.write_all(line.as_bytes()) {
-                tracing::error!(file = %path.display(), error = %e, "audit record not written");
-            }
-        }
     }
 }
 
