@@ -44,6 +44,10 @@ pub enum StartError {
     },
     #[error("installing signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error("token resolvers: {0}")]
+    Resolvers(#[from] crate::auth::setup::SetupError),
+    #[error("{0}")]
+    Admin(#[from] crate::admin::AdminError),
 }
 
 impl StartError {
@@ -52,7 +56,16 @@ impl StartError {
         matches!(
             self,
             StartError::Tokens(_) | StartError::Tls(_) | StartError::Profile(_)
-        )
+        ) || matches!(self, StartError::Resolvers(e) if e.is_config())
+            || matches!(
+                self,
+                StartError::Admin(
+                    crate::admin::AdminError::Key { .. }
+                        | crate::admin::AdminError::Tls(_)
+                        | crate::admin::AdminError::ClientCa { .. }
+                        | crate::admin::AdminError::NoCert { .. }
+                )
+            )
     }
 }
 
@@ -101,7 +114,32 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let live = LiveSessions::default();
+    let built = crate::auth::setup::build(Arc::clone(&tokens), &cfg.resolvers).await?;
+    let sessions = crate::admin::sessions::SessionTable::new(shutdown_rx.clone());
+    let admin = match &cfg.admin {
+        Some(a) => Some(
+            crate::admin::start(
+                a,
+                tls_files.as_ref().map(|(c, k)| (c.as_path(), k.as_path())),
+                crate::admin::Deps {
+                    store: Arc::clone(&built.admin_store),
+                    ledger: Arc::clone(&built.ledger),
+                    sessions: Arc::clone(&sessions),
+                    resolvers: Arc::clone(&built.resolvers),
+                    live: live.clone(),
+                },
+                shutdown_rx.clone(),
+            )
+            .await?,
+        ),
+        None => None,
+    };
+    if let Some(redis) = built.redis.clone() {
+        tokio::spawn(redis.watch_revocations(Arc::clone(&sessions)));
+    }
     let ctx = Arc::new(Context {
+        resolvers: Arc::clone(&built.resolvers),
+        sessions,
         tokens: Arc::clone(&tokens),
         profiles: Arc::clone(&profiles),
         spice: Arc::default(),
@@ -150,13 +188,16 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
         connect = ?bound_connect,
         tls = tenant_tls.is_some(),
         tokens = tokens.len(),
+        resolvers = ?built.resolvers.names(),
         datapath = "userspace",
         "consolegate ready"
     );
     if let Some(path) = &cfg.ready_file {
-        write_ready(path, &bound_ws, &bound_connect).map_err(|source| StartError::ReadyFile {
-            path: path.display().to_string(),
-            source,
+        write_ready(path, &bound_ws, &bound_connect, admin.as_ref()).map_err(|source| {
+            StartError::ReadyFile {
+                path: path.display().to_string(),
+                source,
+            }
         })?;
     }
     if cfg.dev_tokens.is_some() {
@@ -236,11 +277,22 @@ fn reload(cfg: &Config, tokens: &TokenStore, tls: Option<&TenantTls>, profiles: 
     }
 }
 
-fn write_ready(path: &Path, ws: &[SocketAddr], connect: &[SocketAddr]) -> std::io::Result<()> {
-    let doc = serde_json::json!({
+fn write_ready(
+    path: &Path,
+    ws: &[SocketAddr],
+    connect: &[SocketAddr],
+    admin: Option<&crate::admin::Bound>,
+) -> std::io::Result<()> {
+    let mut doc = serde_json::json!({
         "websocket": ws.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "connect": connect.iter().map(ToString::to_string).collect::<Vec<_>>(),
     });
+    if let Some(a) = admin {
+        doc["admin"] = serde_json::json!({
+            "tcp": a.tcp.map(|t| t.to_string()),
+            "unix": a.unix.as_ref().map(|p| p.display().to_string()),
+        });
+    }
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, doc.to_string())?;
     std::fs::rename(tmp, path)

@@ -21,9 +21,12 @@
 //!   accounting, refusals and the closing log line.
 //! - [`datapath`]: the hot path once a session is established: the
 //!   userspace bidirectional copy and the WebSocket pump.
+//! - [`admin`]: the admin API (tokens, live sessions, metrics) and the
+//!   live-session table it acts on.
 //! - [`app`]: start-up, reload (SIGHUP, token-file changes) and shutdown.
 //! - [`error`]: refusal kinds with their stable names and HTTP statuses.
 
+pub mod admin;
 pub mod app;
 pub mod auth;
 pub mod cli;

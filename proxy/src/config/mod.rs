@@ -5,6 +5,7 @@
 //! Relative paths in the file are relative to the file's directory.
 
 pub mod dev;
+pub mod tokens;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -39,6 +40,8 @@ pub struct FileConfig {
     pub session: SessionSection,
     #[serde(default)]
     pub log: LogSection,
+    #[serde(default)]
+    pub admin: tokens::AdminSection,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -78,6 +81,13 @@ pub struct TokensSection {
     #[serde(default)]
     pub files: Vec<PathBuf>,
     pub reload_interval: Option<String>,
+    /// Reconnect window of use-limited tokens (default 30s).
+    pub reconnect_window: Option<String>,
+    /// Where admin-API tokens live: memory (default) or redis.
+    pub store: Option<tokens::StoreKind>,
+    pub redis: Option<tokens::RedisSection>,
+    pub signed: Option<tokens::SignedSection>,
+    pub http: Option<tokens::HttpSection>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -171,6 +181,10 @@ pub struct Config {
     pub profiles: BTreeMap<String, ProfileFile>,
     /// Profile for tokens that name none.
     pub default_profile: Option<String>,
+    /// Resolvers besides token files, reconnect window.
+    pub resolvers: tokens::ResolverConfig,
+    /// The admin API, if configured.
+    pub admin: Option<tokens::AdminConfig>,
 }
 
 /// Why a configuration is invalid. Reported with exit code 64.
@@ -207,6 +221,8 @@ pub enum ConfigError {
     },
     #[error("compute.default_profile {0:?} names no [compute.profiles.{0}] table")]
     UnknownDefaultProfile(String),
+    #[error("{0}")]
+    Invalid(String),
 }
 
 fn duration(
@@ -266,6 +282,12 @@ impl FileConfig {
         fc.tls.cert.as_mut().map(rel);
         fc.tls.key.as_mut().map(rel);
         fc.state_dir.as_mut().map(rel);
+        tokens::anchor(
+            base,
+            &mut fc.tokens.signed,
+            &mut fc.tokens.http,
+            &mut fc.admin,
+        );
         for p in fc.compute.profiles.values_mut() {
             for path in [
                 &mut p.ca,
@@ -366,7 +388,15 @@ impl Config {
         } else {
             None
         };
-        if token_sources.is_empty() {
+        let resolvers = tokens::build_resolvers(
+            fc.tokens.reconnect_window.as_deref(),
+            fc.tokens.store,
+            fc.tokens.redis.as_ref(),
+            fc.tokens.signed.as_ref(),
+            fc.tokens.http.as_ref(),
+        )?;
+        let admin = tokens::build_admin(&fc.admin)?;
+        if token_sources.is_empty() && !resolvers.has_other_sources(admin.is_some()) {
             return Err(ConfigError::NoTokens);
         }
 
@@ -444,6 +474,8 @@ impl Config {
         }
 
         Ok(Config {
+            resolvers,
+            admin,
             ws_listen,
             connect_listen,
             tenant_tls,

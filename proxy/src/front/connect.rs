@@ -37,6 +37,7 @@ impl Admitted {
                 not_before: None,
                 not_after: None,
                 compute: Default::default(),
+                limits: Default::default(),
             },
         }
     }
@@ -65,7 +66,7 @@ pub async fn serve(mut tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
             Ok(Err(None)) => return,
             Err(_) => return refuse(&mut tcp, Refusal::HandshakeTimeout).await,
         };
-        let admitted = match admit(&ctx, &head) {
+        let admitted = match admit(&ctx, &head, peer).await {
             Ok(a) => a,
             Err(r) => return refuse(&mut tcp, r).await,
         };
@@ -78,6 +79,14 @@ pub async fn serve(mut tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
         }
         span.record("compute.addr", tracing::field::display(&admitted.target));
         let grant = admitted.grant();
+        let session = ctx.sessions.register(
+            guard.id,
+            "connect",
+            peer,
+            grant.kind.as_str(),
+            admitted.target.to_string(),
+            admitted.token.as_ref(),
+        );
         let security = match ctx.security(&grant) {
             Ok(s) => s,
             Err(r) => return refuse(&mut tcp, r).await,
@@ -101,7 +110,7 @@ pub async fn serve(mut tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
         let (mut compute, negotiated) = match establish(
             &ctx,
             grant.kind,
-            admitted.token.as_ref().map(|a| a.token_id),
+            admitted.token.as_ref(),
             &security,
             compute,
             &mut tenant,
@@ -138,17 +147,18 @@ pub async fn serve(mut tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
             compute,
             &counters,
             ctx.idle_timeout,
-            ctx.shutdown.clone(),
+            session.stop_signal(),
         )
         .await;
         log_end(&end, &counters, compute_tls);
+        drop(session);
         drop(guard);
     }
     .instrument(span)
     .await;
 }
 
-fn admit(ctx: &Context, head: &RequestHead) -> Result<Admitted, Refusal> {
+async fn admit(ctx: &Context, head: &RequestHead, peer: SocketAddr) -> Result<Admitted, Refusal> {
     if head.method != "CONNECT" {
         return Err(Refusal::MethodNotAllowed);
     }
@@ -159,7 +169,7 @@ fn admit(ctx: &Context, head: &RequestHead) -> Result<Admitted, Refusal> {
         && !raw_host.is_empty()
         && !raw_host.starts_with('[')
     {
-        match ctx.resolve(raw_host) {
+        match ctx.resolve(raw_host, peer.ip()).await {
             Ok(a) => {
                 return Ok(Admitted {
                     target: a.grant.target.clone(),
@@ -167,7 +177,11 @@ fn admit(ctx: &Context, head: &RequestHead) -> Result<Admitted, Refusal> {
                     token: Some(a),
                 });
             }
-            Err(Refusal::TokenExpired) => return Err(Refusal::TokenExpired),
+            Err(
+                r @ (Refusal::TokenExpired | Refusal::TokenConsumed | Refusal::SourceNotAllowed),
+            ) => {
+                return Err(r);
+            }
             Err(_) => {}
         }
     }
@@ -175,7 +189,7 @@ fn admit(ctx: &Context, head: &RequestHead) -> Result<Admitted, Refusal> {
     match ctx.connect_auth {
         ConnectAuth::Token => {
             let token = proxy_token(head).ok_or(Refusal::ProxyAuthRequired)?;
-            let a = ctx.resolve(&token)?;
+            let a = ctx.resolve(&token, peer.ip()).await?;
             if !same_endpoint(&a.grant.target, &host, port) {
                 return Err(Refusal::TargetNotAllowed);
             }
@@ -186,10 +200,7 @@ fn admit(ctx: &Context, head: &RequestHead) -> Result<Admitted, Refusal> {
             })
         }
         ConnectAuth::None => {
-            let kind = ctx
-                .tokens
-                .known_target_kind(&host, port)
-                .ok_or(Refusal::TargetNotAllowed)?;
+            let kind = ctx.resolvers.target_kind(&host, port).await?;
             Ok(Admitted {
                 target: Target::Tcp { host, port },
                 kind: Some(kind),

@@ -61,7 +61,7 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
                 Ok(Err(None)) => return,
                 Err(_) => return refuse(&mut stream, Refusal::HandshakeTimeout).await,
             };
-        let (upgrade, admission) = match admit(&ctx, &head) {
+        let (upgrade, admission) = match admit(&ctx, &head, peer).await {
             Ok(v) => v,
             Err(r) => return refuse(&mut stream, r).await,
         };
@@ -70,6 +70,14 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
         span.record("console.kind", grant.kind.as_str());
         span.record("token.id", tracing::field::display(admission.token_id));
         span.record("compute.addr", tracing::field::display(&grant.target));
+        let session = ctx.sessions.register(
+            guard.id,
+            "websocket",
+            peer,
+            grant.kind.as_str(),
+            grant.target.to_string(),
+            Some(&admission),
+        );
         let security = match ctx.security(grant) {
             Ok(s) => s,
             Err(r) => return refuse(&mut stream, r).await,
@@ -84,7 +92,7 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
         }
         let mut ws = WsStream::new(stream, rest, upgrade.mode);
         let (compute, negotiated) =
-            match establish(&ctx, grant.kind, Some(admission.token_id), &security, compute, &mut ws).await {
+            match establish(&ctx, grant.kind, Some(&admission), &security, compute, &mut ws).await {
                 Ok(v) => v,
                 Err(e) => {
                     tracing::warn!(
@@ -118,8 +126,9 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
         };
         let compute_tls = compute.is_tls();
         let end: End =
-            pump(ws.into_parts(), compute, settings, &counters, ctx.shutdown.clone()).await;
+            pump(ws.into_parts(), compute, settings, &counters, session.stop_signal()).await;
         log_end(&end, &counters, compute_tls);
+        drop(session);
         drop(guard);
     }
     .instrument(span)
@@ -127,9 +136,10 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
 }
 
 /// Validates the upgrade, Origin and token; returns the upgrade and grant.
-fn admit(
+async fn admit(
     ctx: &Context,
     head: &RequestHead,
+    peer: SocketAddr,
 ) -> Result<(super::websocket::handshake::Upgrade, crate::auth::Admission), Refusal> {
     let path_token = path_token(head.path())?;
     let upgrade = check_upgrade(head)?;
@@ -142,7 +152,7 @@ fn admit(
         .or(path_token)
         .or_else(|| head.cookie("token").filter(|t| !t.is_empty()))
         .ok_or(Refusal::TokenMissing)?;
-    let admission = ctx.resolve(&token)?;
+    let admission = ctx.resolve(&token, peer.ip()).await?;
     Ok((upgrade, admission))
 }
 
