@@ -8,8 +8,11 @@
 //! * [`http`]: raw HTTP/1.1 and raw WebSocket frames for hostile inputs.
 //! * [`proxy`]: the real `consolegate` binary, its token files and logs.
 //! * [`spice`]: the SPICE link handshake (main channel).
+//! * [`redis`]: a real `redis-server` on a UNIX socket; [`admin`]: an
+//!   admin API client.
 //! * [`fake`]: scripted peers, only for faults a real peer never produces.
 
+pub mod admin;
 pub mod certs;
 pub mod fake;
 pub mod http;
@@ -17,6 +20,7 @@ pub mod net;
 pub mod process;
 pub mod proxy;
 pub mod qemu;
+pub mod redis;
 pub mod rfb;
 pub mod scenario;
 pub mod spice;

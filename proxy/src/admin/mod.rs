@@ -289,6 +289,7 @@ where
         async move { Ok::<_, Infallible>(handle(&state, &peer, req).await) }
     });
     let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(std::time::Duration::from_secs(10))
         .serve_connection(TokioIo::new(s), svc);
     if let Err(e) = conn.await {

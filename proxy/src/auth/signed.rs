@@ -181,13 +181,13 @@ impl Resolver for SignedResolver {
         let r = match verify(token.expose(), &self.keys) {
             Err(SignedError::NotSigned) => Ok(None),
             Err(e) => {
-                tracing::warn!(token.id = %token.id(), reason = e.kind(), error = %e, "signed token rejected");
+                tracing::warn!(token.id = %token.id(), reason = %e.kind(), error = %e, "signed token rejected");
                 Err(Refusal::TokenInvalid)
             }
             Ok(doc) => match doc.into_grant() {
                 Ok(g) => Ok(Some(g)),
                 Err(e) => {
-                    tracing::warn!(token.id = %token.id(), reason = "bad_claims", error = %e, "signed token rejected");
+                    tracing::warn!(token.id = %token.id(), reason = %"bad_claims", error = %e, "signed token rejected");
                     Err(Refusal::TokenInvalid)
                 }
             },

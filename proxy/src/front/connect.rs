@@ -165,9 +165,11 @@ async fn admit(ctx: &Context, head: &RequestHead, peer: SocketAddr) -> Result<Ad
     let authority = head.target.as_str();
     // Token as pseudo-hostname: `CONNECT <token>:0`. Tokens are case
     // sensitive, so look at the host exactly as sent.
+    // An IP address is never taken for a token (no resolver is asked).
     if let Some((raw_host, _)) = authority.rsplit_once(':')
         && !raw_host.is_empty()
         && !raw_host.starts_with('[')
+        && raw_host.parse::<std::net::IpAddr>().is_err()
     {
         match ctx.resolve(raw_host, peer.ip()).await {
             Ok(a) => {
