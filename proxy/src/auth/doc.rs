@@ -90,9 +90,7 @@ impl GrantDoc {
 
     /// The document of a grant; compute secrets only with `secrets`.
     pub fn from_grant(g: &Grant, secrets: bool) -> Self {
-        let time = |t: Option<std::time::SystemTime>| {
-            t.map(|t| humantime::format_rfc3339_seconds(t).to_string())
-        };
+        let time = |t: Option<std::time::SystemTime>| t.map(rfc3339);
         let c = &g.compute;
         Self {
             kind: Some(g.kind),
@@ -125,6 +123,19 @@ impl GrantDoc {
     }
 }
 
+/// RFC 3339 in whole seconds, or with nanoseconds when the time has them
+/// (so documents round-trip exactly).
+pub fn rfc3339(t: std::time::SystemTime) -> String {
+    let whole = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .is_ok_and(|d| d.subsec_nanos() == 0);
+    if whole {
+        humantime::format_rfc3339_seconds(t).to_string()
+    } else {
+        humantime::format_rfc3339_nanos(t).to_string()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -143,6 +154,16 @@ mod tests {
         assert_eq!(back.clone().into_grant().unwrap(), g);
         assert_eq!(back.password.as_deref(), Some("pw"));
         assert_eq!(GrantDoc::from_grant(&g, false).password, None);
+        let frac = GrantDoc {
+            target: "a:1".into(),
+            not_after: Some("2030-01-01T00:00:00.25Z".into()),
+            reconnect_window: Some("90s".into()),
+            ..Default::default()
+        }
+        .into_grant()
+        .unwrap();
+        let back = GrantDoc::from_grant(&frac, true);
+        assert_eq!(back.into_grant().unwrap(), frac);
     }
 
     #[test]

@@ -585,6 +585,13 @@ mod tests {
         assert_eq!(c.idle_timeout, Some(Duration::from_secs(3600)));
         assert!(matches!(c.tenant_tls, TenantTls::Files { .. }));
         assert_eq!(c.token_sources.len(), 2);
+        assert_eq!(c.resolvers.reconnect_window, Duration::from_secs(30));
+        assert_eq!(c.resolvers.store, tokens::StoreKind::Redis);
+        assert!(c.resolvers.redis.is_some() && c.resolvers.http.is_some());
+        assert_eq!(c.resolvers.signed_keys.len(), 1);
+        let admin = c.admin.as_ref().unwrap();
+        assert_eq!(admin.auth, tokens::AdminAuthKind::Required);
+        assert!(admin.key_file.as_ref().is_some_and(|p| p.is_absolute()));
         assert_eq!(c.default_profile.as_deref(), Some("qemu"));
         let q = &c.profiles["qemu"];
         assert_eq!(q.require_tls, Some(true));
