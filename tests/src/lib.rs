@@ -20,6 +20,7 @@ pub mod net;
 pub mod process;
 pub mod proxy;
 pub mod qemu;
+pub mod qmp;
 pub mod redis;
 pub mod rfb;
 pub mod scenario;
