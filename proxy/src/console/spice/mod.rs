@@ -20,6 +20,7 @@
 //! message on, bytes pass through untouched.
 
 pub mod link;
+pub mod migrate;
 pub mod ticket;
 
 use std::collections::HashMap;
@@ -497,6 +498,8 @@ pub async fn establish<T: AsyncRead + AsyncWrite + Unpin>(
     let mini = mess.caps.has_common(common_cap::MINI_HEADER)
         && server.caps.has_common(common_cap::MINI_HEADER);
     let guard = forward_until_main_init(&mut io, tenant, mini, sessions, token).await?;
+    // From here on, migration announcements never reach the tenant.
+    let io = ComputeIo::SpiceMain(Box::new(migrate::Filtered::new(io, mini)));
     Ok((io, Label::with_session(label, guard)))
 }
 
