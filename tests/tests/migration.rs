@@ -160,3 +160,103 @@ async fn vnc_tenant_reconnects_to_the_destination_after_live_migration() {
     assert_eq!(r.status, 403);
     proxy.assert_secrets_not_logged(&[&token]);
 }
+
+/// spice-server announces a migration to its client with the destination's
+/// address (MIGRATE_BEGIN, _SEAMLESS or SWITCH_HOST after QMP
+/// `client_migrate_info`): through the proxy the tenant never sees them.
+#[tokio::test]
+async fn spice_migration_announcements_never_reach_the_tenant() {
+    use consolegate_tests::proxy::write_atomic;
+    use consolegate_tests::spice::open_session;
+    use tokio::io::AsyncReadExt as _;
+
+    let opts = QemuOptions {
+        vnc: Sock::Unix,
+        serial: Sock::Unix,
+        spice: true,
+    };
+    let src = Qemu::start_migratable(opts, None).await.unwrap();
+    let port = free_port();
+    let dst = Qemu::start_migratable(opts, Some(port)).await.unwrap();
+    let dst_spice = dst.spice.unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let tok = consolegate_tests::random_token();
+    let file = dir.path().join("spice.toml");
+    let target = authority(src.spice.unwrap());
+    write_atomic(
+        &file,
+        &format!("[[token]]\ntoken = \"{tok}\"\nkind = \"spice\"\ntarget = \"{target}\"\n"),
+    )
+    .unwrap();
+    let proxy = Proxy::start(ProxySpec::connect(&[&file])).await.unwrap();
+    let mut main = connect_tunnel(
+        proxy.connect_addr(),
+        &target,
+        Some(&consolegate_tests::http::bearer(&tok)),
+    )
+    .await
+    .unwrap()
+    .tunnel()
+    .unwrap();
+    within("main channel", open_session(&mut main, b""))
+        .await
+        .unwrap()
+        .unwrap();
+
+    // Everything the tenant's main channel receives from now on (mini
+    // headers: type u16, size u32).
+    let reader = tokio::spawn(async move {
+        let mut types = Vec::new();
+        let mut raw = Vec::new();
+        loop {
+            let mut h = [0u8; 6];
+            let r =
+                tokio::time::timeout(std::time::Duration::from_secs(20), main.read_exact(&mut h))
+                    .await;
+            let Ok(Ok(_)) = r else { break };
+            let t = u16::from_le_bytes([h[0], h[1]]);
+            let size = u32::from_le_bytes([h[2], h[3], h[4], h[5]]) as usize;
+            let mut body = vec![0u8; size];
+            if main.read_exact(&mut body).await.is_err() {
+                break;
+            }
+            types.push(t);
+            raw.extend_from_slice(&body);
+        }
+        (types, raw)
+    });
+
+    let mut qmp = Qmp::connect(&src.qmp()).await.unwrap();
+    qmp.execute(
+        "client_migrate_info",
+        json!({"protocol": "spice", "hostname": "127.0.0.1", "port": dst_spice.port()}),
+    )
+    .await
+    .unwrap();
+    qmp.migrate(&format!("tcp:127.0.0.1:{port}")).await.unwrap();
+    let line = proxy
+        .wait_log(&["SPICE migration announcement dropped"])
+        .await
+        .unwrap();
+    println!("proxy: {line}");
+    // The source goes away; the tenant's main channel ends.
+    drop(qmp);
+    drop(src);
+    let (types, raw) = within("tenant main channel ends", reader)
+        .await
+        .unwrap()
+        .unwrap();
+    println!("tenant saw main-channel message types {types:?}");
+    for t in [101u16, 111, 116] {
+        assert!(
+            !types.contains(&t),
+            "announcement {t} reached the tenant: {types:?}"
+        );
+    }
+    assert!(
+        !raw.windows(9).any(|w| w == b"127.0.0.1"),
+        "the destination's address reached the tenant"
+    );
+    proxy.assert_secrets_not_logged(&[&tok]);
+}
