@@ -598,7 +598,7 @@ impl TestResolver {
                     let q: Value = serde_json::from_slice(&body).unwrap_or_default();
                     let found = table
                         .iter()
-                        .find(|(t, _)| q["token"] == t.as_str())
+                        .find(|(t, _)| q["token"] == t.as_str() || q["target"] == t.as_str())
                         .map(|(_, g)| g.clone());
                     let (status, body) = match found {
                         Some(g) => ("200 OK", g.to_string()),
@@ -662,4 +662,108 @@ async fn external_http_resolver_cache_and_circuit_breaker() {
     let m = call(&p, "GET", "/metrics", None).await.body;
     assert_eq!(metric(&m, "resolver_unavailable"), 3, "{m}");
     p.assert_secrets_not_logged(&[&known]);
+}
+
+/// `admin.client_ca` without a bearer key: TLS client certificates from
+/// that CA are the authentication; without one the handshake fails.
+#[tokio::test]
+async fn admin_api_with_client_certificates() {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+    let dir = tempfile::tempdir().unwrap();
+    let clients =
+        consolegate_tests::spice::SpicePki::generate(&dir.path().join("clients")).unwrap();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[admin]\nlisten = \"127.0.0.1:0\"\nclient_ca = \"{}\"\n",
+            clients.ca_path.display()
+        ),
+    )
+    .unwrap();
+    let p = Proxy::start(ProxySpec {
+        connect_listen: vec!["127.0.0.1:0".into()],
+        tls: true,
+        extra: vec!["--config".into(), cfg.display().to_string()],
+        ..ProxySpec::default()
+    })
+    .await
+    .unwrap();
+    let pki = p.pki.as_ref().unwrap();
+    let addr = p.admin.unwrap();
+
+    // No client certificate: the TLS handshake is refused.
+    let anonymous = Transport::Tls(pki.client_config().unwrap());
+    let r = admin::request(addr, &anonymous, "GET", "/v1/tokens", None, None).await;
+    assert!(
+        r.is_err() || r.as_ref().is_ok_and(|a| a.status != 200),
+        "{r:?}"
+    );
+    p.wait_log(&["admin TLS handshake failed"]).await.unwrap();
+
+    // With one from the configured CA: admitted, no bearer key needed.
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(pki.ca_pem.as_bytes()).unwrap())
+        .unwrap();
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&clients.client_cert)
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(&clients.client_key).unwrap();
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_client_auth_cert(certs, key)
+    .unwrap();
+    let with_cert = Transport::Tls(Arc::new(cfg));
+    let r = admin::request(addr, &with_cert, "GET", "/v1/tokens", None, None)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+}
+
+/// With `connect.auth = "none"` a CONNECT target is validated by the
+/// external resolver (`{"target": "host:port"}`): never an open relay.
+#[tokio::test]
+async fn external_http_resolver_validates_connect_targets() {
+    let echo = EchoServer::start().await.unwrap();
+    let target = authority(echo.addr);
+    let resolver = TestResolver::start(vec![(target.clone(), json!({"kind": "serial"}))]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[connect]\nauth = \"none\"\n[tokens.http]\nurl = \"http://{}/resolve\"\n",
+            resolver.addr
+        ),
+    )
+    .unwrap();
+    let p = Proxy::start(ProxySpec {
+        connect_listen: vec!["127.0.0.1:0".into()],
+        extra: vec!["--config".into(), cfg.display().to_string()],
+        ..ProxySpec::default()
+    })
+    .await
+    .unwrap();
+    let mut s = consolegate_tests::http::connect_tunnel(p.connect_addr(), &target, None)
+        .await
+        .unwrap()
+        .tunnel()
+        .unwrap();
+    s.write_all(b"ping").await.unwrap();
+    let mut b = [0u8; 4];
+    within("echo", s.read_exact(&mut b)).await.unwrap().unwrap();
+    let other = authority(consolegate_tests::fake::dead_port().unwrap());
+    let o = consolegate_tests::http::connect_tunnel(p.connect_addr(), &other, None)
+        .await
+        .unwrap();
+    assert_eq!(o.status(), 403);
+    assert_eq!(resolver.hits.load(Ordering::SeqCst), 2);
 }
