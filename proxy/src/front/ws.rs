@@ -41,10 +41,12 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
                 match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
                     Ok(Ok(s)) => TenantStream::Tls(Box::new(s)),
                     Ok(Err(e)) => {
+                        crate::error::count_refusal(Refusal::TlsHandshake.kind());
                         tracing::info!(reason = %Refusal::TlsHandshake, error = %e, "session refused");
                         return;
                     }
                     Err(_) => {
+                        crate::error::count_refusal(Refusal::HandshakeTimeout.kind());
                         tracing::warn!(reason = %Refusal::HandshakeTimeout, "session refused");
                         return;
                     }
