@@ -400,6 +400,36 @@ async fn admin_api_refuses_unauthenticated_calls_and_kills_sessions() {
     .unwrap();
     assert_eq!(r.status, 201, "{}", r.body);
     let token = r.json().unwrap()["token"].as_str().unwrap().to_owned();
+    // Bad requests name the problem, never echo a secret.
+    let r = admin::request_unix(
+        &sock,
+        "POST",
+        "/v1/tokens",
+        Some(KEY),
+        Some(&json!({"target": "127.0.0.1:1", "password": "pw-secret-1", "bogus": 1})),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(
+        r.body.contains("bogus") && !r.body.contains("pw-secret-1"),
+        "{}",
+        r.body
+    );
+    let r = admin::request_unix(
+        &sock,
+        "POST",
+        "/v1/tokens",
+        Some(KEY),
+        Some(&json!({"token": "short", "target": "127.0.0.1:1"})),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 400, "{}", r.body);
+    let r = admin::request_unix(&sock, "DELETE", "/v1/tokens/not-hex", Some(KEY), None)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 400);
     let (st, s) = connect_from(ip("127.0.0.1"), p.connect_addr(), &target, &token).await;
     assert_eq!(st, 200);
     let mut s = s.unwrap();
