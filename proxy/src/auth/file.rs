@@ -205,6 +205,9 @@ pub fn parse_toml(text: &str) -> Result<Vec<TokenEntry>, TokenFileError> {
         .collect()
 }
 
+/// The longest reconnect window a token may ask for.
+pub const MAX_RECONNECT_WINDOW: Duration = Duration::from_secs(24 * 3600);
+
 /// Validates the limit fields shared by every token source.
 pub fn parse_limits(
     max_uses: Option<u32>,
@@ -221,6 +224,9 @@ pub fn parse_limits(
                 .map_err(|_| format!("reconnect_window: invalid duration {w:?}")),
         })
         .transpose()?;
+    if reconnect_window.is_some_and(|w| w > MAX_RECONNECT_WINDOW) {
+        return Err("reconnect_window: at most 24h".into());
+    }
     let sources = source
         .iter()
         .map(|s| s.parse().map_err(|e: super::cidr::CidrError| e.to_string()))
@@ -301,6 +307,9 @@ source = ["10.0.0.0/8", "::1"]
         assert_eq!(l.max_uses, Some(1));
         assert_eq!(l.reconnect_window, Some(Duration::from_secs(20)));
         assert_eq!(l.sources.len(), 2);
+        let err =
+            parse_toml("[[token]]\ntoken='x'\ntarget='a:1'\nreconnect_window='30d'\n").unwrap_err();
+        assert!(err.to_string().contains("24h"), "{err}");
         let err = parse_toml("[[token]]\ntoken='x'\ntarget='a:1'\nmax_uses=0\n").unwrap_err();
         assert!(err.to_string().contains("max_uses"), "{err}");
         let err = parse_toml("[[token]]\ntoken='x'\ntarget='a:1'\nsource=['nope']\n").unwrap_err();
