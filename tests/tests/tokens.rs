@@ -797,3 +797,42 @@ async fn external_http_resolver_validates_connect_targets() {
     assert_eq!(o.status(), 403);
     assert_eq!(resolver.hits.load(Ordering::SeqCst), 2);
 }
+
+/// Redis goes away: tokens only Redis could know are refused with 503
+/// (resolver_unavailable), token files keep working.
+#[tokio::test]
+async fn redis_down_gives_503_and_token_files_keep_working() {
+    let redis = RedisServer::start().await.unwrap();
+    let echo = EchoServer::start().await.unwrap();
+    let target = authority(echo.addr);
+    let dir = tempfile::tempdir().unwrap();
+    let file_token = random_token();
+    let file = dir.path().join("t.toml");
+    std::fs::write(
+        &file,
+        format!("[[token]]\ntoken = \"{file_token}\"\nkind = \"serial\"\ntarget = \"{target}\"\n"),
+    )
+    .unwrap();
+    let (p, _d) = proxy_with(&format!(
+        "[tokens]\nstore = \"redis\"\nfiles = [\"{}\"]\n[tokens.redis]\nurl = \"{}\"\n\
+         prefix = \"down:\"\ntimeout = \"500ms\"\n",
+        file.display(),
+        redis.url()
+    ))
+    .await;
+    let lo = ip("127.0.0.1");
+    let (redis_token, _) = create(&p, json!({"kind": "serial", "target": target})).await;
+    let (st, _) = connect_from(lo, p.connect_addr(), &target, &redis_token).await;
+    assert_eq!(st, 200);
+    drop(redis);
+    let (st, _) = connect_from(lo, p.connect_addr(), &target, &redis_token).await;
+    assert_eq!(st, 503, "Redis is down");
+    let (st, s) = connect_from(lo, p.connect_addr(), &target, &file_token).await;
+    assert_eq!(st, 200, "token files do not need Redis");
+    echo_ok(&mut s.unwrap()).await;
+    p.wait_log(&["session refused", "reason=resolver_unavailable"])
+        .await
+        .unwrap();
+    let r = call(&p, "GET", "/v1/tokens", None).await;
+    assert_eq!(r.status, 503, "{}", r.body);
+}
