@@ -51,6 +51,10 @@ pub enum StartError {
     Signals(std::io::Error),
     #[error("eBPF allow-list is required (kernel.allowlist = \"required\") but unavailable: {0}")]
     AllowList(#[from] crate::control::allowlist::AllowListError),
+    #[error("token resolvers: {0}")]
+    Resolvers(#[from] crate::auth::setup::SetupError),
+    #[error("{0}")]
+    Admin(#[from] crate::admin::AdminError),
 }
 
 impl StartError {
@@ -62,7 +66,16 @@ impl StartError {
                 | StartError::Tls(_)
                 | StartError::Profile(_)
                 | StartError::Audit(_)
-        )
+        ) || matches!(self, StartError::Resolvers(e) if e.is_config())
+            || matches!(
+                self,
+                StartError::Admin(
+                    crate::admin::AdminError::Key { .. }
+                        | crate::admin::AdminError::Tls(_)
+                        | crate::admin::AdminError::ClientCa { .. }
+                        | crate::admin::AdminError::NoCert { .. }
+                )
+            )
     }
 }
 
@@ -101,6 +114,9 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
     let tokens = Arc::new(TokenStore::load(cfg.token_sources.clone())?);
     let allowlist =
         crate::control::allowlist::start_configured(cfg.allowlist, cfg.cgroup, &tokens)?;
+    if let Some(list) = &allowlist {
+        allow_control_endpoints(list, &cfg).await;
+    }
     let profiles = Profiles::load(&cfg.profiles, cfg.default_profile.as_deref())?;
     if profiles.is_empty() {
         tracing::warn!(
@@ -124,7 +140,32 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let audit = Arc::new(Audit::new(cfg.audit_file.as_deref())?);
     let live = LiveSessions::default();
+    let built = crate::auth::setup::build(Arc::clone(&tokens), &cfg.resolvers).await?;
+    let sessions = crate::admin::sessions::SessionTable::new(shutdown_rx.clone());
+    let admin = match &cfg.admin {
+        Some(a) => Some(
+            crate::admin::start(
+                a,
+                tls_files.as_ref().map(|(c, k)| (c.as_path(), k.as_path())),
+                crate::admin::Deps {
+                    store: Arc::clone(&built.admin_store),
+                    ledger: Arc::clone(&built.ledger),
+                    sessions: Arc::clone(&sessions),
+                    resolvers: Arc::clone(&built.resolvers),
+                    live: live.clone(),
+                },
+                shutdown_rx.clone(),
+            )
+            .await?,
+        ),
+        None => None,
+    };
+    if let Some(redis) = built.redis.clone() {
+        tokio::spawn(redis.watch_revocations(Arc::clone(&sessions)));
+    }
     let ctx = Arc::new(Context {
+        resolvers: Arc::clone(&built.resolvers),
+        sessions,
         tokens: Arc::clone(&tokens),
         profiles: Arc::clone(&profiles),
         spice: Arc::default(),
@@ -183,12 +224,15 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
         tokens = tokens.len(),
         datapath = cfg.datapath.as_str(),
         allowlist = if allowlist.is_some() { "on" } else { "off" },
+        resolvers = ?built.resolvers.names(),
         "consolegate ready"
     );
     if let Some(path) = &cfg.ready_file {
-        write_ready(path, &bound_ws, &bound_connect).map_err(|source| StartError::ReadyFile {
-            path: path.display().to_string(),
-            source,
+        write_ready(path, &bound_ws, &bound_connect, admin.as_ref()).map_err(|source| {
+            StartError::ReadyFile {
+                path: path.display().to_string(),
+                source,
+            }
         })?;
     }
     if cfg.dev_tokens.is_some() {
@@ -318,11 +362,22 @@ fn reload(cfg: &Config, tokens: &TokenStore, tls: Option<&TenantTls>, profiles: 
     }
 }
 
-fn write_ready(path: &Path, ws: &[SocketAddr], connect: &[SocketAddr]) -> std::io::Result<()> {
-    let doc = serde_json::json!({
+fn write_ready(
+    path: &Path,
+    ws: &[SocketAddr],
+    connect: &[SocketAddr],
+    admin: Option<&crate::admin::Bound>,
+) -> std::io::Result<()> {
+    let mut doc = serde_json::json!({
         "websocket": ws.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "connect": connect.iter().map(ToString::to_string).collect::<Vec<_>>(),
     });
+    if let Some(a) = admin {
+        doc["admin"] = serde_json::json!({
+            "tcp": a.tcp.map(|t| t.to_string()),
+            "unix": a.unix.as_ref().map(|p| p.display().to_string()),
+        });
+    }
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, doc.to_string())?;
     std::fs::rename(tmp, path)
@@ -368,4 +423,80 @@ fn print_banner(cfg: &Config, ws: &[SocketAddr], connect: &[SocketAddr], cert: O
     }
     println!("  stop with Ctrl-C");
     println!();
+}
+
+/// `host` and `port` of a `scheme://[user@]host[:port]/...` URL, with the
+/// scheme's default port; `None` for UNIX-socket URLs.
+fn url_endpoint(url: &str, default_port: u16) -> Option<(String, u16)> {
+    let (scheme, rest) = url.split_once("://")?;
+    if scheme.contains("unix") {
+        return None;
+    }
+    let authority = rest.split(['/', '?', '#']).next()?;
+    let hostport = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    if let Some(v6) = hostport.strip_prefix('[') {
+        let (host, after) = v6.split_once(']')?;
+        let port = after
+            .strip_prefix(':')
+            .map_or(Some(default_port), |p| p.parse().ok())?;
+        return Some((host.to_owned(), port));
+    }
+    match hostport.rsplit_once(':') {
+        Some((h, p)) => Some((h.to_owned(), p.parse().ok()?)),
+        None => Some((hostport.to_owned(), default_port)),
+    }
+}
+
+/// The token services the proxy itself talks to (Redis, the external HTTP
+/// resolver) go into the eBPF allow-list for as long as it runs; their names
+/// are resolved once, here.
+async fn allow_control_endpoints(list: &crate::control::allowlist::AllowList, cfg: &Config) {
+    let mut endpoints = Vec::new();
+    if let Some(r) = &cfg.resolvers.redis
+        && let Some(e) = url_endpoint(&r.url, 6379)
+    {
+        endpoints.push(("redis", e));
+    }
+    if let Some(h) = &cfg.resolvers.http
+        && let Some(e) = url_endpoint(&h.url, if h.url.starts_with("https") { 443 } else { 80 })
+    {
+        endpoints.push(("http resolver", e));
+    }
+    for (what, (host, port)) in endpoints {
+        match tokio::net::lookup_host((host.as_str(), port)).await {
+            Ok(addrs) => {
+                for a in addrs {
+                    list.allow_always(a);
+                    tracing::info!(service = what, addr = %a, "allow-list: token service allowed");
+                }
+            }
+            Err(e) => tracing::warn!(
+                service = what, host = %host, error = %e,
+                "allow-list: cannot resolve a token service; connections to it will be refused"
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod url_tests {
+    use super::url_endpoint;
+
+    #[test]
+    fn endpoints_of_service_urls() {
+        assert_eq!(
+            url_endpoint("redis://127.0.0.1:6380/0", 6379),
+            Some(("127.0.0.1".into(), 6380))
+        );
+        assert_eq!(
+            url_endpoint("redis://:pw@cache.example/", 6379),
+            Some(("cache.example".into(), 6379))
+        );
+        assert_eq!(
+            url_endpoint("http://[::1]:8080/resolve", 80),
+            Some(("::1".into(), 8080))
+        );
+        assert_eq!(url_endpoint("redis+unix:///run/redis.sock", 6379), None);
+        assert_eq!(url_endpoint("unix:///run/redis.sock", 6379), None);
+    }
 }

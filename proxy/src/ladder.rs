@@ -23,6 +23,7 @@ pub async fn pump_raw(
     tenant: tokio::net::TcpStream,
     compute: ComputeIo,
     counters: &Counters,
+    stop: tokio::sync::watch::Receiver<bool>,
 ) -> (End, &'static str) {
     let span = tracing::Span::current();
     let compute = match compute {
@@ -40,7 +41,7 @@ pub async fn pump_raw(
                         compute,
                         counters,
                         ctx.idle_timeout,
-                        ctx.shutdown.clone(),
+                        stop.clone(),
                     )
                     .await;
                 return (end, "splice");
@@ -54,14 +55,7 @@ pub async fn pump_raw(
     };
     span.record("datapath", "copy");
     tracing::info!(datapath = "copy", "session established");
-    let end = copy::bidirectional(
-        tenant,
-        compute,
-        counters,
-        ctx.idle_timeout,
-        ctx.shutdown.clone(),
-    )
-    .await;
+    let end = copy::bidirectional(tenant, compute, counters, ctx.idle_timeout, stop.clone()).await;
     (end, "copy")
 }
 
@@ -76,6 +70,7 @@ pub async fn pump_ws(
     compute: ComputeIo,
     settings: crate::datapath::websocket::WsSettings,
     counters: &Counters,
+    stop: tokio::sync::watch::Receiver<bool>,
     established: impl FnOnce(&'static str),
 ) -> End {
     use crate::front::TenantStream;
@@ -111,7 +106,7 @@ pub async fn pump_ws(
                         pipe,
                         settings,
                         counters,
-                        ctx.shutdown.clone(),
+                        stop.clone(),
                     )
                     .await;
                 }
@@ -131,5 +126,5 @@ pub async fn pump_ws(
         pending,
         inbound,
     };
-    crate::datapath::websocket::pump(parts, compute, settings, counters, ctx.shutdown.clone()).await
+    crate::datapath::websocket::pump(parts, compute, settings, counters, stop.clone()).await
 }

@@ -31,9 +31,12 @@
 //!   the `doctor` capability report.
 //! - [`sys`]: the only module with `unsafe` code: pipes, splice, FIONREAD,
 //!   capability probes.
+//! - [`admin`]: the admin API (tokens, live sessions, metrics) and the
+//!   live-session table it acts on.
 //! - [`app`]: start-up, reload (SIGHUP, token-file changes) and shutdown.
 //! - [`error`]: refusal kinds with their stable names and HTTP statuses.
 
+pub mod admin;
 pub mod app;
 pub mod auth;
 pub mod cli;

@@ -4,7 +4,7 @@
 //! This module holds what every front end needs for that: the shared
 //! context, session ids, the refusal path and the closing log line.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
@@ -14,7 +14,8 @@ use tokio::sync::{Notify, watch};
 
 use tokio::io::AsyncRead;
 
-use crate::auth::{Admission, Grant, TokenId, TokenStore};
+use crate::admin::sessions::SessionTable;
+use crate::auth::{Admission, Grant, Resolvers, TokenId, TokenStore};
 use crate::config::ConnectAuth;
 use crate::config::kernel::DatapathMode;
 use crate::console::security::{ProfileSet, SessionSecurity};
@@ -31,6 +32,10 @@ use crate::front::tls::TenantTls;
 #[derive(Debug)]
 pub struct Context {
     pub tokens: Arc<TokenStore>,
+    /// Every token source, in order (token files first).
+    pub resolvers: Arc<Resolvers>,
+    /// Live sessions (admin API: list, kill, revoke).
+    pub sessions: Arc<SessionTable>,
     pub profiles: Arc<ProfileSet>,
     pub spice: Arc<SpiceSessions>,
     pub tenant_tls: Option<Arc<TenantTls>>,
@@ -81,9 +86,27 @@ impl Context {
         peer.ip()
     }
 
-    /// Resolves a presented token now.
-    pub fn resolve(&self, token: &str) -> Result<Admission, Refusal> {
-        self.tokens.resolve(token, SystemTime::now())
+    /// Resolves a presented token for a tenant now. A use-limited token
+    /// takes a use here, except SPICE tokens: their main channel claims in
+    /// the link phase, their secondary channels never do (they join the
+    /// session by connection id), so here SPICE only checks that a use or
+    /// a live session of the token is left.
+    pub async fn resolve(&self, token: &str, tenant: IpAddr) -> Result<Admission, Refusal> {
+        let now = SystemTime::now();
+        let a = self.resolvers.resolve(token, tenant, now).await?;
+        if let Some(u) = &a.uses {
+            if a.grant.kind == ConsoleKind::Spice {
+                match u.peek(now).await {
+                    Ok(_) => {}
+                    Err(Refusal::TokenConsumed) if self.spice.has_token(a.token_id) => {}
+                    Err(e) => return Err(e),
+                }
+            } else {
+                let outcome = u.claim(now).await?;
+                tracing::debug!(token.id = %a.token_id, ?outcome, "token use claimed");
+            }
+        }
+        Ok(a)
     }
 
     /// The compute-side security settings of a grant.
@@ -178,6 +201,7 @@ pub async fn refuse<W: AsyncWrite + Unpin>(w: &mut W, r: Refusal) {
         Refusal::BadRequest => &[("Sec-WebSocket-Version", "13")],
         _ => &[],
     };
+    crate::error::count_refusal(r.kind());
     let resp = error_response(status, phrase, extra, r.tenant_message());
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
         let _ = w.write_all(&resp).await;
@@ -287,7 +311,7 @@ impl EstablishError {
 pub async fn establish<T: AsyncRead + AsyncWrite + Unpin>(
     ctx: &Context,
     kind: ConsoleKind,
-    token: Option<TokenId>,
+    admission: Option<&Admission>,
     security: &SessionSecurity,
     compute: ComputeStream,
     tenant: &mut T,
@@ -317,8 +341,9 @@ pub async fn establish<T: AsyncRead + AsyncWrite + Unpin>(
             Ok((io, format!("rfb {} {}", n.version, n.security).into()))
         }
         ConsoleKind::Spice => {
-            let token = token.unwrap_or(TokenId::ANONYMOUS);
-            let link = spice::establish(tenant, compute, security, &ctx.spice, token);
+            let token = admission.map_or(TokenId::ANONYMOUS, |a| a.token_id);
+            let claim = admission.and_then(|a| a.uses.as_ref());
+            let link = spice::establish(tenant, compute, security, &ctx.spice, token, claim);
             Ok(within("SPICE link", limit, link).await??)
         }
         ConsoleKind::Serial => match &security.tls {

@@ -9,8 +9,11 @@
 //! * [`proxy`]: the real `consolegate` binary, its token files and logs.
 //! * [`compute`]: a private CA and QEMU VNC servers with TLS, passwords, SASL.
 //! * [`spice`]: the SPICE link handshake (main channel).
+//! * [`redis`]: a real `redis-server` on a UNIX socket; [`admin`]: an
+//!   admin API client.
 //! * [`fake`]: scripted peers, only for faults a real peer never produces.
 
+pub mod admin;
 pub mod certs;
 pub mod compute;
 pub mod fake;
@@ -19,6 +22,8 @@ pub mod net;
 pub mod process;
 pub mod proxy;
 pub mod qemu;
+pub mod qmp;
+pub mod redis;
 pub mod rfb;
 pub mod scenario;
 pub mod spice;

@@ -142,6 +142,8 @@ pub struct Proxy {
     child: ChildGuard,
     pub websocket: Vec<SocketAddr>,
     pub connect: Vec<SocketAddr>,
+    /// The admin API's TCP listener, if one is configured.
+    pub admin: Option<SocketAddr>,
     pub pki: Option<TestPki>,
     pub dir: tempfile::TempDir,
     plain: bool,
@@ -251,7 +253,12 @@ impl Proxy {
                                 .collect(),
                         }
                     };
-                    return Ok((list("websocket")?, list("connect")?));
+                    let admin = v
+                        .get("admin")
+                        .and_then(|a| a.get("tcp"))
+                        .and_then(|t| t.as_str())
+                        .and_then(|t| t.parse::<SocketAddr>().ok());
+                    return Ok((list("websocket")?, list("connect")?, admin));
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
@@ -261,6 +268,7 @@ impl Proxy {
             child,
             websocket: addrs.0,
             connect: addrs.1,
+            admin: addrs.2,
             pki: None,
             dir,
             plain: false,

@@ -29,6 +29,20 @@ pub struct Framebuffer {
     pub pixel_bytes: usize,
     /// Distinct 32-bit pixel values seen (capped at 4096).
     pub distinct_colours: usize,
+    /// FNV-1a hash of each pixel row as last drawn (to compare screens).
+    pub row_hashes: Vec<u64>,
+}
+
+impl Framebuffer {
+    /// Rows whose pixels differ between two screens of the same size.
+    pub fn rows_differing(&self, other: &Framebuffer) -> usize {
+        self.row_hashes
+            .iter()
+            .zip(&other.row_hashes)
+            .filter(|(a, b)| a != b)
+            .count()
+            + self.row_hashes.len().abs_diff(other.row_hashes.len())
+    }
 }
 
 /// The DesktopSize pseudo-encoding (RFC 6143 7.8.2).
@@ -152,6 +166,7 @@ pub async fn full_update<S: AsyncRead + AsyncWrite + Unpin>(
     let mut rects = 0usize;
     let mut pixel_bytes = 0usize;
     let mut colours: HashSet<u32> = HashSet::new();
+    let mut pixels = vec![0u32; covered.len()];
     let mut row = Vec::new();
     while uncovered > 0 {
         let kind = s.read_u8().await.context("reading server message")?;
@@ -192,6 +207,8 @@ pub async fn full_update<S: AsyncRead + AsyncWrite + Unpin>(
                         pixel_bytes += row.len();
                         for (i, px) in row.chunks_exact(4).enumerate() {
                             let idx = usize::from(y) * usize::from(w) + usize::from(rx) + i;
+                            pixels[idx] =
+                                u32::from_le_bytes([px[0], px[1], px[2], px[3]]) & 0xff_ffff;
                             if !covered[idx] {
                                 covered[idx] = true;
                                 uncovered -= 1;
@@ -236,6 +253,14 @@ pub async fn full_update<S: AsyncRead + AsyncWrite + Unpin>(
         rects,
         pixel_bytes,
         distinct_colours: colours.len(),
+        row_hashes: pixels
+            .chunks(usize::from(w).max(1))
+            .map(|r| {
+                r.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, p| {
+                    (h ^ u64::from(*p)).wrapping_mul(0x100_0000_01b3)
+                })
+            })
+            .collect(),
     })
 }
 

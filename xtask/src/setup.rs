@@ -27,6 +27,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "libbpf-dev",          // bpf/bpf_helpers.h for those programs
     "systemd",             // systemd-analyze verify checks the unit (tests/tests/systemd.rs)
     "haproxy", // a real load balancer: PROXY protocol and X-Forwarded-For (tests/tests/forwarding.rs)
+    "redis-server", // the shared token store of a proxy fleet (tests/tests/tokens.rs)
 ];
 
 /// rustup components of the active toolchain, by the cargo subcommand that

@@ -6,6 +6,7 @@
 
 pub mod dev;
 pub mod kernel;
+pub mod tokens;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -50,6 +51,8 @@ pub struct FileConfig {
     pub log: LogSection,
     #[serde(default)]
     pub kernel: kernel::KernelSection,
+    #[serde(default)]
+    pub admin: tokens::AdminSection,
     #[serde(default)]
     pub forwarding: ForwardingSection,
 }
@@ -107,6 +110,13 @@ pub struct TokensSection {
     #[serde(default)]
     pub files: Vec<PathBuf>,
     pub reload_interval: Option<String>,
+    /// Reconnect window of use-limited tokens (default 30s).
+    pub reconnect_window: Option<String>,
+    /// Where admin-API tokens live: memory (default) or redis.
+    pub store: Option<tokens::StoreKind>,
+    pub redis: Option<tokens::RedisSection>,
+    pub signed: Option<tokens::SignedSection>,
+    pub http: Option<tokens::HttpSection>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -232,6 +242,10 @@ pub struct Config {
     pub allowlist: kernel::AllowListMode,
     /// Where the allow-list attaches.
     pub cgroup: kernel::CgroupMode,
+    /// Resolvers besides token files, reconnect window.
+    pub resolvers: tokens::ResolverConfig,
+    /// The admin API, if configured.
+    pub admin: Option<tokens::AdminConfig>,
 }
 
 /// Why a configuration is invalid. Reported with exit code 64.
@@ -274,6 +288,8 @@ pub enum ConfigError {
     ProxyProtocolUntrusted,
     #[error("compute.default_profile {0:?} names no [compute.profiles.{0}] table")]
     UnknownDefaultProfile(String),
+    #[error("{0}")]
+    Invalid(String),
 }
 
 fn duration(
@@ -334,6 +350,12 @@ impl FileConfig {
         fc.tls.key.as_mut().map(rel);
         fc.state_dir.as_mut().map(rel);
         fc.log.audit_file.as_mut().map(rel);
+        tokens::anchor(
+            base,
+            &mut fc.tokens.signed,
+            &mut fc.tokens.http,
+            &mut fc.admin,
+        );
         for p in fc.compute.profiles.values_mut() {
             for path in [
                 &mut p.ca,
@@ -446,7 +468,15 @@ impl Config {
         } else {
             None
         };
-        if token_sources.is_empty() {
+        let resolvers = tokens::build_resolvers(
+            fc.tokens.reconnect_window.as_deref(),
+            fc.tokens.store,
+            fc.tokens.redis.as_ref(),
+            fc.tokens.signed.as_ref(),
+            fc.tokens.http.as_ref(),
+        )?;
+        let admin = tokens::build_admin(&fc.admin)?;
+        if token_sources.is_empty() && !resolvers.has_other_sources(admin.is_some()) {
             return Err(ConfigError::NoTokens);
         }
 
@@ -550,6 +580,8 @@ impl Config {
         }
 
         Ok(Config {
+            resolvers,
+            admin,
             ws_listen,
             connect_listen,
             tenant_tls,
@@ -705,6 +737,13 @@ mod tests {
         assert_eq!(c.idle_timeout, Some(Duration::from_secs(3600)));
         assert!(matches!(c.tenant_tls, TenantTls::Files { .. }));
         assert_eq!(c.token_sources.len(), 2);
+        assert_eq!(c.resolvers.reconnect_window, Duration::from_secs(30));
+        assert_eq!(c.resolvers.store, tokens::StoreKind::Redis);
+        assert!(c.resolvers.redis.is_some() && c.resolvers.http.is_some());
+        assert_eq!(c.resolvers.signed_keys.len(), 1);
+        let admin = c.admin.as_ref().unwrap();
+        assert_eq!(admin.auth, tokens::AdminAuthKind::Required);
+        assert!(admin.key_file.as_ref().is_some_and(|p| p.is_absolute()));
         assert_eq!(c.default_profile.as_deref(), Some("qemu"));
         assert_eq!(c.datapath, kernel::DatapathMode::Auto);
         assert_eq!(c.allowlist, kernel::AllowListMode::Auto);

@@ -38,6 +38,7 @@ impl Admitted {
                 not_before: None,
                 not_after: None,
                 compute: Default::default(),
+                limits: Default::default(),
             },
         }
     }
@@ -68,7 +69,12 @@ pub async fn serve(mut tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
             Err(_) => return refuse(&mut tcp, Refusal::HandshakeTimeout).await,
         };
         let source = ctx.record_forwarded(&head, peer);
-        let admitted = match admit(&ctx, &head) {
+        let tenant = if source == peer.ip() {
+            peer
+        } else {
+            SocketAddr::new(source, 0)
+        };
+        let admitted = match admit(&ctx, &head, tenant).await {
             Ok(a) => a,
             Err(r) => return refuse(&mut tcp, r).await,
         };
@@ -86,6 +92,14 @@ pub async fn serve(mut tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
         }
         span.record("compute.addr", tracing::field::display(&admitted.target));
         let grant = admitted.grant();
+        let session = ctx.sessions.register(
+            guard.id,
+            "connect",
+            tenant,
+            grant.kind.as_str(),
+            admitted.target.to_string(),
+            admitted.token.as_ref(),
+        );
         let security = match ctx.security(&grant) {
             Ok(s) => s,
             Err(r) => return refuse(&mut tcp, r).await,
@@ -109,7 +123,7 @@ pub async fn serve(mut tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
         let (mut compute, negotiated) = match establish(
             &ctx,
             grant.kind,
-            admitted.token.as_ref().map(|a| a.token_id),
+            admitted.token.as_ref(),
             &security,
             compute,
             &mut tenant,
@@ -147,7 +161,7 @@ pub async fn serve(mut tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
             tracing::info!(error = %e, "compute write failed");
             return;
         }
-        let pump = crate::ladder::pump_raw(&ctx, tcp, compute, &counters);
+        let pump = crate::ladder::pump_raw(&ctx, tcp, compute, &counters, session.stop_signal());
         // At the maximum duration both sockets are dropped (closed): a raw
         // tunnel has no close frame to carry a reason.
         let (end, datapath) = match ctx.max_duration {
@@ -173,24 +187,27 @@ pub async fn serve(mut tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
             bytes_down: counters.down_bytes(),
             end: end.kind(),
         });
+        drop(session);
         drop(guard);
     }
     .instrument(span)
     .await;
 }
 
-fn admit(ctx: &Context, head: &RequestHead) -> Result<Admitted, Refusal> {
+async fn admit(ctx: &Context, head: &RequestHead, peer: SocketAddr) -> Result<Admitted, Refusal> {
     if head.method != "CONNECT" {
         return Err(Refusal::MethodNotAllowed);
     }
     let authority = head.target.as_str();
     // Token as pseudo-hostname: `CONNECT <token>:0`. Tokens are case
     // sensitive, so look at the host exactly as sent.
+    // An IP address is never taken for a token (no resolver is asked).
     if let Some((raw_host, _)) = authority.rsplit_once(':')
         && !raw_host.is_empty()
         && !raw_host.starts_with('[')
+        && raw_host.parse::<std::net::IpAddr>().is_err()
     {
-        match ctx.resolve(raw_host) {
+        match ctx.resolve(raw_host, peer.ip()).await {
             Ok(a) => {
                 return Ok(Admitted {
                     target: a.grant.target.clone(),
@@ -198,7 +215,11 @@ fn admit(ctx: &Context, head: &RequestHead) -> Result<Admitted, Refusal> {
                     token: Some(a),
                 });
             }
-            Err(Refusal::TokenExpired) => return Err(Refusal::TokenExpired),
+            Err(
+                r @ (Refusal::TokenExpired | Refusal::TokenConsumed | Refusal::SourceNotAllowed),
+            ) => {
+                return Err(r);
+            }
             Err(_) => {}
         }
     }
@@ -206,7 +227,7 @@ fn admit(ctx: &Context, head: &RequestHead) -> Result<Admitted, Refusal> {
     match ctx.connect_auth {
         ConnectAuth::Token => {
             let token = proxy_token(head).ok_or(Refusal::ProxyAuthRequired)?;
-            let a = ctx.resolve(&token)?;
+            let a = ctx.resolve(&token, peer.ip()).await?;
             if !same_endpoint(&a.grant.target, &host, port) {
                 return Err(Refusal::TargetNotAllowed);
             }
@@ -217,10 +238,7 @@ fn admit(ctx: &Context, head: &RequestHead) -> Result<Admitted, Refusal> {
             })
         }
         ConnectAuth::None => {
-            let kind = ctx
-                .tokens
-                .known_target_kind(&host, port)
-                .ok_or(Refusal::TargetNotAllowed)?;
+            let kind = ctx.resolvers.target_kind(&host, port).await?;
             Ok(Admitted {
                 target: Target::Tcp { host, port },
                 kind: Some(kind),

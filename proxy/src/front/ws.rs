@@ -43,10 +43,12 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
                 match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
                     Ok(Ok(s)) => TenantStream::Tls(Box::new(s)),
                     Ok(Err(e)) => {
+                        crate::error::count_refusal(Refusal::TlsHandshake.kind());
                         tracing::info!(reason = %Refusal::TlsHandshake, error = %e, "session refused");
                         return;
                     }
                     Err(_) => {
+                        crate::error::count_refusal(Refusal::HandshakeTimeout.kind());
                         tracing::warn!(reason = %Refusal::HandshakeTimeout, "session refused");
                         return;
                     }
@@ -64,7 +66,13 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
                 Err(_) => return refuse(&mut stream, Refusal::HandshakeTimeout).await,
             };
         let source = ctx.record_forwarded(&head, peer);
-        let (upgrade, admission) = match admit(&ctx, &head) {
+        // The tenant: the forwarded address from a trusted balancer, or the peer.
+        let tenant = if source == peer.ip() {
+            peer
+        } else {
+            SocketAddr::new(source, 0)
+        };
+        let (upgrade, admission) = match admit(&ctx, &head, tenant).await {
             Ok(v) => v,
             Err(r) => return refuse(&mut stream, r).await,
         };
@@ -77,6 +85,14 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
         span.record("console.kind", grant.kind.as_str());
         span.record("token.id", tracing::field::display(admission.token_id));
         span.record("compute.addr", tracing::field::display(&grant.target));
+        let session = ctx.sessions.register(
+            guard.id,
+            "websocket",
+            tenant,
+            grant.kind.as_str(),
+            grant.target.to_string(),
+            Some(&admission),
+        );
         let security = match ctx.security(grant) {
             Ok(s) => s,
             Err(r) => return refuse(&mut stream, r).await,
@@ -91,7 +107,7 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
         }
         let mut ws = WsStream::new(stream, rest, upgrade.mode);
         let (compute, negotiated) =
-            match establish(&ctx, grant.kind, Some(admission.token_id), &security, compute, &mut ws).await {
+            match establish(&ctx, grant.kind, Some(&admission), &security, compute, &mut ws).await {
                 Ok(v) => v,
                 Err(e) => {
                     tracing::warn!(
@@ -135,6 +151,7 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
             compute,
             settings,
             &counters,
+            session.stop_signal(),
             established,
         )
         .await;
@@ -155,6 +172,7 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
             bytes_down: counters.down_bytes(),
             end: end.kind(),
         });
+        drop(session);
         drop(guard);
     }
     .instrument(span)
@@ -162,9 +180,10 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
 }
 
 /// Validates the upgrade, Origin and token; returns the upgrade and grant.
-fn admit(
+async fn admit(
     ctx: &Context,
     head: &RequestHead,
+    peer: SocketAddr,
 ) -> Result<(super::websocket::handshake::Upgrade, crate::auth::Admission), Refusal> {
     let path_token = path_token(head.path())?;
     let upgrade = check_upgrade(head)?;
@@ -177,7 +196,7 @@ fn admit(
         .or(path_token)
         .or_else(|| head.cookie("token").filter(|t| !t.is_empty()))
         .ok_or(Refusal::TokenMissing)?;
-    let admission = ctx.resolve(&token)?;
+    let admission = ctx.resolve(&token, peer.ip()).await?;
     Ok((upgrade, admission))
 }
 
