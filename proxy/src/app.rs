@@ -114,6 +114,7 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
         ping_interval: cfg.ping_interval,
         shutdown: shutdown_rx.clone(),
         live: live.clone(),
+        web: crate::front::web::Web::new(cfg.web.clone()),
     });
 
     let mut bound_ws = Vec::new();

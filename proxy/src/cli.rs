@@ -87,6 +87,10 @@ pub struct ServeArgs {
     /// WebSocket keepalive ping interval (0 = off).
     #[arg(long, value_name = "DUR")]
     pub ping_interval: Option<String>,
+    /// Serve this directory's files for plain GET requests on the WebSocket
+    /// listeners (like websockify --web), before the built-in console pages.
+    #[arg(long, value_name = "DIR")]
+    pub web: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize)]

@@ -39,6 +39,8 @@ pub struct Context {
     pub ping_interval: Option<Duration>,
     pub shutdown: watch::Receiver<bool>,
     pub live: LiveSessions,
+    /// Static files (web console, `--web`) of the WebSocket front end.
+    pub web: crate::front::web::Web,
 }
 
 impl Context {

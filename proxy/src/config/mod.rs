@@ -55,6 +55,8 @@ pub struct WebSocketSection {
     #[serde(default)]
     pub allow_origins: Vec<String>,
     pub ping_interval: Option<String>,
+    /// Directory whose files are served for plain GET requests (`--web`).
+    pub web: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -171,6 +173,8 @@ pub struct Config {
     pub profiles: BTreeMap<String, ProfileFile>,
     /// Profile for tokens that name none.
     pub default_profile: Option<String>,
+    /// Canonical path of the `--web` directory.
+    pub web: Option<PathBuf>,
 }
 
 /// Why a configuration is invalid. Reported with exit code 64.
@@ -207,6 +211,8 @@ pub enum ConfigError {
     },
     #[error("compute.default_profile {0:?} names no [compute.profiles.{0}] table")]
     UnknownDefaultProfile(String),
+    #[error("web directory {path}: {message}")]
+    WebDir { path: PathBuf, message: String },
 }
 
 fn duration(
@@ -266,6 +272,7 @@ impl FileConfig {
         fc.tls.cert.as_mut().map(rel);
         fc.tls.key.as_mut().map(rel);
         fc.state_dir.as_mut().map(rel);
+        fc.websocket.web.as_mut().map(rel);
         for p in fc.compute.profiles.values_mut() {
             for path in [
                 &mut p.ca,
@@ -443,6 +450,11 @@ impl Config {
             return Err(ConfigError::UnknownDefaultProfile(d.clone()));
         }
 
+        let web = match args.web.clone().or(fc.websocket.web) {
+            Some(dir) => Some(web_dir(dir)?),
+            None => None,
+        };
+
         Ok(Config {
             ws_listen,
             connect_listen,
@@ -473,8 +485,22 @@ impl Config {
             ready_file: args.ready_file.clone(),
             profiles,
             default_profile,
+            web,
         })
     }
+}
+
+/// The canonical path of a `--web` directory, which must exist.
+fn web_dir(dir: PathBuf) -> Result<PathBuf, ConfigError> {
+    let err = |message: String| ConfigError::WebDir {
+        path: dir.clone(),
+        message,
+    };
+    let canonical = dir.canonicalize().map_err(|e| err(e.to_string()))?;
+    if !canonical.is_dir() {
+        return Err(err("not a directory".to_owned()));
+    }
+    Ok(canonical)
 }
 
 #[cfg(test)]

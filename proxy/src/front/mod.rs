@@ -5,6 +5,7 @@ pub mod connect;
 pub mod http;
 pub mod listener;
 pub mod tls;
+pub mod web;
 pub mod websocket;
 pub mod ws;
 

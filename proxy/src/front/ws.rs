@@ -12,7 +12,7 @@ use super::http::{HeadLimits, RequestHead, decode_component};
 use super::websocket::frame::close_code;
 use super::websocket::handshake::{check_upgrade, switching_response};
 use super::websocket::stream::WsStream;
-use super::{TenantStream, read_head};
+use super::{TenantStream, read_head, web};
 use crate::datapath::websocket::{CLOSE_GRACE, WsSettings, pump};
 use crate::datapath::{Counters, End};
 use crate::error::Refusal;
@@ -61,6 +61,12 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
                 Ok(Err(None)) => return,
                 Err(_) => return refuse(&mut stream, Refusal::HandshakeTimeout).await,
             };
+        // Plain GET/HEAD: the web console and --web files (docs/contract.md).
+        if !head.header_has_token("upgrade", "websocket")
+            && web::serve(&ctx.web, &head, &mut stream).await == web::Outcome::Done
+        {
+            return;
+        }
         let (upgrade, admission) = match admit(&ctx, &head) {
             Ok(v) => v,
             Err(r) => return refuse(&mut stream, r).await,
