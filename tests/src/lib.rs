@@ -10,7 +10,9 @@
 //! * [`compute`]: a private CA and QEMU VNC servers with TLS, passwords, SASL.
 //! * [`spice`]: the SPICE link handshake (main channel).
 //! * [`fake`]: scripted peers, only for faults a real peer never produces.
+//! * [`browser`]: headless Chromium over the DevTools protocol (web console).
 
+pub mod browser;
 pub mod certs;
 pub mod compute;
 pub mod fake;
