@@ -23,6 +23,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "libsasl2-modules",    // the SCRAM plugin QEMU's SASL server loads (a Recommends, so named)
     "libsasl2-modules-db", // the sasldb auxprop plugin
     "binutils",            // as/objcopy: the boot-sector test reassembles tests/src/boot.S
+    "chromium",            // headless browser: tests/tests/web_console.rs opens the console pages
 ];
 
 /// rustup components of the active toolchain, by the cargo subcommand that

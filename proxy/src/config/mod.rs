@@ -589,6 +589,27 @@ mod tests {
     }
 
     #[test]
+    fn web_dir_is_canonical_and_must_exist() {
+        let fc = FileConfig::parse(
+            "[websocket]\nweb = 'console'\n",
+            Path::new("/etc/cg/consolegate.toml"),
+        )
+        .unwrap();
+        assert_eq!(fc.websocket.web, Some(PathBuf::from("/etc/cg/console")));
+        let mut a = args();
+        assert_eq!(Config::build(&a).unwrap().web, None);
+        a.web = Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src/../src"));
+        let c = Config::build(&a).unwrap();
+        let want = Path::new(env!("CARGO_MANIFEST_DIR")).join("src").canonicalize().unwrap();
+        assert_eq!(c.web, Some(want));
+        a.web = Some(PathBuf::from("/nonexistent/consolegate-web"));
+        assert!(matches!(Config::build(&a), Err(ConfigError::WebDir { .. })));
+        a.web = Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"));
+        let e = Config::build(&a).unwrap_err();
+        assert!(e.to_string().contains("not a directory"), "{e}");
+    }
+
+    #[test]
     fn bad_values_are_errors() {
         let mut a = args();
         a.idle_timeout = Some("soon".into());

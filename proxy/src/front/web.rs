@@ -662,6 +662,16 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn not_installed_page_says_how_to_fix_it() {
+        let mut out = Vec::new();
+        send_not_installed(&mut out, "vnc.html").await;
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.starts_with("HTTP/1.1 503 "), "{text}");
+        assert!(text.contains("X-Content-Type-Options: nosniff\r\n"), "{text}");
+        assert!(text.contains("`cargo xtask web-assets`"), "{text}");
+    }
+
+    #[tokio::test]
     async fn head_has_no_body_and_other_methods_pass() {
         use crate::front::http::{HeadLimits, parse_request_head};
         let web = Web::default();
