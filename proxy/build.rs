@@ -85,10 +85,7 @@ fn main() {
                     } else if p.is_file() {
                         libs.push((url, p));
                     } else {
-                        println!(
-                            "cargo:warning=web console: {} has no {f}",
-                            root.display()
-                        );
+                        println!("cargo:warning=web console: {} has no {f}", root.display());
                     }
                 }
                 if libs.len() == before {
@@ -122,7 +119,8 @@ fn main() {
          pub const MISSING: &[&str] = &{missing:?};"
     );
 
-    let dest = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets it")).join("web_assets.rs");
+    let dest =
+        PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets it")).join("web_assets.rs");
     std::fs::write(&dest, out).expect("writing web_assets.rs");
 }
 
@@ -130,7 +128,11 @@ fn main() {
 fn table(out: &mut String, name: &str, files: &[(String, PathBuf)]) {
     let _ = writeln!(out, "pub static {name}: &[(&str, &[u8])] = &[");
     for (url, path) in files {
-        let _ = writeln!(out, "    ({url:?}, include_bytes!({:?})),", path.display().to_string());
+        let _ = writeln!(
+            out,
+            "    ({url:?}, include_bytes!({:?})),",
+            path.display().to_string()
+        );
     }
     out.push_str("];\n");
 }
@@ -171,7 +173,10 @@ fn pinned_versions(path: &Path) -> Vec<(String, String)> {
         return Vec::new();
     };
     let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
-        println!("cargo:warning=web console: {} is not valid JSON", path.display());
+        println!(
+            "cargo:warning=web console: {} is not valid JSON",
+            path.display()
+        );
         return Vec::new();
     };
     v.get("dependencies")

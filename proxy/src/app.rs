@@ -285,6 +285,10 @@ fn print_banner(cfg: &Config, ws: &[SocketAddr], connect: &[SocketAddr], cert: O
             u8::from(cert.is_some())
         );
     }
+    if let Some(a) = ws.first() {
+        let scheme = if cert.is_some() { "https" } else { "http" };
+        println!("  web console:  {scheme}://{a}/vnc.html#token=<token> (serial: /serial.html)");
+    }
     println!("  stop with Ctrl-C");
     println!();
 }

@@ -79,22 +79,25 @@ impl Chromium {
             .args(extra)
             .arg("about:blank");
         let mut child = ChildGuard::spawn("chromium", cmd)?;
-        let url = crate::within_for(Duration::from_secs(60), "chromium DevTools endpoint", async {
-            loop {
-                if let Some(st) = child.exited() {
-                    child.drain_output();
-                    bail!("chromium exited early ({st}): {}", child.output());
+        let url = crate::within_for(
+            Duration::from_secs(60),
+            "chromium DevTools endpoint",
+            async {
+                loop {
+                    if let Some(st) = child.exited() {
+                        child.drain_output();
+                        bail!("chromium exited early ({st}): {}", child.output());
+                    }
+                    if let Some(u) = child.output().lines().find_map(|l| {
+                        l.split_once("DevTools listening on ")
+                            .map(|(_, u)| u.trim().to_owned())
+                    }) {
+                        return Ok(u);
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                 }
-                if let Some(u) = child
-                    .output()
-                    .lines()
-                    .find_map(|l| l.split_once("DevTools listening on ").map(|(_, u)| u.trim().to_owned()))
-                {
-                    return Ok(u);
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
+            },
+        )
         .await??;
         let authority = url
             .strip_prefix("ws://")
@@ -295,7 +298,11 @@ impl Chromium {
                                 .collect()
                         })
                         .unwrap_or_default();
-                    format!("console.{}: {}", p["type"].as_str().unwrap_or("?"), args.join(" "))
+                    format!(
+                        "console.{}: {}",
+                        p["type"].as_str().unwrap_or("?"),
+                        args.join(" ")
+                    )
                 }
                 "Runtime.exceptionThrown" => format!(
                     "exception: {}",

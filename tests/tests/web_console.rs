@@ -83,8 +83,7 @@ fn connected(v: &Value) -> Result<bool, String> {
     }
 }
 
-const STATE_JS: &str =
-    "window.consolegate ? {state: window.consolegate.state, detail: window.consolegate.detail} : null";
+const STATE_JS: &str = "window.consolegate ? {state: window.consolegate.state, detail: window.consolegate.detail} : null";
 
 /// Samples noVNC's canvas: size and how many distinct colours it shows.
 const CANVAS_JS: &str = r#"(() => {
@@ -213,9 +212,13 @@ async fn serial_page_shows_banner_and_echoes_typing() {
     chrome.insert_text(&page, &probe).await.unwrap();
     chrome.press_enter(&page).await.unwrap();
     chrome
-        .wait_for(&page, "the echo of typed text", screen_js, PAGE_LIMIT, |v| {
-            Ok(v["buffer"].as_str().unwrap_or("").contains(&probe))
-        })
+        .wait_for(
+            &page,
+            "the echo of typed text",
+            screen_js,
+            PAGE_LIMIT,
+            |v| Ok(v["buffer"].as_str().unwrap_or("").contains(&probe)),
+        )
         .await
         .unwrap();
     let shot = screenshot_path("web_console_serial.png");
@@ -261,7 +264,10 @@ fn header<'a>(h: &'a [(String, String)], name: &str) -> Option<&'a str> {
 async fn static_responses_headers_traversal_and_web_dir() {
     // A --web directory with a page, a symlink to a secret outside it, and
     // a vnc.html that overrides the built-in one.
-    let base = tempfile::Builder::new().prefix("cg-web-").tempdir().unwrap();
+    let base = tempfile::Builder::new()
+        .prefix("cg-web-")
+        .tempdir()
+        .unwrap();
     let root = base.path().join("root");
     std::fs::create_dir_all(root.join("sub")).unwrap();
     std::fs::write(root.join("hello.txt"), "hello from --web\n").unwrap();
@@ -273,7 +279,10 @@ async fn static_responses_headers_traversal_and_web_dir() {
     let file = dir.path().join("t.toml");
     write_toml_tokens(
         &file,
-        &[serial_token(&tok, &Endpoint::Tcp("127.0.0.1:9".parse().unwrap()))],
+        &[serial_token(
+            &tok,
+            &Endpoint::Tcp("127.0.0.1:9".parse().unwrap()),
+        )],
     )
     .unwrap();
     let mut spec = ProxySpec::tls_ws(&[&file]);
@@ -292,7 +301,10 @@ async fn static_responses_headers_traversal_and_web_dir() {
         csp.contains("default-src 'self'") && csp.contains("script-src 'self';"),
         "{csp}"
     );
-    assert!(!csp.contains("unsafe-eval") && !csp.contains("http"), "{csp}");
+    assert!(
+        !csp.contains("unsafe-eval") && !csp.contains("http"),
+        "{csp}"
+    );
     assert!(String::from_utf8_lossy(&body).contains("/console/vnc.js"));
     assert_eq!(
         header(&h, "content-length").and_then(|l| l.parse().ok()),
@@ -323,7 +335,10 @@ async fn static_responses_headers_traversal_and_web_dir() {
     // --web files, a directory's index.html.
     let (status, h, body) = get(&proxy, "GET", "/hello.txt").await;
     assert_eq!((status, body.as_slice()), (200, &b"hello from --web\n"[..]));
-    assert_eq!(header(&h, "content-type"), Some("text/plain; charset=utf-8"));
+    assert_eq!(
+        header(&h, "content-type"),
+        Some("text/plain; charset=utf-8")
+    );
     let (status, _, body) = get(&proxy, "GET", "/sub/").await;
     assert_eq!((status, body.as_slice()), (200, &b"<p>sub</p>"[..]));
 

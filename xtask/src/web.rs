@@ -39,7 +39,10 @@ fn install(root: &Path, steps: &Steps) -> Result<String> {
     if missing.is_empty() {
         return Ok(format!("present: {}", list(&pinned)));
     }
-    println!("xtask: web console packages to install: {}", missing.join(", "));
+    println!(
+        "xtask: web console packages to install: {}",
+        missing.join(", ")
+    );
     let mut cmd = Command::new("npm");
     cmd.current_dir(&web)
         .args(["ci", "--ignore-scripts", "--no-audit", "--no-fund"]);
@@ -69,8 +72,15 @@ fn pinned(web: &Path) -> Result<Vec<(String, String)>> {
     deps.iter()
         .map(|(k, v)| {
             let ver = v.as_str().unwrap_or("");
-            if ver.is_empty() || !ver.chars().all(|c| c.is_ascii_alphanumeric() || ".-".contains(c)) {
-                bail!("{}: {k} must be pinned to an exact version, not {v}", path.display());
+            if ver.is_empty()
+                || !ver
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || ".-".contains(c))
+            {
+                bail!(
+                    "{}: {k} must be pinned to an exact version, not {v}",
+                    path.display()
+                );
             }
             Ok((k.clone(), ver.to_owned()))
         })
@@ -87,7 +97,8 @@ fn stale(web: &Path, pinned: &[(String, String)]) -> Vec<String> {
 }
 
 fn installed(web: &Path, name: &str) -> Option<String> {
-    let text = std::fs::read_to_string(web.join("node_modules").join(name).join("package.json")).ok()?;
+    let text =
+        std::fs::read_to_string(web.join("node_modules").join(name).join("package.json")).ok()?;
     let v: serde_json::Value = serde_json::from_str(&text).ok()?;
     v["version"].as_str().map(str::to_owned)
 }

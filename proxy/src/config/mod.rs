@@ -600,7 +600,10 @@ mod tests {
         assert_eq!(Config::build(&a).unwrap().web, None);
         a.web = Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src/../src"));
         let c = Config::build(&a).unwrap();
-        let want = Path::new(env!("CARGO_MANIFEST_DIR")).join("src").canonicalize().unwrap();
+        let want = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("src")
+            .canonicalize()
+            .unwrap();
         assert_eq!(c.web, Some(want));
         a.web = Some(PathBuf::from("/nonexistent/consolegate-web"));
         assert!(matches!(Config::build(&a), Err(ConfigError::WebDir { .. })));

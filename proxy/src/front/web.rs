@@ -38,9 +38,9 @@ mod assets {
 }
 
 /// Longest request path considered, in bytes.
-const MAX_PATH: usize = 1024;
-/// Most path segments considered.
-const MAX_SEGMENTS: usize = 32;
+pub const MAX_PATH: usize = 1024;
+/// Most path segments considered (a trailing `/` adds `index.html`).
+pub const MAX_SEGMENTS: usize = 32;
 /// Upper bound for sending one response (a stalled reader is dropped).
 const SEND_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -233,7 +233,11 @@ impl Body {
 }
 
 /// Serves `head` as a static file if its path names one (GET and HEAD only).
-pub async fn serve<S: AsyncWrite + Unpin>(web: &Web, head: &RequestHead, stream: &mut S) -> Outcome {
+pub async fn serve<S: AsyncWrite + Unpin>(
+    web: &Web,
+    head: &RequestHead,
+    stream: &mut S,
+) -> Outcome {
     let method = head.method.as_str();
     if method != "GET" && method != "HEAD" {
         return Outcome::Pass;
@@ -457,7 +461,10 @@ mod tests {
     fn plain_paths_and_index() {
         assert_eq!(resolve_path("/vnc.html").unwrap(), "vnc.html");
         assert_eq!(resolve_path("/").unwrap(), "index.html");
-        assert_eq!(resolve_path("/novnc/core/rfb.js").unwrap(), "novnc/core/rfb.js");
+        assert_eq!(
+            resolve_path("/novnc/core/rfb.js").unwrap(),
+            "novnc/core/rfb.js"
+        );
         assert_eq!(resolve_path("/app/").unwrap(), "app/index.html");
         assert_eq!(resolve_path("//a///b").unwrap(), "a/b");
         assert_eq!(resolve_path("/a%20b.html").unwrap(), "a b.html");
@@ -490,10 +497,16 @@ mod tests {
         assert_eq!(resolve_path("/..%2fetc"), Err(PathError::Separator));
         assert_eq!(resolve_path("/%2fetc/passwd"), Err(PathError::Separator));
         assert_eq!(resolve_path("/a%2F..%2F..%2Fx"), Err(PathError::Separator));
-        assert_eq!(resolve_path("/..%5c..%5cwindows"), Err(PathError::Separator));
+        assert_eq!(
+            resolve_path("/..%5c..%5cwindows"),
+            Err(PathError::Separator)
+        );
         assert_eq!(resolve_path("/a\\b"), Err(PathError::Separator));
         assert_eq!(resolve_path("/vnc.html%00.png"), Err(PathError::Control));
-        assert_eq!(resolve_path("/a%0d%0aSet-Cookie:x"), Err(PathError::Control));
+        assert_eq!(
+            resolve_path("/a%0d%0aSet-Cookie:x"),
+            Err(PathError::Control)
+        );
         assert_eq!(resolve_path("/a%7f"), Err(PathError::Control));
     }
 
@@ -520,12 +533,27 @@ mod tests {
     #[test]
     fn content_types() {
         assert_eq!(content_type("vnc.html"), "text/html; charset=utf-8");
-        assert_eq!(content_type("novnc/core/rfb.js"), "text/javascript; charset=utf-8");
-        assert_eq!(content_type("xterm/lib/xterm.mjs"), "text/javascript; charset=utf-8");
-        assert_eq!(content_type("xterm/css/xterm.css"), "text/css; charset=utf-8");
-        assert_eq!(content_type("novnc/LICENSE.txt"), "text/plain; charset=utf-8");
+        assert_eq!(
+            content_type("novnc/core/rfb.js"),
+            "text/javascript; charset=utf-8"
+        );
+        assert_eq!(
+            content_type("xterm/lib/xterm.mjs"),
+            "text/javascript; charset=utf-8"
+        );
+        assert_eq!(
+            content_type("xterm/css/xterm.css"),
+            "text/css; charset=utf-8"
+        );
+        assert_eq!(
+            content_type("novnc/LICENSE.txt"),
+            "text/plain; charset=utf-8"
+        );
         assert_eq!(content_type("xterm/LICENSE"), "text/plain; charset=utf-8");
-        assert_eq!(content_type("novnc/docs/LICENSE.MPL-2.0"), "text/plain; charset=utf-8");
+        assert_eq!(
+            content_type("novnc/docs/LICENSE.MPL-2.0"),
+            "text/plain; charset=utf-8"
+        );
         assert_eq!(content_type("a.SVG"), "image/svg+xml");
         assert_eq!(content_type("blob"), "application/octet-stream");
         assert_eq!(content_type("x.exe"), "application/octet-stream");
@@ -533,12 +561,23 @@ mod tests {
 
     #[test]
     fn builtin_pages_are_embedded() {
-        for p in ["index.html", "vnc.html", "serial.html", "licenses.html", "console/vnc.js"] {
+        for p in [
+            "index.html",
+            "vnc.html",
+            "serial.html",
+            "licenses.html",
+            "console/vnc.js",
+        ] {
             assert!(builtin(p).is_some(), "{p} not embedded");
         }
         assert!(builtin("novnc/../vnc.html").is_none());
         if Web::libraries_installed() {
-            for p in ["novnc/core/rfb.js", "xterm/lib/xterm.mjs", "novnc/LICENSE.txt", "xterm/LICENSE"] {
+            for p in [
+                "novnc/core/rfb.js",
+                "xterm/lib/xterm.mjs",
+                "novnc/LICENSE.txt",
+                "xterm/LICENSE",
+            ] {
                 assert!(builtin(p).is_some(), "{p} not embedded");
             }
         }
@@ -591,14 +630,26 @@ mod tests {
         let t = Tree::new("symlinks");
         assert_eq!(lookup(&t, "/page.html").await, "found");
         assert_eq!(lookup(&t, "/app/").await, "found");
-        assert_eq!(lookup(&t, "/app").await, "found", "a directory serves its index.html");
-        assert_eq!(lookup(&t, "/alias.html").await, "found", "symlink inside the root");
+        assert_eq!(
+            lookup(&t, "/app").await,
+            "found",
+            "a directory serves its index.html"
+        );
+        assert_eq!(
+            lookup(&t, "/alias.html").await,
+            "found",
+            "symlink inside the root"
+        );
         assert_eq!(lookup(&t, "/leak.txt").await, "outside");
         assert_eq!(lookup(&t, "/up/secret.txt").await, "outside");
         // Out through a symlink and back in: the canonical path is inside.
         assert_eq!(lookup(&t, "/up/root/page.html").await, "found");
         assert_eq!(lookup(&t, "/nope.html").await, "missing");
-        assert_eq!(lookup(&t, "/").await, "missing", "no index.html at the root");
+        assert_eq!(
+            lookup(&t, "/").await,
+            "missing",
+            "no index.html at the root"
+        );
     }
 
     #[tokio::test]
@@ -636,29 +687,49 @@ mod tests {
             .to_owned();
 
         let mut out = Vec::new();
-        serve(&web, &get("/page.html", &format!("If-None-Match: {etag}\r\n")), &mut out).await;
+        serve(
+            &web,
+            &get("/page.html", &format!("If-None-Match: {etag}\r\n")),
+            &mut out,
+        )
+        .await;
         let text = String::from_utf8(out).unwrap();
         assert!(text.starts_with("HTTP/1.1 304 Not Modified\r\n"), "{text}");
         assert!(text.ends_with("\r\n\r\n"), "no body on 304: {text}");
 
         // Built-in files are found behind the web directory.
         let mut out = Vec::new();
-        assert_eq!(serve(&web, &get("/console/vnc.js", ""), &mut out).await, Outcome::Done);
+        assert_eq!(
+            serve(&web, &get("/console/vnc.js", ""), &mut out).await,
+            Outcome::Done
+        );
         let text = String::from_utf8(out).unwrap();
         assert!(text.contains("Content-Type: text/javascript"), "{text}");
 
         // Not a file: on to the WebSocket admission.
         let mut out = Vec::new();
-        assert_eq!(serve(&web, &get("/websockify?token=x", ""), &mut out).await, Outcome::Pass);
+        assert_eq!(
+            serve(&web, &get("/websockify?token=x", ""), &mut out).await,
+            Outcome::Pass
+        );
         assert!(out.is_empty());
         // Traversal: 404 here.
         let mut out = Vec::new();
-        assert_eq!(serve(&web, &get("/%2e%2e/secret.txt", ""), &mut out).await, Outcome::Done);
+        assert_eq!(
+            serve(&web, &get("/%2e%2e/secret.txt", ""), &mut out).await,
+            Outcome::Done
+        );
         assert!(String::from_utf8(out).unwrap().starts_with("HTTP/1.1 404 "));
         let mut out = Vec::new();
-        assert_eq!(serve(&web, &get("/leak.txt", ""), &mut out).await, Outcome::Done);
+        assert_eq!(
+            serve(&web, &get("/leak.txt", ""), &mut out).await,
+            Outcome::Done
+        );
         let text = String::from_utf8(out).unwrap();
-        assert!(text.starts_with("HTTP/1.1 404 ") && !text.contains("secret"), "{text}");
+        assert!(
+            text.starts_with("HTTP/1.1 404 ") && !text.contains("secret"),
+            "{text}"
+        );
     }
 
     #[tokio::test]
@@ -667,7 +738,10 @@ mod tests {
         send_not_installed(&mut out, "vnc.html").await;
         let text = String::from_utf8(out).unwrap();
         assert!(text.starts_with("HTTP/1.1 503 "), "{text}");
-        assert!(text.contains("X-Content-Type-Options: nosniff\r\n"), "{text}");
+        assert!(
+            text.contains("X-Content-Type-Options: nosniff\r\n"),
+            "{text}"
+        );
         assert!(text.contains("`cargo xtask web-assets`"), "{text}");
     }
 
@@ -685,7 +759,10 @@ mod tests {
         let mut out = Vec::new();
         assert_eq!(serve(&web, &req("HEAD"), &mut out).await, Outcome::Done);
         let text = String::from_utf8(out).unwrap();
-        assert!(text.starts_with("HTTP/1.1 200 OK\r\n") && text.ends_with("\r\n\r\n"), "{text}");
+        assert!(
+            text.starts_with("HTTP/1.1 200 OK\r\n") && text.ends_with("\r\n\r\n"),
+            "{text}"
+        );
         let len: usize = text
             .lines()
             .find_map(|l| l.strip_prefix("Content-Length: "))
