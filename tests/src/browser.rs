@@ -339,3 +339,13 @@ impl Chromium {
         self.child.id()
     }
 }
+
+impl Drop for Chromium {
+    /// SIGTERM first, so the browser takes its renderer and utility
+    /// processes down with it; the guard's SIGKILL (by PID) is the fallback.
+    fn drop(&mut self) {
+        if self.child.exited().is_none() && self.child.signal("TERM").is_ok() {
+            let _ = self.child.wait_exit(Duration::from_secs(5));
+        }
+    }
+}

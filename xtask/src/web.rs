@@ -43,6 +43,18 @@ fn install(root: &Path, steps: &Steps) -> Result<String> {
         "xtask: web console packages to install: {}",
         missing.join(", ")
     );
+    let npm_present = Command::new("npm")
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !npm_present {
+        bail!(
+            "npm not found on PATH: install Node.js with npm (e.g. Debian's `npm` package), \
+             then run `cargo xtask web-assets`"
+        );
+    }
     let mut cmd = Command::new("npm");
     cmd.current_dir(&web)
         .args(["ci", "--ignore-scripts", "--no-audit", "--no-fund"]);

@@ -26,7 +26,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, UNIX_EPOCH};
 
 use sha2::{Digest as _, Sha256};
-use tokio::io::{AsyncWrite, AsyncWriteExt as _};
+use tokio::io::{AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
 use super::http::RequestHead;
 use crate::error::Refusal;
@@ -297,8 +297,10 @@ pub async fn serve<S: AsyncWrite + Unpin>(
         if send_body {
             match body {
                 Body::Builtin(b) => stream.write_all(b).await?,
-                Body::File(mut f, _) => {
-                    tokio::io::copy(&mut f, stream).await?;
+                Body::File(f, n) => {
+                    // Never more than the Content-Length sent, even if the
+                    // file grew since.
+                    tokio::io::copy(&mut f.take(n), stream).await?;
                 }
             }
         }
