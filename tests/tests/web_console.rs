@@ -147,9 +147,31 @@ async fn vnc_page_connects_and_renders_qemu_screen_over_tls() {
         .await
         .unwrap();
     assert!(!page_line.contains("token"), "{page_line}");
-    s.proxy.assert_secrets_not_logged(&[&s.token]);
     let csp = chrome.csp_violations();
     assert!(csp.is_empty(), "CSP violations on vnc.html: {csp:?}");
+
+    // A wrong token: the WebSocket is refused (403) and the page says so.
+    let wrong = random_token();
+    let bad = format!(
+        "https://{}/vnc.html#token={wrong}",
+        authority(s.proxy.ws_addr())
+    );
+    let page = chrome.open(&bad).await.unwrap();
+    let state = chrome
+        .wait_for(&page, "the refusal shown", STATE_JS, PAGE_LIMIT, |v| {
+            Ok(matches!(
+                v["state"].as_str(),
+                Some("disconnected" | "error")
+            ))
+        })
+        .await
+        .unwrap();
+    assert_eq!(state["state"], "disconnected", "{state}");
+    s.proxy
+        .wait_log(&["session refused", "reason=token_unknown"])
+        .await
+        .unwrap();
+    s.proxy.assert_secrets_not_logged(&[&s.token, &wrong]);
 }
 
 #[tokio::test]
