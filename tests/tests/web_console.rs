@@ -348,6 +348,25 @@ async fn static_responses_headers_traversal_and_web_dir() {
     assert_eq!(status, 200);
     assert!(String::from_utf8_lossy(&body).contains("MIT"));
 
+    // Every link of the licence page and the index resolves.
+    for page in ["/licenses.html", "/"] {
+        let (status, _, body) = get(&proxy, "GET", page).await;
+        assert_eq!(status, 200, "{page}");
+        let body = String::from_utf8_lossy(&body).into_owned();
+        let links: Vec<&str> = body
+            .split("href=\"")
+            .skip(1)
+            .filter_map(|s| s.split('"').next())
+            .filter(|l| l.starts_with('/'))
+            .collect();
+        assert!(!links.is_empty(), "{page}");
+        for l in links {
+            let (status, _, body) = get(&proxy, "GET", l).await;
+            assert_eq!(status, 200, "{l} (linked from {page})");
+            assert!(!body.is_empty(), "{l}");
+        }
+    }
+
     // HEAD: headers only.
     let (status, h, body) = get(&proxy, "HEAD", "/serial.html").await;
     assert_eq!(status, 200);
