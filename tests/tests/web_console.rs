@@ -149,6 +149,9 @@ async fn vnc_page_connects_and_renders_qemu_screen_over_tls() {
     assert!(!page_line.contains("token"), "{page_line}");
     let csp = chrome.csp_violations();
     assert!(csp.is_empty(), "CSP violations on vnc.html: {csp:?}");
+    // Every request of the page (scripts, styles, icon) was served.
+    let logs = s.proxy.logs();
+    assert!(!logs.contains("session refused"), "{logs}");
 
     // A wrong token: the WebSocket is refused (403) and the page says so.
     let wrong = random_token();
@@ -259,6 +262,8 @@ async fn serial_page_shows_banner_and_echoes_typing() {
     proxy.assert_secrets_not_logged(&[&tok]);
     let csp = chrome.csp_violations();
     assert!(csp.is_empty(), "CSP violations on serial.html: {csp:?}");
+    let logs = proxy.logs();
+    assert!(!logs.contains("session refused"), "{logs}");
 }
 
 /// Sends one raw request and returns the status, headers and body.
