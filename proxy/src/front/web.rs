@@ -20,6 +20,7 @@
 //! no-referrer` (the page URL may hold a token), `Cache-Control: no-cache`
 //! with an `ETag`. The log line names the normalized path, never the query
 //! (which may hold a token).
+#![forbid(unsafe_code)]
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
