@@ -184,6 +184,7 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
         live: live.clone(),
         datapath: cfg.datapath,
         allowlist: allowlist.clone(),
+        web: crate::front::web::Web::new(cfg.web.clone()),
     });
 
     let mut bound_ws = Vec::new();
@@ -420,6 +421,10 @@ fn print_banner(cfg: &Config, ws: &[SocketAddr], connect: &[SocketAddr], cert: O
             a.port(),
             u8::from(cert.is_some())
         );
+    }
+    if let Some(a) = ws.first() {
+        let scheme = if cert.is_some() { "https" } else { "http" };
+        println!("  web console:  {scheme}://{a}/vnc.html#token=<token> (serial: /serial.html)");
     }
     println!("  stop with Ctrl-C");
     println!();

@@ -133,6 +133,10 @@ pub struct ServeArgs {
     /// Established sessions at once per tenant address (default 256; 0 = no limit).
     #[arg(long, value_name = "N")]
     pub max_sessions_per_source: Option<usize>,
+    /// Serve this directory's files for plain GET requests on the WebSocket
+    /// listeners (like websockify --web), before the built-in console pages.
+    #[arg(long, value_name = "DIR")]
+    pub web: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize)]

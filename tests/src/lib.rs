@@ -12,8 +12,10 @@
 //! * [`redis`]: a real `redis-server` on a UNIX socket; [`admin`]: an
 //!   admin API client.
 //! * [`fake`]: scripted peers, only for faults a real peer never produces.
+//! * [`browser`]: headless Chromium over the DevTools protocol (web console).
 
 pub mod admin;
+pub mod browser;
 pub mod certs;
 pub mod compute;
 pub mod fake;

@@ -13,11 +13,13 @@
 //! - `fuzz`: builds the cargo-fuzz targets in `fuzz/` and runs each one for a
 //!   bounded time from its committed seed corpus.
 //! - `steps`: running a command as a named step, section headers, the summary.
+//! - `web`: the web console's npm packages (noVNC, xterm.js) in `web/`.
 
 mod fuzz;
 mod install;
 mod setup;
 mod steps;
+mod web;
 
 use std::io::IsTerminal as _;
 use std::path::{Path, PathBuf};
@@ -76,6 +78,9 @@ enum Task {
         #[arg(long)]
         binary: Option<PathBuf>,
     },
+    /// Install the web console's pinned npm packages (noVNC, xterm.js) into
+    /// web/node_modules for the proxy build to embed (`npm ci`), if missing.
+    WebAssets,
     /// Build the fuzz targets and run each (or one) for a bounded time.
     Fuzz {
         /// Seconds each target runs for (0 = only replay the corpus).
@@ -96,7 +101,8 @@ fn main() -> ExitCode {
             fuzz_seconds,
             skip_setup,
         } => test(&root, &mut steps, fuzz_seconds, skip_setup),
-        Task::Setup => setup::all(&mut steps),
+        Task::Setup => setup::all(&mut steps).and_then(|()| web::assets(&root, &mut steps)),
+        Task::WebAssets => web::assets(&root, &mut steps),
         Task::Install {
             prefix,
             destdir,
@@ -121,6 +127,8 @@ fn test(root: &Path, steps: &mut Steps, fuzz_seconds: u64, skip_setup: bool) -> 
         let _ = setup::debian_packages(steps);
         let _ = setup::rust_components(steps);
         fuzz_ready = setup::fuzz_tools(steps).is_ok();
+        // Before the first build: the proxy embeds these (proxy/build.rs).
+        let _ = web::assets(root, steps);
     }
     lint(root, steps)?;
     steps.run(

@@ -28,6 +28,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "systemd",             // systemd-analyze verify checks the unit (tests/tests/systemd.rs)
     "haproxy", // a real load balancer: PROXY protocol and X-Forwarded-For (tests/tests/forwarding.rs)
     "redis-server", // the shared token store of a proxy fleet (tests/tests/tokens.rs)
+    "chromium", // headless browser: tests/tests/web_console.rs opens the console pages
 ];
 
 /// rustup components of the active toolchain, by the cargo subcommand that

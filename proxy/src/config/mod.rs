@@ -84,6 +84,8 @@ pub struct WebSocketSection {
     /// Connections from trusted proxies start with a PROXY protocol header.
     #[serde(default)]
     pub proxy_protocol: bool,
+    /// Directory whose files are served for plain GET requests (`--web`).
+    pub web: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -246,6 +248,8 @@ pub struct Config {
     pub resolvers: tokens::ResolverConfig,
     /// The admin API, if configured.
     pub admin: Option<tokens::AdminConfig>,
+    /// Canonical path of the `--web` directory.
+    pub web: Option<PathBuf>,
 }
 
 /// Why a configuration is invalid. Reported with exit code 64.
@@ -290,6 +294,8 @@ pub enum ConfigError {
     UnknownDefaultProfile(String),
     #[error("{0}")]
     Invalid(String),
+    #[error("web directory {path}: {message}")]
+    WebDir { path: PathBuf, message: String },
 }
 
 fn duration(
@@ -356,6 +362,7 @@ impl FileConfig {
             &mut fc.tokens.http,
             &mut fc.admin,
         );
+        fc.websocket.web.as_mut().map(rel);
         for p in fc.compute.profiles.values_mut() {
             for path in [
                 &mut p.ca,
@@ -579,6 +586,11 @@ impl Config {
             return Err(ConfigError::UnknownDefaultProfile(d.clone()));
         }
 
+        let web = match args.web.clone().or(fc.websocket.web) {
+            Some(dir) => Some(web_dir(dir)?),
+            None => None,
+        };
+
         Ok(Config {
             resolvers,
             admin,
@@ -621,8 +633,22 @@ impl Config {
             datapath: args.datapath.or(fc.kernel.datapath).unwrap_or_default(),
             allowlist: args.allowlist.or(fc.kernel.allowlist).unwrap_or_default(),
             cgroup: fc.kernel.cgroup.unwrap_or_default(),
+            web,
         })
     }
+}
+
+/// The canonical path of a `--web` directory, which must exist.
+fn web_dir(dir: PathBuf) -> Result<PathBuf, ConfigError> {
+    let err = |message: String| ConfigError::WebDir {
+        path: dir.clone(),
+        message,
+    };
+    let canonical = dir.canonicalize().map_err(|e| err(e.to_string()))?;
+    if !canonical.is_dir() {
+        return Err(err("not a directory".to_owned()));
+    }
+    Ok(canonical)
 }
 
 #[cfg(test)]
@@ -774,6 +800,30 @@ mod tests {
         assert!(c.ws_listen.iter().all(|a| a.ip().is_loopback()));
         assert!(matches!(c.tenant_tls, TenantTls::Dev { .. }));
         assert!(c.token_sources[0].ends_with("dist/tokens.toml"));
+    }
+
+    #[test]
+    fn web_dir_is_canonical_and_must_exist() {
+        let fc = FileConfig::parse(
+            "[websocket]\nweb = 'console'\n",
+            Path::new("/etc/cg/consolegate.toml"),
+        )
+        .unwrap();
+        assert_eq!(fc.websocket.web, Some(PathBuf::from("/etc/cg/console")));
+        let mut a = args();
+        assert_eq!(Config::build(&a).unwrap().web, None);
+        a.web = Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src/../src"));
+        let c = Config::build(&a).unwrap();
+        let want = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("src")
+            .canonicalize()
+            .unwrap();
+        assert_eq!(c.web, Some(want));
+        a.web = Some(PathBuf::from("/nonexistent/consolegate-web"));
+        assert!(matches!(Config::build(&a), Err(ConfigError::WebDir { .. })));
+        a.web = Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"));
+        let e = Config::build(&a).unwrap_err();
+        assert!(e.to_string().contains("not a directory"), "{e}");
     }
 
     #[test]

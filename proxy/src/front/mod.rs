@@ -6,6 +6,7 @@ pub mod forwarded;
 pub mod http;
 pub mod listener;
 pub mod tls;
+pub mod web;
 pub mod websocket;
 pub mod ws;
 

@@ -12,7 +12,7 @@ use super::http::{HeadLimits, RequestHead, decode_component};
 use super::websocket::frame::close_code;
 use super::websocket::handshake::{check_upgrade, switching_response};
 use super::websocket::stream::WsStream;
-use super::{TenantStream, read_head};
+use super::{TenantStream, read_head, web};
 use crate::control::audit::SessionRecord;
 use crate::datapath::websocket::{CLOSE_GRACE, WsSettings};
 use crate::datapath::{Counters, End};
@@ -65,6 +65,12 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
                 Ok(Err(None)) => return,
                 Err(_) => return refuse(&mut stream, Refusal::HandshakeTimeout).await,
             };
+        // Plain GET/HEAD: the web console and --web files (docs/contract.md).
+        if !head.header_has_token("upgrade", "websocket")
+            && web::serve(&ctx.web, &head, &mut stream).await == web::Outcome::Done
+        {
+            return;
+        }
         let source = ctx.record_forwarded(&head, peer);
         // The tenant: the forwarded address from a trusted balancer, or the peer.
         let tenant = if source == peer.ip() {
