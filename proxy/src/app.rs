@@ -218,6 +218,20 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
             connect::serve,
         )));
     }
+    {
+        use crate::control::metrics as m;
+        m::token_resolvers(&built.resolvers.names());
+        m::kernel_feature("ebpf_allowlist", allowlist.is_some());
+        m::kernel_feature(
+            "splice",
+            cfg.datapath != crate::config::kernel::DatapathMode::Copy,
+        );
+        // kTLS is probed, not used yet: the TLS legs stay on rustls.
+        m::kernel_feature("ktls", false);
+        m::kernel_feature_available("ktls", crate::sys::probe::ktls().is_ok());
+        m::kernel_feature_available("ebpf_allowlist", allowlist.is_some());
+        m::kernel_feature_available("io_uring", crate::sys::probe::io_uring().is_ok());
+    }
     tracing::info!(
         websocket = ?bound_ws,
         connect = ?bound_connect,

@@ -172,6 +172,7 @@ static REFUSALS: std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>
 /// Counts one refusal of `kind` (a [`Refusal::kind`] or another stable
 /// label such as a SPICE link refusal).
 pub fn count_refusal(kind: &'static str) {
+    crate::control::metrics::refusal(kind);
     *REFUSALS
         .lock()
         .unwrap_or_else(|p| p.into_inner())

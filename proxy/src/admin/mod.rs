@@ -545,29 +545,12 @@ async fn revoke(state: &AdminState, digest: [u8; 32]) -> Resp {
 }
 
 fn metrics(state: &AdminState) -> Resp {
-    use std::fmt::Write as _;
-    let mut out = String::new();
-    out.push_str("# HELP consolegate_refusals_total Tenant requests refused, by reason.\n");
-    out.push_str("# TYPE consolegate_refusals_total counter\n");
-    for (k, v) in crate::error::refusal_counts() {
-        let _ = writeln!(out, "consolegate_refusals_total{{reason=\"{k}\"}} {v}");
-    }
-    out.push_str("# HELP consolegate_sessions Connections currently open.\n");
-    out.push_str("# TYPE consolegate_sessions gauge\n");
-    let _ = writeln!(out, "consolegate_sessions {}", state.live.count());
-    out.push_str("# HELP consolegate_token_resolvers Configured token resolvers, in order.\n");
-    out.push_str("# TYPE consolegate_token_resolvers gauge\n");
-    for (i, n) in state.resolvers.names().iter().enumerate() {
-        let _ = writeln!(
-            out,
-            "consolegate_token_resolvers{{resolver=\"{n}\"}} {}",
-            i + 1
-        );
-    }
+    crate::control::metrics::connections(state.live.count());
+    let out = crate::control::metrics::render();
     let mut r = Response::new(Full::new(Bytes::from(out)));
     r.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
+        hyper::header::HeaderValue::from_static(crate::control::metrics::CONTENT_TYPE),
     );
     r
 }

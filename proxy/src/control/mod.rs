@@ -8,4 +8,5 @@ pub mod allowlist;
 pub mod audit;
 pub mod cgroup;
 pub mod doctor;
+pub mod metrics;
 pub mod systemd;

@@ -15,6 +15,7 @@ use crate::auth::{Admission, Grant};
 use crate::config::ConnectAuth;
 use crate::console::{ConsoleKind, Host, Target, split_host_port};
 use crate::control::audit::SessionRecord;
+use crate::control::metrics;
 use crate::datapath::{Counters, End};
 use crate::error::Refusal;
 use crate::session::{Context, establish, log_end, refuse};
@@ -47,6 +48,7 @@ impl Admitted {
 /// Serves one tenant connection on a CONNECT listener.
 pub async fn serve(mut tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
     let guard = ctx.live.enter();
+    let accepted = std::time::Instant::now();
     let span = tracing::info_span!(
         "session",
         session.id = guard.id,
@@ -74,7 +76,10 @@ pub async fn serve(mut tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
         } else {
             SocketAddr::new(source, 0)
         };
-        let admitted = match admit(&ctx, &head, tenant).await {
+        let resolving = std::time::Instant::now();
+        let admitted = admit(&ctx, &head, tenant).await;
+        metrics::resolved("connect", admitted.is_ok(), resolving.elapsed());
+        let admitted = match admitted {
             Ok(a) => a,
             Err(r) => return refuse(&mut tcp, r).await,
         };
@@ -161,6 +166,11 @@ pub async fn serve(mut tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
             tracing::info!(error = %e, "compute write failed");
             return;
         }
+        let session_metrics = metrics::SessionMetrics::established(
+            "connect",
+            grant.kind.as_str(),
+            accepted.elapsed(),
+        );
         let pump = crate::ladder::pump_raw(&ctx, tcp, compute, &counters, session.stop_signal());
         // At the maximum duration both sockets are dropped (closed): a raw
         // tunnel has no close frame to carry a reason.
@@ -171,6 +181,12 @@ pub async fn serve(mut tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
             None => pump.await,
         };
         log_end(&end, &counters, compute_tls);
+        session_metrics.ended(
+            datapath,
+            end.kind(),
+            counters.up_bytes(),
+            counters.down_bytes(),
+        );
         ctx.audit.session(&SessionRecord {
             session_id: guard.id,
             front: "connect",

@@ -14,6 +14,7 @@ use super::websocket::handshake::{check_upgrade, switching_response};
 use super::websocket::stream::WsStream;
 use super::{TenantStream, read_head, web};
 use crate::control::audit::SessionRecord;
+use crate::control::metrics;
 use crate::datapath::websocket::{CLOSE_GRACE, WsSettings};
 use crate::datapath::{Counters, End};
 use crate::error::Refusal;
@@ -22,6 +23,7 @@ use crate::session::{Context, establish, log_end, refuse};
 /// Serves one tenant connection on a WebSocket listener.
 pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
     let guard = ctx.live.enter();
+    let accepted = std::time::Instant::now();
     let span = tracing::info_span!(
         "session",
         session.id = guard.id,
@@ -78,7 +80,10 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
         } else {
             SocketAddr::new(source, 0)
         };
-        let (upgrade, admission) = match admit(&ctx, &head, tenant).await {
+        let resolving = std::time::Instant::now();
+        let admitted = admit(&ctx, &head, tenant).await;
+        metrics::resolved("websocket", admitted.is_ok(), resolving.elapsed());
+        let (upgrade, admission) = match admitted {
             Ok(v) => v,
             Err(r) => return refuse(&mut stream, r).await,
         };
@@ -141,8 +146,14 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
         };
         let compute_tls = compute.is_tls();
         let chosen = std::sync::OnceLock::new();
+        let session_metrics = std::sync::OnceLock::new();
         let established = |datapath: &'static str| {
             let _ = chosen.set(datapath);
+            let _ = session_metrics.set(metrics::SessionMetrics::established(
+                "websocket",
+                grant.kind.as_str(),
+                accepted.elapsed(),
+            ));
             tracing::info!(
                 mode = upgrade.mode.name(),
                 security = %negotiated,
@@ -162,6 +173,14 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
         )
         .await;
         log_end(&end, &counters, compute_tls);
+        if let Some(m) = session_metrics.get() {
+            m.ended(
+                chosen.get().copied().unwrap_or("-"),
+                end.kind(),
+                counters.up_bytes(),
+                counters.down_bytes(),
+            );
+        }
         ctx.audit.session(&SessionRecord {
             session_id: guard.id,
             front: "websocket",
