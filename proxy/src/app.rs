@@ -95,6 +95,15 @@ fn tls_paths(cfg: &Config) -> Result<Option<(std::path::PathBuf, std::path::Path
 
 /// Runs the proxy until SIGTERM or SIGINT.
 pub async fn run(cfg: Config) -> Result<(), StartError> {
+    run_reloadable(cfg, None).await
+}
+
+/// Runs the proxy; with `args`, SIGHUP also re-reads the configuration
+/// file they name (see [`reload_config`]).
+pub async fn run_reloadable(
+    cfg: Config,
+    args: Option<crate::cli::ServeArgs>,
+) -> Result<(), StartError> {
     let mut sighup = signal(SignalKind::hangup()).map_err(StartError::Signals)?;
     let mut sigterm = signal(SignalKind::terminate()).map_err(StartError::Signals)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(StartError::Signals)?;
@@ -280,7 +289,8 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
             },
             _ = sighup.recv() => {
                 notifier.reloading();
-                reload(&cfg, &tokens, tenant_tls.as_deref(), &profiles);
+                let fresh = reload_config(&cfg, args.as_ref());
+                reload(fresh.as_ref().unwrap_or(&cfg), &tokens, tenant_tls.as_deref(), &profiles);
                 match audit.reopen() {
                     Ok(()) => {}
                     Err(e) => tracing::error!(error = %e, "SIGHUP: audit file not reopened: keeping the old one"),
@@ -336,6 +346,87 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
     }
     tracing::info!("consolegate stopped");
     Ok(())
+}
+
+/// SIGHUP: re-reads the configuration (file and flags, as at start). An
+/// invalid one is refused, naming the problem, and the running one stays.
+/// A valid one supplies the compute profiles and certificate paths that
+/// [`reload`] applies; settings that only take effect at start are named in
+/// a WARN line ("needs a restart") when they changed.
+fn reload_config(running: &Config, args: Option<&crate::cli::ServeArgs>) -> Option<Config> {
+    let args = args?;
+    args.config.as_ref()?;
+    let new = match Config::build(args) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(
+                error = %e,
+                "SIGHUP: configuration invalid: keeping the running configuration"
+            );
+            return None;
+        }
+    };
+    let mut restart = Vec::new();
+    let mut differs = |name: &'static str, changed: bool| {
+        if changed {
+            restart.push(name);
+        }
+    };
+    differs("websocket.listen", new.ws_listen != running.ws_listen);
+    differs(
+        "connect.listen",
+        new.connect_listen != running.connect_listen,
+    );
+    differs("tokens.files", new.token_sources != running.token_sources);
+    differs(
+        "websocket.allow_origins",
+        new.allow_origins != running.allow_origins,
+    );
+    differs("connect.auth", new.connect_auth != running.connect_auth);
+    differs(
+        "session timeouts",
+        (
+            new.handshake_timeout,
+            new.idle_timeout,
+            new.ping_interval,
+            new.max_duration,
+        ) != (
+            running.handshake_timeout,
+            running.idle_timeout,
+            running.ping_interval,
+            running.max_duration,
+        ),
+    );
+    differs("session limits", new.limits != running.limits);
+    differs(
+        "forwarding",
+        (
+            &new.trusted_proxies,
+            new.ws_proxy_protocol,
+            new.connect_proxy_protocol,
+        ) != (
+            &running.trusted_proxies,
+            running.ws_proxy_protocol,
+            running.connect_proxy_protocol,
+        ),
+    );
+    differs(
+        "kernel",
+        (new.datapath, new.allowlist) != (running.datapath, running.allowlist),
+    );
+    differs(
+        "log",
+        new.log_format != running.log_format || new.audit_file != running.audit_file,
+    );
+    if restart.is_empty() {
+        tracing::info!("SIGHUP: configuration re-read");
+    } else {
+        tracing::warn!(
+            settings = ?restart,
+            "SIGHUP: configuration re-read; these changed settings need a restart to take effect"
+        );
+    }
+    Some(new)
 }
 
 /// SIGHUP: re-read tokens and the tenant certificate; keep the old ones on error.

@@ -40,7 +40,7 @@ pub enum Command {
 }
 
 /// Flags of `serve`; each overrides the same setting of the config file.
-#[derive(Debug, Default, clap::Args)]
+#[derive(Debug, Default, Clone, clap::Args)]
 pub struct ServeArgs {
     /// TOML configuration file.
     #[arg(long)]

@@ -93,7 +93,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match rt.block_on(consolegate::app::run(cfg)) {
+            match rt.block_on(consolegate::app::run_reloadable(cfg, Some(*args))) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(error = %e, "consolegate cannot start");

@@ -176,3 +176,56 @@ async fn sighup_reloads_token_file() {
         403
     );
 }
+
+/// SIGHUP re-reads the configuration file: an invalid one is refused and the
+/// running configuration stays (a live VNC session goes on, new ones are
+/// admitted); a valid one with a changed listener is accepted with a WARN
+/// naming the settings that need a restart.
+#[tokio::test]
+async fn sighup_rereads_the_config_file_and_refuses_an_invalid_one() {
+    let q = qemu().await;
+    let dir = token_dir();
+    let tok = random_token();
+    std::fs::write(dir.path().join("tokens.toml"), toml_text(&[vnc(&tok, &q)])).unwrap();
+    let cfg = dir.path().join("consolegate.toml");
+    let text = "[websocket]\nlisten = [\"127.0.0.1:0\"]\nplain_http = true\n\
+                [tokens]\nfiles = [\"tokens.toml\"]\n";
+    std::fs::write(&cfg, text).unwrap();
+    let p = Proxy::start(ProxySpec {
+        extra: vec!["--config".into(), cfg.display().to_string()],
+        ..ProxySpec::default()
+    })
+    .await
+    .unwrap();
+    let t = Transport::Plain;
+    let req = WsRequest::path(format!("/websockify?token={tok}")).protocol("binary");
+    let (w, _) = ws::connect(p.ws_addr(), &t, &req)
+        .await
+        .unwrap()
+        .upgraded()
+        .unwrap();
+    let mut live = ws::into_bytes(w, Mode::Binary);
+    let (mut init, _) = rfb::check_session(&mut live.io).await.unwrap();
+
+    std::fs::write(&cfg, "[websocket]\nlisten = 6080\n").unwrap();
+    p.signal("HUP").unwrap();
+    p.wait_log(&[
+        "SIGHUP: configuration invalid",
+        "keeping the running configuration",
+        "line 2",
+    ])
+    .await
+    .unwrap();
+    rfb::full_update(&mut live.io, &mut init).await.unwrap();
+    assert!(matches!(
+        wait_token_accepted(&p, &t, &tok).await,
+        WsOutcome::Upgraded { .. }
+    ));
+
+    std::fs::write(&cfg, text.replace("127.0.0.1:0", "127.0.0.1:1")).unwrap();
+    p.signal("HUP").unwrap();
+    p.wait_log(&["need a restart", "websocket.listen"])
+        .await
+        .unwrap();
+    rfb::full_update(&mut live.io, &mut init).await.unwrap();
+}
