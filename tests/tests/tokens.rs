@@ -835,4 +835,14 @@ async fn redis_down_gives_503_and_token_files_keep_working() {
         .unwrap();
     let r = call(&p, "GET", "/v1/tokens", None).await;
     assert_eq!(r.status, 503, "{}", r.body);
+    // Token-store health in the metrics: Redis down, the files fine.
+    let m = call(&p, "GET", "/metrics", None).await.body;
+    assert!(
+        m.contains("consolegate_token_resolver_up{resolver=\"redis\"} 0"),
+        "{m}"
+    );
+    assert!(
+        m.contains("consolegate_token_resolver_up{resolver=\"file\"} 1"),
+        "{m}"
+    );
 }

@@ -88,7 +88,14 @@ impl Resolvers {
         let token = Token::new(presented);
         let mut unavailable = false;
         for r in &self.list {
-            match r.resolve(&token, now).await {
+            let answer = r.resolve(&token, now).await;
+            // Every answer says whether the source is reachable: the
+            // token-store health the metrics report.
+            crate::control::metrics::resolver_up(
+                r.name(),
+                !matches!(answer, Err(Refusal::ResolverUnavailable)),
+            );
+            match answer {
                 Ok(Some(grant)) => return self.check(&token, grant, r.name(), tenant, now),
                 Ok(None) => {}
                 Err(Refusal::ResolverUnavailable) => unavailable = true,

@@ -36,6 +36,7 @@ struct Metrics {
     available: Family<Labels, Gauge>,
     connections: Gauge,
     resolvers: Family<Labels, Gauge>,
+    resolver_up: Family<Labels, Gauge>,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
@@ -102,8 +103,15 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "Configured token resolvers; the value is the lookup order",
         resolvers.clone(),
     );
+    let resolver_up = Family::<Labels, Gauge>::default();
+    registry.register(
+        "token_resolver_up",
+        "Token store health: 1 if the resolver answered its last request, 0 if it was unreachable",
+        resolver_up.clone(),
+    );
     Metrics {
         registry,
+        resolver_up,
         available,
         connections,
         resolvers,
@@ -171,6 +179,15 @@ pub fn token_resolvers(names: &[&str]) {
             .get_or_create(&vec![("resolver", (*n).to_owned())])
             .set(i64::try_from(i + 1).unwrap_or(i64::MAX));
     }
+}
+
+/// Whether a token resolver answered its last request (1) or was
+/// unreachable (0): Redis or the external HTTP resolver down shows here.
+pub fn resolver_up(resolver: &'static str, up: bool) {
+    METRICS
+        .resolver_up
+        .get_or_create(&vec![("resolver", resolver.to_owned())])
+        .set(i64::from(up));
 }
 
 /// Sets whether a kernel feature is in use.
