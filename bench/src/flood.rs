@@ -16,7 +16,8 @@ use crate::{CHUNK, mb_per_s};
 pub struct Options {
     /// Bytes written to each client.
     pub bytes: u64,
-    /// Clients to serve before stopping.
+    /// Clients to serve before stopping; 0 serves until no client has been
+    /// connected for `accept_timeout` (a long-lived backend for many runs).
     pub clients: u64,
     /// Give up when no client arrives for this long.
     pub accept_timeout: Duration,
@@ -62,8 +63,26 @@ impl Server {
         let on_served = &on_served;
         thread::scope(|scope| {
             let mut workers = Vec::new();
+            let mut done = Vec::new();
             let mut last = Instant::now();
-            while (workers.len() as u64) < opts.clients {
+            let unlimited = opts.clients == 0;
+            while unlimited || ((workers.len() + done.len()) as u64) < opts.clients {
+                if unlimited {
+                    // Keep the finished ones' results, and do not time out
+                    // while a client is still being served.
+                    let (finished, running): (Vec<_>, Vec<_>) = workers
+                        .into_iter()
+                        .partition(|w: &thread::ScopedJoinHandle<'_, Served>| w.is_finished());
+                    done.extend(
+                        finished
+                            .into_iter()
+                            .map(|w| w.join().expect("flood worker panicked")),
+                    );
+                    workers = running;
+                    if !workers.is_empty() {
+                        last = Instant::now();
+                    }
+                }
                 match self.listener.accept() {
                     Ok((stream, peer)) => {
                         last = Instant::now();
@@ -74,11 +93,14 @@ impl Server {
                         }));
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        if unlimited && last.elapsed() > opts.accept_timeout {
+                            break;
+                        }
                         if last.elapsed() > opts.accept_timeout {
                             bail!(
                                 "no client for {:?} ({} of {} served)",
                                 opts.accept_timeout,
-                                workers.len(),
+                                workers.len() + done.len(),
                                 opts.clients
                             );
                         }
@@ -87,10 +109,12 @@ impl Server {
                     Err(e) => return Err(e).context("accept"),
                 }
             }
-            Ok(workers
-                .into_iter()
-                .map(|w| w.join().expect("flood worker panicked"))
-                .collect())
+            done.extend(
+                workers
+                    .into_iter()
+                    .map(|w| w.join().expect("flood worker panicked")),
+            );
+            Ok(done)
         })
     }
 }

@@ -1,0 +1,690 @@
+//! The peers: each a service (one or more processes with generated config
+//! files on loopback ports) and the rows it contributes to the report. A
+//! row is one way through one service: e.g. haproxy serves `haproxy-tcp`
+//! and `haproxy-tls` from one process.
+//!
+//! Every service forwards to the same two backends: the flood server (bulk)
+//! and the echo server (latency, idle). A row therefore has two ways in,
+//! one for each backend, as loadgen tenant arguments.
+
+use std::fmt::Write as _;
+use std::fs;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+
+use super::proc::{Proc, free_port, pinned, wait_listening, which};
+use super::{Pki, Settings};
+
+/// Who a row stands for, in ratios and colours.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    /// No proxy: the loopback ceiling.
+    Direct,
+    /// A proxy people use today.
+    Peer,
+    /// consolegate itself.
+    Consolegate,
+}
+
+impl Family {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Family::Direct => "direct",
+            Family::Peer => "peer",
+            Family::Consolegate => "consolegate",
+        }
+    }
+}
+
+/// One way through one service.
+#[derive(Clone, Debug)]
+pub struct Row {
+    pub id: String,
+    pub label: String,
+    pub family: Family,
+    /// raw, connect or ws.
+    pub front: &'static str,
+    pub tls: bool,
+    /// loadgen tenant arguments reaching the flood backend.
+    pub to_flood: Vec<String>,
+    /// loadgen tenant arguments reaching the echo backend.
+    pub to_echo: Vec<String>,
+}
+
+/// What a started service is made of.
+#[derive(Debug)]
+pub struct Started {
+    pub procs: Vec<Proc>,
+    pub rows: Vec<Row>,
+}
+
+/// Where everything lives for one compare invocation.
+#[derive(Debug)]
+pub struct Ctx<'a> {
+    pub settings: &'a Settings,
+    pub flood: SocketAddr,
+    pub echo: SocketAddr,
+    pub pki: &'a Pki,
+    pub work: &'a Path,
+}
+
+impl Ctx<'_> {
+    fn log(&self, name: &str) -> PathBuf {
+        self.work.join(format!("{name}.log"))
+    }
+
+    fn proxy_cmd(&self, program: &Path, args: &[String]) -> Command {
+        pinned(self.settings.proxy_cpus.as_deref(), program, args)
+    }
+
+    fn tls_args(&self) -> Vec<String> {
+        vec![
+            "--tls".into(),
+            "--ca".into(),
+            self.pki.ca.display().to_string(),
+            "--server-name".into(),
+            "localhost".into(),
+        ]
+    }
+}
+
+/// A kind of service: how to find it and start it.
+#[derive(Debug, Clone)]
+pub struct Kind {
+    pub name: &'static str,
+    /// What the report says about it (version, mode).
+    pub program: Option<&'static str>,
+    /// Debian package(s) that provide it (`cargo xtask bench` installs them).
+    pub debian: &'static str,
+    start: fn(&Ctx<'_>, &Path) -> Result<Started>,
+}
+
+impl Kind {
+    /// The program path, or why the service cannot run here.
+    pub fn locate(&self, settings: &Settings) -> Result<PathBuf, String> {
+        match self.program {
+            None => Ok(PathBuf::new()),
+            Some("consolegate") => {
+                let p = settings.consolegate.clone();
+                if p.is_file() {
+                    Ok(p)
+                } else {
+                    Err(format!(
+                        "{} not found (cargo build --release -p consolegate, or --consolegate PATH)",
+                        p.display()
+                    ))
+                }
+            }
+            Some(prog) => which(prog).ok_or_else(|| {
+                format!(
+                    "{prog} not installed (apt-get install {}, or cargo xtask bench)",
+                    self.debian
+                )
+            }),
+        }
+    }
+
+    pub fn start(&self, ctx: &Ctx<'_>, program: &Path) -> Result<Started> {
+        (self.start)(ctx, program)
+    }
+}
+
+/// Every service, in report order. consolegate's splice variant is listed
+/// only if the binary offers `--datapath splice`.
+pub fn kinds(settings: &Settings) -> Vec<Kind> {
+    let mut v = vec![
+        Kind {
+            name: "direct",
+            program: None,
+            debian: "",
+            start: start_direct,
+        },
+        Kind {
+            name: "socat",
+            program: Some("socat"),
+            debian: "socat",
+            start: start_socat,
+        },
+        Kind {
+            name: "haproxy",
+            program: Some("haproxy"),
+            debian: "haproxy",
+            start: start_haproxy,
+        },
+        Kind {
+            name: "nginx",
+            program: Some("nginx"),
+            debian: "nginx libnginx-mod-stream",
+            start: start_nginx,
+        },
+        Kind {
+            name: "websockify",
+            program: Some("websockify"),
+            debian: "websockify",
+            start: start_websockify,
+        },
+        Kind {
+            name: "websockify-tls",
+            program: Some("websockify"),
+            debian: "websockify",
+            start: start_websockify_tls,
+        },
+        Kind {
+            name: "consolegate-copy",
+            program: Some("consolegate"),
+            debian: "",
+            start: start_consolegate_copy,
+        },
+    ];
+    if datapaths(&settings.consolegate)
+        .iter()
+        .any(|d| d == "splice")
+    {
+        v.push(Kind {
+            name: "consolegate-splice",
+            program: Some("consolegate"),
+            debian: "",
+            start: start_consolegate_splice,
+        });
+    }
+    v.push(Kind {
+        name: "consolegate-tls",
+        program: Some("consolegate"),
+        debian: "",
+        start: start_consolegate_tls,
+    });
+    v
+}
+
+/// The `--datapath` values `consolegate serve --help` lists (empty when the
+/// binary has no such flag: it only has the userspace copy).
+pub fn datapaths(consolegate: &Path) -> Vec<String> {
+    let Ok(out) = Command::new(consolegate).args(["serve", "--help"]).output() else {
+        return Vec::new();
+    };
+    let help = String::from_utf8_lossy(&out.stdout);
+    let Some(at) = help.find("--datapath") else {
+        return Vec::new();
+    };
+    let section = &help[at..];
+    let section = &section[..section[2..].find("\n  -").map_or(section.len(), |i| i + 2)];
+    match section.find("[possible values:") {
+        Some(i) => section[i + 17..]
+            .split(']')
+            .next()
+            .unwrap_or_default()
+            .split(',')
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .collect(),
+        // clap's long help lists the values one a line as "- name: ...".
+        None => section
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("- "))
+            .filter_map(|l| l.split(':').next())
+            .map(|s| s.trim().to_owned())
+            .collect(),
+    }
+}
+
+/// The first line of `program`'s version output.
+pub fn version(kind: &Kind, program: &Path) -> String {
+    let args: &[&str] = match kind.program {
+        None => return String::new(),
+        Some("socat") => &["-V"],
+        Some("haproxy") => &["-v"],
+        Some("nginx") => &["-v"],
+        Some("websockify") => {
+            // websockify has no --version; Debian knows.
+            let out = Command::new("dpkg-query")
+                .args(["-W", "-f=${Version}", "websockify"])
+                .output();
+            return out
+                .ok()
+                .map(|o| format!("websockify {}", String::from_utf8_lossy(&o.stdout).trim()))
+                .unwrap_or_default();
+        }
+        Some(_) => &["--version"],
+    };
+    let Ok(out) = Command::new(program).args(args).output() else {
+        return String::new();
+    };
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text.lines()
+        .map(str::trim)
+        .find(|l| l.contains("version") || l.starts_with("consolegate"))
+        .unwrap_or_default()
+        .to_owned()
+}
+
+fn raw_to(addr: impl std::fmt::Display) -> Vec<String> {
+    vec!["--connect".into(), addr.to_string()]
+}
+
+fn with(mut a: Vec<String>, more: Vec<String>) -> Vec<String> {
+    a.extend(more);
+    a
+}
+
+fn start_direct(ctx: &Ctx<'_>, _: &Path) -> Result<Started> {
+    Ok(Started {
+        procs: Vec::new(),
+        rows: vec![Row {
+            id: "direct".into(),
+            label: "direct (no proxy)".into(),
+            family: Family::Direct,
+            front: "raw",
+            tls: false,
+            to_flood: raw_to(ctx.flood),
+            to_echo: raw_to(ctx.echo),
+        }],
+    })
+}
+
+fn start_socat(ctx: &Ctx<'_>, program: &Path) -> Result<Started> {
+    let mut procs = Vec::new();
+    let mut ports = Vec::new();
+    for (name, backend) in [("socat-flood", ctx.flood), ("socat-echo", ctx.echo)] {
+        let port = free_port()?;
+        let args = vec![
+            format!("TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,backlog=4096,nodelay"),
+            format!("TCP:{backend},nodelay"),
+        ];
+        procs.push(Proc::spawn(
+            name,
+            ctx.proxy_cmd(program, &args),
+            &ctx.log(name),
+        )?);
+        ports.push(port);
+    }
+    wait_listening(&ports, &mut procs)?;
+    Ok(Started {
+        procs,
+        rows: vec![Row {
+            id: "socat".into(),
+            label: "socat (fork per connection)".into(),
+            family: Family::Peer,
+            front: "raw",
+            tls: false,
+            to_flood: raw_to(format!("127.0.0.1:{}", ports[0])),
+            to_echo: raw_to(format!("127.0.0.1:{}", ports[1])),
+        }],
+    })
+}
+
+/// Four loopback ports: plain to flood, plain to echo, TLS to flood, TLS to echo.
+fn four_ports() -> Result<[u16; 4]> {
+    Ok([free_port()?, free_port()?, free_port()?, free_port()?])
+}
+
+/// Rows for a TCP proxy with a plain and a TLS-terminating listener pair.
+fn tcp_and_tls_rows(ctx: &Ctx<'_>, id: &str, label: &str, p: [u16; 4]) -> Vec<Row> {
+    let at = |port: u16| raw_to(format!("127.0.0.1:{port}"));
+    vec![
+        Row {
+            id: format!("{id}-tcp"),
+            label: format!("{label} (plain TCP)"),
+            family: Family::Peer,
+            front: "raw",
+            tls: false,
+            to_flood: at(p[0]),
+            to_echo: at(p[1]),
+        },
+        Row {
+            id: format!("{id}-tls"),
+            label: format!("{label} (TLS-terminating)"),
+            family: Family::Peer,
+            front: "raw",
+            tls: true,
+            to_flood: with(at(p[2]), ctx.tls_args()),
+            to_echo: with(at(p[3]), ctx.tls_args()),
+        },
+    ]
+}
+
+fn start_haproxy(ctx: &Ctx<'_>, program: &Path) -> Result<Started> {
+    let p = four_ports()?;
+    let combined = ctx.pki.combined.display();
+    let mut cfg = String::from(
+        "global\n  maxconn 100000\n\ndefaults\n  mode tcp\n  timeout connect 5s\n  \
+         timeout client 1h\n  timeout server 1h\n  maxconn 100000\n",
+    );
+    let listeners = [
+        ("flood_tcp", p[0], "", ctx.flood),
+        ("echo_tcp", p[1], "", ctx.echo),
+        ("flood_tls", p[2], " ssl crt ", ctx.flood),
+        ("echo_tls", p[3], " ssl crt ", ctx.echo),
+    ];
+    for (name, port, ssl, backend) in listeners {
+        let crt = if ssl.is_empty() {
+            String::new()
+        } else {
+            format!("{ssl}{combined}")
+        };
+        let _ = write!(
+            cfg,
+            "\nlisten {name}\n  bind 127.0.0.1:{port}{crt}\n  server s1 {backend}\n"
+        );
+    }
+    let path = ctx.work.join("haproxy.cfg");
+    fs::write(&path, cfg)?;
+    let args = vec!["-f".into(), path.display().to_string(), "-db".into()];
+    let mut procs = vec![Proc::spawn(
+        "haproxy",
+        ctx.proxy_cmd(program, &args),
+        &ctx.log("haproxy"),
+    )?];
+    wait_listening(&p, &mut procs)?;
+    Ok(Started {
+        procs,
+        rows: tcp_and_tls_rows(ctx, "haproxy", "haproxy, mode tcp", p),
+    })
+}
+
+/// Where Debian's libnginx-mod-stream puts the stream module.
+const NGINX_STREAM_MODULE: &str = "/usr/lib/nginx/modules/ngx_stream_module.so";
+
+fn start_nginx(ctx: &Ctx<'_>, program: &Path) -> Result<Started> {
+    if !Path::new(NGINX_STREAM_MODULE).is_file() {
+        bail!("{NGINX_STREAM_MODULE} missing (apt-get install libnginx-mod-stream)");
+    }
+    let p = four_ports()?;
+    let dir = ctx.work.join("nginx");
+    fs::create_dir_all(&dir)?;
+    let (cert, key) = (ctx.pki.cert.display(), ctx.pki.key.display());
+    let mut cfg = format!(
+        "daemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
+         load_module {NGINX_STREAM_MODULE};\nworker_rlimit_nofile 65536;\n\
+         events {{ worker_connections 60000; }}\nstream {{\n",
+        d = dir.display()
+    );
+    let listeners = [
+        (p[0], false, ctx.flood),
+        (p[1], false, ctx.echo),
+        (p[2], true, ctx.flood),
+        (p[3], true, ctx.echo),
+    ];
+    for (port, tls, backend) in listeners {
+        let ssl = if tls {
+            format!(" ssl;\n    ssl_certificate {cert};\n    ssl_certificate_key {key}")
+        } else {
+            String::new()
+        };
+        let _ = writeln!(
+            cfg,
+            "  server {{\n    listen 127.0.0.1:{port}{ssl};\n    proxy_pass {backend};\n  }}"
+        );
+    }
+    cfg.push_str("}\n");
+    let path = dir.join("nginx.conf");
+    fs::write(&path, cfg)?;
+    let args = vec![
+        "-c".into(),
+        path.display().to_string(),
+        "-p".into(),
+        dir.display().to_string(),
+        "-e".into(),
+        "stderr".into(),
+    ];
+    let mut procs = vec![Proc::spawn(
+        "nginx",
+        ctx.proxy_cmd(program, &args),
+        &ctx.log("nginx"),
+    )?];
+    wait_listening(&p, &mut procs)?;
+    Ok(Started {
+        procs,
+        rows: tcp_and_tls_rows(ctx, "nginx", "nginx stream", p),
+    })
+}
+
+fn websockify(ctx: &Ctx<'_>, program: &Path, tls: bool) -> Result<Started> {
+    let name = if tls { "websockify-tls" } else { "websockify" };
+    let tokens = ctx.work.join(format!("{name}.tokens"));
+    fs::write(
+        &tokens,
+        format!("flood: {}\necho: {}\n", ctx.flood, ctx.echo),
+    )?;
+    let port = free_port()?;
+    let mut args = vec![
+        "--token-plugin".into(),
+        "TokenFile".into(),
+        "--token-source".into(),
+        tokens.display().to_string(),
+    ];
+    if tls {
+        args.extend([
+            "--cert".into(),
+            ctx.pki.cert.display().to_string(),
+            "--key".into(),
+            ctx.pki.key.display().to_string(),
+            "--ssl-only".into(),
+        ]);
+    }
+    args.push(format!("127.0.0.1:{port}"));
+    let mut procs = vec![Proc::spawn(
+        name,
+        ctx.proxy_cmd(program, &args),
+        &ctx.log(name),
+    )?];
+    wait_listening(&[port], &mut procs)?;
+    let at = |token: &str| {
+        let mut a = vec![
+            "--connect".into(),
+            format!("127.0.0.1:{port}"),
+            "--front".into(),
+            "ws".into(),
+            "--path".into(),
+            format!("/?token={token}"),
+        ];
+        if tls {
+            a.extend(ctx.tls_args());
+        }
+        a
+    };
+    Ok(Started {
+        procs,
+        rows: vec![Row {
+            id: name.into(),
+            label: if tls {
+                "websockify (wss, TLS-terminating)".into()
+            } else {
+                "websockify (ws)".into()
+            },
+            family: Family::Peer,
+            front: "ws",
+            tls,
+            to_flood: at("flood"),
+            to_echo: at("echo"),
+        }],
+    })
+}
+
+fn start_websockify(ctx: &Ctx<'_>, program: &Path) -> Result<Started> {
+    websockify(ctx, program, false)
+}
+
+fn start_websockify_tls(ctx: &Ctx<'_>, program: &Path) -> Result<Started> {
+    websockify(ctx, program, true)
+}
+
+/// Token names in consolegate's token file: `serial` tokens are raw byte
+/// streams, so no RFB handshake happens.
+const FLOOD_TOKEN: &str = "bench-flood";
+const ECHO_TOKEN: &str = "bench-echo";
+
+/// Starts consolegate with `datapath` (None: the binary has no such flag)
+/// and a plain (ws + CONNECT) or TLS (wss) front.
+fn consolegate(
+    ctx: &Ctx<'_>,
+    program: &Path,
+    datapath: Option<&str>,
+    tls: bool,
+) -> Result<Started> {
+    let dp = datapath.unwrap_or("copy");
+    let name = if tls {
+        format!("consolegate-tls-{dp}")
+    } else {
+        format!("consolegate-{dp}")
+    };
+    let tokens = ctx.work.join(format!("{name}.tokens.toml"));
+    fs::write(
+        &tokens,
+        format!(
+            "[[token]]\ntoken = \"{FLOOD_TOKEN}\"\nkind = \"serial\"\ntarget = \"{}\"\n\n\
+             [[token]]\ntoken = \"{ECHO_TOKEN}\"\nkind = \"serial\"\ntarget = \"{}\"\n",
+            ctx.flood, ctx.echo
+        ),
+    )?;
+    let ready = ctx.work.join(format!("{name}.ready.json"));
+    let _ = fs::remove_file(&ready);
+    let mut args: Vec<String> = vec![
+        "serve".into(),
+        "--ws-listen".into(),
+        "127.0.0.1:0".into(),
+        "--token-file".into(),
+        tokens.display().to_string(),
+        "--ready-file".into(),
+        ready.display().to_string(),
+        "--state-dir".into(),
+        ctx.work.join(format!("{name}.state")).display().to_string(),
+    ];
+    if tls {
+        args.extend([
+            "--tls-cert".into(),
+            ctx.pki.cert.display().to_string(),
+            "--tls-key".into(),
+            ctx.pki.key.display().to_string(),
+        ]);
+    } else {
+        args.extend([
+            "--plain-http".into(),
+            "--connect-listen".into(),
+            "127.0.0.1:0".into(),
+        ]);
+    }
+    if let Some(dp) = datapath {
+        args.extend(["--datapath".into(), dp.into()]);
+    }
+    let mut proc = Proc::spawn(&name, ctx.proxy_cmd(program, &args), &ctx.log(&name))?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let ready: serde_json::Value = loop {
+        if let Ok(text) = fs::read_to_string(&ready)
+            && let Ok(v) = serde_json::from_str(&text)
+        {
+            break v;
+        }
+        if !proc.alive() {
+            bail!("{name} exited: {}", proc.log_tail());
+        }
+        if Instant::now() > deadline {
+            bail!("{name} wrote no ready file in 15 s: {}", proc.log_tail());
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    let first = |key: &str| -> Result<String> {
+        ready[key][0]
+            .as_str()
+            .map(str::to_owned)
+            .with_context(|| format!("ready file has no {key} listener: {ready}"))
+    };
+    let ws = first("websocket")?;
+    let ws_to = |token: &str| {
+        let mut a = vec![
+            "--connect".into(),
+            ws.clone(),
+            "--front".into(),
+            "ws".into(),
+            "--path".into(),
+            format!("/websockify?token={token}"),
+        ];
+        if tls {
+            a.extend(ctx.tls_args());
+        }
+        a
+    };
+    let suffix = datapath.map(|d| format!(", {d}")).unwrap_or_default();
+    let mut rows = vec![Row {
+        id: if tls {
+            format!("consolegate-wss-{dp}")
+        } else {
+            format!("consolegate-ws-{dp}")
+        },
+        label: if tls {
+            format!("consolegate wss (TLS{suffix})")
+        } else {
+            format!("consolegate ws{suffix}")
+        },
+        family: Family::Consolegate,
+        front: "ws",
+        tls,
+        to_flood: ws_to(FLOOD_TOKEN),
+        to_echo: ws_to(ECHO_TOKEN),
+    }];
+    if !tls {
+        let connect = first("connect")?;
+        let connect_to = |target: SocketAddr, token: &str| {
+            vec![
+                "--connect".into(),
+                connect.clone(),
+                "--front".into(),
+                "connect".into(),
+                "--target".into(),
+                target.to_string(),
+                "--token".into(),
+                token.into(),
+            ]
+        };
+        rows.push(Row {
+            id: format!("consolegate-connect-{dp}"),
+            label: format!("consolegate CONNECT{suffix}"),
+            family: Family::Consolegate,
+            front: "connect",
+            tls: false,
+            to_flood: connect_to(ctx.flood, FLOOD_TOKEN),
+            to_echo: connect_to(ctx.echo, ECHO_TOKEN),
+        });
+    }
+    Ok(Started {
+        procs: vec![proc],
+        rows,
+    })
+}
+
+fn has_datapath_flag(program: &Path) -> bool {
+    !datapaths(program).is_empty()
+}
+
+fn start_consolegate_copy(ctx: &Ctx<'_>, program: &Path) -> Result<Started> {
+    let dp = has_datapath_flag(program).then_some("copy");
+    consolegate(ctx, program, dp, false)
+}
+
+fn start_consolegate_splice(ctx: &Ctx<'_>, program: &Path) -> Result<Started> {
+    consolegate(ctx, program, Some("splice"), false)
+}
+
+fn start_consolegate_tls(ctx: &Ctx<'_>, program: &Path) -> Result<Started> {
+    let dp = has_datapath_flag(program).then_some("copy");
+    consolegate(ctx, program, dp, true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn datapaths_of_a_binary_without_the_flag_is_empty() {
+        assert!(datapaths(Path::new("/bin/true")).is_empty());
+        assert!(datapaths(Path::new("/nonexistent/consolegate")).is_empty());
+    }
+}
