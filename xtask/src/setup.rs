@@ -23,6 +23,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "libsasl2-modules",    // the SCRAM plugin QEMU's SASL server loads (a Recommends, so named)
     "libsasl2-modules-db", // the sasldb auxprop plugin
     "binutils",            // as/objcopy: the boot-sector test reassembles tests/src/boot.S
+    "socat",               // bench/tests/smoke.rs runs the compare harness through socat too
 ];
 
 /// rustup components of the active toolchain, by the cargo subcommand that
@@ -46,21 +47,26 @@ pub fn all(steps: &mut Steps) -> Result<()> {
 
 /// The Debian packages in [`DEBIAN_PACKAGES`].
 pub fn debian_packages(steps: &mut Steps) -> Result<()> {
-    step(steps, "setup: debian packages", || {
+    install_debian(steps, "setup: debian packages", DEBIAN_PACKAGES)
+}
+
+/// Installs the missing ones of `packages` (without Recommends) as one step.
+pub fn install_debian(steps: &mut Steps, name: &str, packages: &[&str]) -> Result<()> {
+    step(steps, name, || {
         if !succeeds(Command::new("dpkg-query").arg("--version")) {
             println!(
                 "xtask: no dpkg here; install these yourself: {}",
-                DEBIAN_PACKAGES.join(" ")
+                packages.join(" ")
             );
             return Ok("skipped: not a Debian system".to_owned());
         }
-        let missing: Vec<&str> = DEBIAN_PACKAGES
+        let missing: Vec<&str> = packages
             .iter()
             .copied()
             .filter(|n| !deb_installed(n))
             .collect();
         if missing.is_empty() {
-            return Ok(format!("present: {}", DEBIAN_PACKAGES.join(" ")));
+            return Ok(format!("present: {}", packages.join(" ")));
         }
         println!("xtask: missing Debian packages: {}", missing.join(" "));
         let lock_wait = ["-o", "DPkg::Lock::Timeout=600"];
