@@ -78,7 +78,9 @@ fn parse(c: &mut Criterion) {
             let mut n = step;
             loop {
                 let end = n.min(NOVNC_UPGRADE.len());
-                if let Some(done) = parse_request_head(&NOVNC_UPGRADE[..end], &limits).expect("valid") {
+                if let Some(done) =
+                    parse_request_head(&NOVNC_UPGRADE[..end], &limits).expect("valid")
+                {
                     break black_box(done.1);
                 }
                 n += step;

@@ -12,8 +12,7 @@
 //! Run: `cargo bench -p consolegate-bench --bench rfb_handshake`.
 
 use consolegate::console::vnc::rfb::{
-    Capabilities, choose_security, choose_subtype, parse_version, sec, vencrypt,
-    vnc_auth_response,
+    Capabilities, choose_security, choose_subtype, parse_version, sec, vencrypt, vnc_auth_response,
 };
 use consolegate::console::vnc::serve_tenant;
 use criterion::{Criterion, criterion_group, criterion_main};

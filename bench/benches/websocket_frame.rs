@@ -43,7 +43,10 @@ fn decode(c: &mut Criterion) {
             b.iter(|| {
                 buf.clear();
                 buf.extend_from_slice(frame);
-                let f = dec.decode(&mut buf).expect("valid frame").expect("whole frame");
+                let f = dec
+                    .decode(&mut buf)
+                    .expect("valid frame")
+                    .expect("whole frame");
                 black_box(f.payload.len())
             });
         });
@@ -98,9 +101,23 @@ fn encode(c: &mut Criterion) {
     g.finish();
     c.bench_function("encode_header_only", |b| {
         let mut hdr = [0u8; MAX_HEADER_LEN];
-        b.iter(|| black_box(encode_header(true, Opcode::Binary, None, black_box(65_536), &mut hdr)));
+        b.iter(|| {
+            black_box(encode_header(
+                true,
+                Opcode::Binary,
+                None,
+                black_box(65_536),
+                &mut hdr,
+            ))
+        });
     });
 }
 
-criterion_group!(benches, decode, decode_and_apply_message_rules, unmask, encode);
+criterion_group!(
+    benches,
+    decode,
+    decode_and_apply_message_rules,
+    unmask,
+    encode
+);
 criterion_main!(benches);

@@ -1,8 +1,8 @@
 //! Connection scale: open `sessions` sessions one after another, each
 //! proven end to end by a one-byte round trip through the proxy to an echo
-//! backend, hold them all, and read the proxy's resident memory (the sum
-//! over the process trees of `proxy_pids`) before the first and after the
-//! last. Gives memory per idle session and the session set-up rate
+//! backend, hold them all, and read the proxy's memory (PSS summed over
+//! the process trees of `proxy_pids`, see [`procstat::tree_pss_kib`])
+//! before the first and after the last. Gives memory per idle session and the session set-up rate
 //! (sequential: connect, TLS, CONNECT or upgrade, first byte back).
 
 use std::thread;
@@ -18,7 +18,7 @@ use crate::tenant::{Dial, Session};
 #[derive(Clone, Debug)]
 pub struct Options {
     pub sessions: u64,
-    /// Process trees whose RSS is the proxy's (none: no memory figures).
+    /// Process trees whose memory is the proxy's (none: no memory figures).
     pub proxy_pids: Vec<u32>,
     /// How long to hold the sessions once all are open.
     pub hold: Duration,
@@ -33,8 +33,8 @@ pub struct Report {
     pub established: u64,
     pub setup: Histogram<u64>,
     pub setup_took: Duration,
-    pub rss_before_kib: Option<u64>,
-    pub rss_after_kib: Option<u64>,
+    pub pss_before_kib: Option<u64>,
+    pub pss_after_kib: Option<u64>,
     pub cpu_s: f64,
     pub error: Option<String>,
 }
@@ -46,7 +46,7 @@ impl Report {
 
     /// Proxy memory growth per established session, KiB.
     pub fn kib_per_session(&self) -> Option<f64> {
-        match (self.rss_before_kib, self.rss_after_kib) {
+        match (self.pss_before_kib, self.pss_after_kib) {
             (Some(b), Some(a)) if self.established > 0 => {
                 Some((a as f64 - b as f64) / self.established as f64)
             }
@@ -72,8 +72,8 @@ impl Report {
             "setup_seconds": secs,
             "setup_per_s": if secs > 0.0 { self.established as f64 / secs } else { 0.0 },
             "setup_ms": { "p50": ms(50.0), "p99": ms(99.0), "max": ms(100.0) },
-            "proxy_rss_before_kib": self.rss_before_kib,
-            "proxy_rss_after_kib": self.rss_after_kib,
+            "proxy_pss_before_kib": self.pss_before_kib,
+            "proxy_pss_after_kib": self.pss_after_kib,
             "proxy_kib_per_session": self.kib_per_session(),
             "client_cpu_s": self.cpu_s,
             "complete": self.complete(),
@@ -82,13 +82,13 @@ impl Report {
     }
 }
 
-fn rss(pids: &[u32]) -> Option<u64> {
-    (!pids.is_empty()).then(|| procstat::tree_rss_kib(pids))
+fn pss(pids: &[u32]) -> Option<u64> {
+    (!pids.is_empty()).then(|| procstat::tree_pss_kib(pids))
 }
 
 pub fn run(dial: &Dial, opts: &Options) -> Result<Report> {
     let cpu0 = procstat::self_cpu();
-    let rss_before_kib = rss(&opts.proxy_pids);
+    let pss_before_kib = pss(&opts.proxy_pids);
     let mut setup = Histogram::new_with_bounds(1, 600_000_000_000, 3)?;
     let mut held: Vec<Session> = Vec::with_capacity(opts.sessions as usize);
     let mut error = None;
@@ -116,7 +116,7 @@ pub fn run(dial: &Dial, opts: &Options) -> Result<Report> {
         }
     }
     let setup_took = started.elapsed();
-    let rss_after_kib = rss(&opts.proxy_pids);
+    let pss_after_kib = pss(&opts.proxy_pids);
     thread::sleep(opts.hold);
     let established = held.len() as u64;
     drop(held);
@@ -127,8 +127,8 @@ pub fn run(dial: &Dial, opts: &Options) -> Result<Report> {
         established,
         setup,
         setup_took,
-        rss_before_kib,
-        rss_after_kib,
+        pss_before_kib,
+        pss_after_kib,
         cpu_s: procstat::self_cpu() - cpu0,
         error,
     })
@@ -156,7 +156,7 @@ mod tests {
         assert!(report.complete(), "{report:?}");
         let json = report.json();
         assert_eq!(json["sessions"], 20);
-        assert!(json["proxy_rss_before_kib"].as_u64().unwrap() > 0);
+        assert!(json["proxy_pss_before_kib"].as_u64().unwrap() > 0);
         assert!(json["proxy_kib_per_session"].is_f64());
         assert!(json["setup_per_s"].as_f64().unwrap() > 0.0);
         let totals = serving.join().unwrap().unwrap();

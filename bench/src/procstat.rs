@@ -102,6 +102,28 @@ pub fn tree_rss_kib(roots: &[u32]) -> u64 {
     tree(roots).into_iter().filter_map(rss_kib).sum()
 }
 
+/// Proportional memory of the trees under `roots`, KiB: each process's PSS
+/// (`/proc/<pid>/smaps_rollup`), which splits pages shared between
+/// processes (forked children, shared libraries) among them, so a process
+/// per session is not charged the parent's pages again. Falls back to
+/// VmRSS where smaps_rollup is missing (kernels before 4.14).
+pub fn tree_pss_kib(roots: &[u32]) -> u64 {
+    tree(roots)
+        .into_iter()
+        .filter_map(|p| pss_kib(p).or_else(|| rss_kib(p)))
+        .sum()
+}
+
+/// PSS of one process, KiB.
+pub fn pss_kib(pid: u32) -> Option<u64> {
+    let rollup = fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    rollup
+        .lines()
+        .find_map(|l| l.strip_prefix("Pss:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
+
 /// VmRSS of one process, KiB.
 pub fn rss_kib(pid: u32) -> Option<u64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -222,6 +244,8 @@ mod tests {
         assert_ne!(x, 42);
         assert!(tree(&[me]).contains(&me));
         assert!(tree_rss_kib(&[me]) > 0);
+        assert!(tree_pss_kib(&[me]) > 0);
+        assert!(pss_kib(me).unwrap() <= rss_kib(me).unwrap());
         assert!(tree_cpu_seconds(&[me]) > 0.0);
         assert!(self_cpu() > 0.0);
         assert!(tree(&[u32::MAX]).is_empty());

@@ -32,8 +32,7 @@ fn consolegate() -> PathBuf {
 }
 
 fn f(v: &Value) -> f64 {
-    v.as_f64()
-        .unwrap_or_else(|| panic!("not a number: {v}"))
+    v.as_f64().unwrap_or_else(|| panic!("not a number: {v}"))
 }
 
 #[test]
@@ -92,7 +91,10 @@ fn compare_runs_every_scenario_and_writes_a_consistent_report() {
         expected.push("socat");
     }
     for id in &expected {
-        assert!(rows.contains(id), "row {id} missing from {rows:?}: {stderr}");
+        assert!(
+            rows.contains(id),
+            "row {id} missing from {rows:?}: {stderr}"
+        );
     }
     let fronts: Vec<&str> = report["rows"]
         .as_array()
@@ -105,7 +107,11 @@ fn compare_runs_every_scenario_and_writes_a_consistent_report() {
     }
 
     let runs = report["runs"].as_array().unwrap();
-    assert_eq!(runs.len(), rows.len() * 3, "one run of each scenario per row");
+    assert_eq!(
+        runs.len(),
+        rows.len() * 3,
+        "one run of each scenario per row"
+    );
     for r in runs {
         let id = r["row"].as_str().unwrap();
         assert_eq!(r["ok"], true, "{r}");
@@ -126,13 +132,16 @@ fn compare_runs_every_scenario_and_writes_a_consistent_report() {
                     .map(|k| f(&us[*k]))
                     .collect();
                 assert!(v[0] > 0.0, "{r}");
-                assert!(v.windows(2).all(|w| w[0] <= w[1]), "percentiles out of order: {r}");
+                assert!(
+                    v.windows(2).all(|w| w[0] <= w[1]),
+                    "percentiles out of order: {r}"
+                );
             }
             "idle" => {
                 assert_eq!(r["sessions"], sessions, "{r}");
                 assert!(f(&r["setup_per_s"]) > 0.0, "{r}");
                 if proxied {
-                    assert!(r["proxy_rss_before_kib"].as_u64().unwrap() > 0, "{r}");
+                    assert!(r["proxy_pss_before_kib"].as_u64().unwrap() > 0, "{r}");
                     assert!(r["proxy_kib_per_session"].is_f64(), "{r}");
                 }
             }
@@ -146,12 +155,19 @@ fn compare_runs_every_scenario_and_writes_a_consistent_report() {
     assert_eq!(summary["n"], 1, "{summary}");
 
     let md = std::fs::read_to_string(out.path().join("report.md")).unwrap();
-    for heading in ["## Bulk throughput", "## Round-trip latency", "## Idle sessions"] {
+    for heading in [
+        "## Bulk throughput",
+        "## Round-trip latency",
+        "## Idle sessions",
+    ] {
         assert!(md.contains(heading), "{md}");
     }
     assert!(md.contains("| consolegate ws"), "{md}");
     for svg in ["throughput.svg", "latency.svg", "memory.svg"] {
         let text = std::fs::read_to_string(out.path().join(svg)).unwrap();
-        assert!(text.starts_with("<svg") && text.trim_end().ends_with("</svg>"), "{svg}");
+        assert!(
+            text.starts_with("<svg") && text.trim_end().ends_with("</svg>"),
+            "{svg}"
+        );
     }
 }

@@ -31,7 +31,13 @@ fn target_dir(root: &Path) -> PathBuf {
 }
 
 /// Install, build, compare. `extra` goes to `loadgen compare` as is.
-pub fn run(root: &Path, steps: &mut Steps, full: bool, install: bool, extra: &[String]) -> Result<()> {
+pub fn run(
+    root: &Path,
+    steps: &mut Steps,
+    full: bool,
+    install: bool,
+    extra: &[String],
+) -> Result<()> {
     if install {
         // A failed install is recorded; compare then skips (and names) the
         // peers that are missing and still measures the rest.

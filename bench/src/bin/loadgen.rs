@@ -133,14 +133,14 @@ enum Mode {
         #[arg(long, value_name = "C", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=10_000))]
         connections: u64,
     },
-    /// Hold N sessions to an echo backend; proxy RSS per session, set-up rate.
+    /// Hold N sessions to an echo backend; proxy memory (PSS) per session, set-up rate.
     Idle {
         #[command(flatten)]
         tenant: TenantArgs,
         /// Sessions to open and hold (raise `ulimit -n` for thousands).
         #[arg(long, value_name = "N", default_value_t = 1000)]
         sessions: u64,
-        /// The proxy's process (repeatable): RSS is summed over these and
+        /// The proxy's process (repeatable): PSS is summed over these and
         /// their children, before the first session and with all open.
         #[arg(long = "proxy-pid", value_name = "PID")]
         proxy_pid: Vec<u32>,

@@ -309,7 +309,14 @@ fn machine() -> Value {
         .lines()
         .find_map(|l| l.strip_prefix("MemTotal:"))
         .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok());
+    let loadavg = fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ");
     json!({
+        "loadavg": loadavg,
         "cpus": cpu_count(),
         "cpu_model": cpu_model,
         "kernel": kernel,

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 
-use super::proc::{Proc, free_port, pinned, wait_listening, which};
+use super::proc::{Proc, free_port, nofile, pinned, wait_listening, which};
 use super::{Pki, Settings};
 
 /// Who a row stands for, in ratios and colours.
@@ -354,9 +354,12 @@ fn tcp_and_tls_rows(ctx: &Ctx<'_>, id: &str, label: &str, p: [u16; 4]) -> Vec<Ro
 fn start_haproxy(ctx: &Ctx<'_>, program: &Path) -> Result<Started> {
     let p = four_ports()?;
     let combined = ctx.pki.combined.display();
-    let mut cfg = String::from(
-        "global\n  maxconn 100000\n\ndefaults\n  mode tcp\n  timeout connect 5s\n  \
-         timeout client 1h\n  timeout server 1h\n  maxconn 100000\n",
+    // haproxy wants two descriptors per connection and refuses to start
+    // when maxconn needs more than the file limit allows.
+    let maxconn = (nofile() / 2).saturating_sub(100).max(100);
+    let mut cfg = format!(
+        "global\n  maxconn {maxconn}\n\ndefaults\n  mode tcp\n  timeout connect 5s\n  \
+         timeout client 1h\n  timeout server 1h\n  maxconn {maxconn}\n",
     );
     let listeners = [
         ("flood_tcp", p[0], "", ctx.flood),
@@ -403,9 +406,11 @@ fn start_nginx(ctx: &Ctx<'_>, program: &Path) -> Result<Started> {
     let (cert, key) = (ctx.pki.cert.display(), ctx.pki.key.display());
     let mut cfg = format!(
         "daemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
-         load_module {NGINX_STREAM_MODULE};\nworker_rlimit_nofile 65536;\n\
-         events {{ worker_connections 60000; }}\nstream {{\n",
-        d = dir.display()
+         load_module {NGINX_STREAM_MODULE};\nworker_rlimit_nofile {nofile};\n\
+         events {{ worker_connections {conns}; }}\nstream {{\n",
+        d = dir.display(),
+        nofile = nofile(),
+        conns = nofile() / 2,
     );
     let listeners = [
         (p[0], false, ctx.flood),

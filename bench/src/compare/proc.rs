@@ -14,15 +14,28 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::procstat;
 
-/// Open files allowed to every child (sessions x 2 sockets, with room).
-pub const NOFILE: u64 = 65_536;
+/// Open files wanted for every child (sessions x 2 sockets, with room).
+const NOFILE: u64 = 65_536;
+
+/// [`NOFILE`], or this process's hard limit if that is lower (raising a
+/// hard limit needs privileges a container may not have).
+pub fn nofile() -> u64 {
+    let hard = fs::read_to_string("/proc/self/limits")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(4).map(str::to_owned))
+        .and_then(|v| v.parse::<u64>().ok());
+    hard.map_or(NOFILE, |h| h.min(NOFILE))
+}
 
 /// `program args` under `prlimit --nofile` and `taskset -c cpus` when those
 /// tools exist (both exec, so the child's pid is the program's).
 pub fn pinned(cpus: Option<&str>, program: &Path, args: &[String]) -> Command {
     let mut argv: Vec<String> = Vec::new();
     if tool_exists("prlimit") {
-        argv.extend(["prlimit".into(), format!("--nofile={NOFILE}:{NOFILE}")]);
+        let n = nofile();
+        argv.extend(["prlimit".into(), format!("--nofile={n}:{n}")]);
     }
     if let Some(cpus) = cpus.filter(|_| tool_exists("taskset")) {
         argv.extend(["taskset".into(), "-c".into(), cpus.to_owned()]);
@@ -245,6 +258,19 @@ pub fn free_port() -> Result<u16> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nofile_is_at_most_the_hard_limit() {
+        let n = nofile();
+        assert!(n > 0 && n <= NOFILE);
+        let mut c = pinned(None, Path::new("sh"), &["-c".into(), "ulimit -n".into()]);
+        let out = c.output().unwrap();
+        assert!(out.status.success());
+        let got: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+        if tool_exists("prlimit") {
+            assert_eq!(got, n);
+        }
+    }
 
     #[test]
     fn listening_sees_a_bound_port_and_not_a_free_one() {

@@ -176,6 +176,15 @@ fn ratio(x: Option<f64>, base: Option<f64>) -> String {
     }
 }
 
+/// Ratio to the best peer; not for the direct row, which is no proxy.
+fn peer_ratio(row: &Value, x: Option<f64>, best: Option<(String, f64)>) -> String {
+    if row["family"] == "direct" {
+        "-".into()
+    } else {
+        ratio(x, best.map(|b| b.1))
+    }
+}
+
 fn fmt(x: Option<f64>, digits: usize) -> String {
     x.map_or("-".into(), |v| format!("{v:.digits$}"))
 }
@@ -224,7 +233,8 @@ pub fn markdown(report: &Value, plots: &[&str]) -> String {
         md,
         "{} run: {} runs per scenario and row, medians with (min-max) over the runs. \
          Machine: {} CPUs ({}), kernel {}, {:.1} GiB RAM. Proxies pinned to CPU {}, \
-         load generator and backends to CPU {}. Took {:.0} s; {} failed runs.\n",
+         load generator and backends to CPU {}. Load average before the run: {} \
+         (anything above 0 is other work sharing the machine). Took {:.0} s; {} failed runs.\n",
         set["mode"].as_str().unwrap_or("?"),
         set["runs"],
         m["cpus"],
@@ -233,6 +243,7 @@ pub fn markdown(report: &Value, plots: &[&str]) -> String {
         m["mem_total_kib"].as_f64().unwrap_or(0.0) / 1048576.0,
         set["proxy_cpus"].as_str().unwrap_or("(not pinned)"),
         set["load_cpus"].as_str().unwrap_or("(not pinned)"),
+        m["loadavg"].as_str().unwrap_or("?"),
         report["took_s"].as_f64().unwrap_or(0.0),
         report["failed_runs"],
     );
@@ -244,7 +255,11 @@ pub fn markdown(report: &Value, plots: &[&str]) -> String {
                 let _ = writeln!(md, "- {name}: **skipped**: {why}");
             }
             None => {
-                let v = s["version"].as_str().unwrap_or("");
+                let v = match s["version"].as_str() {
+                    Some(v) if !v.is_empty() => v,
+                    _ if name == "direct" => "no proxy: client and backend on loopback",
+                    _ => "version unknown",
+                };
                 let restarts = s["restarts"].as_u64().unwrap_or(0);
                 let r = if restarts > 0 {
                     format!(" (died and was restarted {restarts} times)")
@@ -275,11 +290,13 @@ pub fn markdown(report: &Value, plots: &[&str]) -> String {
         "## Reading this report\n\n\
          - Rows are grouped by TLS: a plain row is compared with the best plain peer, a TLS \
          row with the best TLS peer. \"x direct\" divides by the direct connection, the \
-         loopback ceiling.\n\
+         loopback ceiling. Its client and backend share the load CPU, so its round trips \
+         have no wake-up across CPUs; every proxied round trip has at least two.\n\
          - CPU-s/GB is CPU seconds per 10^9 payload bytes: `proxy` is the proxy's process \
          tree (workers and forked children included), `system` is every CPU's busy time \
-         (kernel work such as loopback TCP is charged there), `loadgen` is the client plus \
-         the backend. It is steadier than Gbit/s on a shared machine.\n\
+         (kernel work such as loopback TCP is charged there; on a shared machine it also \
+         counts other tenants' work, see the load average above), `loadgen` is the client \
+         plus the backend. Proxy CPU-s/GB is steadier than Gbit/s on a shared machine.\n\
          - `load busy` is the load CPUs' utilisation during the run. Near 100% while the \
          proxy CPU is not busy means the load generator limited the run, not the proxy.\n\
          - Spreads above 30% mean the machine was noisy: compare rows of one run only. \
@@ -327,7 +344,7 @@ fn bulk_table(md: &mut String, report: &Value) {
             },
             pct("load_cpu_busy"),
             ratio(g, direct),
-            ratio(g, best.map(|b| b.1)),
+            peer_ratio(r, g, best),
         );
         if let Some(s) = status(report, id, "bulk") {
             notes.push(format!("{id}: {s}"));
@@ -374,7 +391,7 @@ fn latency_table(md: &mut String, report: &Value) {
                 )
             },
             ratio(p99, direct),
-            ratio(p99, best.map(|b| b.1)),
+            peer_ratio(r, p99, best),
         );
         if let Some(s) = status(report, id, "latency") {
             notes.push(format!("{id}: {s}"));
