@@ -450,7 +450,7 @@ pub fn run(settings: &Settings) -> Result<Value> {
     let mut rows: Vec<(usize, Row)> = Vec::new();
     for (i, s) in services.iter().enumerate() {
         for r in &s.started.rows {
-            if settings.wants(&r.id) || settings.wants(s.kind.name) {
+            if settings.wants(&r.id) {
                 rows.push((i, r.clone()));
             }
         }
