@@ -204,32 +204,42 @@ pub fn kinds(settings: &Settings) -> Vec<Kind> {
 /// The `--datapath` values `consolegate serve --help` lists (empty when the
 /// binary has no such flag: it only has the userspace copy).
 pub fn datapaths(consolegate: &Path) -> Vec<String> {
-    let Ok(out) = Command::new(consolegate).args(["serve", "--help"]).output() else {
+    match Command::new(consolegate).args(["serve", "--help"]).output() {
+        Ok(out) => parse_datapaths(&String::from_utf8_lossy(&out.stdout)),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// The values of `--datapath` in clap's help: either "[possible values:
+/// a, b]" (short help) or "- a: ..." lines (long help), up to the next flag.
+fn parse_datapaths(help: &str) -> Vec<String> {
+    let mut lines = help.lines().skip_while(|l| !l.contains("--datapath"));
+    let Some(first) = lines.next() else {
         return Vec::new();
     };
-    let help = String::from_utf8_lossy(&out.stdout);
-    let Some(at) = help.find("--datapath") else {
-        return Vec::new();
+    let is_flag = |l: &str| {
+        let t = l.trim_start();
+        t.starts_with('-') && !t.starts_with("- ")
     };
-    let section = &help[at..];
-    let section = &section[..section[2..].find("\n  -").map_or(section.len(), |i| i + 2)];
-    match section.find("[possible values:") {
-        Some(i) => section[i + 17..]
+    let mut section = vec![first];
+    section.extend(lines.take_while(|l| !is_flag(l)));
+    let text = section.join("\n");
+    if let Some(i) = text.find("[possible values:") {
+        return text[i + 17..]
             .split(']')
             .next()
             .unwrap_or_default()
             .split(',')
             .map(|s| s.trim().to_owned())
             .filter(|s| !s.is_empty())
-            .collect(),
-        // clap's long help lists the values one a line as "- name: ...".
-        None => section
-            .lines()
-            .filter_map(|l| l.trim().strip_prefix("- "))
-            .filter_map(|l| l.split(':').next())
-            .map(|s| s.trim().to_owned())
-            .collect(),
+            .collect();
     }
+    section
+        .iter()
+        .filter_map(|l| l.trim().strip_prefix("- "))
+        .filter_map(|l| l.split(':').next())
+        .map(|s| s.trim().to_owned())
+        .collect()
 }
 
 /// The first line of `program`'s version output.
@@ -686,6 +696,21 @@ fn start_consolegate_tls(ctx: &Ctx<'_>, program: &Path) -> Result<Started> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn datapath_values_come_from_long_and_short_help() {
+        let long = "Options:\n      --ping-interval <DUR>\n          ping\n\n      \
+                    --datapath <DATAPATH>\n          Data path\n\n          Possible values:\n          \
+                    - auto:   The fastest\n          - copy:   Always the copy\n          \
+                    - splice: splice(2)\n\n      --allowlist <ALLOWLIST>\n          \
+                    Possible values:\n          - off: no\n          - required: yes\n  \
+                    -h, --help\n";
+        assert_eq!(parse_datapaths(long), ["auto", "copy", "splice"]);
+        let short = "  --datapath <DATAPATH>  Data path [possible values: auto, copy, splice]\n  \
+                     --allowlist <A>  [possible values: off]\n";
+        assert_eq!(parse_datapaths(short), ["auto", "copy", "splice"]);
+        assert!(parse_datapaths("  --ping-interval <DUR>\n").is_empty());
+    }
 
     #[test]
     fn datapaths_of_a_binary_without_the_flag_is_empty() {
