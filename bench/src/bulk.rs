@@ -138,6 +138,7 @@ mod tests {
             clients,
             accept_timeout,
             write_timeout: Duration::from_secs(10),
+            tls: None,
         };
         flood::Server::bind("127.0.0.1:0", opts).unwrap()
     }
@@ -187,6 +188,58 @@ mod tests {
         assert!(!report.complete());
         let error = report.error.as_deref().unwrap();
         assert!(error.contains("after 1000 of 5000 bytes"), "{error}");
+    }
+
+    #[test]
+    fn tls_backends_and_a_verifying_tls_client() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = crate::compare::Pki::generate(dir.path()).unwrap();
+        let config = crate::tls::server_config(&pki.cert, &pki.key).unwrap();
+        let client = crate::tls::TlsClient::from_ca_file(&pki.ca, "localhost").unwrap();
+
+        let opts = flood::Options {
+            bytes: 1 << 20,
+            clients: 2,
+            accept_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(10),
+            tls: Some(config.clone()),
+        };
+        let server = flood::Server::bind("127.0.0.1:0", opts).unwrap();
+        let addr = server.local_addr().unwrap().to_string();
+        let serving = thread::spawn(move || server.serve(|_| {}));
+        let timeout = Duration::from_secs(10);
+        let dial = Dial::new(&addr, Front::Raw, Some(client.clone()), timeout).unwrap();
+        let opts = Options {
+            bytes: 1 << 20,
+            connections: 1,
+        };
+        let report = run(&dial, &opts).unwrap();
+        assert!(report.complete(), "{report:?}");
+        assert!(report.tls_suite.as_deref().unwrap().starts_with("TLS13_"));
+        // A client expecting another name refuses the certificate.
+        let wrong = crate::tls::TlsClient::from_ca_file(&pki.ca, "example.com").unwrap();
+        let err = Dial::new(&addr, Front::Raw, Some(wrong), timeout)
+            .unwrap()
+            .open()
+            .unwrap_err();
+        assert!(err.to_string().contains("TLS handshake"), "{err}");
+        serving.join().unwrap().unwrap();
+
+        let echo = crate::echo::Server::bind("127.0.0.1:0", Duration::from_millis(300))
+            .unwrap()
+            .with_tls(config);
+        let addr = echo.local_addr().unwrap().to_string();
+        let echoing = thread::spawn(move || echo.serve());
+        let dial = Dial::new(&addr, Front::Raw, Some(client), timeout).unwrap();
+        let opts = crate::latency::Options {
+            messages: 50,
+            warmup: 5,
+            size: 64,
+            connections: 1,
+        };
+        let report = crate::latency::run(&dial, &opts).unwrap();
+        assert!(report.complete(), "{report:?}");
+        assert_eq!(echoing.join().unwrap().unwrap().bytes, 55 * 64);
     }
 
     #[test]

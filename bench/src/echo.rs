@@ -4,7 +4,7 @@
 //! TCP_NODELAY. It stops by itself once no client has been connected for
 //! `idle_timeout`.
 
-use std::io::{self, Read as _, Write as _};
+use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -22,6 +22,7 @@ const STACK: usize = 64 * 1024;
 pub struct Server {
     listener: TcpListener,
     idle_timeout: Duration,
+    tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// What the echo server did, for its closing line.
@@ -40,7 +41,14 @@ impl Server {
         Ok(Self {
             listener,
             idle_timeout,
+            tls: None,
         })
+    }
+
+    /// Speak TLS to every client.
+    pub fn with_tls(mut self, config: Arc<rustls::ServerConfig>) -> Self {
+        self.tls = Some(config);
+        self
     }
 
     pub fn local_addr(&self) -> Result<SocketAddr> {
@@ -61,11 +69,12 @@ impl Server {
                     let now = active.fetch_add(1, Ordering::SeqCst) + 1;
                     totals.peak = totals.peak.max(now as u64);
                     let (mine, bytes) = (active.clone(), bytes.clone());
+                    let tls = self.tls.clone();
                     let spawned = thread::Builder::new()
                         .name("echo".into())
                         .stack_size(STACK)
                         .spawn(move || {
-                            let n = echo(stream).unwrap_or(0);
+                            let n = echo(stream, tls).unwrap_or(0);
                             bytes.fetch_add(n, Ordering::Relaxed);
                             mine.fetch_sub(1, Ordering::SeqCst);
                         });
@@ -93,20 +102,32 @@ impl Server {
 }
 
 /// Writes back everything read until the client closes; bytes echoed.
-fn echo(stream: TcpStream) -> io::Result<u64> {
+fn echo(stream: TcpStream, tls: Option<Arc<rustls::ServerConfig>>) -> io::Result<u64> {
     stream.set_nonblocking(false)?;
     stream.set_nodelay(true)?;
+    match tls {
+        None => echo_over(&mut &stream),
+        Some(config) => {
+            let conn = rustls::ServerConnection::new(config).map_err(io::Error::other)?;
+            echo_over(&mut rustls::StreamOwned::new(conn, &stream))
+        }
+    }
+}
+
+fn echo_over(s: &mut (impl Read + Write)) -> io::Result<u64> {
     let mut buf = [0u8; 16 * 1024];
     let mut total = 0u64;
-    let (mut r, mut w) = (&stream, &stream);
     loop {
-        match r.read(&mut buf) {
+        match s.read(&mut buf) {
             Ok(0) => return Ok(total),
             Ok(n) => {
-                w.write_all(&buf[..n])?;
+                s.write_all(&buf[..n])?;
+                s.flush()?;
                 total += n as u64;
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            // A TLS peer that closes without close_notify.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(total),
             Err(e) => return Err(e),
         }
     }

@@ -2,8 +2,9 @@
 //! It serves a bounded number of clients and gives up when none arrives for a
 //! while, so it always stops by itself.
 
-use std::io::{self, Write as _};
+use std::io::{self, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -23,6 +24,8 @@ pub struct Options {
     pub accept_timeout: Duration,
     /// Give up on a client whose writes block for this long.
     pub write_timeout: Duration,
+    /// Speak TLS to every client.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// What happened to one client.
@@ -126,12 +129,17 @@ fn flood(stream: TcpStream, peer: SocketAddr, opts: &Options) -> Served {
         stream.set_nonblocking(false)?;
         stream.set_nodelay(true)?;
         stream.set_write_timeout(Some(opts.write_timeout))?;
-        let block: Vec<u8> = (0..CHUNK).map(|i| (i % 251) as u8).collect();
-        let mut out = &stream;
-        while sent < opts.bytes {
-            let n = usize::try_from(opts.bytes - sent).map_or(CHUNK, |left| left.min(CHUNK));
-            out.write_all(&block[..n])?;
-            sent += n as u64;
+        stream.set_read_timeout(Some(opts.write_timeout))?;
+        match &opts.tls {
+            None => write_flood(&mut &stream, opts.bytes, &mut sent)?,
+            Some(config) => {
+                let conn =
+                    rustls::ServerConnection::new(config.clone()).map_err(io::Error::other)?;
+                let mut tls = rustls::StreamOwned::new(conn, &stream);
+                write_flood(&mut tls, opts.bytes, &mut sent)?;
+                tls.conn.send_close_notify();
+                tls.flush()?;
+            }
         }
         stream.shutdown(Shutdown::Write)
     })();
@@ -142,6 +150,17 @@ fn flood(stream: TcpStream, peer: SocketAddr, opts: &Options) -> Served {
         took: started.elapsed(),
         error: result.err().map(|e| e.to_string()),
     }
+}
+
+/// Writes `bytes` of a fixed pattern, counting into `sent`.
+fn write_flood(out: &mut impl Write, bytes: u64, sent: &mut u64) -> io::Result<()> {
+    let block: Vec<u8> = (0..CHUNK).map(|i| (i % 251) as u8).collect();
+    while *sent < bytes {
+        let n = usize::try_from(bytes - *sent).map_or(CHUNK, |left| left.min(CHUNK));
+        out.write_all(&block[..n])?;
+        *sent += n as u64;
+    }
+    out.flush()
 }
 
 /// From the first client's start to the last client's end.

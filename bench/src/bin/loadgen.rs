@@ -103,6 +103,26 @@ impl TenantArgs {
     }
 }
 
+/// TLS for a backend (a compute host speaking TLS, as QEMU does).
+#[derive(Debug, Args)]
+struct ServerTls {
+    /// PEM certificate chain: serve TLS.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+}
+
+impl ServerTls {
+    fn config(&self) -> Result<Option<std::sync::Arc<rustls::ServerConfig>>> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(c), Some(k)) => Ok(Some(consolegate_bench::tls::server_config(c, k)?)),
+            _ => Ok(None),
+        }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum Mode {
     /// Read N bytes of payload per session from a flood backend; Gbit/s.
@@ -192,6 +212,8 @@ enum Mode {
         /// Seconds to wait for a client, or for a blocked write, before giving up.
         #[arg(long, value_name = "SECS", default_value_t = 60)]
         timeout: u64,
+        #[command(flatten)]
+        tls: ServerTls,
     },
     /// Listen on ADDR and echo every client; exits when idle for --timeout.
     EchoServer {
@@ -200,6 +222,8 @@ enum Mode {
         /// Seconds without any client before exiting.
         #[arg(long, value_name = "SECS", default_value_t = 60)]
         timeout: u64,
+        #[command(flatten)]
+        tls: ServerTls,
     },
     /// Run every scenario through every peer side by side; write
     /// report.json, report.md and SVG plots.
@@ -294,6 +318,7 @@ fn main() -> Result<ExitCode> {
             bytes,
             clients,
             timeout,
+            tls,
         } => {
             let timeout = Duration::from_secs(timeout);
             let opts = flood::Options {
@@ -301,6 +326,7 @@ fn main() -> Result<ExitCode> {
                 clients,
                 accept_timeout: timeout,
                 write_timeout: timeout,
+                tls: tls.config()?,
             };
             let server = flood::Server::bind(&listen, opts)?;
             let addr = server.local_addr()?;
@@ -325,8 +351,15 @@ fn main() -> Result<ExitCode> {
             );
             Ok(exit(failed == 0))
         }
-        Mode::EchoServer { listen, timeout } => {
-            let server = echo::Server::bind(&listen, Duration::from_secs(timeout))?;
+        Mode::EchoServer {
+            listen,
+            timeout,
+            tls,
+        } => {
+            let mut server = echo::Server::bind(&listen, Duration::from_secs(timeout))?;
+            if let Some(config) = tls.config()? {
+                server = server.with_tls(config);
+            }
             let addr = server.local_addr()?;
             println!(
                 "{}",

@@ -3,7 +3,8 @@
 //!
 //! 1. Generates a CA and a server certificate (rcgen) for the TLS rows.
 //! 2. Starts the backends pinned to the load CPUs: a flood server (bulk)
-//!    and an echo server (latency, idle), both serving every run.
+//!    and an echo server (latency, idle), each plain and with TLS, all
+//!    serving every run.
 //! 3. Starts every service ([`peers`]) pinned to the proxy CPUs: direct,
 //!    socat, haproxy (tcp and TLS-terminating), nginx stream (both),
 //!    websockify (ws, wss), consolegate with each data path and with TLS. A
@@ -240,7 +241,7 @@ pub struct Pki {
 
 impl Pki {
     /// A throw-away CA and a server certificate for localhost and 127.0.0.1.
-    fn generate(dir: &Path) -> Result<Self> {
+    pub fn generate(dir: &Path) -> Result<Self> {
         use rcgen::{
             BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
         };
@@ -369,44 +370,58 @@ pub fn run(settings: &Settings) -> Result<Value> {
     fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
     let pki = Pki::generate(&work)?;
 
-    let load = settings.load_cpus.as_deref();
+    // The backends: flood and echo, plain and TLS (the compute side of
+    // rows that speak TLS to it, as consolegate does to QEMU).
     let idle_for = (settings.run_timeout.as_secs() * 4).to_string();
-    let flood_args = vec![
-        "flood-server".into(),
-        "--listen".into(),
-        "127.0.0.1:0".into(),
-        "--bytes".into(),
-        settings.bulk_bytes.to_string(),
-        "--clients".into(),
-        "0".into(),
-        "--timeout".into(),
-        idle_for.clone(),
-    ];
-    let (flood, flood_addr) = Proc::spawn_server(
-        "flood-server",
-        pinned(load, &settings.loadgen, &flood_args),
-        &work.join("flood-server.log"),
-    )?;
-    let echo_args = vec![
-        "echo-server".into(),
-        "--listen".into(),
-        "127.0.0.1:0".into(),
-        "--timeout".into(),
-        idle_for,
-    ];
-    let (echo, echo_addr) = Proc::spawn_server(
-        "echo-server",
-        pinned(load, &settings.loadgen, &echo_args),
-        &work.join("echo-server.log"),
-    )?;
+    let mut backends = Vec::new();
+    let mut addrs = Vec::new();
+    for (name, mode, tls) in [
+        ("flood-server", "flood-server", false),
+        ("echo-server", "echo-server", false),
+        ("flood-server-tls", "flood-server", true),
+        ("echo-server-tls", "echo-server", true),
+    ] {
+        let mut args: Vec<String> = vec![
+            mode.into(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--timeout".into(),
+            idle_for.clone(),
+        ];
+        if mode == "flood-server" {
+            args.extend([
+                "--bytes".into(),
+                settings.bulk_bytes.to_string(),
+                "--clients".into(),
+                "0".into(),
+            ]);
+        }
+        if tls {
+            args.extend([
+                "--tls-cert".into(),
+                pki.cert.display().to_string(),
+                "--tls-key".into(),
+                pki.key.display().to_string(),
+            ]);
+        }
+        let (proc, addr) = Proc::spawn_server(
+            name,
+            pinned(settings.load_cpus.as_deref(), &settings.loadgen, &args),
+            &work.join(format!("{name}.log")),
+        )?;
+        addrs.push(addr.parse()?);
+        backends.push(proc);
+    }
     let ctx = Ctx {
         settings,
-        flood: flood_addr.parse()?,
-        echo: echo_addr.parse()?,
+        flood: addrs[0],
+        echo: addrs[1],
+        flood_tls: addrs[2],
+        echo_tls: addrs[3],
         pki: &pki,
         work: &work,
     };
-    let backend_pids = [flood.pid(), echo.pid()];
+    let backend_pids: Vec<u32> = backends.iter().map(Proc::pid).collect();
 
     let mut services: Vec<Service> = Vec::new();
     let mut service_info: Vec<Value> = Vec::new();
@@ -521,13 +536,13 @@ pub fn run(settings: &Settings) -> Result<Value> {
                 "family": r.family.as_str(),
                 "front": r.front,
                 "tls": r.tls,
+                "tls_compute": r.tls_compute,
                 "service": services[*si].kind.name,
             })
         })
         .collect();
     drop(services);
-    drop(flood);
-    drop(echo);
+    drop(backends);
     let summary = report::summarise(&row_info, &records, &settings.scenarios);
     Ok(json!({
         "schema": "consolegate-bench/1",

@@ -49,7 +49,10 @@ pub struct Row {
     pub family: Family,
     /// raw, connect or ws.
     pub front: &'static str,
+    /// TLS between the tenant and the proxy.
     pub tls: bool,
+    /// TLS between the proxy and the backend too (as consolegate to QEMU).
+    pub tls_compute: bool,
     /// loadgen tenant arguments reaching the flood backend.
     pub to_flood: Vec<String>,
     /// loadgen tenant arguments reaching the echo backend.
@@ -69,6 +72,9 @@ pub struct Ctx<'a> {
     pub settings: &'a Settings,
     pub flood: SocketAddr,
     pub echo: SocketAddr,
+    /// The same backends speaking TLS (the server certificate of [`Pki`]).
+    pub flood_tls: SocketAddr,
+    pub echo_tls: SocketAddr,
     pub pki: &'a Pki,
     pub work: &'a Path,
 }
@@ -175,6 +181,12 @@ pub fn kinds(settings: &Settings) -> Vec<Kind> {
             start: start_websockify_tls,
         },
         Kind {
+            name: "websockify-tls2",
+            program: Some("websockify"),
+            debian: "websockify",
+            start: start_websockify_tls2,
+        },
+        Kind {
             name: "consolegate-copy",
             program: Some("consolegate"),
             debian: "",
@@ -197,6 +209,12 @@ pub fn kinds(settings: &Settings) -> Vec<Kind> {
         program: Some("consolegate"),
         debian: "",
         start: start_consolegate_tls,
+    });
+    v.push(Kind {
+        name: "consolegate-tls2",
+        program: Some("consolegate"),
+        debian: "",
+        start: start_consolegate_tls2,
     });
     v
 }
@@ -288,15 +306,28 @@ fn with(mut a: Vec<String>, more: Vec<String>) -> Vec<String> {
 fn start_direct(ctx: &Ctx<'_>, _: &Path) -> Result<Started> {
     Ok(Started {
         procs: Vec::new(),
-        rows: vec![Row {
-            id: "direct".into(),
-            label: "direct (no proxy)".into(),
-            family: Family::Direct,
-            front: "raw",
-            tls: false,
-            to_flood: raw_to(ctx.flood),
-            to_echo: raw_to(ctx.echo),
-        }],
+        rows: vec![
+            Row {
+                id: "direct".into(),
+                label: "direct (no proxy)".into(),
+                family: Family::Direct,
+                front: "raw",
+                tls: false,
+                tls_compute: false,
+                to_flood: raw_to(ctx.flood),
+                to_echo: raw_to(ctx.echo),
+            },
+            Row {
+                id: "direct-tls".into(),
+                label: "direct TLS (no proxy)".into(),
+                family: Family::Direct,
+                front: "raw",
+                tls: true,
+                tls_compute: true,
+                to_flood: with(raw_to(ctx.flood_tls), ctx.tls_args()),
+                to_echo: with(raw_to(ctx.echo_tls), ctx.tls_args()),
+            },
+        ],
     })
 }
 
@@ -325,19 +356,32 @@ fn start_socat(ctx: &Ctx<'_>, program: &Path) -> Result<Started> {
             family: Family::Peer,
             front: "raw",
             tls: false,
+            tls_compute: false,
             to_flood: raw_to(format!("127.0.0.1:{}", ports[0])),
             to_echo: raw_to(format!("127.0.0.1:{}", ports[1])),
         }],
     })
 }
 
-/// Four loopback ports: plain to flood, plain to echo, TLS to flood, TLS to echo.
-fn four_ports() -> Result<[u16; 4]> {
-    Ok([free_port()?, free_port()?, free_port()?, free_port()?])
+/// Six loopback ports, flood and echo for each of: plain, TLS-terminating,
+/// TLS on both legs.
+fn six_ports() -> Result<[u16; 6]> {
+    let mut p = [0u16; 6];
+    for i in 0..p.len() {
+        // Bound one after another and released: ask until all differ.
+        p[i] = loop {
+            let candidate = free_port()?;
+            if !p[..i].contains(&candidate) {
+                break candidate;
+            }
+        };
+    }
+    Ok(p)
 }
 
-/// Rows for a TCP proxy with a plain and a TLS-terminating listener pair.
-fn tcp_and_tls_rows(ctx: &Ctx<'_>, id: &str, label: &str, p: [u16; 4]) -> Vec<Row> {
+/// Rows for a TCP proxy with a plain, a TLS-terminating and a TLS-both-legs
+/// listener pair.
+fn tcp_and_tls_rows(ctx: &Ctx<'_>, id: &str, label: &str, p: [u16; 6]) -> Vec<Row> {
     let at = |port: u16| raw_to(format!("127.0.0.1:{port}"));
     vec![
         Row {
@@ -346,6 +390,7 @@ fn tcp_and_tls_rows(ctx: &Ctx<'_>, id: &str, label: &str, p: [u16; 4]) -> Vec<Ro
             family: Family::Peer,
             front: "raw",
             tls: false,
+            tls_compute: false,
             to_flood: at(p[0]),
             to_echo: at(p[1]),
         },
@@ -355,14 +400,25 @@ fn tcp_and_tls_rows(ctx: &Ctx<'_>, id: &str, label: &str, p: [u16; 4]) -> Vec<Ro
             family: Family::Peer,
             front: "raw",
             tls: true,
+            tls_compute: false,
             to_flood: with(at(p[2]), ctx.tls_args()),
             to_echo: with(at(p[3]), ctx.tls_args()),
+        },
+        Row {
+            id: format!("{id}-tls2"),
+            label: format!("{label} (TLS both legs)"),
+            family: Family::Peer,
+            front: "raw",
+            tls: true,
+            tls_compute: true,
+            to_flood: with(at(p[4]), ctx.tls_args()),
+            to_echo: with(at(p[5]), ctx.tls_args()),
         },
     ]
 }
 
 fn start_haproxy(ctx: &Ctx<'_>, program: &Path) -> Result<Started> {
-    let p = four_ports()?;
+    let p = six_ports()?;
     let combined = ctx.pki.combined.display();
     // haproxy wants two descriptors per connection and refuses to start
     // when maxconn needs more than the file limit allows.
@@ -371,21 +427,27 @@ fn start_haproxy(ctx: &Ctx<'_>, program: &Path) -> Result<Started> {
         "global\n  maxconn {maxconn}\n\ndefaults\n  mode tcp\n  timeout connect 5s\n  \
          timeout client 1h\n  timeout server 1h\n  maxconn {maxconn}\n",
     );
+    let to_tls = format!(
+        " ssl verify required ca-file {} verifyhost localhost",
+        ctx.pki.ca.display()
+    );
     let listeners = [
-        ("flood_tcp", p[0], "", ctx.flood),
-        ("echo_tcp", p[1], "", ctx.echo),
-        ("flood_tls", p[2], " ssl crt ", ctx.flood),
-        ("echo_tls", p[3], " ssl crt ", ctx.echo),
+        ("flood_tcp", p[0], false, ctx.flood, ""),
+        ("echo_tcp", p[1], false, ctx.echo, ""),
+        ("flood_tls", p[2], true, ctx.flood, ""),
+        ("echo_tls", p[3], true, ctx.echo, ""),
+        ("flood_tls2", p[4], true, ctx.flood_tls, to_tls.as_str()),
+        ("echo_tls2", p[5], true, ctx.echo_tls, to_tls.as_str()),
     ];
-    for (name, port, ssl, backend) in listeners {
-        let crt = if ssl.is_empty() {
-            String::new()
+    for (name, port, ssl, backend, server_tls) in listeners {
+        let crt = if ssl {
+            format!(" ssl crt {combined}")
         } else {
-            format!("{ssl}{combined}")
+            String::new()
         };
         let _ = write!(
             cfg,
-            "\nlisten {name}\n  bind 127.0.0.1:{port}{crt}\n  server s1 {backend}\n"
+            "\nlisten {name}\n  bind 127.0.0.1:{port}{crt}\n  server s1 {backend}{server_tls}\n"
         );
     }
     let path = ctx.work.join("haproxy.cfg");
@@ -410,7 +472,7 @@ fn start_nginx(ctx: &Ctx<'_>, program: &Path) -> Result<Started> {
     if !Path::new(NGINX_STREAM_MODULE).is_file() {
         bail!("{NGINX_STREAM_MODULE} missing (apt-get install libnginx-mod-stream)");
     }
-    let p = four_ports()?;
+    let p = six_ports()?;
     let dir = ctx.work.join("nginx");
     fs::create_dir_all(&dir)?;
     let (cert, key) = (ctx.pki.cert.display(), ctx.pki.key.display());
@@ -422,13 +484,20 @@ fn start_nginx(ctx: &Ctx<'_>, program: &Path) -> Result<Started> {
         nofile = nofile(),
         conns = nofile() / 2,
     );
+    let to_tls = format!(
+        "\n    proxy_ssl on;\n    proxy_ssl_trusted_certificate {};\n    \
+         proxy_ssl_verify on;\n    proxy_ssl_name localhost;",
+        ctx.pki.ca.display()
+    );
     let listeners = [
-        (p[0], false, ctx.flood),
-        (p[1], false, ctx.echo),
-        (p[2], true, ctx.flood),
-        (p[3], true, ctx.echo),
+        (p[0], false, ctx.flood, ""),
+        (p[1], false, ctx.echo, ""),
+        (p[2], true, ctx.flood, ""),
+        (p[3], true, ctx.echo, ""),
+        (p[4], true, ctx.flood_tls, to_tls.as_str()),
+        (p[5], true, ctx.echo_tls, to_tls.as_str()),
     ];
-    for (port, tls, backend) in listeners {
+    for (port, tls, backend, upstream_tls) in listeners {
         let ssl = if tls {
             format!(" ssl;\n    ssl_certificate {cert};\n    ssl_certificate_key {key}")
         } else {
@@ -436,7 +505,7 @@ fn start_nginx(ctx: &Ctx<'_>, program: &Path) -> Result<Started> {
         };
         let _ = writeln!(
             cfg,
-            "  server {{\n    listen 127.0.0.1:{port}{ssl};\n    proxy_pass {backend};\n  }}"
+            "  server {{\n    listen 127.0.0.1:{port}{ssl};\n    proxy_pass {backend};{upstream_tls}\n  }}"
         );
     }
     cfg.push_str("}\n");
@@ -462,13 +531,21 @@ fn start_nginx(ctx: &Ctx<'_>, program: &Path) -> Result<Started> {
     })
 }
 
-fn websockify(ctx: &Ctx<'_>, program: &Path, tls: bool) -> Result<Started> {
-    let name = if tls { "websockify-tls" } else { "websockify" };
+/// websockify plain (ws), TLS-terminating (wss) or with TLS to the
+/// backend too (`--ssl-target`, which does not verify the backend).
+fn websockify(ctx: &Ctx<'_>, program: &Path, tls: bool, tls_compute: bool) -> Result<Started> {
+    let name = match (tls, tls_compute) {
+        (_, true) => "websockify-tls2",
+        (true, false) => "websockify-tls",
+        (false, false) => "websockify",
+    };
+    let (flood, echo) = if tls_compute {
+        (ctx.flood_tls, ctx.echo_tls)
+    } else {
+        (ctx.flood, ctx.echo)
+    };
     let tokens = ctx.work.join(format!("{name}.tokens"));
-    fs::write(
-        &tokens,
-        format!("flood: {}\necho: {}\n", ctx.flood, ctx.echo),
-    )?;
+    fs::write(&tokens, format!("flood: {flood}\necho: {echo}\n"))?;
     let port = free_port()?;
     let mut args = vec![
         "--token-plugin".into(),
@@ -484,6 +561,9 @@ fn websockify(ctx: &Ctx<'_>, program: &Path, tls: bool) -> Result<Started> {
             ctx.pki.key.display().to_string(),
             "--ssl-only".into(),
         ]);
+    }
+    if tls_compute {
+        args.push("--ssl-target".into());
     }
     args.push(format!("127.0.0.1:{port}"));
     let mut procs = vec![Proc::spawn(
@@ -510,14 +590,15 @@ fn websockify(ctx: &Ctx<'_>, program: &Path, tls: bool) -> Result<Started> {
         procs,
         rows: vec![Row {
             id: name.into(),
-            label: if tls {
-                "websockify (wss, TLS-terminating)".into()
-            } else {
-                "websockify (ws)".into()
+            label: match (tls, tls_compute) {
+                (_, true) => "websockify (wss, TLS both legs, backend unverified)".into(),
+                (true, false) => "websockify (wss, TLS-terminating)".into(),
+                (false, false) => "websockify (ws)".into(),
             },
             family: Family::Peer,
             front: "ws",
             tls,
+            tls_compute,
             to_flood: at("flood"),
             to_echo: at("echo"),
         }],
@@ -525,11 +606,15 @@ fn websockify(ctx: &Ctx<'_>, program: &Path, tls: bool) -> Result<Started> {
 }
 
 fn start_websockify(ctx: &Ctx<'_>, program: &Path) -> Result<Started> {
-    websockify(ctx, program, false)
+    websockify(ctx, program, false, false)
 }
 
 fn start_websockify_tls(ctx: &Ctx<'_>, program: &Path) -> Result<Started> {
-    websockify(ctx, program, true)
+    websockify(ctx, program, true, false)
+}
+
+fn start_websockify_tls2(ctx: &Ctx<'_>, program: &Path) -> Result<Started> {
+    websockify(ctx, program, true, true)
 }
 
 /// Token names in consolegate's token file: `serial` tokens are raw byte
@@ -538,18 +623,27 @@ const FLOOD_TOKEN: &str = "bench-flood";
 const ECHO_TOKEN: &str = "bench-echo";
 
 /// Starts consolegate with `datapath` (None: the binary has no such flag)
-/// and a plain (ws + CONNECT) or TLS (wss) front.
+/// and a plain (ws + CONNECT) or TLS (wss) front; with `tls_compute`, TLS
+/// to the backends too (`--compute-ca`, the server identity checked), as
+/// to QEMU's TLS chardevs.
 fn consolegate(
     ctx: &Ctx<'_>,
     program: &Path,
     datapath: Option<&str>,
     tls: bool,
+    tls_compute: bool,
 ) -> Result<Started> {
     let dp = datapath.unwrap_or("copy");
-    let name = if tls {
-        format!("consolegate-tls-{dp}")
+    let name = match (tls, tls_compute) {
+        (_, true) => format!("consolegate-tls2-{dp}"),
+        (true, false) => format!("consolegate-tls-{dp}"),
+        (false, false) => format!("consolegate-{dp}"),
+    };
+    let tls = tls || tls_compute;
+    let (flood, echo) = if tls_compute {
+        (ctx.flood_tls, ctx.echo_tls)
     } else {
-        format!("consolegate-{dp}")
+        (ctx.flood, ctx.echo)
     };
     let tokens = ctx.work.join(format!("{name}.tokens.toml"));
     fs::write(
@@ -557,7 +651,7 @@ fn consolegate(
         format!(
             "[[token]]\ntoken = \"{FLOOD_TOKEN}\"\nkind = \"serial\"\ntarget = \"{}\"\n\n\
              [[token]]\ntoken = \"{ECHO_TOKEN}\"\nkind = \"serial\"\ntarget = \"{}\"\n",
-            ctx.flood, ctx.echo
+            flood, echo
         ),
     )?;
     let ready = ctx.work.join(format!("{name}.ready.json"));
@@ -586,6 +680,9 @@ fn consolegate(
             "--connect-listen".into(),
             "127.0.0.1:0".into(),
         ]);
+    }
+    if tls_compute {
+        args.extend(["--compute-ca".into(), ctx.pki.ca.display().to_string()]);
     }
     if let Some(dp) = datapath {
         args.extend(["--datapath".into(), dp.into()]);
@@ -628,20 +725,27 @@ fn consolegate(
         a
     };
     let suffix = datapath.map(|d| format!(", {d}")).unwrap_or_default();
+    let (id, label) = match (tls, tls_compute) {
+        (_, true) => (
+            format!("consolegate-wss-tls2-{dp}"),
+            format!("consolegate wss (TLS both legs{suffix})"),
+        ),
+        (true, false) => (
+            format!("consolegate-wss-{dp}"),
+            format!("consolegate wss (TLS-terminating{suffix})"),
+        ),
+        (false, false) => (
+            format!("consolegate-ws-{dp}"),
+            format!("consolegate ws{suffix}"),
+        ),
+    };
     let mut rows = vec![Row {
-        id: if tls {
-            format!("consolegate-wss-{dp}")
-        } else {
-            format!("consolegate-ws-{dp}")
-        },
-        label: if tls {
-            format!("consolegate wss (TLS{suffix})")
-        } else {
-            format!("consolegate ws{suffix}")
-        },
+        id,
+        label,
         family: Family::Consolegate,
         front: "ws",
         tls,
+        tls_compute,
         to_flood: ws_to(FLOOD_TOKEN),
         to_echo: ws_to(ECHO_TOKEN),
     }];
@@ -665,6 +769,7 @@ fn consolegate(
             family: Family::Consolegate,
             front: "connect",
             tls: false,
+            tls_compute: false,
             to_flood: connect_to(ctx.flood, FLOOD_TOKEN),
             to_echo: connect_to(ctx.echo, ECHO_TOKEN),
         });
@@ -681,16 +786,21 @@ fn has_datapath_flag(program: &Path) -> bool {
 
 fn start_consolegate_copy(ctx: &Ctx<'_>, program: &Path) -> Result<Started> {
     let dp = has_datapath_flag(program).then_some("copy");
-    consolegate(ctx, program, dp, false)
+    consolegate(ctx, program, dp, false, false)
 }
 
 fn start_consolegate_splice(ctx: &Ctx<'_>, program: &Path) -> Result<Started> {
-    consolegate(ctx, program, Some("splice"), false)
+    consolegate(ctx, program, Some("splice"), false, false)
 }
 
 fn start_consolegate_tls(ctx: &Ctx<'_>, program: &Path) -> Result<Started> {
     let dp = has_datapath_flag(program).then_some("copy");
-    consolegate(ctx, program, dp, true)
+    consolegate(ctx, program, dp, true, false)
+}
+
+fn start_consolegate_tls2(ctx: &Ctx<'_>, program: &Path) -> Result<Started> {
+    let dp = has_datapath_flag(program).then_some("copy");
+    consolegate(ctx, program, dp, true, true)
 }
 
 #[cfg(test)]

@@ -142,18 +142,31 @@ fn rows(report: &Value) -> Vec<&Value> {
         .unwrap_or_default()
 }
 
+/// Which legs speak TLS: none, tenant (TLS-terminating) or both.
+fn tls_class(row: &Value) -> &'static str {
+    match (
+        row["tls"].as_bool().unwrap_or(false),
+        row["tls_compute"].as_bool().unwrap_or(false),
+    ) {
+        (_, true) => "both",
+        (true, false) => "tenant",
+        (false, false) => "no",
+    }
+}
+
 /// The best median among the peers (not direct, not consolegate) of the
-/// same TLS class: the highest if `higher_is_better`, else the lowest.
+/// same TLS class as `row`: the highest if `higher_is_better`, else the lowest.
 fn best_peer(
     report: &Value,
-    tls: bool,
+    row: &Value,
     scenario: &str,
     metric: &str,
     higher_is_better: bool,
 ) -> Option<(String, f64)> {
+    let class = tls_class(row);
     rows(report)
         .into_iter()
-        .filter(|r| r["family"] == "peer" && r["tls"].as_bool() == Some(tls))
+        .filter(|r| r["family"] == "peer" && tls_class(r) == class)
         .filter_map(|r| {
             let id = r["id"].as_str()?;
             Some((id.to_owned(), median(report, id, scenario, metric)?))
@@ -288,8 +301,9 @@ pub fn markdown(report: &Value, plots: &[&str]) -> String {
     }
     md.push_str(
         "## Reading this report\n\n\
-         - Rows are grouped by TLS: a plain row is compared with the best plain peer, a TLS \
-         row with the best TLS peer. \"x direct\" divides by the direct connection, the \
+         - TLS says which legs are encrypted: `no`, `tenant` (the proxy terminates TLS and \
+         talks plain TCP to the backend) or `both` (TLS to the backend too, as consolegate \
+         speaks to QEMU). Each row is compared with the best peer of its own TLS class. \"x direct\" divides by the direct connection, the \
          loopback ceiling. Its client and backend share the load CPU, so its round trips \
          have no wake-up across CPUs; every proxied round trip has at least two.\n\
          - CPU-s/GB is CPU seconds per 10^9 payload bytes: `proxy` is the proxy's process \
@@ -321,9 +335,8 @@ fn bulk_table(md: &mut String, report: &Value) {
     let mut notes = Vec::new();
     for r in rows(report) {
         let id = r["id"].as_str().unwrap_or("?");
-        let tls = r["tls"].as_bool().unwrap_or(false);
         let g = median(report, id, "bulk", "gbit_per_s");
-        let best = best_peer(report, tls, "bulk", "gbit_per_s", true);
+        let best = best_peer(report, r, "bulk", "gbit_per_s", true);
         let pct = |k: &str| {
             median(report, id, "bulk", k).map_or("-".into(), |v| format!("{:.0}%", v * 100.0))
         };
@@ -332,7 +345,7 @@ fn bulk_table(md: &mut String, report: &Value) {
             "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r["label"].as_str().unwrap_or(id),
             r["front"].as_str().unwrap_or(""),
-            if tls { "yes" } else { "no" },
+            tls_class(r),
             spread(report, id, "bulk", "gbit_per_s", 2),
             spread(report, id, "bulk", "proxy_cpu_s_per_gb", 2),
             fmt(median(report, id, "bulk", "system_cpu_s_per_gb"), 2),
@@ -368,15 +381,14 @@ fn latency_table(md: &mut String, report: &Value) {
     let mut notes = Vec::new();
     for r in rows(report) {
         let id = r["id"].as_str().unwrap_or("?");
-        let tls = r["tls"].as_bool().unwrap_or(false);
         let p99 = median(report, id, "latency", "p99_us");
-        let best = best_peer(report, tls, "latency", "p99_us", false);
+        let best = best_peer(report, r, "latency", "p99_us", false);
         let _ = writeln!(
             md,
             "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r["label"].as_str().unwrap_or(id),
             r["front"].as_str().unwrap_or(""),
-            if tls { "yes" } else { "no" },
+            tls_class(r),
             spread(report, id, "latency", "p50_us", 1),
             fmt(median(report, id, "latency", "p90_us"), 1),
             spread(report, id, "latency", "p99_us", 1),
@@ -414,9 +426,8 @@ fn idle_table(md: &mut String, report: &Value) {
     let mut notes = Vec::new();
     for r in rows(report) {
         let id = r["id"].as_str().unwrap_or("?");
-        let tls = r["tls"].as_bool().unwrap_or(false);
         let kib = median(report, id, "idle", "proxy_kib_per_session");
-        let best = best_peer(report, tls, "idle", "proxy_kib_per_session", false);
+        let best = best_peer(report, r, "idle", "proxy_kib_per_session", false);
         let held = cell(report, id, "idle", "sessions");
         let held = match (held["min"].as_f64(), held["max"].as_f64()) {
             (Some(lo), Some(hi)) if lo < hi => format!("{lo:.0}-{hi:.0}"),
@@ -428,7 +439,7 @@ fn idle_table(md: &mut String, report: &Value) {
             "| {} | {} | {} | {} | {} | {} | {} | {} |",
             r["label"].as_str().unwrap_or(id),
             r["front"].as_str().unwrap_or(""),
-            if tls { "yes" } else { "no" },
+            tls_class(r),
             held,
             if r["family"] == "direct" {
                 "-".into()
