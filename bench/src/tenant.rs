@@ -263,6 +263,17 @@ impl Session {
                     return Ok(());
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "no data from the proxy within the I/O timeout",
+                    ));
+                }
                 Err(e) => return Err(e),
             }
         }

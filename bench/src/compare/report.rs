@@ -247,7 +247,8 @@ pub fn markdown(report: &Value, plots: &[&str]) -> String {
         "{} run: {} runs per scenario and row, medians with (min-max) over the runs. \
          Machine: {} CPUs ({}), kernel {}, {:.1} GiB RAM. Proxies pinned to CPU {}, \
          load generator and backends to CPU {}. Load average before the run: {} \
-         (anything above 0 is other work sharing the machine). Took {:.0} s; {} failed runs.\n",
+         (anything above 0 is other work sharing the machine). Took {:.0} s; {} failed runs \
+         (failures of a peer are findings, listed under its table).\n",
         set["mode"].as_str().unwrap_or("?"),
         set["runs"],
         m["cpus"],
