@@ -1,9 +1,10 @@
 //! Smoke test of the harness itself: `loadgen compare` runs every scenario
 //! (bulk, latency, idle) through every front the direct connection and
-//! consolegate offer (raw, CONNECT, WebSocket, WebSocket over TLS; each
-//! data path the binary has), plus socat when it is installed, with tiny
-//! amounts of data, and the report parses with plausible fields. No timing
-//! assertions: numbers only have to exist and be ordered.
+//! consolegate offer (raw, CONNECT, WebSocket, WebSocket over TLS, TLS to
+//! the backend too; each data path the binary has), plus socat when it is
+//! installed, with tiny amounts of data, and the report parses with
+//! plausible fields. No timing assertions: numbers only have to exist and
+//! be ordered.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -76,9 +77,11 @@ fn compare_runs_every_scenario_and_writes_a_consistent_report() {
         .collect();
     let mut expected = vec![
         "direct",
+        "direct-tls",
         "consolegate-ws-copy",
         "consolegate-connect-copy",
         "consolegate-wss-copy",
+        "consolegate-wss-tls2-copy",
     ];
     let help = Command::new(&bin)
         .args(["serve", "--help"])
@@ -147,10 +150,17 @@ fn compare_runs_every_scenario_and_writes_a_consistent_report() {
             }
             other => panic!("unknown scenario {other}"),
         }
-        if r["row"] == "consolegate-wss-copy" {
+        if r["row"] == "consolegate-wss-copy" || r["row"] == "consolegate-wss-tls2-copy" {
             assert_eq!(r["tls"], true, "{r}");
         }
     }
+    let tls2 = report["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == "consolegate-wss-tls2-copy")
+        .unwrap();
+    assert_eq!(tls2["tls_compute"], true, "{tls2}");
     let summary = &report["summary"]["consolegate-ws-copy"]["bulk"]["gbit_per_s"];
     assert_eq!(summary["n"], 1, "{summary}");
 

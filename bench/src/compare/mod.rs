@@ -12,6 +12,8 @@
 //!    the report says why.
 //! 4. Runs `runs` rounds; each round runs every scenario through every row
 //!    (interleaved, so slow drift of a noisy machine hits every row alike).
+//!    The idle scenario restarts the service first, so its memory growth is
+//!    measured from a fresh process.
 //!    Each run is a `loadgen bulk|latency|idle` child on the load CPUs; the
 //!    runner samples the proxy's process tree CPU, the backends' CPU and
 //!    `/proc/stat` around it.
@@ -176,7 +178,7 @@ impl Settings {
                 .unwrap_or(if full { 20_000 } else { 5_000 }),
             latency_warmup: if full { 1_000 } else { 200 },
             latency_size: a.latency_size.max(1),
-            idle_sessions: a.idle_sessions.unwrap_or(if full { 1_000 } else { 200 }),
+            idle_sessions: a.idle_sessions.unwrap_or(if full { 1_000 } else { 100 }),
             scenarios,
             peers: a.peers.clone(),
             consolegate,
@@ -204,13 +206,16 @@ impl Settings {
     }
 
     /// Whether a service may hold a row that was asked for (all when no
-    /// filter): `haproxy-tls` needs the `haproxy` service.
+    /// filter): `haproxy-tls` needs the `haproxy` service, `consolegate-ws`
+    /// one of the `consolegate-*` services (all are started; rows are
+    /// filtered by [`Self::wants_row`]).
     fn wants_service(&self, name: &str) -> bool {
+        let family = name.split('-').next().unwrap_or(name);
         self.peers.is_empty()
             || self
                 .peers
                 .iter()
-                .any(|p| name.starts_with(p.as_str()) || p.starts_with(name))
+                .any(|p| name.starts_with(p.as_str()) || p.starts_with(family))
     }
 
     /// Whether a row was asked for: its id starts with one of the names.
@@ -487,14 +492,25 @@ pub fn run(settings: &Settings) -> Result<Value> {
         for (si, row) in &rows {
             for &scenario in &settings.scenarios {
                 let service = &mut services[*si];
-                if !service.alive() {
+                let died = !service.alive();
+                if died {
                     say(format!("{} died; restarting it", service.kind.name));
+                }
+                // Idle memory is measured in a fresh process: what earlier
+                // runs left in the proxy's allocator would hide the growth.
+                let fresh = scenario == Scenario::Idle && !service.started.procs.is_empty();
+                if died || fresh {
+                    // The old processes go first, so nothing is shared.
+                    service.started = Started {
+                        procs: Vec::new(),
+                        rows: Vec::new(),
+                    };
                     match service.kind.start(&ctx, &service.program) {
-                        Ok(started) => {
-                            service.started = started;
-                            service.restarts += 1;
-                        }
+                        Ok(started) => service.started = started,
                         Err(e) => say(format!("restart failed: {e:#}")),
+                    }
+                    if died {
+                        service.restarts += 1;
                     }
                 }
                 // Ports change on a restart: take this row's current arguments.
@@ -599,7 +615,7 @@ fn headline(scenario: Scenario, rec: &Value) -> String {
 }
 
 /// The clients' connect and read timeout, seconds.
-const CLIENT_IO_TIMEOUT_SECS: u64 = 10;
+const CLIENT_IO_TIMEOUT_SECS: u64 = 5;
 
 /// What one measurement samples around its client.
 struct Probe<'a> {
@@ -738,6 +754,10 @@ mod tests {
         assert!(s.wants_row("haproxy-tls") && s.wants_row("haproxy-tls2"));
         assert!(!s.wants_row("haproxy-tcp"));
         assert!(s.wants_row("consolegate-ws-copy"));
+        let ws = Settings::from_args(&CompareArgs::parse_from(["x", "--peers", "consolegate-ws"]))
+            .unwrap();
+        assert!(ws.wants_service("consolegate-copy") && ws.wants_service("consolegate-tls"));
+        assert!(ws.wants_row("consolegate-ws-copy") && !ws.wants_row("consolegate-connect-copy"));
         let all = Settings::from_args(&CompareArgs::parse_from(["x"])).unwrap();
         assert!(all.wants_service("nginx") && all.wants_row("nginx-tls"));
         assert_eq!((all.runs, all.mode), (3, "quick"));
