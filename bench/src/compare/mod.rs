@@ -381,6 +381,9 @@ pub fn run(settings: &Settings) -> Result<Value> {
         fs::remove_dir_all(&work).with_context(|| format!("cleaning {}", work.display()))?;
     }
     fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+    // Absolute paths in every generated config: nginx resolves a relative
+    // -c against its prefix, others against their working directory.
+    let work = fs::canonicalize(&work)?;
     let pki = Pki::generate(&work)?;
 
     // The backends: flood and echo, plain and TLS (the compute side of
