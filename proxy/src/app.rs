@@ -14,12 +14,15 @@ use crate::auth::store::LoadError;
 use crate::config::dev::{self, DevError};
 use crate::config::{Config, TenantTls as TlsChoice};
 use crate::console::security::{ProfileError, ProfileSet, Profiles};
+use crate::control::audit::{Audit, AuditFileError};
+use crate::control::systemd::Notifier;
 use crate::front::tls::{TenantTls, TlsLoadError, load_server_config};
 use crate::front::{connect, listener, ws};
 use crate::session::{Context, LiveSessions};
 
-/// How long shutdown waits for live sessions after telling them to close.
-const DRAIN: Duration = Duration::from_secs(5);
+/// How long shutdown waits for sessions after telling them to close (close
+/// frames, then the sockets), once the drain deadline has passed.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -42,8 +45,16 @@ pub enum StartError {
         path: String,
         source: std::io::Error,
     },
+    #[error("{0}")]
+    Audit(#[from] AuditFileError),
     #[error("installing signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error("eBPF allow-list is required (kernel.allowlist = \"required\") but unavailable: {0}")]
+    AllowList(#[from] crate::control::allowlist::AllowListError),
+    #[error("token resolvers: {0}")]
+    Resolvers(#[from] crate::auth::setup::SetupError),
+    #[error("{0}")]
+    Admin(#[from] crate::admin::AdminError),
 }
 
 impl StartError {
@@ -51,8 +62,20 @@ impl StartError {
     pub fn is_config(&self) -> bool {
         matches!(
             self,
-            StartError::Tokens(_) | StartError::Tls(_) | StartError::Profile(_)
-        )
+            StartError::Tokens(_)
+                | StartError::Tls(_)
+                | StartError::Profile(_)
+                | StartError::Audit(_)
+        ) || matches!(self, StartError::Resolvers(e) if e.is_config())
+            || matches!(
+                self,
+                StartError::Admin(
+                    crate::admin::AdminError::Key { .. }
+                        | crate::admin::AdminError::Tls(_)
+                        | crate::admin::AdminError::ClientCa { .. }
+                        | crate::admin::AdminError::NoCert { .. }
+                )
+            )
     }
 }
 
@@ -81,7 +104,19 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
     {
         tracing::info!(file = %path.display(), "created a development token file");
     }
+    match crate::sys::rlimit::raise_nofile() {
+        Ok((before, after)) if after > before => {
+            tracing::debug!(before, after, "raised the open-file limit")
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
     let tokens = Arc::new(TokenStore::load(cfg.token_sources.clone())?);
+    let allowlist =
+        crate::control::allowlist::start_configured(cfg.allowlist, cfg.cgroup, &tokens)?;
+    if let Some(list) = &allowlist {
+        allow_control_endpoints(list, &cfg).await;
+    }
     let profiles = Profiles::load(&cfg.profiles, cfg.default_profile.as_deref())?;
     if profiles.is_empty() {
         tracing::warn!(
@@ -99,14 +134,47 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
         }
     };
 
+    // Two stages of stopping: `stop_accepting` closes the listeners (drain
+    // starts), `shutdown` tells live sessions to close (drain deadline).
+    let (stop_accepting_tx, stop_accepting_rx) = watch::channel(false);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let audit = Arc::new(Audit::new(cfg.audit_file.as_deref())?);
     let live = LiveSessions::default();
+    let built = crate::auth::setup::build(Arc::clone(&tokens), &cfg.resolvers).await?;
+    let sessions = crate::admin::sessions::SessionTable::new(shutdown_rx.clone());
+    let admin = match &cfg.admin {
+        Some(a) => Some(
+            crate::admin::start(
+                a,
+                tls_files.as_ref().map(|(c, k)| (c.as_path(), k.as_path())),
+                crate::admin::Deps {
+                    store: Arc::clone(&built.admin_store),
+                    ledger: Arc::clone(&built.ledger),
+                    sessions: Arc::clone(&sessions),
+                    resolvers: Arc::clone(&built.resolvers),
+                    live: live.clone(),
+                },
+                shutdown_rx.clone(),
+            )
+            .await?,
+        ),
+        None => None,
+    };
+    if let Some(redis) = built.redis.clone() {
+        tokio::spawn(redis.watch_revocations(Arc::clone(&sessions)));
+    }
     let ctx = Arc::new(Context {
+        resolvers: Arc::clone(&built.resolvers),
+        sessions,
         tokens: Arc::clone(&tokens),
         profiles: Arc::clone(&profiles),
         spice: Arc::default(),
         tenant_tls: tenant_tls.clone(),
         allow_origins: cfg.allow_origins.clone(),
+        trusted_proxies: cfg.trusted_proxies.clone(),
+        limits: crate::limits::Limits::new(cfg.limits),
+        max_duration: cfg.max_duration,
+        audit: Arc::clone(&audit),
         connect_auth: cfg.connect_auth,
         handshake_timeout: cfg.handshake_timeout,
         connect_timeout: cfg.connect_timeout,
@@ -114,6 +182,9 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
         ping_interval: cfg.ping_interval,
         shutdown: shutdown_rx.clone(),
         live: live.clone(),
+        datapath: cfg.datapath,
+        allowlist: allowlist.clone(),
+        web: crate::front::web::Web::new(cfg.web.clone()),
     });
 
     let mut bound_ws = Vec::new();
@@ -128,7 +199,8 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
         loops.push(tokio::spawn(listener::accept_loop(
             l,
             Arc::clone(&ctx),
-            shutdown_rx.clone(),
+            stop_accepting_rx.clone(),
+            cfg.ws_proxy_protocol,
             ws::serve,
         )));
     }
@@ -141,7 +213,8 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
         loops.push(tokio::spawn(listener::accept_loop(
             l,
             Arc::clone(&ctx),
-            shutdown_rx.clone(),
+            stop_accepting_rx.clone(),
+            cfg.connect_proxy_protocol,
             connect::serve,
         )));
     }
@@ -150,13 +223,17 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
         connect = ?bound_connect,
         tls = tenant_tls.is_some(),
         tokens = tokens.len(),
-        datapath = "userspace",
+        datapath = cfg.datapath.as_str(),
+        allowlist = if allowlist.is_some() { "on" } else { "off" },
+        resolvers = ?built.resolvers.names(),
         "consolegate ready"
     );
     if let Some(path) = &cfg.ready_file {
-        write_ready(path, &bound_ws, &bound_connect).map_err(|source| StartError::ReadyFile {
-            path: path.display().to_string(),
-            source,
+        write_ready(path, &bound_ws, &bound_connect, admin.as_ref()).map_err(|source| {
+            StartError::ReadyFile {
+                path: path.display().to_string(),
+                source,
+            }
         })?;
     }
     if cfg.dev_tokens.is_some() {
@@ -168,6 +245,16 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
         );
     }
 
+    let notifier = Notifier::from_env();
+    notifier.ready(&format!(
+        "serving: websocket {bound_ws:?}, connect {bound_connect:?}"
+    ));
+    let mut watchdog = notifier.watchdog_interval().map(|i| {
+        let mut t = tokio::time::interval(i);
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        t
+    });
+
     let mut poll = tokio::time::interval(cfg.reload_interval);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -177,23 +264,63 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
                 Ok(None) => {}
                 Err(e) => tracing::error!(error = %e, "token files changed but are invalid: keeping the previous tokens"),
             },
-            _ = sighup.recv() => reload(&cfg, &tokens, tenant_tls.as_deref(), &profiles),
+            _ = sighup.recv() => {
+                notifier.reloading();
+                reload(&cfg, &tokens, tenant_tls.as_deref(), &profiles);
+                match audit.reopen() {
+                    Ok(()) => {}
+                    Err(e) => tracing::error!(error = %e, "SIGHUP: audit file not reopened: keeping the old one"),
+                }
+                notifier.ready(&format!("serving; reloaded; {} sessions", live.count()));
+            }
+            _ = async { match watchdog.as_mut() { Some(t) => t.tick().await, None => std::future::pending().await } } => {
+                notifier.watchdog();
+            }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
+        if let Some(list) = &allowlist {
+            list.sync_static(tokens.tcp_targets());
+        }
     }
 
-    tracing::info!(sessions = live.count(), "shutting down: closing sessions");
-    let _ = shutdown_tx.send(true);
+    // Graceful drain: stop accepting at once, let live sessions finish on
+    // their own until the drain deadline, then close them with a reason
+    // (WebSocket close 1001 "proxy shutting down"). A second SIGTERM or
+    // SIGINT skips the wait.
+    let open = live.count();
+    tracing::info!(
+        sessions = open,
+        deadline = ?cfg.drain_timeout,
+        "draining: no new sessions; live sessions may finish"
+    );
+    notifier.stopping(&format!("draining {open} sessions"));
+    let _ = stop_accepting_tx.send(true);
     for l in loops {
         let _ = l.await;
     }
-    if !live.drained(DRAIN).await {
-        tracing::warn!(
+    let finished = tokio::select! {
+        done = live.drained(cfg.drain_timeout) => done,
+        _ = sigterm.recv() => false,
+        _ = sigint.recv() => false,
+    };
+    if !finished {
+        tracing::info!(
             sessions = live.count(),
-            "sessions still open at the drain deadline"
+            "drain over: closing the remaining sessions"
         );
     }
+    let _ = shutdown_tx.send(true);
+    if !live.drained(CLOSE_WAIT).await {
+        tracing::warn!(
+            sessions = live.count(),
+            "sessions still open after closing them; exiting anyway"
+        );
+    }
+    if let Some(list) = &allowlist {
+        list.close();
+    }
+    tracing::info!("consolegate stopped");
     Ok(())
 }
 
@@ -236,11 +363,22 @@ fn reload(cfg: &Config, tokens: &TokenStore, tls: Option<&TenantTls>, profiles: 
     }
 }
 
-fn write_ready(path: &Path, ws: &[SocketAddr], connect: &[SocketAddr]) -> std::io::Result<()> {
-    let doc = serde_json::json!({
+fn write_ready(
+    path: &Path,
+    ws: &[SocketAddr],
+    connect: &[SocketAddr],
+    admin: Option<&crate::admin::Bound>,
+) -> std::io::Result<()> {
+    let mut doc = serde_json::json!({
         "websocket": ws.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "connect": connect.iter().map(ToString::to_string).collect::<Vec<_>>(),
     });
+    if let Some(a) = admin {
+        doc["admin"] = serde_json::json!({
+            "tcp": a.tcp.map(|t| t.to_string()),
+            "unix": a.unix.as_ref().map(|p| p.display().to_string()),
+        });
+    }
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, doc.to_string())?;
     std::fs::rename(tmp, path)
@@ -284,6 +422,86 @@ fn print_banner(cfg: &Config, ws: &[SocketAddr], connect: &[SocketAddr], cert: O
             u8::from(cert.is_some())
         );
     }
+    if let Some(a) = ws.first() {
+        let scheme = if cert.is_some() { "https" } else { "http" };
+        println!("  web console:  {scheme}://{a}/vnc.html#token=<token> (serial: /serial.html)");
+    }
     println!("  stop with Ctrl-C");
     println!();
+}
+
+/// `host` and `port` of a `scheme://[user@]host[:port]/...` URL, with the
+/// scheme's default port; `None` for UNIX-socket URLs.
+fn url_endpoint(url: &str, default_port: u16) -> Option<(String, u16)> {
+    let (scheme, rest) = url.split_once("://")?;
+    if scheme.contains("unix") {
+        return None;
+    }
+    let authority = rest.split(['/', '?', '#']).next()?;
+    let hostport = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    if let Some(v6) = hostport.strip_prefix('[') {
+        let (host, after) = v6.split_once(']')?;
+        let port = after
+            .strip_prefix(':')
+            .map_or(Some(default_port), |p| p.parse().ok())?;
+        return Some((host.to_owned(), port));
+    }
+    match hostport.rsplit_once(':') {
+        Some((h, p)) => Some((h.to_owned(), p.parse().ok()?)),
+        None => Some((hostport.to_owned(), default_port)),
+    }
+}
+
+/// The token services the proxy itself talks to (Redis, the external HTTP
+/// resolver) go into the eBPF allow-list for as long as it runs; their names
+/// are resolved once, here.
+async fn allow_control_endpoints(list: &crate::control::allowlist::AllowList, cfg: &Config) {
+    let mut endpoints = Vec::new();
+    if let Some(r) = &cfg.resolvers.redis
+        && let Some(e) = url_endpoint(&r.url, 6379)
+    {
+        endpoints.push(("redis", e));
+    }
+    if let Some(h) = &cfg.resolvers.http
+        && let Some(e) = url_endpoint(&h.url, if h.url.starts_with("https") { 443 } else { 80 })
+    {
+        endpoints.push(("http resolver", e));
+    }
+    for (what, (host, port)) in endpoints {
+        match tokio::net::lookup_host((host.as_str(), port)).await {
+            Ok(addrs) => {
+                for a in addrs {
+                    list.allow_always(a);
+                    tracing::info!(service = what, addr = %a, "allow-list: token service allowed");
+                }
+            }
+            Err(e) => tracing::warn!(
+                service = what, host = %host, error = %e,
+                "allow-list: cannot resolve a token service; connections to it will be refused"
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod url_tests {
+    use super::url_endpoint;
+
+    #[test]
+    fn endpoints_of_service_urls() {
+        assert_eq!(
+            url_endpoint("redis://127.0.0.1:6380/0", 6379),
+            Some(("127.0.0.1".into(), 6380))
+        );
+        assert_eq!(
+            url_endpoint("redis://:pw@cache.example/", 6379),
+            Some(("cache.example".into(), 6379))
+        );
+        assert_eq!(
+            url_endpoint("http://[::1]:8080/resolve", 80),
+            Some(("::1".into(), 8080))
+        );
+        assert_eq!(url_endpoint("redis+unix:///run/redis.sock", 6379), None);
+        assert_eq!(url_endpoint("unix:///run/redis.sock", 6379), None);
+    }
 }

@@ -18,6 +18,19 @@ pub enum Command {
     /// Run the proxy. Without --config or --token-file it runs the embedded
     /// development default (loopback, self-signed certificate, generated token).
     Serve(Box<ServeArgs>),
+    /// Print which kernel accelerations this kernel and these privileges
+    /// allow, and which the configuration would use.
+    Doctor {
+        /// TOML configuration file (default: the development setup).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// As `serve --datapath`.
+        #[arg(long, value_enum)]
+        datapath: Option<crate::config::kernel::DatapathMode>,
+        /// As `serve --allowlist`.
+        #[arg(long, value_enum)]
+        allowlist: Option<crate::config::kernel::AllowListMode>,
+    },
     /// Validate a configuration file and exit (0 = valid, 64 = invalid).
     CheckConfig {
         /// TOML configuration file.
@@ -65,6 +78,9 @@ pub struct ServeArgs {
     /// Log format.
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Also append one JSON audit record per console session to this file.
+    #[arg(long, value_name = "PATH")]
+    pub audit_log: Option<PathBuf>,
     /// Time allowed for TLS and the HTTP request head (e.g. 10s).
     #[arg(long, value_name = "DUR")]
     pub handshake_timeout: Option<String>,
@@ -87,6 +103,40 @@ pub struct ServeArgs {
     /// WebSocket keepalive ping interval (0 = off).
     #[arg(long, value_name = "DUR")]
     pub ping_interval: Option<String>,
+    /// Data path of established sessions: auto, copy or splice.
+    #[arg(long, value_enum)]
+    pub datapath: Option<crate::config::kernel::DatapathMode>,
+    /// eBPF connect allow-list: off, auto (warn if unavailable) or required.
+    #[arg(long, value_enum)]
+    pub allowlist: Option<crate::config::kernel::AllowListMode>,
+    /// On SIGTERM, how long live sessions may go on before they are closed
+    /// (default 30s; 0 = close them at once).
+    #[arg(long, value_name = "DUR")]
+    pub drain_timeout: Option<String>,
+    /// Load balancer network (CIDR) or address whose PROXY protocol and
+    /// X-Forwarded-For headers are believed (repeatable).
+    #[arg(long = "trusted-proxy", value_name = "NET")]
+    pub trusted_proxy: Vec<String>,
+    /// Expect a PROXY protocol header (v1 or v2) from trusted proxies on
+    /// every listener.
+    #[arg(long)]
+    pub proxy_protocol: bool,
+    /// Close sessions after this long, busy or not (default 24h; 0 = never).
+    #[arg(long, value_name = "DUR")]
+    pub max_session_duration: Option<String>,
+    /// Established sessions at once, in total (default 20000; 0 = no limit).
+    #[arg(long, value_name = "N")]
+    pub max_sessions: Option<usize>,
+    /// Established sessions at once per token (default 32; 0 = no limit).
+    #[arg(long, value_name = "N")]
+    pub max_sessions_per_token: Option<usize>,
+    /// Established sessions at once per tenant address (default 256; 0 = no limit).
+    #[arg(long, value_name = "N")]
+    pub max_sessions_per_source: Option<usize>,
+    /// Serve this directory's files for plain GET requests on the WebSocket
+    /// listeners (like websockify --web), before the built-in console pages.
+    #[arg(long, value_name = "DIR")]
+    pub web: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize)]

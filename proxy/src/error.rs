@@ -47,6 +47,17 @@ pub enum Refusal {
     ComputeTimeout,
     ComputeConfig,
     TlsHandshake,
+    TooManySessions,
+    TokenSessionLimit,
+    SourceSessionLimit,
+    /// A use-limited token has no use left and is outside its reconnect window.
+    TokenConsumed,
+    /// The token does not admit this tenant address.
+    SourceNotAllowed,
+    /// A token resolver (Redis, the external HTTP resolver) did not answer.
+    ResolverUnavailable,
+    /// A signed token whose signature or claims do not verify.
+    TokenInvalid,
 }
 
 impl Refusal {
@@ -70,6 +81,13 @@ impl Refusal {
             Refusal::ComputeTimeout => "compute_timeout",
             Refusal::ComputeConfig => "compute_config",
             Refusal::TlsHandshake => "tls_handshake",
+            Refusal::TooManySessions => "too_many_sessions",
+            Refusal::TokenSessionLimit => "token_session_limit",
+            Refusal::SourceSessionLimit => "source_session_limit",
+            Refusal::TokenConsumed => "token_consumed",
+            Refusal::SourceNotAllowed => "source_not_allowed",
+            Refusal::ResolverUnavailable => "resolver_unavailable",
+            Refusal::TokenInvalid => "token_invalid",
         }
     }
 
@@ -88,10 +106,16 @@ impl Refusal {
             Refusal::TokenUnknown
             | Refusal::TokenExpired
             | Refusal::OriginNotAllowed
-            | Refusal::TargetNotAllowed => (403, "Forbidden"),
+            | Refusal::TargetNotAllowed
+            | Refusal::TokenConsumed
+            | Refusal::TokenInvalid
+            | Refusal::SourceNotAllowed => (403, "Forbidden"),
+            Refusal::ResolverUnavailable => (503, "Service Unavailable"),
             Refusal::ProxyAuthRequired => (407, "Proxy Authentication Required"),
             Refusal::ComputeUnreachable | Refusal::ComputeConfig => (502, "Bad Gateway"),
             Refusal::ComputeTimeout => (504, "Gateway Timeout"),
+            Refusal::TooManySessions => (503, "Service Unavailable"),
+            Refusal::TokenSessionLimit | Refusal::SourceSessionLimit => (429, "Too Many Requests"),
         }
     }
 
@@ -99,7 +123,9 @@ impl Refusal {
     pub fn side(self) -> Side {
         match self {
             Refusal::ComputeUnreachable | Refusal::ComputeTimeout => Side::Compute,
-            Refusal::ComputeConfig => Side::Proxy,
+            Refusal::ComputeConfig | Refusal::TooManySessions | Refusal::ResolverUnavailable => {
+                Side::Proxy
+            }
             _ => Side::Tenant,
         }
     }
@@ -116,7 +142,9 @@ impl Refusal {
             Refusal::UpgradeRequired => "this endpoint speaks WebSocket only",
             Refusal::BadSubprotocol => "no supported WebSocket subprotocol (binary, base64)",
             Refusal::TokenMissing => "a console token is required",
-            Refusal::TokenUnknown | Refusal::TokenExpired => "invalid or expired console token",
+            Refusal::TokenUnknown | Refusal::TokenExpired | Refusal::TokenInvalid => {
+                "invalid or expired console token"
+            }
             Refusal::OriginNotAllowed => "origin not allowed",
             Refusal::TargetNotAllowed => "target is not a console endpoint",
             Refusal::ProxyAuthRequired => "proxy authentication required",
@@ -124,8 +152,41 @@ impl Refusal {
             Refusal::ComputeTimeout => "console backend did not answer in time",
             Refusal::ComputeConfig => "console backend misconfigured on the proxy",
             Refusal::TlsHandshake => "TLS handshake failed",
+            Refusal::TooManySessions => {
+                "the console proxy is at its session limit; try again later"
+            }
+            Refusal::TokenSessionLimit => "too many open sessions for this console token",
+            Refusal::SourceSessionLimit => "too many open sessions from your address",
+            Refusal::TokenConsumed => "console token already used",
+            Refusal::SourceNotAllowed => "console token not valid from this address",
+            Refusal::ResolverUnavailable => "token service unavailable, try again",
         }
     }
+}
+
+/// Refusals counted by kind since start (the `consolegate_refusals_total`
+/// metric family).
+static REFUSALS: std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+/// Counts one refusal of `kind` (a [`Refusal::kind`] or another stable
+/// label such as a SPICE link refusal).
+pub fn count_refusal(kind: &'static str) {
+    *REFUSALS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .entry(kind)
+        .or_default() += 1;
+}
+
+/// Refusal counts by kind.
+pub fn refusal_counts() -> Vec<(&'static str, u64)> {
+    REFUSALS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .map(|(k, v)| (*k, *v))
+        .collect()
 }
 
 impl fmt::Display for Refusal {

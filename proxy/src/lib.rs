@@ -17,19 +17,36 @@
 //!   sans-io token file parsers and the reloadable [`auth::TokenStore`].
 //! - [`console`]: the compute side: console kinds, backend targets and
 //!   dialling QEMU over TCP or UNIX sockets.
+//! - [`limits`]: admission limits (sessions in total, per token, per
+//!   tenant address).
+//! - [`ladder`]: picks a session's data path (splice or copy) and records it.
 //! - [`session`]: what every front end shares: context, live-session
 //!   accounting, refusals and the closing log line.
 //! - [`datapath`]: the hot path once a session is established: the
-//!   userspace bidirectional copy and the WebSocket pump.
+//!   userspace bidirectional copy, splice(2) for plaintext streams and the
+//!   WebSocket pump.
+//! - [`control`]: the control plane beside the sessions: systemd
+//!   notifications (ready, reload, stopping, watchdog), the eBPF connect
+//!   allow-list kept in sync with the token table, cgroup v2 handling and
+//!   the `doctor` capability report.
+//! - [`sys`]: the only module with `unsafe` code: pipes, splice, FIONREAD,
+//!   capability probes.
+//! - [`admin`]: the admin API (tokens, live sessions, metrics) and the
+//!   live-session table it acts on.
 //! - [`app`]: start-up, reload (SIGHUP, token-file changes) and shutdown.
 //! - [`error`]: refusal kinds with their stable names and HTTP statuses.
 
+pub mod admin;
 pub mod app;
 pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod console;
+pub mod control;
 pub mod datapath;
 pub mod error;
 pub mod front;
+pub mod ladder;
+pub mod limits;
 pub mod session;
+pub mod sys;

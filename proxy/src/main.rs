@@ -48,6 +48,32 @@ fn main() -> ExitCode {
                 ExitCode::from(EX_CONFIG)
             }
         },
+        Command::Doctor {
+            config,
+            datapath,
+            allowlist,
+        } => {
+            let args = consolegate::cli::ServeArgs {
+                config,
+                datapath,
+                allowlist,
+                ..Default::default()
+            };
+            let cfg = match Config::build(&args) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("consolegate: invalid configuration: {e}");
+                    return ExitCode::from(EX_CONFIG);
+                }
+            };
+            let report = consolegate::control::doctor::run(cfg.datapath, cfg.allowlist);
+            print!("{report}");
+            if report.config_unsatisfied() {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
         Command::Serve(args) => {
             let cfg = match Config::build(&args) {
                 Ok(c) => c,

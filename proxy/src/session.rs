@@ -4,6 +4,7 @@
 //! This module holds what every front end needs for that: the shared
 //! context, session ids, the refusal path and the closing log line.
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
@@ -13,12 +14,15 @@ use tokio::sync::{Notify, watch};
 
 use tokio::io::AsyncRead;
 
-use crate::auth::{Admission, Grant, TokenId, TokenStore};
+use crate::admin::sessions::SessionTable;
+use crate::auth::{Admission, Grant, Resolvers, TokenId, TokenStore};
 use crate::config::ConnectAuth;
+use crate::config::kernel::DatapathMode;
 use crate::console::security::{ProfileSet, SessionSecurity};
 use crate::console::spice::{self, SpiceError, SpiceSessions};
 use crate::console::vnc::{self, TenantRfbError, VncError};
 use crate::console::{self, ComputeIo, ComputeStream, ConsoleKind, DialError, Target};
+use crate::control::allowlist::{self, AllowList};
 use crate::datapath::{Counters, End};
 use crate::error::Refusal;
 use crate::front::http::error_response;
@@ -28,10 +32,22 @@ use crate::front::tls::TenantTls;
 #[derive(Debug)]
 pub struct Context {
     pub tokens: Arc<TokenStore>,
+    /// Every token source, in order (token files first).
+    pub resolvers: Arc<Resolvers>,
+    /// Live sessions (admin API: list, kill, revoke).
+    pub sessions: Arc<SessionTable>,
     pub profiles: Arc<ProfileSet>,
     pub spice: Arc<SpiceSessions>,
     pub tenant_tls: Option<Arc<TenantTls>>,
     pub allow_origins: Vec<String>,
+    /// Load balancers whose PROXY headers and X-Forwarded-For are believed.
+    pub trusted_proxies: crate::front::forwarded::TrustedNets,
+    /// Session count limits.
+    pub limits: Arc<crate::limits::Limits>,
+    /// Sessions end after this long.
+    pub max_duration: Option<Duration>,
+    /// Where the per-session audit records go.
+    pub audit: Arc<crate::control::audit::Audit>,
     pub connect_auth: ConnectAuth,
     pub handshake_timeout: Duration,
     pub connect_timeout: Duration,
@@ -39,12 +55,60 @@ pub struct Context {
     pub ping_interval: Option<Duration>,
     pub shutdown: watch::Receiver<bool>,
     pub live: LiveSessions,
+    /// Data path preference of established sessions.
+    pub datapath: DatapathMode,
+    /// The eBPF connect allow-list, when active.
+    pub allowlist: Option<Arc<AllowList>>,
+    /// Static files (web console, `--web`) of the WebSocket front end.
+    pub web: crate::front::web::Web,
 }
 
 impl Context {
-    /// Resolves a presented token now.
-    pub fn resolve(&self, token: &str) -> Result<Admission, Refusal> {
-        self.tokens.resolve(token, SystemTime::now())
+    /// Names the tenant behind a trusted load balancer in the session span
+    /// (`tenant.addr`, with the balancer as `tenant.via`), from the
+    /// request's X-Forwarded-For / Forwarded headers.
+    /// Returns the tenant's address: the forwarded one, or `peer`'s.
+    pub fn record_forwarded(
+        &self,
+        head: &crate::front::http::RequestHead,
+        peer: SocketAddr,
+    ) -> std::net::IpAddr {
+        let headers = head
+            .headers
+            .iter()
+            .filter_map(|(n, v)| Some((n.as_str(), std::str::from_utf8(v).ok()?)));
+        if let Some(client) =
+            crate::front::forwarded::forwarded_client(headers, peer.ip(), &self.trusted_proxies)
+        {
+            let span = tracing::Span::current();
+            span.record("tenant.addr", tracing::field::display(client));
+            span.record("tenant.via", tracing::field::display(peer));
+            return client;
+        }
+        peer.ip()
+    }
+
+    /// Resolves a presented token for a tenant now. A use-limited token
+    /// takes a use here, except SPICE tokens: their main channel claims in
+    /// the link phase, their secondary channels never do (they join the
+    /// session by connection id), so here SPICE only checks that a use or
+    /// a live session of the token is left.
+    pub async fn resolve(&self, token: &str, tenant: IpAddr) -> Result<Admission, Refusal> {
+        let now = SystemTime::now();
+        let a = self.resolvers.resolve(token, tenant, now).await?;
+        if let Some(u) = &a.uses {
+            if a.grant.kind == ConsoleKind::Spice {
+                match u.peek(now).await {
+                    Ok(_) => {}
+                    Err(Refusal::TokenConsumed) if self.spice.has_token(a.token_id) => {}
+                    Err(e) => return Err(e),
+                }
+            } else {
+                let outcome = u.claim(now).await?;
+                tracing::debug!(token.id = %a.token_id, ?outcome, "token use claimed");
+            }
+        }
+        Ok(a)
     }
 
     /// The compute-side security settings of a grant.
@@ -59,7 +123,11 @@ impl Context {
 
     /// Dials the compute side, mapping failures to refusals (and logging them).
     pub async fn dial(&self, target: &Target) -> Result<ComputeStream, Refusal> {
-        match console::dial(target, self.connect_timeout).await {
+        let dialled = match &self.allowlist {
+            Some(list) => allowlist::dial(list, target, self.connect_timeout).await,
+            None => console::dial(target, self.connect_timeout).await,
+        };
+        match dialled {
             Ok(s) => Ok(s),
             Err(e) => {
                 let r = match e {
@@ -135,6 +203,7 @@ pub async fn refuse<W: AsyncWrite + Unpin>(w: &mut W, r: Refusal) {
         Refusal::BadRequest => &[("Sec-WebSocket-Version", "13")],
         _ => &[],
     };
+    crate::error::count_refusal(r.kind());
     let resp = error_response(status, phrase, extra, r.tenant_message());
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
         let _ = w.write_all(&resp).await;
@@ -244,7 +313,7 @@ impl EstablishError {
 pub async fn establish<T: AsyncRead + AsyncWrite + Unpin>(
     ctx: &Context,
     kind: ConsoleKind,
-    token: Option<TokenId>,
+    admission: Option<&Admission>,
     security: &SessionSecurity,
     compute: ComputeStream,
     tenant: &mut T,
@@ -274,8 +343,9 @@ pub async fn establish<T: AsyncRead + AsyncWrite + Unpin>(
             Ok((io, format!("rfb {} {}", n.version, n.security).into()))
         }
         ConsoleKind::Spice => {
-            let token = token.unwrap_or(TokenId::ANONYMOUS);
-            let link = spice::establish(tenant, compute, security, &ctx.spice, token);
+            let token = admission.map_or(TokenId::ANONYMOUS, |a| a.token_id);
+            let claim = admission.and_then(|a| a.uses.as_ref());
+            let link = spice::establish(tenant, compute, security, &ctx.spice, token, claim);
             Ok(within("SPICE link", limit, link).await??)
         }
         ConsoleKind::Serial => match &security.tls {

@@ -251,3 +251,32 @@ pub async fn write_all<S: AsyncWrite + Unpin>(s: &mut S, b: &[u8]) -> anyhow::Re
     s.flush().await?;
     Ok(())
 }
+
+/// `CONNECT target` from a chosen local address (e.g. 127.0.0.2, to be a
+/// different tenant on loopback) with an optional `Proxy-Authorization`.
+pub async fn connect_tunnel_from(
+    src: std::net::IpAddr,
+    proxy: SocketAddr,
+    target: &str,
+    proxy_authorization: Option<&str>,
+) -> anyhow::Result<ConnectOutcome> {
+    let sock = if src.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    sock.bind(SocketAddr::new(src, 0))?;
+    let mut s = crate::within("TCP connect", sock.connect(proxy)).await??;
+    let mut head = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n");
+    if let Some(a) = proxy_authorization {
+        head.push_str(&format!("Proxy-Authorization: {a}\r\n"));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).await?;
+    let resp = crate::within("response head", read_response_head(&mut s)).await??;
+    Ok(if resp.status == 200 {
+        ConnectOutcome::Tunnel(Box::new(s), resp)
+    } else {
+        ConnectOutcome::Refused(resp)
+    })
+}

@@ -7,16 +7,25 @@
 //!   and a byte-stream adapter for the `binary` and `base64` subprotocols.
 //! * [`http`]: raw HTTP/1.1 and raw WebSocket frames for hostile inputs.
 //! * [`proxy`]: the real `consolegate` binary, its token files and logs.
+//! * [`compute`]: a private CA and QEMU VNC servers with TLS, passwords, SASL.
 //! * [`spice`]: the SPICE link handshake (main channel).
+//! * [`redis`]: a real `redis-server` on a UNIX socket; [`admin`]: an
+//!   admin API client.
 //! * [`fake`]: scripted peers, only for faults a real peer never produces.
+//! * [`browser`]: headless Chromium over the DevTools protocol (web console).
 
+pub mod admin;
+pub mod browser;
 pub mod certs;
+pub mod compute;
 pub mod fake;
 pub mod http;
 pub mod net;
 pub mod process;
 pub mod proxy;
 pub mod qemu;
+pub mod qmp;
+pub mod redis;
 pub mod rfb;
 pub mod scenario;
 pub mod spice;

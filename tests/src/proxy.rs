@@ -97,6 +97,9 @@ pub struct ProxySpec {
     pub handshake_timeout: Option<String>,
     pub connect_timeout: Option<String>,
     pub extra: Vec<String>,
+    /// A command the binary is started through, e.g. `setpriv ... --`
+    /// (empty: run it directly).
+    pub launcher: Vec<String>,
 }
 
 impl ProxySpec {
@@ -139,6 +142,8 @@ pub struct Proxy {
     child: ChildGuard,
     pub websocket: Vec<SocketAddr>,
     pub connect: Vec<SocketAddr>,
+    /// The admin API's TCP listener, if one is configured.
+    pub admin: Option<SocketAddr>,
     pub pki: Option<TestPki>,
     pub dir: tempfile::TempDir,
     plain: bool,
@@ -186,7 +191,7 @@ impl Proxy {
             args.extend(["--connect-timeout".into(), t.clone()]);
         }
         args.extend(spec.extra.iter().cloned());
-        let mut p = Self::start_args(dir, &args).await?;
+        let mut p = Self::start_args_via(dir, &spec.launcher, &args).await?;
         p.pki = pki;
         p.plain = spec.plain_http;
         Ok(p)
@@ -196,8 +201,24 @@ impl Proxy {
     /// `--log-format text` unless `args` choose a format) and waits for the
     /// ready file.
     pub async fn start_args(dir: tempfile::TempDir, args: &[String]) -> anyhow::Result<Self> {
+        Self::start_args_via(dir, &[], args).await
+    }
+
+    /// [`Proxy::start_args`] through a `launcher` command (empty: none).
+    pub async fn start_args_via(
+        dir: tempfile::TempDir,
+        launcher: &[String],
+        args: &[String],
+    ) -> anyhow::Result<Self> {
         let ready = dir.path().join("ready.json");
-        let mut cmd = Command::new(binary()?);
+        let mut cmd = match launcher.split_first() {
+            Some((prog, rest)) => {
+                let mut c = Command::new(prog);
+                c.args(rest).arg(binary()?);
+                c
+            }
+            None => Command::new(binary()?),
+        };
         cmd.args(args)
             .arg("--ready-file")
             .arg(&ready)
@@ -232,7 +253,12 @@ impl Proxy {
                                 .collect(),
                         }
                     };
-                    return Ok((list("websocket")?, list("connect")?));
+                    let admin = v
+                        .get("admin")
+                        .and_then(|a| a.get("tcp"))
+                        .and_then(|t| t.as_str())
+                        .and_then(|t| t.parse::<SocketAddr>().ok());
+                    return Ok((list("websocket")?, list("connect")?, admin));
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
@@ -242,6 +268,7 @@ impl Proxy {
             child,
             websocket: addrs.0,
             connect: addrs.1,
+            admin: addrs.2,
             pki: None,
             dir,
             plain: false,

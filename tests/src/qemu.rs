@@ -187,9 +187,29 @@ fn free_port_on(ip: std::net::IpAddr) -> anyhow::Result<u16> {
 
 impl Qemu {
     pub async fn start(opts: QemuOptions) -> anyhow::Result<Self> {
+        Self::start_ext(opts, None).await
+    }
+
+    /// A guest with a QMP socket ([`Qemu::qmp`]) that can be migrated; with
+    /// `incoming`, a paused migration destination listening on
+    /// `tcp:127.0.0.1:<port>` (its guest runs once a migration arrives, so
+    /// no serial banner is awaited).
+    pub async fn start_migratable(
+        opts: QemuOptions,
+        incoming: Option<u16>,
+    ) -> anyhow::Result<Self> {
+        Self::start_ext(opts, Some(incoming)).await
+    }
+
+    /// The QMP socket (only for [`Qemu::start_migratable`] guests).
+    pub fn qmp(&self) -> PathBuf {
+        self.dir.path().join("qmp.sock")
+    }
+
+    async fn start_ext(opts: QemuOptions, migratable: Option<Option<u16>>) -> anyhow::Result<Self> {
         let mut last_err = None;
         for _attempt in 0..5 {
-            match Self::try_start(opts).await {
+            match Self::try_start(opts, migratable).await {
                 Ok(q) => return Ok(q),
                 Err(e) => {
                     eprintln!("QEMU start attempt failed: {e:#}");
@@ -200,7 +220,7 @@ impl Qemu {
         Err(last_err.unwrap_or_else(|| anyhow::anyhow!("QEMU did not start")))
     }
 
-    async fn try_start(opts: QemuOptions) -> anyhow::Result<Self> {
+    async fn try_start(opts: QemuOptions, migratable: Option<Option<u16>>) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("cg-qemu-").tempdir()?;
         let img = dir.path().join("boot.img");
         std::fs::write(&img, boot_image())?;
@@ -265,9 +285,22 @@ impl Qemu {
                 a.port()
             ));
         }
+        let incoming = migratable.flatten();
+        if migratable.is_some() {
+            let qmp = dir.path().join("qmp.sock");
+            cmd.arg("-qmp")
+                .arg(format!("unix:{},server=on,wait=off", qmp.display()));
+        }
+        if let Some(port) = incoming {
+            cmd.arg("-incoming").arg(format!("tcp:127.0.0.1:{port}"));
+        }
         let mut child = ChildGuard::spawn("qemu", cmd)?;
 
         let ready = async {
+            if incoming.is_some() {
+                wait_accepting(&vnc, &mut child).await?;
+                return anyhow::Ok(());
+            }
             wait_accepting(&vnc, &mut child).await?;
             wait_accepting(&serial, &mut child).await?;
             if let Some(a) = spice {

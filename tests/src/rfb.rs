@@ -29,7 +29,24 @@ pub struct Framebuffer {
     pub pixel_bytes: usize,
     /// Distinct 32-bit pixel values seen (capped at 4096).
     pub distinct_colours: usize,
+    /// FNV-1a hash of each pixel row as last drawn (to compare screens).
+    pub row_hashes: Vec<u64>,
 }
+
+impl Framebuffer {
+    /// Rows whose pixels differ between two screens of the same size.
+    pub fn rows_differing(&self, other: &Framebuffer) -> usize {
+        self.row_hashes
+            .iter()
+            .zip(&other.row_hashes)
+            .filter(|(a, b)| a != b)
+            .count()
+            + self.row_hashes.len().abs_diff(other.row_hashes.len())
+    }
+}
+
+/// The DesktopSize pseudo-encoding (RFC 6143 7.8.2).
+const DESKTOP_SIZE: i32 = -223;
 
 /// Pixel format we ask for: 32 bpp, depth 24, little-endian, true colour,
 /// 8 bits per channel, red at bit 16.
@@ -124,15 +141,24 @@ async fn read_reason<S: AsyncRead + Unpin>(s: &mut S) -> anyhow::Result<String> 
 /// SetPixelFormat (32 bpp), SetEncodings [Raw], then non-incremental
 /// full-screen FramebufferUpdateRequests until Raw rectangles have covered
 /// every pixel of the ServerInit-sized screen.
+///
+/// The client also announces the DesktopSize pseudo-encoding, as noVNC does:
+/// a guest that is still switching video modes (SeaBIOS at boot, slowed by a
+/// loaded machine) resizes the screen mid-update, and the client then starts
+/// over at the new size, which it records in `init`.
 pub async fn full_update<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
-    init: &ServerInit,
+    init: &mut ServerInit,
 ) -> anyhow::Result<Framebuffer> {
-    let (w, h) = (init.width, init.height);
+    let (mut w, mut h) = (init.width, init.height);
     let mut msg = vec![0u8, 0, 0, 0];
     msg.extend_from_slice(&PIXEL_FORMAT_32);
     s.write_all(&msg).await?;
-    s.write_all(&[2, 0, 0, 1, 0, 0, 0, 0]).await?; // SetEncodings: [Raw]
+    // SetEncodings: [Raw, DesktopSize (-223)]
+    let mut enc = vec![2u8, 0, 0, 2];
+    enc.extend_from_slice(&0i32.to_be_bytes());
+    enc.extend_from_slice(&DESKTOP_SIZE.to_be_bytes());
+    s.write_all(&enc).await?;
     request(s, w, h).await?;
 
     let mut covered = vec![false; usize::from(w) * usize::from(h)];
@@ -140,6 +166,7 @@ pub async fn full_update<S: AsyncRead + AsyncWrite + Unpin>(
     let mut rects = 0usize;
     let mut pixel_bytes = 0usize;
     let mut colours: HashSet<u32> = HashSet::new();
+    let mut pixels = vec![0u32; covered.len()];
     let mut row = Vec::new();
     while uncovered > 0 {
         let kind = s.read_u8().await.context("reading server message")?;
@@ -153,6 +180,17 @@ pub async fn full_update<S: AsyncRead + AsyncWrite + Unpin>(
                     let rw = s.read_u16().await?;
                     let rh = s.read_u16().await?;
                     let enc = s.read_i32().await?;
+                    if enc == DESKTOP_SIZE {
+                        eprintln!("rfb: the screen was resized from {w}x{h} to {rw}x{rh}");
+                        ensure!(rw > 0 && rh > 0, "resized to an empty screen");
+                        (w, h) = (rw, rh);
+                        (init.width, init.height) = (w, h);
+                        covered = vec![false; usize::from(w) * usize::from(h)];
+                        uncovered = covered.len();
+                        (rects, pixel_bytes) = (0, 0);
+                        colours.clear();
+                        continue;
+                    }
                     ensure!(
                         enc == 0,
                         "rectangle with encoding {enc}, only Raw was asked for"
@@ -169,6 +207,8 @@ pub async fn full_update<S: AsyncRead + AsyncWrite + Unpin>(
                         pixel_bytes += row.len();
                         for (i, px) in row.chunks_exact(4).enumerate() {
                             let idx = usize::from(y) * usize::from(w) + usize::from(rx) + i;
+                            pixels[idx] =
+                                u32::from_le_bytes([px[0], px[1], px[2], px[3]]) & 0xff_ffff;
                             if !covered[idx] {
                                 covered[idx] = true;
                                 uncovered -= 1;
@@ -213,6 +253,14 @@ pub async fn full_update<S: AsyncRead + AsyncWrite + Unpin>(
         rects,
         pixel_bytes,
         distinct_colours: colours.len(),
+        row_hashes: pixels
+            .chunks(usize::from(w).max(1))
+            .map(|r| {
+                r.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, p| {
+                    (h ^ u64::from(*p)).wrapping_mul(0x100_0000_01b3)
+                })
+            })
+            .collect(),
     })
 }
 
@@ -231,8 +279,8 @@ pub async fn check_session<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
 ) -> anyhow::Result<(ServerInit, Framebuffer)> {
     crate::within("RFB handshake and full framebuffer update", async {
-        let init = handshake(s).await?;
-        let fb = full_update(s, &init).await?;
+        let mut init = handshake(s).await?;
+        let fb = full_update(s, &mut init).await?;
         ensure!(
             fb.distinct_colours > 1,
             "framebuffer is one flat colour; expected the guest's text console"

@@ -382,7 +382,7 @@ async fn hostile_frames_get_close_codes_and_other_sessions_survive() {
         .upgraded()
         .unwrap();
     let mut healthy = ws::into_bytes(w, Mode::Binary);
-    let init = within("RFB handshake", rfb::handshake(&mut healthy.io))
+    let mut init = within("RFB handshake", rfb::handshake(&mut healthy.io))
         .await
         .unwrap()
         .unwrap();
@@ -477,7 +477,7 @@ async fn hostile_frames_get_close_codes_and_other_sessions_survive() {
     // The healthy session still gets a full framebuffer.
     within(
         "full update after hostile sessions",
-        rfb::full_update(&mut healthy.io, &init),
+        rfb::full_update(&mut healthy.io, &mut init),
     )
     .await
     .unwrap()

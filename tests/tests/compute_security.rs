@@ -7,243 +7,14 @@
 //! The tenant always sees RFB 3.8 with security None; the proxy does the
 //! real negotiation. Every test runs its own private CA.
 
-use std::net::{Ipv4Addr, TcpListener};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 
-use anyhow::Context as _;
+use consolegate_tests::compute::{Ca, Pki, VncServer, free_port};
 use consolegate_tests::process::ChildGuard;
 use consolegate_tests::proxy::{Proxy, ProxySpec};
 use consolegate_tests::ws::{self, Mode, WsRequest};
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
-    date_time_ymd,
-};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-
-/// A private CA that can issue server and client certificates.
-struct Ca {
-    issuer: Issuer<'static, KeyPair>,
-    pem: String,
-}
-
-impl Ca {
-    fn new(name: &str) -> Self {
-        let key = KeyPair::generate().unwrap();
-        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        p.distinguished_name.push(DnType::CommonName, name);
-        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let cert = p.self_signed(&key).unwrap();
-        Self {
-            pem: cert.pem(),
-            issuer: Issuer::new(p, key),
-        }
-    }
-
-    /// A leaf certificate and key (PEM) for `sans`, optionally expired.
-    fn leaf(&self, cn: &str, sans: &[&str], expired: bool) -> (String, String) {
-        let key = KeyPair::generate().unwrap();
-        let mut p =
-            CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
-        p.distinguished_name.push(DnType::CommonName, cn);
-        if expired {
-            p.not_before = date_time_ymd(2001, 1, 1);
-            p.not_after = date_time_ymd(2002, 1, 1);
-        }
-        let cert = p.signed_by(&key, &self.issuer).unwrap();
-        (cert.pem(), key.serialize_pem())
-    }
-}
-
-/// Files for one test: QEMU's x509 dir and the proxy's client credentials.
-struct Pki {
-    dir: tempfile::TempDir,
-}
-
-impl Pki {
-    /// QEMU's creds dir signed by `server_ca` with a server cert for
-    /// `server_sans`; QEMU trusts `client_ca` for client certificates.
-    fn new(server_ca: &Ca, client_ca: &Ca, server_sans: &[&str], expired: bool) -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("cg-vncsec-")
-            .tempdir()
-            .unwrap();
-        let x509 = dir.path().join("qemu-x509");
-        std::fs::create_dir_all(&x509).unwrap();
-        let (cert, key) = server_ca.leaf("qemu", server_sans, expired);
-        std::fs::write(x509.join("server-cert.pem"), cert).unwrap();
-        std::fs::write(x509.join("server-key.pem"), key).unwrap();
-        // QEMU verifies client certificates against ca-cert.pem.
-        std::fs::write(x509.join("ca-cert.pem"), &client_ca.pem).unwrap();
-        let (ccert, ckey) = client_ca.leaf("consolegate", &[], false);
-        std::fs::write(dir.path().join("client-cert.pem"), ccert).unwrap();
-        std::fs::write(dir.path().join("client-key.pem"), ckey).unwrap();
-        Self { dir }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    /// Writes the CA the proxy trusts for compute certificates.
-    fn proxy_trusts(&self, ca: &Ca) -> PathBuf {
-        let p = self.path("compute-ca.pem");
-        std::fs::write(&p, &ca.pem).unwrap();
-        p
-    }
-}
-
-/// How QEMU's VNC server is set up.
-#[derive(Default)]
-struct VncServer {
-    /// `tls-creds-x509` from this dir, `verify-peer=on`.
-    x509: Option<PathBuf>,
-    /// Skip QEMU's own certificate sanity check (to serve an expired cert).
-    no_sanity_check: bool,
-    /// `tls-creds-anon` (VeNCrypt TLSNone).
-    anon_tls: bool,
-    password: Option<String>,
-    /// SASL user and password (a sasldb in the test dir).
-    sasl: Option<(String, String)>,
-    /// Listen on a UNIX socket (QEMU then accepts SASL without a security layer).
-    unix: bool,
-}
-
-struct RunningVnc {
-    _child: ChildGuard,
-    target: String,
-    _dir: tempfile::TempDir,
-}
-
-fn free_port() -> u16 {
-    loop {
-        let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
-        let port = l.local_addr().unwrap().port();
-        if port >= 5900 {
-            return port;
-        }
-    }
-}
-
-impl VncServer {
-    async fn start(&self) -> RunningVnc {
-        for attempt in 0..5 {
-            match self.try_start().await {
-                Ok(r) => return r,
-                Err(e) => eprintln!("QEMU start attempt {attempt} failed: {e:#}"),
-            }
-        }
-        panic!("QEMU VNC server did not start");
-    }
-
-    async fn try_start(&self) -> anyhow::Result<RunningVnc> {
-        let dir = tempfile::Builder::new().prefix("cg-qemu-sec-").tempdir()?;
-        let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.args([
-            "-accel",
-            "tcg",
-            "-nodefaults",
-            "-vga",
-            "std",
-            "-display",
-            "none",
-        ])
-        .args(["-m", "64", "-smp", "1", "-no-reboot"]);
-        let (target, mut vnc) = if self.unix {
-            let p = dir.path().join("vnc.sock");
-            (
-                format!("unix_socket:{}", p.display()),
-                format!("unix:{}", p.display()),
-            )
-        } else {
-            let port = free_port();
-            (
-                format!("127.0.0.1:{port}"),
-                format!("127.0.0.1:{}", port - 5900),
-            )
-        };
-        if let Some(x509) = &self.x509 {
-            let sanity = if self.no_sanity_check {
-                ",sanity-check=off"
-            } else {
-                ""
-            };
-            cmd.arg("-object").arg(format!(
-                "tls-creds-x509,id=tls0,dir={},endpoint=server,verify-peer=on{sanity}",
-                x509.display()
-            ));
-            vnc.push_str(",tls-creds=tls0");
-        }
-        if self.anon_tls {
-            cmd.args(["-object", "tls-creds-anon,id=tls0,endpoint=server"]);
-            vnc.push_str(",tls-creds=tls0");
-        }
-        if let Some(pw) = &self.password {
-            cmd.arg("-object").arg(format!("secret,id=vncpw,data={pw}"));
-            vnc.push_str(",password-secret=vncpw");
-        }
-        if let Some((user, pw)) = &self.sasl {
-            let db = dir.path().join("passwd.db");
-            std::fs::write(
-                dir.path().join("qemu.conf"),
-                format!(
-                    "mech_list: scram-sha-256 scram-sha-1\nsasldb_path: {}\n",
-                    db.display()
-                ),
-            )?;
-            let mut sp = Command::new("saslpasswd2")
-                .args(["-f"])
-                .arg(&db)
-                .args(["-a", "qemu", "-c", "-p", user])
-                .stdin(Stdio::piped())
-                .spawn()
-                .context("saslpasswd2 (package sasl2-bin)")?;
-            sp.stdin
-                .take()
-                .context("stdin")?
-                .write_all_sync(pw.as_bytes())?;
-            anyhow::ensure!(sp.wait()?.success(), "saslpasswd2 failed");
-            cmd.env("SASL_CONF_PATH", dir.path());
-            vnc.push_str(",sasl=on");
-        }
-        cmd.args(["-vnc", &vnc]);
-        let mut child = ChildGuard::spawn("qemu", cmd)?;
-        let ready = async {
-            loop {
-                if let Some(st) = child.exited() {
-                    child.drain_output();
-                    anyhow::bail!("QEMU exited ({st}): {}", child.output());
-                }
-                let ok = match target.strip_prefix("unix_socket:") {
-                    Some(p) => tokio::net::UnixStream::connect(p).await.is_ok(),
-                    None => tokio::net::TcpStream::connect(&target).await.is_ok(),
-                };
-                if ok {
-                    return anyhow::Ok(());
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-        };
-        consolegate_tests::within("QEMU VNC socket", ready).await??;
-        Ok(RunningVnc {
-            _child: child,
-            target,
-            _dir: dir,
-        })
-    }
-}
-
-trait WriteAllSync {
-    fn write_all_sync(&mut self, b: &[u8]) -> std::io::Result<()>;
-}
-
-impl WriteAllSync for std::process::ChildStdin {
-    fn write_all_sync(&mut self, b: &[u8]) -> std::io::Result<()> {
-        use std::io::Write as _;
-        self.write_all(b)
-    }
-}
 
 /// A token line in the TOML form, with compute credentials.
 fn token_toml(token: &str, target: &str, extra: &str) -> String {
@@ -840,4 +611,212 @@ fn bad_compute_credentials_exit_64() {
         let last = err.trim().lines().last().unwrap_or_default();
         assert!(last.contains(want), "{flags:?}: last line {last:?}");
     }
+}
+
+/// Opens a VNC console over the TLS WebSocket front end and keeps it open:
+/// handshake plus one full framebuffer update. Returns the byte stream and
+/// the ServerInit so the caller can ask for more updates later.
+async fn open_console(p: &Proxy, token: &str) -> (ws::WsBytes, consolegate_tests::rfb::ServerInit) {
+    let req = WsRequest::path(format!("/websockify?token={token}")).protocol("binary");
+    let (socket, _) = ws::connect(p.ws_addr(), &p.transport(), &req)
+        .await
+        .unwrap()
+        .upgraded()
+        .unwrap();
+    let mut b = ws::into_bytes(socket, Mode::Binary);
+    let (init, _) = consolegate_tests::rfb::check_session(&mut b.io)
+        .await
+        .unwrap_or_else(|e| panic!("console {token}: {e:#}\nlogs:\n{}", p.logs()));
+    (b, init)
+}
+
+/// Asks an open console for another full-screen update and reads it all.
+async fn another_update<S>(io: &mut S, init: &mut consolegate_tests::rfb::ServerInit, what: &str)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let fb = consolegate_tests::within(what, consolegate_tests::rfb::full_update(io, init))
+        .await
+        .unwrap_or_else(|e| panic!("{what}: {e:#}"))
+        .unwrap_or_else(|e| panic!("{what}: {e:#}"));
+    assert_eq!((fb.width, fb.height), (init.width, init.height), "{what}");
+}
+
+/// Compute credentials rotate on SIGHUP: a live TLS session keeps running on
+/// the credentials it started with, new sessions use the new CA and client
+/// certificate, and an invalid replacement is refused with the old profile
+/// kept.
+#[tokio::test]
+async fn compute_credentials_reload_on_sighup_without_dropping_sessions() {
+    let ca1 = Ca::new("compute CA 1");
+    let ca2 = Ca::new("compute CA 2");
+    let pki1 = Pki::new(&ca1, &ca1, &["127.0.0.1"], false);
+    let pki2 = Pki::new(&ca2, &ca2, &["127.0.0.1"], false);
+    let (server1, server2) = (
+        VncServer {
+            x509: Some(pki1.path("qemu-x509")),
+            ..Default::default()
+        },
+        VncServer {
+            x509: Some(pki2.path("qemu-x509")),
+            ..Default::default()
+        },
+    );
+    let (vnc1, vnc2) = tokio::join!(server1.start(), server2.start());
+    // The proxy's credential files, rewritten in place for the rotation.
+    let creds = tempfile::tempdir().unwrap();
+    let (ca_f, cert_f, key_f) = (
+        creds.path().join("ca.pem"),
+        creds.path().join("client-cert.pem"),
+        creds.path().join("client-key.pem"),
+    );
+    let install = |pki: &Pki, ca: &Ca| {
+        use consolegate_tests::proxy::write_atomic;
+        write_atomic(&ca_f, &ca.pem).unwrap();
+        let cert = std::fs::read_to_string(pki.path("client-cert.pem")).unwrap();
+        let key = std::fs::read_to_string(pki.path("client-key.pem")).unwrap();
+        write_atomic(&cert_f, &cert).unwrap();
+        write_atomic(&key_f, &key).unwrap();
+    };
+    install(&pki1, &ca1);
+    let flags: Vec<String> = [
+        "--compute-ca",
+        ca_f.to_str().unwrap(),
+        "--compute-cert",
+        cert_f.to_str().unwrap(),
+        "--compute-key",
+        key_f.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let tokens = format!(
+        "{}{}",
+        token_toml("one", &vnc1.target, ""),
+        token_toml("two", &vnc2.target, "")
+    );
+    let p = proxy(creds.path(), &tokens, &flags).await;
+
+    let (mut live, mut init) = open_console(&p, "one").await;
+    // Before the rotation the second host (CA 2) is not trusted.
+    let reason = console_refused(&p, "two").await;
+    assert!(reason.contains("TLS"), "{reason}");
+
+    install(&pki2, &ca2);
+    p.signal("HUP").unwrap();
+    p.wait_log(&["SIGHUP: compute profiles", "reloaded"])
+        .await
+        .unwrap();
+
+    // The live session still carries framebuffer updates.
+    another_update(
+        &mut live.io,
+        &mut init,
+        "update on the live session after SIGHUP",
+    )
+    .await;
+    // New sessions use the new credentials: host two works, host one (its
+    // certificate from CA 1) is now refused.
+    console_works(&p, "two").await;
+    console_refused(&p, "one").await;
+    p.wait_log(&["console handshake failed", "compute_tls", "UnknownIssuer"])
+        .await
+        .unwrap();
+
+    // A broken replacement keeps the working profile.
+    std::fs::write(&ca_f, "not a certificate\n").unwrap();
+    p.signal("HUP").unwrap();
+    p.wait_log(&[
+        "SIGHUP: compute profiles invalid",
+        "keeping the previous ones",
+    ])
+    .await
+    .unwrap();
+    console_works(&p, "two").await;
+    another_update(
+        &mut live.io,
+        &mut init,
+        "update on the live session after a bad reload",
+    )
+    .await;
+    p.wait_log_count(&["session established"], 2).await.unwrap();
+}
+
+/// Several TLS compute sessions at once, over both front ends, each asking
+/// for many full-screen updates. Regression test for a stall where bytes
+/// written to the rustls compute leg stayed in its buffer (no flush) until
+/// the tenant sent more: the session hung with no framebuffer update.
+#[tokio::test]
+async fn concurrent_tls_sessions_over_websocket_and_connect_keep_flowing() {
+    let ca = Ca::new("compute CA");
+    let pki = Pki::new(&ca, &ca, &["127.0.0.1"], false);
+    let vnc = VncServer {
+        x509: Some(pki.path("qemu-x509")),
+        password: Some("vncpass2".into()),
+        ..Default::default()
+    }
+    .start()
+    .await;
+    let ca_file = pki.proxy_trusts(&ca);
+    let file = pki.dir.path().join("tokens.toml");
+    std::fs::write(
+        &file,
+        token_toml("tok", &vnc.target, "password = \"vncpass2\""),
+    )
+    .unwrap();
+    let mut spec = ProxySpec::tls_ws(&[&file]);
+    spec.connect_listen = vec!["127.0.0.1:0".into()];
+    spec.extra = compute_flags(&pki, &ca_file, true);
+    let p = Proxy::start(spec).await.unwrap();
+
+    const ROUNDS: usize = 4;
+    let ws_session = |n: usize| {
+        let p = &p;
+        async move {
+            let (mut b, mut init) = open_console(p, "tok").await;
+            for r in 0..ROUNDS {
+                another_update(
+                    &mut b.io,
+                    &mut init,
+                    &format!("WebSocket session {n} round {r}"),
+                )
+                .await;
+            }
+        }
+    };
+    let connect_session = |n: usize| {
+        let p = &p;
+        async move {
+            let mut io = consolegate_tests::http::connect_tunnel(
+                p.connect_addr(),
+                "tok:0",
+                Some(&consolegate_tests::http::bearer("tok")),
+            )
+            .await
+            .unwrap()
+            .tunnel()
+            .unwrap();
+            let (mut init, _) = consolegate_tests::rfb::check_session(&mut io)
+                .await
+                .unwrap_or_else(|e| panic!("CONNECT session {n}: {e:#}\n{}", p.logs()));
+            for r in 0..ROUNDS {
+                another_update(
+                    &mut io,
+                    &mut init,
+                    &format!("CONNECT session {n} round {r}"),
+                )
+                .await;
+            }
+        }
+    };
+    tokio::join!(
+        ws_session(0),
+        ws_session(1),
+        connect_session(0),
+        connect_session(1)
+    );
+    p.wait_log_count(&["security=rfb 3.8 VeNCrypt/X509Vnc"], 4)
+        .await
+        .unwrap();
+    p.assert_secrets_not_logged(&["vncpass2"]);
 }

@@ -111,10 +111,10 @@ async fn rfb_client_old_versions_against_qemu() {
     let qemu = Qemu::start(QemuOptions::default()).await.unwrap();
     for minor in [3, 7] {
         let mut io = qemu.vnc.connect().await.unwrap();
-        let init = consolegate_tests::within("handshake", rfb::handshake_as(&mut io, minor))
+        let mut init = consolegate_tests::within("handshake", rfb::handshake_as(&mut io, minor))
             .await
             .unwrap()
             .unwrap_or_else(|e| panic!("RFB 3.{minor}: {e:#}"));
-        rfb::full_update(&mut io, &init).await.unwrap();
+        rfb::full_update(&mut io, &mut init).await.unwrap();
     }
 }

@@ -22,7 +22,11 @@ async fn two_hundred_concurrent_sessions_echo_their_own_payload() {
     let tok = random_token();
     let file = dir.path().join("tokens.toml");
     write_toml_tokens(&file, &[raw_token(&tok, echo.addr)]).unwrap();
-    let proxy = Proxy::start(ProxySpec::tls_ws(&[&file])).await.unwrap();
+    // One token and one address for all: lift the per-token and
+    // per-source limits (tests/tests/limits.rs covers them).
+    let mut spec = ProxySpec::tls_ws(&[&file]);
+    spec.extra = unlimited();
+    let proxy = Proxy::start(spec).await.unwrap();
     let (addr, t) = (proxy.ws_addr(), proxy.transport());
 
     // Every session is upgraded before any sends: all 200 are open at once.
@@ -106,7 +110,9 @@ async fn hundred_concurrent_connect_tunnels_with_half_close() {
     let tok = random_token();
     let file = dir.path().join("tokens.toml");
     write_toml_tokens(&file, &[raw_token(&tok, echo.addr)]).unwrap();
-    let proxy = Proxy::start(ProxySpec::connect(&[&file])).await.unwrap();
+    let mut spec = ProxySpec::connect(&[&file]);
+    spec.extra = unlimited();
+    let proxy = Proxy::start(spec).await.unwrap();
     let p = proxy.connect_addr();
     let target = consolegate_tests::net::authority(echo.addr);
     let all_open = Arc::new(tokio::sync::Barrier::new(TUNNELS));
@@ -157,4 +163,15 @@ async fn hundred_concurrent_connect_tunnels_with_half_close() {
         failures.join("\n")
     );
     assert_eq!(echo.accepted(), TUNNELS);
+}
+
+fn unlimited() -> Vec<String> {
+    [
+        "--max-sessions-per-token",
+        "0",
+        "--max-sessions-per-source",
+        "0",
+    ]
+    .map(String::from)
+    .to_vec()
 }

@@ -99,9 +99,79 @@ async fn compute_side_reset_closes_with_compute_error_code() {
     );
 }
 
+/// SIGTERM drains: the listener closes at once, a live session keeps
+/// working until the drain deadline, is then closed with 1001, and the
+/// process exits.
+#[tokio::test]
+async fn sigterm_drains_then_closes_sessions_with_1001() {
+    let (_qemu, mut proxy, tok, _d) = serial_proxy(&["--drain-timeout", "3s"]).await;
+    let mut b = serial_session(&proxy, &tok).await;
+    proxy.signal("TERM").unwrap();
+    proxy
+        .wait_log(&["draining: no new sessions", "sessions=1"])
+        .await
+        .unwrap();
+    // No new sessions: the listener is closed.
+    let addr = proxy.ws_addr();
+    within("listener closed", async {
+        while tokio::net::TcpStream::connect(addr).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap();
+    // The live session still carries console bytes during the drain.
+    b.io.write_all(b"during-drain").await.unwrap();
+    read_until(&mut b.io, b"during-drain").await.unwrap();
+    // At the deadline it is closed with a reason.
+    let closed = within("close at the drain deadline", b.closed)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(closed.code, Some(1001), "{closed:?}");
+    assert_eq!(closed.reason, "proxy shutting down", "{closed:?}");
+    proxy
+        .wait_log(&["drain over: closing the remaining sessions"])
+        .await
+        .unwrap();
+    proxy.wait_log(&["consolegate stopped"]).await.unwrap();
+    within("process exit", async {
+        while proxy.alive() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap();
+}
+
+/// A drain ends as soon as the last session ends on its own.
+#[tokio::test]
+async fn drain_ends_when_the_last_session_closes() {
+    let (_qemu, proxy, tok, _d) = serial_proxy(&["--drain-timeout", "10m"]).await;
+    let b = serial_session(&proxy, &tok).await;
+    proxy.signal("TERM").unwrap();
+    proxy
+        .wait_log(&["draining: no new sessions"])
+        .await
+        .unwrap();
+    drop(b.io); // the tenant is done: close frame 1000
+    proxy
+        .wait_log(&["session closed", "end=tenant_closed"])
+        .await
+        .unwrap();
+    proxy.wait_log(&["consolegate stopped"]).await.unwrap();
+    assert!(
+        !proxy.logs().contains("drain over"),
+        "the drain waited for its deadline:\n{}",
+        proxy.logs()
+    );
+}
+
+/// `--drain-timeout 0`: SIGTERM closes sessions at once with 1001.
 #[tokio::test]
 async fn proxy_shutdown_closes_sessions_with_1001() {
-    let (_qemu, proxy, tok, _d) = serial_proxy(&[]).await;
+    let (_qemu, proxy, tok, _d) = serial_proxy(&["--drain-timeout", "0"]).await;
     let b = serial_session(&proxy, &tok).await;
     proxy.signal("TERM").unwrap();
     let closed = within("close on shutdown", b.closed)

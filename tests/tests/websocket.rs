@@ -222,12 +222,13 @@ async fn tenant_sees_security_none_only_in_every_rfb_version() {
             .upgraded()
             .unwrap();
         let mut b = ws::into_bytes(w, Mode::Binary);
-        let init = consolegate_tests::within("RFB handshake", rfb::handshake_as(&mut b.io, minor))
-            .await
-            .unwrap()
-            .unwrap_or_else(|e| panic!("RFB 3.{minor}: {e:#}"));
+        let mut init =
+            consolegate_tests::within("RFB handshake", rfb::handshake_as(&mut b.io, minor))
+                .await
+                .unwrap()
+                .unwrap_or_else(|e| panic!("RFB 3.{minor}: {e:#}"));
         assert_eq!(init.security_types, vec![1], "RFB 3.{minor}");
-        let fb = consolegate_tests::within("full update", rfb::full_update(&mut b.io, &init))
+        let fb = consolegate_tests::within("full update", rfb::full_update(&mut b.io, &mut init))
             .await
             .unwrap()
             .unwrap_or_else(|e| panic!("RFB 3.{minor}: {e:#}"));

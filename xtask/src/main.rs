@@ -15,11 +15,14 @@
 //! - `bench`: `cargo xtask bench`, the side-by-side benchmark (installs the
 //!   peers, builds release binaries, runs `loadgen compare`).
 //! - `steps`: running a command as a named step, section headers, the summary.
+//! - `web`: the web console's npm packages (noVNC, xterm.js) in `web/`.
 
 mod bench;
 mod fuzz;
+mod install;
 mod setup;
 mod steps;
+mod web;
 
 use std::io::IsTerminal as _;
 use std::path::{Path, PathBuf};
@@ -65,6 +68,22 @@ enum Task {
     Setup,
     /// rustfmt --check and clippy -D warnings over the workspace.
     Lint,
+    /// Build the release binary and install it as a systemd service (unit,
+    /// config in /etc/consolegate unless present, system user).
+    Install {
+        /// Installation prefix of the binary.
+        #[arg(long, default_value = "/usr/local")]
+        prefix: PathBuf,
+        /// Stage under this directory instead of the real root.
+        #[arg(long, default_value = "/")]
+        destdir: PathBuf,
+        /// Use this binary instead of building target/release/consolegate.
+        #[arg(long)]
+        binary: Option<PathBuf>,
+    },
+    /// Install the web console's pinned npm packages (noVNC, xterm.js) into
+    /// web/node_modules for the proxy build to embed (`npm ci`), if missing.
+    WebAssets,
     /// Build the fuzz targets and run each (or one) for a bounded time.
     Fuzz {
         /// Seconds each target runs for (0 = only replay the corpus).
@@ -98,7 +117,13 @@ fn main() -> ExitCode {
             fuzz_seconds,
             skip_setup,
         } => test(&root, &mut steps, fuzz_seconds, skip_setup),
-        Task::Setup => setup::all(&mut steps),
+        Task::Setup => setup::all(&mut steps).and_then(|()| web::assets(&root, &mut steps)),
+        Task::WebAssets => web::assets(&root, &mut steps),
+        Task::Install {
+            prefix,
+            destdir,
+            binary,
+        } => install(&root, &mut steps, prefix, destdir, binary),
         Task::Lint => setup::rust_components(&mut steps).and_then(|()| lint(&root, &mut steps)),
         Task::Fuzz { seconds, target } => setup::fuzz_tools(&mut steps)
             .and_then(|()| fuzz::run(&root, &mut steps, seconds, target.as_deref())),
@@ -123,6 +148,8 @@ fn test(root: &Path, steps: &mut Steps, fuzz_seconds: u64, skip_setup: bool) -> 
         let _ = setup::debian_packages(steps);
         let _ = setup::rust_components(steps);
         fuzz_ready = setup::fuzz_tools(steps).is_ok();
+        // Before the first build: the proxy embeds these (proxy/build.rs).
+        let _ = web::assets(root, steps);
     }
     lint(root, steps)?;
     steps.run(
@@ -135,6 +162,40 @@ fn test(root: &Path, steps: &mut Steps, fuzz_seconds: u64, skip_setup: bool) -> 
         return Ok(());
     }
     fuzz::run(root, steps, fuzz_seconds, None)
+}
+
+/// `cargo xtask install`: build (unless a binary is given), then install.
+fn install(
+    root: &Path,
+    steps: &mut Steps,
+    prefix: PathBuf,
+    destdir: PathBuf,
+    binary: Option<PathBuf>,
+) -> Result<()> {
+    let binary = match binary {
+        Some(b) => b,
+        None => {
+            let built = steps.run(
+                "build release binary",
+                cargo(root).args(["build", "--release", "-p", "consolegate"]),
+            );
+            if !built {
+                anyhow::bail!("the release build failed");
+            }
+            root.join("target/release/consolegate")
+        }
+    };
+    steps.header("install");
+    let started = std::time::Instant::now();
+    let plan = install::Plan {
+        repo: root.to_path_buf(),
+        binary,
+        prefix,
+        destdir,
+    };
+    let failure = install::install(&plan).err().map(|e| format!("{e:#}"));
+    steps.record("install", started.elapsed(), failure, None);
+    Ok(())
 }
 
 /// `cargo xtask lint`: rustfmt over the workspace and the fuzz crate, then clippy.

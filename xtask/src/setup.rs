@@ -23,6 +23,12 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "libsasl2-modules",    // the SCRAM plugin QEMU's SASL server loads (a Recommends, so named)
     "libsasl2-modules-db", // the sasldb auxprop plugin
     "binutils",            // as/objcopy: the boot-sector test reassembles tests/src/boot.S
+    "clang-19",            // ebpf/build.rs compiles the C eBPF allow-list programs
+    "libbpf-dev",          // bpf/bpf_helpers.h for those programs
+    "systemd",             // systemd-analyze verify checks the unit (tests/tests/systemd.rs)
+    "haproxy", // a real load balancer: PROXY protocol and X-Forwarded-For (tests/tests/forwarding.rs)
+    "redis-server", // the shared token store of a proxy fleet (tests/tests/tokens.rs)
+    "chromium", // headless browser: tests/tests/web_console.rs opens the console pages
     "socat",               // bench/tests/smoke.rs runs the compare harness through socat too
 ];
 

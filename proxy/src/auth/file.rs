@@ -2,7 +2,7 @@
 //! format and consolegate's TOML form.
 #![forbid(unsafe_code)]
 
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use serde::Deserialize;
 
@@ -25,6 +25,23 @@ pub struct Grant {
     pub not_after: Option<SystemTime>,
     /// Compute-side security settings for this console.
     pub compute: ComputeAuth,
+    /// Use limit, reconnect window and source-address restriction.
+    pub limits: Limits,
+}
+
+/// How often, and from where, a token may be used.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Limits {
+    /// Primary connections this token admits (`Some(1)`: single-use);
+    /// `None`: unlimited. SPICE secondary channels of a session the token
+    /// opened never count.
+    pub max_uses: Option<u32>,
+    /// How long after its last use (or the end of its last session) a
+    /// use-limited token still admits reconnects from the same tenant
+    /// address; `None`: the configured default (`tokens.reconnect_window`).
+    pub reconnect_window: Option<Duration>,
+    /// Tenant address prefixes allowed to use the token; empty: any.
+    pub sources: Vec<super::cidr::Cidr>,
 }
 
 /// Per-token compute-side settings: which security profile of the
@@ -83,6 +100,7 @@ pub fn parse_websockify(text: &str) -> Result<Vec<TokenEntry>, TokenFileError> {
                 not_before: None,
                 not_after: None,
                 compute: ComputeAuth::default(),
+                limits: Limits::default(),
             },
         });
     }
@@ -112,6 +130,11 @@ struct TomlToken {
     password: Option<String>,
     sasl_username: Option<String>,
     sasl_password: Option<String>,
+    /// 1 = single-use.
+    max_uses: Option<u32>,
+    reconnect_window: Option<String>,
+    #[serde(default)]
+    source: Vec<String>,
 }
 
 fn default_kind() -> ConsoleKind {
@@ -165,6 +188,8 @@ pub fn parse_toml(text: &str) -> Result<Vec<TokenEntry>, TokenFileError> {
                 sasl_username: t.sasl_username,
                 sasl_password: t.sasl_password.map(Secret::new),
             };
+            let limits =
+                parse_limits(t.max_uses, t.reconnect_window.as_deref(), &t.source).map_err(bad)?;
             Ok(TokenEntry {
                 token: Token::new(t.token.trim()),
                 grant: Grant {
@@ -173,10 +198,44 @@ pub fn parse_toml(text: &str) -> Result<Vec<TokenEntry>, TokenFileError> {
                     not_before,
                     not_after,
                     compute,
+                    limits,
                 },
             })
         })
         .collect()
+}
+
+/// The longest reconnect window a token may ask for.
+pub const MAX_RECONNECT_WINDOW: Duration = Duration::from_secs(24 * 3600);
+
+/// Validates the limit fields shared by every token source.
+pub fn parse_limits(
+    max_uses: Option<u32>,
+    reconnect_window: Option<&str>,
+    source: &[String],
+) -> Result<Limits, String> {
+    if max_uses == Some(0) {
+        return Err("max_uses must be at least 1".into());
+    }
+    let reconnect_window = reconnect_window
+        .map(|w| match w.trim() {
+            "0" => Ok(Duration::ZERO),
+            w => humantime::parse_duration(w)
+                .map_err(|_| format!("reconnect_window: invalid duration {w:?}")),
+        })
+        .transpose()?;
+    if reconnect_window.is_some_and(|w| w > MAX_RECONNECT_WINDOW) {
+        return Err("reconnect_window: at most 24h".into());
+    }
+    let sources = source
+        .iter()
+        .map(|s| s.parse().map_err(|e: super::cidr::CidrError| e.to_string()))
+        .collect::<Result<_, _>>()?;
+    Ok(Limits {
+        max_uses,
+        reconnect_window,
+        sources,
+    })
 }
 
 #[cfg(test)]
@@ -228,6 +287,9 @@ server_name = "compute-1"
 password = "vncpw"
 sasl_username = "u"
 sasl_password = "p"
+max_uses = 1
+reconnect_window = "20s"
+source = ["10.0.0.0/8", "::1"]
 "#;
         let e = parse_toml(text).unwrap();
         assert_eq!(e.len(), 2);
@@ -240,6 +302,18 @@ sasl_password = "p"
         assert_eq!(c.password.as_ref().map(Secret::expose), Some("vncpw"));
         assert_eq!(c.sasl_username.as_deref(), Some("u"));
         assert!(!format!("{:?}", e[1].grant).contains("vncpw"));
+        assert_eq!(e[0].grant.limits, Limits::default());
+        let l = &e[1].grant.limits;
+        assert_eq!(l.max_uses, Some(1));
+        assert_eq!(l.reconnect_window, Some(Duration::from_secs(20)));
+        assert_eq!(l.sources.len(), 2);
+        let err =
+            parse_toml("[[token]]\ntoken='x'\ntarget='a:1'\nreconnect_window='30d'\n").unwrap_err();
+        assert!(err.to_string().contains("24h"), "{err}");
+        let err = parse_toml("[[token]]\ntoken='x'\ntarget='a:1'\nmax_uses=0\n").unwrap_err();
+        assert!(err.to_string().contains("max_uses"), "{err}");
+        let err = parse_toml("[[token]]\ntoken='x'\ntarget='a:1'\nsource=['nope']\n").unwrap_err();
+        assert!(err.to_string().contains("prefix"), "{err}");
     }
 
     #[test]

@@ -14,7 +14,13 @@ use crate::error::Refusal;
 #[derive(Debug, Clone)]
 pub struct Admission {
     pub token_id: TokenId,
+    /// SHA-256 of the token: the key of stores, ledgers and sessions.
+    pub digest: [u8; 32],
+    /// Which resolver knew the token (`file`, `memory`, `redis`, ...).
+    pub source: &'static str,
     pub grant: Grant,
+    /// For a use-limited token: the claim to take on a primary connection.
+    pub uses: Option<super::uses::UseClaim>,
 }
 
 /// Why token files could not be loaded.
@@ -95,8 +101,18 @@ impl TokenStore {
         }
         Ok(Admission {
             token_id: presented.id(),
+            digest: presented.digest(),
+            source: "file",
             grant: g.clone(),
+            uses: None,
         })
+    }
+
+    /// The grant of a token, if a file defines it (no validity checks).
+    pub fn lookup(&self, presented: &Token) -> Option<Grant> {
+        let table = self.snapshot();
+        let entry = table.by_digest.get(&presented.digest())?;
+        entry.token.ct_eq(presented).then(|| entry.grant.clone())
     }
 
     /// The console kind of this TCP endpoint if some token points at it
@@ -106,6 +122,11 @@ impl TokenStore {
             .tcp_targets
             .get(&(host.clone(), port))
             .copied()
+    }
+
+    /// Every TCP endpoint some token points at (for the eBPF allow-list).
+    pub fn tcp_targets(&self) -> Vec<(Host, u16)> {
+        self.snapshot().tcp_targets.keys().cloned().collect()
     }
 
     /// Re-reads every source; on error the previous table stays.
@@ -151,6 +172,30 @@ impl TokenStore {
         if let Ok(mut seen) = self.seen.lock() {
             *seen = fp;
         }
+    }
+}
+
+impl super::resolver::Resolver for TokenStore {
+    fn name(&self) -> &'static str {
+        "file"
+    }
+
+    fn resolve<'a>(
+        &'a self,
+        token: &'a Token,
+        _now: SystemTime,
+    ) -> super::resolver::BoxFuture<'a, Result<Option<Grant>, Refusal>> {
+        let g = self.lookup(token);
+        Box::pin(async move { Ok(g) })
+    }
+
+    fn target_kind<'a>(
+        &'a self,
+        host: &'a Host,
+        port: u16,
+    ) -> super::resolver::BoxFuture<'a, Result<Option<ConsoleKind>, Refusal>> {
+        let k = self.known_target_kind(host, port);
+        Box::pin(async move { Ok(k) })
     }
 }
 

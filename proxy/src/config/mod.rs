@@ -5,6 +5,8 @@
 //! Relative paths in the file are relative to the file's directory.
 
 pub mod dev;
+pub mod kernel;
+pub mod tokens;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -19,6 +21,14 @@ use crate::cli::{ConnectAuthArg, LogFormat, ServeArgs};
 pub const DEV_WS_LISTEN: &str = "127.0.0.1:6080";
 /// Default CONNECT listener of the embedded development setup.
 pub const DEV_CONNECT_LISTEN: &str = "127.0.0.1:6081";
+
+/// Default limit on established sessions at once.
+pub const DEFAULT_MAX_SESSIONS: usize = 20_000;
+/// Default limit per token: a SPICE console opens a session per channel
+/// (main, display, inputs, cursor, sound, several USB redirections).
+pub const DEFAULT_MAX_PER_TOKEN: usize = 32;
+/// Default limit per tenant address (offices behind one NAT address).
+pub const DEFAULT_MAX_PER_SOURCE: usize = 256;
 
 /// The config file as written by an operator.
 #[derive(Debug, Default, Deserialize)]
@@ -39,6 +49,22 @@ pub struct FileConfig {
     pub session: SessionSection,
     #[serde(default)]
     pub log: LogSection,
+    #[serde(default)]
+    pub kernel: kernel::KernelSection,
+    #[serde(default)]
+    pub admin: tokens::AdminSection,
+    #[serde(default)]
+    pub forwarding: ForwardingSection,
+}
+
+/// `[forwarding]`: load balancers in front of consolegate.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForwardingSection {
+    /// Networks (CIDR) or addresses whose PROXY protocol headers and
+    /// X-Forwarded-For / Forwarded headers are believed.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -55,6 +81,11 @@ pub struct WebSocketSection {
     #[serde(default)]
     pub allow_origins: Vec<String>,
     pub ping_interval: Option<String>,
+    /// Connections from trusted proxies start with a PROXY protocol header.
+    #[serde(default)]
+    pub proxy_protocol: bool,
+    /// Directory whose files are served for plain GET requests (`--web`).
+    pub web: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -63,6 +94,9 @@ pub struct ConnectSection {
     #[serde(default)]
     pub listen: Vec<SocketAddr>,
     pub auth: Option<ConnectAuthArg>,
+    /// Connections from trusted proxies start with a PROXY protocol header.
+    #[serde(default)]
+    pub proxy_protocol: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -78,6 +112,13 @@ pub struct TokensSection {
     #[serde(default)]
     pub files: Vec<PathBuf>,
     pub reload_interval: Option<String>,
+    /// Reconnect window of use-limited tokens (default 30s).
+    pub reconnect_window: Option<String>,
+    /// Where admin-API tokens live: memory (default) or redis.
+    pub store: Option<tokens::StoreKind>,
+    pub redis: Option<tokens::RedisSection>,
+    pub signed: Option<tokens::SignedSection>,
+    pub http: Option<tokens::HttpSection>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -122,12 +163,24 @@ pub struct ProfileFile {
 pub struct SessionSection {
     pub handshake_timeout: Option<String>,
     pub idle_timeout: Option<String>,
+    /// On SIGTERM, how long live sessions may go on before they are closed.
+    pub drain_timeout: Option<String>,
+    /// Sessions are closed after this long, busy or not ("0" = never).
+    pub max_duration: Option<String>,
+    /// Established sessions at once, in total (0 = no limit).
+    pub max_sessions: Option<usize>,
+    /// ... per token (a SPICE console uses one per channel).
+    pub max_sessions_per_token: Option<usize>,
+    /// ... per tenant address.
+    pub max_sessions_per_source: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogSection {
     pub format: Option<LogFormat>,
+    /// Append one JSON line per console session to this file.
+    pub audit_file: Option<PathBuf>,
 }
 
 /// Where the tenant-facing certificate comes from.
@@ -155,6 +208,12 @@ pub struct Config {
     pub connect_listen: Vec<SocketAddr>,
     pub tenant_tls: TenantTls,
     pub allow_origins: Vec<String>,
+    /// Load balancers whose PROXY / X-Forwarded-For headers are believed.
+    pub trusted_proxies: crate::front::forwarded::TrustedNets,
+    /// PROXY protocol expected from trusted peers on the WebSocket listeners.
+    pub ws_proxy_protocol: bool,
+    /// PROXY protocol expected from trusted peers on the CONNECT listeners.
+    pub connect_proxy_protocol: bool,
     pub connect_auth: ConnectAuth,
     pub token_sources: Vec<PathBuf>,
     /// The dev token file must be created if missing.
@@ -165,12 +224,32 @@ pub struct Config {
     pub connect_timeout: Duration,
     pub idle_timeout: Option<Duration>,
     pub ping_interval: Option<Duration>,
+    /// On SIGTERM, how long live sessions may go on before they are closed.
+    pub drain_timeout: Duration,
+    /// Sessions are closed after this long.
+    pub max_duration: Option<Duration>,
+    /// Session count limits.
+    pub limits: crate::limits::Maxima,
     pub log_format: LogFormat,
+    /// Audit records also go to this file (JSON lines).
+    pub audit_file: Option<PathBuf>,
     pub ready_file: Option<PathBuf>,
     /// Compute-side security profiles by name.
     pub profiles: BTreeMap<String, ProfileFile>,
     /// Profile for tokens that name none.
     pub default_profile: Option<String>,
+    /// Data path of established sessions.
+    pub datapath: kernel::DatapathMode,
+    /// eBPF connect allow-list.
+    pub allowlist: kernel::AllowListMode,
+    /// Where the allow-list attaches.
+    pub cgroup: kernel::CgroupMode,
+    /// Resolvers besides token files, reconnect window.
+    pub resolvers: tokens::ResolverConfig,
+    /// The admin API, if configured.
+    pub admin: Option<tokens::AdminConfig>,
+    /// Canonical path of the `--web` directory.
+    pub web: Option<PathBuf>,
 }
 
 /// Why a configuration is invalid. Reported with exit code 64.
@@ -205,8 +284,18 @@ pub enum ConfigError {
         profile: String,
         message: &'static str,
     },
+    #[error("forwarding.trusted_proxies: {0}")]
+    TrustedProxy(#[from] crate::front::forwarded::BadNet),
+    #[error(
+        "proxy_protocol is on but forwarding.trusted_proxies is empty: no peer's PROXY header would be believed"
+    )]
+    ProxyProtocolUntrusted,
     #[error("compute.default_profile {0:?} names no [compute.profiles.{0}] table")]
     UnknownDefaultProfile(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("web directory {path}: {message}")]
+    WebDir { path: PathBuf, message: String },
 }
 
 fn duration(
@@ -266,6 +355,14 @@ impl FileConfig {
         fc.tls.cert.as_mut().map(rel);
         fc.tls.key.as_mut().map(rel);
         fc.state_dir.as_mut().map(rel);
+        fc.log.audit_file.as_mut().map(rel);
+        tokens::anchor(
+            base,
+            &mut fc.tokens.signed,
+            &mut fc.tokens.http,
+            &mut fc.admin,
+        );
+        fc.websocket.web.as_mut().map(rel);
         for p in fc.compute.profiles.values_mut() {
             for path in [
                 &mut p.ca,
@@ -349,6 +446,18 @@ impl Config {
             }
         }
 
+        let trusted = if args.trusted_proxy.is_empty() {
+            fc.forwarding.trusted_proxies
+        } else {
+            args.trusted_proxy.clone()
+        };
+        let trusted_proxies = crate::front::forwarded::TrustedNets::parse(&trusted)?;
+        let ws_proxy_protocol = args.proxy_protocol || fc.websocket.proxy_protocol;
+        let connect_proxy_protocol = args.proxy_protocol || fc.connect.proxy_protocol;
+        if (ws_proxy_protocol || connect_proxy_protocol) && trusted_proxies.is_empty() {
+            return Err(ConfigError::ProxyProtocolUntrusted);
+        }
+
         let connect_auth = match args.connect_auth.or(fc.connect.auth) {
             Some(ConnectAuthArg::None) => ConnectAuth::None,
             Some(ConnectAuthArg::Token) | None => ConnectAuth::Token,
@@ -366,7 +475,15 @@ impl Config {
         } else {
             None
         };
-        if token_sources.is_empty() {
+        let resolvers = tokens::build_resolvers(
+            fc.tokens.reconnect_window.as_deref(),
+            fc.tokens.store,
+            fc.tokens.redis.as_ref(),
+            fc.tokens.signed.as_ref(),
+            fc.tokens.http.as_ref(),
+        )?;
+        let admin = tokens::build_admin(&fc.admin)?;
+        if token_sources.is_empty() && !resolvers.has_other_sources(admin.is_some()) {
             return Err(ConfigError::NoTokens);
         }
 
@@ -402,6 +519,32 @@ impl Config {
             30,
         )?;
         let reload_interval = d("reload_interval", &None, &fc.tokens.reload_interval, 2)?;
+        let drain_timeout = d(
+            "drain_timeout",
+            &args.drain_timeout,
+            &fc.session.drain_timeout,
+            30,
+        )?;
+        let max_duration = d(
+            "max_duration",
+            &args.max_session_duration,
+            &fc.session.max_duration,
+            24 * 3600,
+        )?;
+        let limits = crate::limits::Maxima {
+            total: args
+                .max_sessions
+                .or(fc.session.max_sessions)
+                .unwrap_or(DEFAULT_MAX_SESSIONS),
+            per_token: args
+                .max_sessions_per_token
+                .or(fc.session.max_sessions_per_token)
+                .unwrap_or(DEFAULT_MAX_PER_TOKEN),
+            per_source: args
+                .max_sessions_per_source
+                .or(fc.session.max_sessions_per_source)
+                .unwrap_or(DEFAULT_MAX_PER_SOURCE),
+        };
 
         let mut profiles = fc.compute.profiles;
         let mut default_profile = fc.compute.default_profile;
@@ -443,7 +586,14 @@ impl Config {
             return Err(ConfigError::UnknownDefaultProfile(d.clone()));
         }
 
+        let web = match args.web.clone().or(fc.websocket.web) {
+            Some(dir) => Some(web_dir(dir)?),
+            None => None,
+        };
+
         Ok(Config {
+            resolvers,
+            admin,
             ws_listen,
             connect_listen,
             tenant_tls,
@@ -469,12 +619,36 @@ impl Config {
             },
             idle_timeout: nonzero(idle_timeout),
             ping_interval: nonzero(ping_interval),
+            drain_timeout,
+            max_duration: nonzero(max_duration),
+            limits,
+            trusted_proxies,
+            ws_proxy_protocol,
+            connect_proxy_protocol,
             log_format: args.log_format.or(fc.log.format).unwrap_or_default(),
+            audit_file: args.audit_log.clone().or(fc.log.audit_file),
             ready_file: args.ready_file.clone(),
             profiles,
             default_profile,
+            datapath: args.datapath.or(fc.kernel.datapath).unwrap_or_default(),
+            allowlist: args.allowlist.or(fc.kernel.allowlist).unwrap_or_default(),
+            cgroup: fc.kernel.cgroup.unwrap_or_default(),
+            web,
         })
     }
+}
+
+/// The canonical path of a `--web` directory, which must exist.
+fn web_dir(dir: PathBuf) -> Result<PathBuf, ConfigError> {
+    let err = |message: String| ConfigError::WebDir {
+        path: dir.clone(),
+        message,
+    };
+    let canonical = dir.canonicalize().map_err(|e| err(e.to_string()))?;
+    if !canonical.is_dir() {
+        return Err(err("not a directory".to_owned()));
+    }
+    Ok(canonical)
 }
 
 #[cfg(test)]
@@ -533,6 +707,42 @@ mod tests {
     }
 
     #[test]
+    fn kernel_settings_flags_override_file() {
+        let fc = FileConfig::parse(
+            "[tokens]\nfiles=['t']\n[websocket]\nlisten=['127.0.0.1:1']\n\
+             [kernel]\ndatapath='copy'\nallowlist='required'\ncgroup='current'\n",
+            Path::new("/etc/cg/c.toml"),
+        )
+        .unwrap();
+        assert_eq!(fc.kernel.datapath, Some(kernel::DatapathMode::Copy));
+        assert_eq!(fc.kernel.allowlist, Some(kernel::AllowListMode::Required));
+        assert_eq!(fc.kernel.cgroup, Some(kernel::CgroupMode::Current));
+        assert!(FileConfig::parse("[kernel]\ndatapath='fast'\n", Path::new("x")).is_err());
+        let mut a = args();
+        a.token_file = vec!["t".into()];
+        a.connect_listen = vec!["127.0.0.1:1".parse().unwrap()];
+        a.datapath = Some(kernel::DatapathMode::Splice);
+        a.allowlist = Some(kernel::AllowListMode::Off);
+        let c = Config::build(&a).unwrap();
+        assert_eq!(c.datapath, kernel::DatapathMode::Splice);
+        assert_eq!(c.allowlist, kernel::AllowListMode::Off);
+        let c = Config::build(&ServeArgs {
+            token_file: vec!["t".into()],
+            connect_listen: vec!["127.0.0.1:1".parse().unwrap()],
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(
+            (c.datapath, c.allowlist, c.cgroup),
+            (
+                kernel::DatapathMode::Auto,
+                kernel::AllowListMode::Auto,
+                kernel::CgroupMode::Own
+            )
+        );
+    }
+
+    #[test]
     fn example_config_is_valid() {
         let path = Path::new(concat!(
             env!("CARGO_MANIFEST_DIR"),
@@ -553,13 +763,67 @@ mod tests {
         assert_eq!(c.idle_timeout, Some(Duration::from_secs(3600)));
         assert!(matches!(c.tenant_tls, TenantTls::Files { .. }));
         assert_eq!(c.token_sources.len(), 2);
+        assert_eq!(c.resolvers.reconnect_window, Duration::from_secs(30));
+        assert_eq!(c.resolvers.store, tokens::StoreKind::Redis);
+        assert!(c.resolvers.redis.is_some() && c.resolvers.http.is_some());
+        assert_eq!(c.resolvers.signed_keys.len(), 1);
+        let admin = c.admin.as_ref().unwrap();
+        assert_eq!(admin.auth, tokens::AdminAuthKind::Required);
+        assert!(admin.key_file.as_ref().is_some_and(|p| p.is_absolute()));
         assert_eq!(c.default_profile.as_deref(), Some("qemu"));
+        assert_eq!(c.datapath, kernel::DatapathMode::Auto);
+        assert_eq!(c.allowlist, kernel::AllowListMode::Auto);
+        assert_eq!(c.cgroup, kernel::CgroupMode::Own);
         let q = &c.profiles["qemu"];
         assert_eq!(q.require_tls, Some(true));
         assert!(
             q.ca.as_ref().is_some_and(|p| p.is_absolute()),
             "relative to the file"
         );
+    }
+
+    #[test]
+    fn installed_service_config_is_valid() {
+        // proxy/dist/consolegate.toml is what `cargo xtask install` puts in
+        // /etc/consolegate for the systemd unit.
+        let path = Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/dist/consolegate.toml"
+        ));
+        let a = ServeArgs {
+            config: Some(path.to_owned()),
+            ..Default::default()
+        };
+        let c = Config::build(&a).unwrap();
+        assert_eq!(c.drain_timeout, Duration::from_secs(30));
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert!(c.ws_listen.iter().all(|a| a.ip().is_loopback()));
+        assert!(matches!(c.tenant_tls, TenantTls::Dev { .. }));
+        assert!(c.token_sources[0].ends_with("dist/tokens.toml"));
+    }
+
+    #[test]
+    fn web_dir_is_canonical_and_must_exist() {
+        let fc = FileConfig::parse(
+            "[websocket]\nweb = 'console'\n",
+            Path::new("/etc/cg/consolegate.toml"),
+        )
+        .unwrap();
+        assert_eq!(fc.websocket.web, Some(PathBuf::from("/etc/cg/console")));
+        let mut a = args();
+        assert_eq!(Config::build(&a).unwrap().web, None);
+        a.web = Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src/../src"));
+        let c = Config::build(&a).unwrap();
+        let want = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("src")
+            .canonicalize()
+            .unwrap();
+        assert_eq!(c.web, Some(want));
+        a.web = Some(PathBuf::from("/nonexistent/consolegate-web"));
+        assert!(matches!(Config::build(&a), Err(ConfigError::WebDir { .. })));
+        a.web = Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"));
+        let e = Config::build(&a).unwrap_err();
+        assert!(e.to_string().contains("not a directory"), "{e}");
     }
 
     #[test]

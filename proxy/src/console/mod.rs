@@ -263,12 +263,18 @@ pub async fn tls_connect(
 pub enum ComputeIo {
     Plain(ComputeStream),
     Tls(Box<tokio_rustls::client::TlsStream<ComputeStream>>),
+    /// A SPICE main channel: reads drop migration announcements.
+    SpiceMain(Box<spice::migrate::Filtered<ComputeIo>>),
 }
 
 impl ComputeIo {
     /// Whether the compute leg is encrypted.
     pub fn is_tls(&self) -> bool {
-        matches!(self, ComputeIo::Tls(_))
+        match self {
+            ComputeIo::Plain(_) => false,
+            ComputeIo::Tls(_) => true,
+            ComputeIo::SpiceMain(f) => f.get_ref().is_tls(),
+        }
     }
 }
 
@@ -281,6 +287,7 @@ impl AsyncRead for ComputeIo {
         match self.get_mut() {
             ComputeIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
             ComputeIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            ComputeIo::SpiceMain(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -294,6 +301,7 @@ impl AsyncWrite for ComputeIo {
         match self.get_mut() {
             ComputeIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
             ComputeIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            ComputeIo::SpiceMain(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
 
@@ -301,6 +309,7 @@ impl AsyncWrite for ComputeIo {
         match self.get_mut() {
             ComputeIo::Plain(s) => Pin::new(s).poll_flush(cx),
             ComputeIo::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            ComputeIo::SpiceMain(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
@@ -308,6 +317,7 @@ impl AsyncWrite for ComputeIo {
         match self.get_mut() {
             ComputeIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
             ComputeIo::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            ComputeIo::SpiceMain(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }

@@ -33,6 +33,16 @@ where
     loop {
         let n = match r.read(&mut buf).await {
             Ok(n) => n,
+            // A TLS compute peer that closes without close_notify (QEMU
+            // does) after the console ran: an ordinary end. Before any byte
+            // it is a failure (e.g. QEMU refusing our client certificate).
+            Err(e)
+                if e.kind() == std::io::ErrorKind::UnexpectedEof
+                    && matches!(dir, Dir::Down)
+                    && counters.down_bytes() > 0 =>
+            {
+                0
+            }
             Err(e) => {
                 return Err(match dir {
                     Dir::Up => End::TenantIo(e.to_string()),
@@ -46,7 +56,14 @@ where
             let _ = w.shutdown().await;
             return Ok(());
         }
-        if let Err(e) = w.write_all(&buf[..n]).await {
+        // A TLS writer (rustls) may keep bytes buffered after `write_all`
+        // returns when its socket would block: flush, or they wait for the
+        // next chunk (a stalled console until the tenant sends again).
+        let written = match w.write_all(&buf[..n]).await {
+            Ok(()) => w.flush().await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = written {
             return Err(match dir {
                 Dir::Up => End::ComputeIo(e.to_string()),
                 Dir::Down => End::TenantIo(e.to_string()),

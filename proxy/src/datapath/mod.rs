@@ -1,13 +1,18 @@
 //! HOT PATH: moving console bytes once a session is established.
 //!
 //! `copy` is the universal userspace bidirectional copy (CONNECT and other
-//! raw streams); `websocket` pumps between a WebSocket tenant and a raw
-//! compute stream. Kernel paths (splice, sockmap, kTLS, io_uring) will join
-//! as a ladder with this as the fallback. This module never imports config,
-//! serde or control-plane code.
+//! raw streams); `splice` moves plaintext streams socket -> pipe -> socket
+//! in the kernel; `websocket` pumps between a WebSocket tenant and a raw
+//! compute stream, and `ws_splice` does the same with the heavy
+//! compute-to-tenant payload spliced behind a frame header we write. The session picks the highest rung its legs allow
+//! (splice when both are plain sockets) with the copy as the fallback that
+//! always exists; sockmap, kTLS and io_uring will join the ladder. This
+//! module never imports config, serde or control-plane code.
 
 pub mod copy;
+pub mod splice;
 pub mod websocket;
+pub mod ws_splice;
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -94,6 +99,8 @@ pub enum End {
     KeepaliveTimeout,
     /// The proxy is shutting down.
     Shutdown,
+    /// The session reached its maximum duration.
+    MaxDuration,
     /// The tenant broke the protocol; closed with this code.
     TenantProtocol { code: u16, reason: &'static str },
     /// An I/O error on the tenant side.
@@ -112,6 +119,7 @@ impl End {
             End::IdleTimeout => "idle_timeout",
             End::KeepaliveTimeout => "keepalive_timeout",
             End::Shutdown => "shutdown",
+            End::MaxDuration => "max_duration",
             End::TenantProtocol { .. } => "tenant_protocol_error",
             End::TenantIo(_) => "tenant_io_error",
             End::ComputeIo(_) => "compute_io_error",

@@ -32,10 +32,12 @@ pub struct WsSettings {
     pub mode: Mode,
     pub idle: Option<Duration>,
     pub ping_interval: Option<Duration>,
+    /// The session is closed (1001) after this long.
+    pub max_duration: Option<Duration>,
 }
 
 #[derive(Debug)]
-enum Control {
+pub(super) enum Control {
     Pong(BytesMut),
     Close(u16, &'static str),
 }
@@ -89,6 +91,14 @@ where
             let _ = tokio::time::timeout(CLOSE_GRACE, &mut down).await;
             End::IdleTimeout
         }
+        () = async { match settings.max_duration {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        } } => {
+            let _ = ctl_tx.try_send(Control::Close(close_code::GOING_AWAY, "maximum session duration reached"));
+            let _ = tokio::time::timeout(CLOSE_GRACE, &mut down).await;
+            End::MaxDuration
+        }
         () = crate::datapath::shutdown_signalled(&mut shutdown) => {
             let _ = ctl_tx.try_send(Control::Close(close_code::GOING_AWAY, "proxy shutting down"));
             let _ = tokio::time::timeout(CLOSE_GRACE, &mut down).await;
@@ -98,7 +108,7 @@ where
 }
 
 /// Tenant to compute: decode frames, forward data, route control frames.
-async fn up<R, W>(
+pub(super) async fn up<R, W>(
     mut tr: R,
     mut rbuf: BytesMut,
     pending: BytesMut,
@@ -113,7 +123,11 @@ where
 {
     let mut decoder = Decoder::new(MAX_TENANT_FRAME);
     if !pending.is_empty() {
-        if let Err(e) = cw.write_all(&pending).await {
+        let written = match cw.write_all(&pending).await {
+            Ok(()) => cw.flush().await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = written {
             let _ = ctl
                 .send(Control::Close(
                     close_code::COMPUTE_ERROR,
@@ -155,7 +169,12 @@ where
                 if data.is_empty() {
                     continue;
                 }
-                if let Err(e) = cw.write_all(&data).await {
+                // Flush: a rustls compute leg may hold written bytes back.
+                let written = match cw.write_all(&data).await {
+                    Ok(()) => cw.flush().await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = written {
                     let _ = ctl
                         .send(Control::Close(
                             close_code::COMPUTE_ERROR,
@@ -245,7 +264,14 @@ where
                 None => return End::Closed,
             },
             r = cr.read(&mut buf[MAX_HEADER_LEN..]) => match r {
+                // EOF, or a TLS compute peer closing without close_notify
+                // (QEMU does) after the console ran: an ordinary end. Before
+                // any byte it is a failure (QEMU refusing our certificate).
                 Ok(0) => {
+                    send_close(&mut tw, close_code::NORMAL, "console closed").await;
+                    return End::ComputeClosed;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && counters.down_bytes() > 0 => {
                     send_close(&mut tw, close_code::NORMAL, "console closed").await;
                     return End::ComputeClosed;
                 }
@@ -296,7 +322,7 @@ where
     }
 }
 
-async fn send_close<W: AsyncWrite + Unpin>(tw: &mut W, code: u16, reason: &str) {
+pub(super) async fn send_close<W: AsyncWrite + Unpin>(tw: &mut W, code: u16, reason: &str) {
     let mut out = BytesMut::new();
     encode_frame(Opcode::Close, &close_payload(code, reason), &mut out);
     let _ = tw.write_all(&out).await;

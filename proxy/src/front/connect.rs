@@ -14,7 +14,8 @@ use super::read_head;
 use crate::auth::{Admission, Grant};
 use crate::config::ConnectAuth;
 use crate::console::{ConsoleKind, Host, Target, split_host_port};
-use crate::datapath::{Counters, copy};
+use crate::control::audit::SessionRecord;
+use crate::datapath::{Counters, End};
 use crate::error::Refusal;
 use crate::session::{Context, establish, log_end, refuse};
 
@@ -37,6 +38,7 @@ impl Admitted {
                 not_before: None,
                 not_after: None,
                 compute: Default::default(),
+                limits: Default::default(),
             },
         }
     }
@@ -49,6 +51,7 @@ pub async fn serve(mut tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
         "session",
         session.id = guard.id,
         tenant.addr = %peer,
+        tenant.via = tracing::field::Empty,
         front = "connect",
         console.kind = tracing::field::Empty,
         token.id = tracing::field::Empty,
@@ -65,8 +68,19 @@ pub async fn serve(mut tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
             Ok(Err(None)) => return,
             Err(_) => return refuse(&mut tcp, Refusal::HandshakeTimeout).await,
         };
-        let admitted = match admit(&ctx, &head) {
+        let source = ctx.record_forwarded(&head, peer);
+        let tenant = if source == peer.ip() {
+            peer
+        } else {
+            SocketAddr::new(source, 0)
+        };
+        let admitted = match admit(&ctx, &head, tenant).await {
             Ok(a) => a,
+            Err(r) => return refuse(&mut tcp, r).await,
+        };
+        let token_id = admitted.token.as_ref().map(|a| a.token_id);
+        let _slot = match ctx.limits.acquire(source, token_id) {
+            Ok(s) => s,
             Err(r) => return refuse(&mut tcp, r).await,
         };
         let span = tracing::Span::current();
@@ -78,6 +92,14 @@ pub async fn serve(mut tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
         }
         span.record("compute.addr", tracing::field::display(&admitted.target));
         let grant = admitted.grant();
+        let session = ctx.sessions.register(
+            guard.id,
+            "connect",
+            tenant,
+            grant.kind.as_str(),
+            admitted.target.to_string(),
+            admitted.token.as_ref(),
+        );
         let security = match ctx.security(&grant) {
             Ok(s) => s,
             Err(r) => return refuse(&mut tcp, r).await,
@@ -101,7 +123,7 @@ pub async fn serve(mut tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
         let (mut compute, negotiated) = match establish(
             &ctx,
             grant.kind,
-            admitted.token.as_ref().map(|a| a.token_id),
+            admitted.token.as_ref(),
             &security,
             compute,
             &mut tenant,
@@ -123,43 +145,69 @@ pub async fn serve(mut tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
         let counters = Counters::new();
         let Prefixed { prefix, inner: tcp } = tenant;
         if !prefix.is_empty() {
-            if let Err(e) = compute.write_all(&prefix).await {
+            let written = match compute.write_all(&prefix).await {
+                Ok(()) => compute.flush().await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = written {
                 tracing::info!(error = %e, "compute write failed");
                 return;
             }
             counters.add_up(prefix.len());
         }
         tracing::info!(security = %negotiated, "console handshake done");
-        span.record("datapath", "userspace");
-        tracing::info!("session established");
         let compute_tls = compute.is_tls();
-        let end = copy::bidirectional(
-            tcp,
-            compute,
-            &counters,
-            ctx.idle_timeout,
-            ctx.shutdown.clone(),
-        )
-        .await;
+        if compute_tls && let Err(e) = compute.flush().await {
+            tracing::info!(error = %e, "compute write failed");
+            return;
+        }
+        let pump = crate::ladder::pump_raw(&ctx, tcp, compute, &counters, session.stop_signal());
+        // At the maximum duration both sockets are dropped (closed): a raw
+        // tunnel has no close frame to carry a reason.
+        let (end, datapath) = match ctx.max_duration {
+            Some(d) => tokio::time::timeout(d, pump)
+                .await
+                .unwrap_or((End::MaxDuration, "-")),
+            None => pump.await,
+        };
         log_end(&end, &counters, compute_tls);
+        ctx.audit.session(&SessionRecord {
+            session_id: guard.id,
+            front: "connect",
+            tenant: source,
+            via: (source != peer.ip()).then_some(peer),
+            token_id,
+            console_kind: grant.kind.as_str(),
+            compute: admitted.target.to_string(),
+            security: negotiated.to_string(),
+            datapath,
+            started: std::time::SystemTime::now() - counters.elapsed(),
+            duration: counters.elapsed(),
+            bytes_up: counters.up_bytes(),
+            bytes_down: counters.down_bytes(),
+            end: end.kind(),
+        });
+        drop(session);
         drop(guard);
     }
     .instrument(span)
     .await;
 }
 
-fn admit(ctx: &Context, head: &RequestHead) -> Result<Admitted, Refusal> {
+async fn admit(ctx: &Context, head: &RequestHead, peer: SocketAddr) -> Result<Admitted, Refusal> {
     if head.method != "CONNECT" {
         return Err(Refusal::MethodNotAllowed);
     }
     let authority = head.target.as_str();
     // Token as pseudo-hostname: `CONNECT <token>:0`. Tokens are case
     // sensitive, so look at the host exactly as sent.
+    // An IP address is never taken for a token (no resolver is asked).
     if let Some((raw_host, _)) = authority.rsplit_once(':')
         && !raw_host.is_empty()
         && !raw_host.starts_with('[')
+        && raw_host.parse::<std::net::IpAddr>().is_err()
     {
-        match ctx.resolve(raw_host) {
+        match ctx.resolve(raw_host, peer.ip()).await {
             Ok(a) => {
                 return Ok(Admitted {
                     target: a.grant.target.clone(),
@@ -167,7 +215,11 @@ fn admit(ctx: &Context, head: &RequestHead) -> Result<Admitted, Refusal> {
                     token: Some(a),
                 });
             }
-            Err(Refusal::TokenExpired) => return Err(Refusal::TokenExpired),
+            Err(
+                r @ (Refusal::TokenExpired | Refusal::TokenConsumed | Refusal::SourceNotAllowed),
+            ) => {
+                return Err(r);
+            }
             Err(_) => {}
         }
     }
@@ -175,7 +227,7 @@ fn admit(ctx: &Context, head: &RequestHead) -> Result<Admitted, Refusal> {
     match ctx.connect_auth {
         ConnectAuth::Token => {
             let token = proxy_token(head).ok_or(Refusal::ProxyAuthRequired)?;
-            let a = ctx.resolve(&token)?;
+            let a = ctx.resolve(&token, peer.ip()).await?;
             if !same_endpoint(&a.grant.target, &host, port) {
                 return Err(Refusal::TargetNotAllowed);
             }
@@ -186,10 +238,7 @@ fn admit(ctx: &Context, head: &RequestHead) -> Result<Admitted, Refusal> {
             })
         }
         ConnectAuth::None => {
-            let kind = ctx
-                .tokens
-                .known_target_kind(&host, port)
-                .ok_or(Refusal::TargetNotAllowed)?;
+            let kind = ctx.resolvers.target_kind(&host, port).await?;
             Ok(Admitted {
                 target: Target::Tcp { host, port },
                 kind: Some(kind),

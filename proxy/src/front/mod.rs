@@ -2,9 +2,11 @@
 //! front ends (WebSocket and HTTP CONNECT).
 
 pub mod connect;
+pub mod forwarded;
 pub mod http;
 pub mod listener;
 pub mod tls;
+pub mod web;
 pub mod websocket;
 pub mod ws;
 

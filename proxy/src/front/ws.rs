@@ -12,8 +12,9 @@ use super::http::{HeadLimits, RequestHead, decode_component};
 use super::websocket::frame::close_code;
 use super::websocket::handshake::{check_upgrade, switching_response};
 use super::websocket::stream::WsStream;
-use super::{TenantStream, read_head};
-use crate::datapath::websocket::{CLOSE_GRACE, WsSettings, pump};
+use super::{TenantStream, read_head, web};
+use crate::control::audit::SessionRecord;
+use crate::datapath::websocket::{CLOSE_GRACE, WsSettings};
 use crate::datapath::{Counters, End};
 use crate::error::Refusal;
 use crate::session::{Context, establish, log_end, refuse};
@@ -25,6 +26,7 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
         "session",
         session.id = guard.id,
         tenant.addr = %peer,
+        tenant.via = tracing::field::Empty,
         front = "websocket",
         console.kind = tracing::field::Empty,
         token.id = tracing::field::Empty,
@@ -41,10 +43,12 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
                 match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
                     Ok(Ok(s)) => TenantStream::Tls(Box::new(s)),
                     Ok(Err(e)) => {
+                        crate::error::count_refusal(Refusal::TlsHandshake.kind());
                         tracing::info!(reason = %Refusal::TlsHandshake, error = %e, "session refused");
                         return;
                     }
                     Err(_) => {
+                        crate::error::count_refusal(Refusal::HandshakeTimeout.kind());
                         tracing::warn!(reason = %Refusal::HandshakeTimeout, "session refused");
                         return;
                     }
@@ -61,8 +65,25 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
                 Ok(Err(None)) => return,
                 Err(_) => return refuse(&mut stream, Refusal::HandshakeTimeout).await,
             };
-        let (upgrade, admission) = match admit(&ctx, &head) {
+        // Plain GET/HEAD: the web console and --web files (docs/contract.md).
+        if !head.header_has_token("upgrade", "websocket")
+            && web::serve(&ctx.web, &head, &mut stream).await == web::Outcome::Done
+        {
+            return;
+        }
+        let source = ctx.record_forwarded(&head, peer);
+        // The tenant: the forwarded address from a trusted balancer, or the peer.
+        let tenant = if source == peer.ip() {
+            peer
+        } else {
+            SocketAddr::new(source, 0)
+        };
+        let (upgrade, admission) = match admit(&ctx, &head, tenant).await {
             Ok(v) => v,
+            Err(r) => return refuse(&mut stream, r).await,
+        };
+        let _slot = match ctx.limits.acquire(source, Some(admission.token_id)) {
+            Ok(s) => s,
             Err(r) => return refuse(&mut stream, r).await,
         };
         let grant = &admission.grant;
@@ -70,6 +91,14 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
         span.record("console.kind", grant.kind.as_str());
         span.record("token.id", tracing::field::display(admission.token_id));
         span.record("compute.addr", tracing::field::display(&grant.target));
+        let session = ctx.sessions.register(
+            guard.id,
+            "websocket",
+            tenant,
+            grant.kind.as_str(),
+            grant.target.to_string(),
+            Some(&admission),
+        );
         let security = match ctx.security(grant) {
             Ok(s) => s,
             Err(r) => return refuse(&mut stream, r).await,
@@ -84,7 +113,7 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
         }
         let mut ws = WsStream::new(stream, rest, upgrade.mode);
         let (compute, negotiated) =
-            match establish(&ctx, grant.kind, Some(admission.token_id), &security, compute, &mut ws).await {
+            match establish(&ctx, grant.kind, Some(&admission), &security, compute, &mut ws).await {
                 Ok(v) => v,
                 Err(e) => {
                     tracing::warn!(
@@ -103,23 +132,53 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
             tracing::info!(error = %e, "tenant went away during the handshake");
             return;
         }
-        span.record("datapath", "userspace");
-        tracing::info!(
-            mode = upgrade.mode.name(),
-            security = %negotiated,
-            profile = security.profile.as_deref().unwrap_or("-"),
-            "session established"
-        );
         let counters = Counters::new();
         let settings = WsSettings {
             mode: upgrade.mode,
             idle: ctx.idle_timeout,
             ping_interval: ctx.ping_interval,
+            max_duration: ctx.max_duration,
         };
         let compute_tls = compute.is_tls();
-        let end: End =
-            pump(ws.into_parts(), compute, settings, &counters, ctx.shutdown.clone()).await;
+        let chosen = std::sync::OnceLock::new();
+        let established = |datapath: &'static str| {
+            let _ = chosen.set(datapath);
+            tracing::info!(
+                mode = upgrade.mode.name(),
+                security = %negotiated,
+                profile = security.profile.as_deref().unwrap_or("-"),
+                datapath,
+                "session established"
+            );
+        };
+        let end: End = crate::ladder::pump_ws(
+            &ctx,
+            ws.into_parts(),
+            compute,
+            settings,
+            &counters,
+            session.stop_signal(),
+            established,
+        )
+        .await;
         log_end(&end, &counters, compute_tls);
+        ctx.audit.session(&SessionRecord {
+            session_id: guard.id,
+            front: "websocket",
+            tenant: source,
+            via: (source != peer.ip()).then_some(peer),
+            token_id: Some(admission.token_id),
+            console_kind: grant.kind.as_str(),
+            compute: grant.target.to_string(),
+            security: negotiated.to_string(),
+            datapath: chosen.get().copied().unwrap_or("-"),
+            started: std::time::SystemTime::now() - counters.elapsed(),
+            duration: counters.elapsed(),
+            bytes_up: counters.up_bytes(),
+            bytes_down: counters.down_bytes(),
+            end: end.kind(),
+        });
+        drop(session);
         drop(guard);
     }
     .instrument(span)
@@ -127,9 +186,10 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
 }
 
 /// Validates the upgrade, Origin and token; returns the upgrade and grant.
-fn admit(
+async fn admit(
     ctx: &Context,
     head: &RequestHead,
+    peer: SocketAddr,
 ) -> Result<(super::websocket::handshake::Upgrade, crate::auth::Admission), Refusal> {
     let path_token = path_token(head.path())?;
     let upgrade = check_upgrade(head)?;
@@ -142,7 +202,7 @@ fn admit(
         .or(path_token)
         .or_else(|| head.cookie("token").filter(|t| !t.is_empty()))
         .ok_or(Refusal::TokenMissing)?;
-    let admission = ctx.resolve(&token)?;
+    let admission = ctx.resolve(&token, peer.ip()).await?;
     Ok((upgrade, admission))
 }
 

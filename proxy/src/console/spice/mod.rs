@@ -20,6 +20,7 @@
 //! message on, bytes pass through untouched.
 
 pub mod link;
+pub mod migrate;
 pub mod ticket;
 
 use std::collections::HashMap;
@@ -57,6 +58,13 @@ impl SpiceSessions {
         let entries = map.get(&id)?;
         let (_, first) = entries.first()?;
         entries.iter().all(|(_, t)| t == first).then_some(*first)
+    }
+
+    /// Whether `token` opened a live session (its secondary channels may
+    /// still join even when the token has no use left).
+    pub fn has_token(&self, token: TokenId) -> bool {
+        let map = self.by_id.lock().unwrap_or_else(|p| p.into_inner());
+        map.values().flatten().any(|(_, t)| *t == token)
     }
 
     /// Records that `token` opened session `id`, until the guard drops.
@@ -212,6 +220,8 @@ pub enum SpiceError {
     NoMainInit(u16),
     #[error("the proxy's ticket key is unavailable: {0}")]
     ProxyKey(String),
+    #[error("main channel refused: {0}")]
+    Token(crate::error::Refusal),
 }
 
 impl SpiceError {
@@ -233,6 +243,7 @@ impl SpiceError {
             SpiceError::Password(_) => "missing_credential",
             SpiceError::TicketRejected { .. } => "compute_auth_failed",
             SpiceError::ProxyKey(_) => "internal",
+            SpiceError::Token(r) => r.kind(),
         }
     }
 
@@ -246,6 +257,7 @@ impl SpiceError {
             | SpiceError::MigrationUnsupported
             | SpiceError::SessionNotOwned { .. } => Side::Tenant,
             SpiceError::Password(_) | SpiceError::ProxyKey(_) => Side::Proxy,
+            SpiceError::Token(r) => r.side(),
             _ => Side::Compute,
         }
     }
@@ -275,6 +287,7 @@ impl SpiceError {
             }
             SpiceError::Password(_) => "console credentials are not configured correctly",
             SpiceError::ProxyKey(_) => "internal error",
+            SpiceError::Token(r) => r.tenant_message(),
         }
     }
 }
@@ -349,6 +362,7 @@ pub async fn establish<T: AsyncRead + AsyncWrite + Unpin>(
     security: &SessionSecurity,
     sessions: &Arc<SpiceSessions>,
     token: TokenId,
+    claim: Option<&crate::auth::uses::UseClaim>,
 ) -> Result<(ComputeIo, Label), SpiceError> {
     // 1. The tenant's link message.
     let body = read_link(
@@ -386,6 +400,20 @@ pub async fn establish<T: AsyncRead + AsyncWrite + Unpin>(
     if mess.channel_type != channel::MAIN && sessions.owner(mess.connection_id) != Some(token) {
         refuse_tenant(tenant, link_err::BAD_CONNECTION_ID).await;
         return Err(SpiceError::SessionNotOwned { channel });
+    }
+    // A use-limited token: the main channel takes the use (secondary
+    // channels were admitted above by the session their token opened).
+    if mess.channel_type == channel::MAIN
+        && let Some(c) = claim
+        && let Err(r) = c.claim(std::time::SystemTime::now()).await
+    {
+        crate::error::count_refusal(r.kind());
+        let code = match r {
+            crate::error::Refusal::ResolverUnavailable => link_err::ERROR,
+            _ => link_err::PERMISSION_DENIED,
+        };
+        refuse_tenant(tenant, code).await;
+        return Err(SpiceError::Token(r));
     }
 
     // 2. The compute leg, its link and ticket.
@@ -470,6 +498,8 @@ pub async fn establish<T: AsyncRead + AsyncWrite + Unpin>(
     let mini = mess.caps.has_common(common_cap::MINI_HEADER)
         && server.caps.has_common(common_cap::MINI_HEADER);
     let guard = forward_until_main_init(&mut io, tenant, mini, sessions, token).await?;
+    // From here on, migration announcements never reach the tenant.
+    let io = ComputeIo::SpiceMain(Box::new(migrate::Filtered::new(io, mini)));
     Ok((io, Label::with_session(label, guard)))
 }
 

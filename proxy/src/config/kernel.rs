@@ -1,0 +1,63 @@
+//! The `[kernel]` section: data path choice and the eBPF allow-list.
+
+use serde::Deserialize;
+
+/// Which data path established sessions use (`--datapath`, `kernel.datapath`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DatapathMode {
+    /// The fastest path each session allows (splice when both legs are
+    /// plain sockets), the userspace copy otherwise.
+    #[default]
+    Auto,
+    /// Always the userspace copy.
+    Copy,
+    /// splice(2) where both legs are plain sockets; the copy elsewhere
+    /// (TLS legs cannot be spliced without kTLS).
+    Splice,
+}
+
+impl DatapathMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DatapathMode::Auto => "auto",
+            DatapathMode::Copy => "copy",
+            DatapathMode::Splice => "splice",
+        }
+    }
+}
+
+/// Whether the eBPF connect allow-list is used (`--allowlist`, `kernel.allowlist`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AllowListMode {
+    /// Not used.
+    Off,
+    /// Used when the kernel and privileges allow; otherwise a loud warning.
+    #[default]
+    Auto,
+    /// The proxy refuses to start without it.
+    Required,
+}
+
+/// Which cgroup v2 the allow-list programs attach to (`kernel.cgroup`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CgroupMode {
+    /// A child `consolegate-<pid>` of the current cgroup, created at start,
+    /// the proxy moves itself in, removed at exit.
+    #[default]
+    Own,
+    /// The cgroup the proxy was started in (e.g. the one systemd gives the
+    /// service); never the root cgroup.
+    Current,
+}
+
+/// `[kernel]` in the config file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KernelSection {
+    pub datapath: Option<DatapathMode>,
+    pub allowlist: Option<AllowListMode>,
+    pub cgroup: Option<CgroupMode>,
+}

@@ -1,0 +1,646 @@
+//! splice(2) data path for plaintext streams: each direction moves bytes
+//! socket -> pipe -> socket inside the kernel, never through a userspace
+//! buffer. Applies only when both legs are plain TCP or UNIX sockets (a
+//! rustls leg has to be decrypted in userspace).
+//!
+//! Same contract as [`super::copy`]: counters, half-close (the peer gets
+//! `shutdown(SHUT_WR)` at EOF once the pipe is drained, the other
+//! direction keeps flowing), backpressure (a direction reads only when its
+//! pipe is empty, so a slow reader stops the writer), idle timeout and
+//! shutdown. The first error on either leg ends the session.
+
+use std::io;
+use std::net::Shutdown;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::time::Duration;
+
+use tokio::io::Interest;
+use tokio::net::{TcpStream, UnixStream};
+use tokio::sync::watch;
+
+use super::{Counters, End, idle_watch};
+use crate::sys::pipe::{Pipe, readable_bytes, splice};
+
+/// Capacity asked for each pipe. Pages are allocated only when used;
+/// the kernel keeps the default (64 KiB) if it refuses this.
+pub const PIPE_SIZE: usize = 1 << 20;
+
+/// A plain socket one side of a spliced session runs on.
+#[derive(Debug)]
+pub enum Socket {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Sock<'a> {
+    Tcp(&'a TcpStream),
+    Unix(&'a UnixStream),
+}
+
+impl Socket {
+    fn borrow(&self) -> Sock<'_> {
+        match self {
+            Socket::Tcp(s) => Sock::Tcp(s),
+            Socket::Unix(s) => Sock::Unix(s),
+        }
+    }
+}
+
+impl<'a> Sock<'a> {
+    pub(super) fn fd(self) -> BorrowedFd<'a> {
+        match self {
+            Sock::Tcp(s) => s.as_fd(),
+            Sock::Unix(s) => s.as_fd(),
+        }
+    }
+
+    pub(super) async fn ready(self, interest: Interest) -> io::Result<()> {
+        match self {
+            Sock::Tcp(s) => s.ready(interest).await.map(drop),
+            Sock::Unix(s) => s.ready(interest).await.map(drop),
+        }
+    }
+
+    /// Runs `f` if tokio thinks the socket is ready; a `WouldBlock` from
+    /// `f` clears that readiness so the next `ready` waits for epoll.
+    pub(super) fn try_io<R>(
+        self,
+        interest: Interest,
+        f: impl FnOnce() -> io::Result<R>,
+    ) -> io::Result<R> {
+        match self {
+            Sock::Tcp(s) => s.try_io(interest, f),
+            Sock::Unix(s) => s.try_io(interest, f),
+        }
+    }
+
+    fn shutdown_write(self) -> io::Result<()> {
+        socket2::SockRef::from(&self.fd()).shutdown(Shutdown::Write)
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Dir {
+    Up,
+    Down,
+}
+
+impl Dir {
+    fn name(self) -> &'static str {
+        match self {
+            Dir::Up => "up",
+            Dir::Down => "down",
+        }
+    }
+
+    /// The error of the side we read from.
+    fn read_err(self, e: io::Error) -> End {
+        match self {
+            Dir::Up => End::TenantIo(e.to_string()),
+            Dir::Down => End::ComputeIo(e.to_string()),
+        }
+    }
+
+    /// The error of the side we write to.
+    fn write_err(self, e: io::Error) -> End {
+        match self {
+            Dir::Up => End::ComputeIo(e.to_string()),
+            Dir::Down => End::TenantIo(e.to_string()),
+        }
+    }
+}
+
+/// The two pipes of a spliced session, made before the session commits to
+/// this path so that running out of descriptors falls back to the copy.
+#[derive(Debug)]
+pub struct Splicer {
+    up: Pipe,
+    down: Pipe,
+}
+
+impl Splicer {
+    /// Creates both pipes.
+    pub fn new() -> io::Result<Self> {
+        Self::with_pipe_size(PIPE_SIZE)
+    }
+
+    /// Creates both pipes with `size` bytes of capacity each.
+    pub fn with_pipe_size(size: usize) -> io::Result<Self> {
+        Ok(Self {
+            up: Pipe::new(size)?,
+            down: Pipe::new(size)?,
+        })
+    }
+
+    /// Splices both ways until both directions reach EOF, one side fails,
+    /// the session idles out or shutdown is signalled.
+    pub async fn run(
+        self,
+        tenant: Socket,
+        compute: Socket,
+        counters: &Counters,
+        idle: Option<Duration>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> End {
+        let (t, c) = (tenant.borrow(), compute.borrow());
+        let up = pump(t, c, &self.up, Dir::Up, counters);
+        let down = pump(c, t, &self.down, Dir::Down, counters);
+        let both = async {
+            match tokio::try_join!(up, down) {
+                Ok(((), ())) => End::Closed,
+                Err(e) => e,
+            }
+        };
+        tokio::select! {
+            end = both => end,
+            () = idle_watch(counters, idle) => End::IdleTimeout,
+            () = crate::datapath::shutdown_signalled(&mut shutdown) => End::Shutdown,
+        }
+    }
+}
+
+/// Waits for `interest` on `sock` and runs one splice call.
+pub(super) async fn splice_ready(
+    sock: Sock<'_>,
+    interest: Interest,
+    from: BorrowedFd<'_>,
+    to: BorrowedFd<'_>,
+    len: usize,
+) -> io::Result<usize> {
+    loop {
+        sock.ready(interest).await?;
+        match sock.try_io(interest, || splice(from, to, len)) {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Result of one attempt to move bytes from a socket into the pipe.
+enum In {
+    /// This many bytes are now in the pipe (0: end of stream).
+    Moved(usize),
+    /// The socket has data but the pipe has no free slot.
+    PipeFull,
+}
+
+/// One non-blocking `splice(src -> pipe)` inside `try_io`. EAGAIN is
+/// ambiguous (socket empty, or pipe slots full with partial pages), so
+/// FIONREAD tells them apart: only an empty socket clears tokio's
+/// readiness, otherwise the next wake-up could be lost.
+fn splice_in(src: Sock<'_>, pipe: &Pipe, len: usize) -> io::Result<In> {
+    src.try_io(Interest::READABLE, || {
+        match splice(src.fd(), pipe.writer(), len) {
+            Ok(n) => Ok(In::Moved(n)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if readable_bytes(src.fd()).unwrap_or(0) > 0 {
+                    Ok(In::PipeFull)
+                } else {
+                    Err(e)
+                }
+            }
+            Err(e) => Err(e),
+        }
+    })
+}
+
+/// One direction. Reading into the pipe and writing out of it overlap: the
+/// pipe is filled while it has room and drained while it has bytes, and
+/// the task sleeps only when neither can move (waiting for the source to
+/// become readable, the destination writable, or both). At end of stream
+/// the pipe is drained, then the destination gets `shutdown(SHUT_WR)`.
+async fn pump(
+    src: Sock<'_>,
+    dst: Sock<'_>,
+    pipe: &Pipe,
+    dir: Dir,
+    counters: &Counters,
+) -> Result<(), End> {
+    let cap = pipe.capacity();
+    let mut pending = 0usize;
+    let mut eof = false;
+    loop {
+        let mut pipe_full = false;
+        let mut progressed = false;
+        if !eof && pending < cap {
+            match splice_in(src, pipe, cap - pending) {
+                Ok(In::Moved(0)) => {
+                    eof = true;
+                    progressed = true;
+                }
+                Ok(In::Moved(n)) => {
+                    tracing::trace!(dir = dir.name(), n, "spliced in");
+                    pending += n;
+                    progressed = true;
+                }
+                Ok(In::PipeFull) => pipe_full = true,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => progressed = true,
+                Err(e) => return Err(dir.read_err(e)),
+            }
+        }
+        if pending > 0 {
+            match dst.try_io(Interest::WRITABLE, || {
+                splice(pipe.reader(), dst.fd(), pending)
+            }) {
+                Ok(0) => return Err(dir.write_err(io::ErrorKind::WriteZero.into())),
+                Ok(m) => {
+                    tracing::trace!(dir = dir.name(), m, "spliced out");
+                    pending -= m;
+                    progressed = true;
+                    match dir {
+                        Dir::Up => counters.add_up(m),
+                        Dir::Down => counters.add_down(m),
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => progressed = true,
+                Err(e) => return Err(dir.write_err(e)),
+            }
+        }
+        if eof && pending == 0 {
+            // Everything read has been written: pass the half-close on.
+            let _ = dst.shutdown_write();
+            return Ok(());
+        }
+        if progressed {
+            continue;
+        }
+        let want_read = !eof && pending < cap && !pipe_full;
+        let want_write = pending > 0;
+        tokio::select! {
+            r = src.ready(Interest::READABLE), if want_read => r.map_err(|e| dir.read_err(e))?,
+            r = dst.ready(Interest::WRITABLE), if want_write => r.map_err(|e| dir.write_err(e))?,
+            // Not reachable (a full pipe holds bytes to write), but never spin or panic.
+            else => tokio::task::yield_now().await,
+        }
+    }
+}
+
+/// Both raw data paths under the same tests: random payloads both ways,
+/// half-close, resets, slow readers and many sessions at once.
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use rand::RngCore as _;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    #[derive(Debug, Clone, Copy)]
+    enum Path {
+        Copy,
+        Splice,
+    }
+
+    const PATHS: [Path; 2] = [Path::Copy, Path::Splice];
+
+    async fn tcp_pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (b, _) = l.accept().await.unwrap();
+        (a, b)
+    }
+
+    struct Running {
+        tenant: TcpStream,
+        compute: TcpStream,
+        counters: Arc<Counters>,
+        end: tokio::task::JoinHandle<End>,
+        stop: watch::Sender<bool>,
+    }
+
+    /// tenant <-> [proxy_t | path | proxy_c] <-> compute
+    async fn start(path: Path, idle: Option<Duration>) -> Running {
+        start_with(path, idle, PIPE_SIZE).await
+    }
+
+    async fn start_with(path: Path, idle: Option<Duration>, pipe: usize) -> Running {
+        let (tenant, proxy_t) = tcp_pair().await;
+        let (proxy_c, compute) = tcp_pair().await;
+        let (stop, rx) = watch::channel(false);
+        let counters = Arc::new(Counters::new());
+        let c = Arc::clone(&counters);
+        let end = tokio::spawn(async move {
+            match path {
+                Path::Copy => {
+                    super::super::copy::bidirectional(proxy_t, proxy_c, &c, idle, rx).await
+                }
+                Path::Splice => {
+                    Splicer::with_pipe_size(pipe)
+                        .unwrap()
+                        .run(Socket::Tcp(proxy_t), Socket::Tcp(proxy_c), &c, idle, rx)
+                        .await
+                }
+            }
+        });
+        Running {
+            tenant,
+            compute,
+            counters,
+            end,
+            stop,
+        }
+    }
+
+    fn random(n: usize) -> Vec<u8> {
+        let mut v = vec![0u8; n];
+        rand::rng().fill_bytes(&mut v);
+        v
+    }
+
+    /// Writes `data` then half-closes, while reading everything the other
+    /// way; returns what was read.
+    async fn exchange(mut s: TcpStream, data: Vec<u8>) -> Vec<u8> {
+        let (mut r, mut w) = s.split();
+        let write = async {
+            w.write_all(&data).await.unwrap();
+            w.shutdown().await.unwrap();
+        };
+        let read = async {
+            let mut got = Vec::new();
+            r.read_to_end(&mut got).await.unwrap();
+            got
+        };
+        let ((), got) = tokio::join!(write, read);
+        got
+    }
+
+    #[tokio::test]
+    async fn large_random_payloads_both_ways_with_half_close() {
+        for path in PATHS {
+            let r = start(path, None).await;
+            let up = random(8 << 20);
+            let down = random(6 << 20 | 12345);
+            let (got_down, got_up) = tokio::join!(
+                exchange(r.tenant, up.clone()),
+                exchange(r.compute, down.clone())
+            );
+            assert!(got_up == up, "{path:?}: up bytes differ");
+            assert!(got_down == down, "{path:?}: down bytes differ");
+            assert_eq!(r.end.await.unwrap(), End::Closed, "{path:?}");
+            assert_eq!(r.counters.up_bytes(), up.len() as u64);
+            assert_eq!(r.counters.down_bytes(), down.len() as u64);
+        }
+    }
+
+    #[tokio::test]
+    async fn half_close_keeps_the_other_direction() {
+        for path in PATHS {
+            let mut r = start(path, None).await;
+            r.tenant.write_all(b"request").await.unwrap();
+            r.tenant.shutdown().await.unwrap();
+            let mut got = Vec::new();
+            r.compute.read_to_end(&mut got).await.unwrap();
+            assert_eq!(got, b"request", "{path:?}");
+            // Long after the tenant's FIN, the compute side still answers.
+            let answer = random(3 << 20);
+            r.compute.write_all(&answer).await.unwrap();
+            r.compute.shutdown().await.unwrap();
+            let mut back = Vec::new();
+            r.tenant.read_to_end(&mut back).await.unwrap();
+            assert!(back == answer, "{path:?}");
+            assert_eq!(r.end.await.unwrap(), End::Closed);
+        }
+    }
+
+    #[tokio::test]
+    async fn slow_reader_gets_everything() {
+        for path in PATHS {
+            let mut r = start(path, None).await;
+            let data = random(4 << 20);
+            let d2 = data.clone();
+            let mut compute = r.compute;
+            let writer = tokio::spawn(async move {
+                compute.write_all(&d2).await.unwrap();
+                compute.shutdown().await.unwrap();
+                compute
+            });
+            // Read in small sips with pauses: the proxy must hold back
+            // (socket buffers and the pipe fill up) without losing bytes.
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            let mut sips = 0u32;
+            loop {
+                let n = r.tenant.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&buf[..n]);
+                sips += 1;
+                if sips.is_multiple_of(64) {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+            assert!(got == data, "{path:?}");
+            drop(writer.await.unwrap());
+            r.tenant.shutdown().await.unwrap();
+            assert_eq!(r.end.await.unwrap(), End::Closed);
+        }
+    }
+
+    /// With a one-page pipe, a few bytes occupy its only slot long before
+    /// its byte capacity is reached: the next splice in gets EAGAIN while
+    /// the socket has data (what FIONREAD disambiguates). Tiny segments
+    /// with a stalled reader must neither stall nor lose bytes.
+    #[tokio::test]
+    async fn tiny_segments_fill_pipe_slots_without_stalling() {
+        for path in PATHS {
+            let mut r = start_with(path, None, 4096).await;
+            r.compute.set_nodelay(true).unwrap();
+            let data = random(7 * 20_000);
+            let d2 = data.clone();
+            let mut compute = r.compute;
+            let writer = tokio::spawn(async move {
+                for chunk in d2.chunks(7) {
+                    compute.write_all(chunk).await.unwrap();
+                }
+                compute.shutdown().await.unwrap();
+                compute
+            });
+            // Let the segments pile up in the proxy before reading.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let mut got = Vec::new();
+            r.tenant.read_to_end(&mut got).await.unwrap();
+            assert!(
+                got == data,
+                "{path:?}: {} of {} bytes",
+                got.len(),
+                data.len()
+            );
+            drop(writer.await.unwrap());
+            r.tenant.shutdown().await.unwrap();
+            assert_eq!(r.end.await.unwrap(), End::Closed);
+        }
+    }
+
+    /// EAGAIN from splice(socket -> pipe) means "socket empty" or "pipe
+    /// slots full"; only the first may clear tokio's readiness.
+    #[tokio::test]
+    async fn full_pipe_is_told_apart_from_an_empty_socket() {
+        let (mut a, b) = tcp_pair().await;
+        let (c, mut d) = tcp_pair().await;
+        let pipe = Pipe::new(4096).unwrap();
+        let sock = Sock::Tcp(&b);
+        async fn arrived(b: &TcpStream, n: usize) {
+            while readable_bytes(b.as_fd()).unwrap() < n {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            b.readable().await.unwrap();
+        }
+        a.write_all(b"1234567").await.unwrap();
+        arrived(&b, 7).await;
+        assert!(matches!(
+            splice_in(sock, &pipe, 4096).unwrap(),
+            In::Moved(7)
+        ));
+        a.write_all(b"abcdefg").await.unwrap();
+        arrived(&b, 7).await;
+        // One page, one slot, already holding 7 bytes.
+        assert!(matches!(
+            splice_in(sock, &pipe, 4089).unwrap(),
+            In::PipeFull
+        ));
+        // Readiness was kept: no wait needed to move on once the pipe drains.
+        assert_eq!(splice(pipe.reader(), c.as_fd(), 7).unwrap(), 7);
+        assert!(matches!(
+            splice_in(sock, &pipe, 4096).unwrap(),
+            In::Moved(7)
+        ));
+        assert_eq!(splice(pipe.reader(), c.as_fd(), 7).unwrap(), 7);
+        let e = splice_in(sock, &pipe, 4096).err().unwrap();
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+        let mut got = [0u8; 14];
+        d.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"1234567abcdefg");
+    }
+
+    #[tokio::test]
+    async fn compute_reset_ends_the_session_with_a_compute_error() {
+        for path in PATHS {
+            let mut r = start(path, None).await;
+            r.tenant.write_all(b"x").await.unwrap();
+            let mut one = [0u8; 1];
+            r.compute.read_exact(&mut one).await.unwrap();
+            // SO_LINGER 0: close sends RST.
+            socket2::SockRef::from(&r.compute)
+                .set_linger(Some(Duration::ZERO))
+                .unwrap();
+            drop(r.compute);
+            // Keep writing until the proxy notices.
+            let end = loop {
+                if r.end.is_finished() {
+                    break r.end.await.unwrap();
+                }
+                if r.tenant.write_all(&[0u8; 65536]).await.is_err() {
+                    break r.end.await.unwrap();
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            };
+            assert!(matches!(end, End::ComputeIo(_)), "{path:?}: {end:?}");
+            assert!(r.counters.up_bytes() >= 1);
+        }
+    }
+
+    #[tokio::test]
+    async fn tenant_reset_ends_the_session() {
+        for path in PATHS {
+            let r = start(path, None).await;
+            socket2::SockRef::from(&r.tenant)
+                .set_linger(Some(Duration::ZERO))
+                .unwrap();
+            drop(r.tenant);
+            let mut compute = r.compute;
+            let end = loop {
+                if r.end.is_finished() {
+                    break r.end.await.unwrap();
+                }
+                if compute.write_all(&[0u8; 65536]).await.is_err() {
+                    break r.end.await.unwrap();
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            };
+            assert!(matches!(end, End::TenantIo(_)), "{path:?}: {end:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn idle_timeout_and_shutdown() {
+        for path in PATHS {
+            let r = start(path, Some(Duration::from_millis(100))).await;
+            assert_eq!(r.end.await.unwrap(), End::IdleTimeout, "{path:?}");
+            let r = start(path, None).await;
+            r.stop.send(true).unwrap();
+            assert_eq!(r.end.await.unwrap(), End::Shutdown, "{path:?}");
+            drop((r.tenant, r.compute));
+        }
+    }
+
+    #[tokio::test]
+    async fn many_concurrent_sessions() {
+        for path in PATHS {
+            let mut tasks = Vec::new();
+            for i in 0..64usize {
+                tasks.push(tokio::spawn(async move {
+                    let r = start(path, None).await;
+                    let up = random(64 * 1024 + i * 977);
+                    let down = random(128 * 1024 + i * 131);
+                    let (got_down, got_up) = tokio::join!(
+                        exchange(r.tenant, up.clone()),
+                        exchange(r.compute, down.clone())
+                    );
+                    assert!(got_up == up && got_down == down, "{path:?} session {i}");
+                    assert_eq!(r.end.await.unwrap(), End::Closed);
+                }));
+            }
+            for t in tasks {
+                t.await.unwrap();
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn splice_to_a_unix_socket_compute() {
+        let dir = std::env::temp_dir().join(format!("cg-splice-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let path = dir.join("c.sock");
+        let _ = std::fs::remove_file(&path);
+        let l = tokio::net::UnixListener::bind(&path).unwrap();
+        let proxy_c = UnixStream::connect(&path).await.unwrap();
+        let (compute, _) = l.accept().await.unwrap();
+        let (tenant, proxy_t) = tcp_pair().await;
+        let (_stop, rx) = watch::channel(false);
+        let counters = Arc::new(Counters::new());
+        let c = Arc::clone(&counters);
+        let end = tokio::spawn(async move {
+            Splicer::new()
+                .unwrap()
+                .run(Socket::Tcp(proxy_t), Socket::Unix(proxy_c), &c, None, rx)
+                .await
+        });
+        let up = random(2 << 20);
+        let down = random(3 << 20);
+        let (mut cr, mut cw) = compute.into_split();
+        let d2 = down.clone();
+        let compute_side = async move {
+            let mut got = Vec::new();
+            let w = async {
+                cw.write_all(&d2).await.unwrap();
+                cw.shutdown().await.unwrap();
+            };
+            let r = cr.read_to_end(&mut got);
+            let ((), n) = tokio::join!(w, r);
+            n.unwrap();
+            got
+        };
+        let (got_down, got_up) = tokio::join!(exchange(tenant, up.clone()), compute_side);
+        assert!(got_up == up && got_down == down);
+        assert_eq!(end.await.unwrap(), End::Closed);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,239 @@
+//! WebSocket pump with a spliced compute-to-tenant direction, for plain
+//! (non-TLS) WebSocket tenants in binary mode and plain compute sockets.
+//!
+//! Compute to tenant, the heavy direction: console bytes are spliced from
+//! the compute socket into a pipe, which tells exactly how many arrived;
+//! we write the frame header for that length ourselves (`MSG_MORE`, so it
+//! leaves in the same segment) and splice the payload from the pipe to
+//! the tenant. The bytes never enter userspace. Tenant to compute, masked
+//! small frames, is decoded and unmasked in userspace exactly as in
+//! [`super::websocket`]. Pongs, pings and close frames are written by the
+//! same task between frames, so they never split one.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+
+use bytes::BytesMut;
+use tokio::io::{AsyncWrite, AsyncWriteExt as _, Interest};
+use tokio::net::{TcpStream, tcp, unix};
+use tokio::sync::{mpsc, watch};
+
+use super::splice::{Sock, Socket, splice_ready};
+use super::websocket::{CLOSE_GRACE, Control, WsSettings, send_close, up};
+use super::{Counters, End, idle_watch};
+use crate::front::websocket::frame::{self, MAX_HEADER_LEN, Opcode, close_code, encode_frame};
+use crate::front::websocket::stream::WsParts;
+use crate::sys::pipe::Pipe;
+
+/// Largest payload of one spliced compute-to-tenant frame.
+const FRAME_MAX: usize = 256 * 1024;
+
+enum ComputeRead {
+    Tcp(tcp::OwnedReadHalf),
+    Unix(unix::OwnedReadHalf),
+}
+
+impl ComputeRead {
+    fn sock(&self) -> Sock<'_> {
+        match self {
+            ComputeRead::Tcp(r) => Sock::Tcp(r.as_ref()),
+            ComputeRead::Unix(r) => Sock::Unix(r.as_ref()),
+        }
+    }
+}
+
+enum ComputeWrite {
+    Tcp(tcp::OwnedWriteHalf),
+    Unix(unix::OwnedWriteHalf),
+}
+
+impl AsyncWrite for ComputeWrite {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ComputeWrite::Tcp(w) => Pin::new(w).poll_write(cx, buf),
+            ComputeWrite::Unix(w) => Pin::new(w).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ComputeWrite::Tcp(w) => Pin::new(w).poll_flush(cx),
+            ComputeWrite::Unix(w) => Pin::new(w).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ComputeWrite::Tcp(w) => Pin::new(w).poll_shutdown(cx),
+            ComputeWrite::Unix(w) => Pin::new(w).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Runs the session until either side ends it, like
+/// [`super::websocket::pump`] in binary mode, with the compute-to-tenant
+/// payload spliced through `pipe`.
+pub async fn pump(
+    tenant: WsParts<TcpStream>,
+    compute: Socket,
+    pipe: Pipe,
+    settings: WsSettings,
+    counters: &Counters,
+    mut shutdown: watch::Receiver<bool>,
+) -> End {
+    let WsParts {
+        inner,
+        raw,
+        pending,
+        inbound,
+    } = tenant;
+    let (tr, mut tw) = inner.into_split();
+    let (cr, cw) = match compute {
+        Socket::Tcp(s) => {
+            let (r, w) = s.into_split();
+            (ComputeRead::Tcp(r), ComputeWrite::Tcp(w))
+        }
+        Socket::Unix(s) => {
+            let (r, w) = s.into_split();
+            (ComputeRead::Unix(r), ComputeWrite::Unix(w))
+        }
+    };
+    let (ctl_tx, ctl_rx) = mpsc::channel::<Control>(8);
+    let up = up(tr, raw, pending, inbound, cw, counters, ctl_tx.clone());
+    let down = down(&cr, &mut tw, &pipe, settings, counters, ctl_rx);
+    tokio::pin!(up, down);
+    tokio::select! {
+        end = &mut up => {
+            if !matches!(end, End::TenantIo(_)) {
+                let _ = tokio::time::timeout(CLOSE_GRACE, &mut down).await;
+            }
+            end
+        }
+        end = &mut down => {
+            if !matches!(end, End::TenantIo(_)) {
+                let _ = tokio::time::timeout(CLOSE_GRACE, &mut up).await;
+            }
+            end
+        }
+        () = idle_watch(counters, settings.idle) => {
+            let _ = ctl_tx.try_send(Control::Close(close_code::GOING_AWAY, "idle timeout"));
+            let _ = tokio::time::timeout(CLOSE_GRACE, &mut down).await;
+            End::IdleTimeout
+        }
+        () = async { match settings.max_duration {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        } } => {
+            let _ = ctl_tx.try_send(Control::Close(close_code::GOING_AWAY, "maximum session duration reached"));
+            let _ = tokio::time::timeout(CLOSE_GRACE, &mut down).await;
+            End::MaxDuration
+        }
+        () = crate::datapath::shutdown_signalled(&mut shutdown) => {
+            let _ = ctl_tx.try_send(Control::Close(close_code::GOING_AWAY, "proxy shutting down"));
+            let _ = tokio::time::timeout(CLOSE_GRACE, &mut down).await;
+            End::Shutdown
+        }
+    }
+}
+
+/// Sends a frame header with `MSG_MORE`: the payload spliced right after
+/// it goes out in the same segment.
+async fn send_header(tenant: &TcpStream, mut hdr: &[u8]) -> io::Result<()> {
+    while !hdr.is_empty() {
+        tenant.writable().await?;
+        match tenant.try_io(Interest::WRITABLE, || {
+            socket2::SockRef::from(tenant).send_with_flags(hdr, libc::MSG_MORE)
+        }) {
+            Ok(n) => hdr = &hdr[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Compute to tenant: spliced binary frames, plus pongs, pings and closes.
+async fn down(
+    cr: &ComputeRead,
+    tw: &mut tcp::OwnedWriteHalf,
+    pipe: &Pipe,
+    settings: WsSettings,
+    counters: &Counters,
+    mut ctl: mpsc::Receiver<Control>,
+) -> End {
+    let mut out = BytesMut::new();
+    let mut ping = settings.ping_interval.map(|p| {
+        let mut i = tokio::time::interval_at(tokio::time::Instant::now() + p, p);
+        i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        i
+    });
+    let compute = cr.sock();
+    let chunk = pipe.capacity().min(FRAME_MAX);
+    loop {
+        tokio::select! {
+            biased;
+            c = ctl.recv() => match c {
+                Some(Control::Pong(p)) => {
+                    out.clear();
+                    encode_frame(Opcode::Pong, &p, &mut out);
+                    if let Err(e) = tw.write_all(&out).await {
+                        return End::TenantIo(e.to_string());
+                    }
+                }
+                Some(Control::Close(code, reason)) => {
+                    send_close(tw, code, reason).await;
+                    return End::Closed;
+                }
+                None => return End::Closed,
+            },
+            r = splice_ready(compute, Interest::READABLE, compute.fd(), pipe.writer(), chunk) => match r {
+                Ok(0) => {
+                    send_close(tw, close_code::NORMAL, "console closed").await;
+                    return End::ComputeClosed;
+                }
+                Ok(n) => {
+                    // The pipe holds exactly the n bytes just read.
+                    let mut hdr = [0u8; MAX_HEADER_LEN];
+                    let h = frame::encode_header(true, Opcode::Binary, None, n as u64, &mut hdr);
+                    let tenant: &TcpStream = tw.as_ref();
+                    if let Err(e) = send_header(tenant, &hdr[..h]).await {
+                        return End::TenantIo(e.to_string());
+                    }
+                    let mut left = n;
+                    while left > 0 {
+                        let sock = Sock::Tcp(tenant);
+                        match splice_ready(sock, Interest::WRITABLE, pipe.reader(), sock.fd(), left).await {
+                            Ok(0) => return End::TenantIo(io::Error::from(io::ErrorKind::WriteZero).to_string()),
+                            Ok(m) => left -= m,
+                            Err(e) => return End::TenantIo(e.to_string()),
+                        }
+                    }
+                    tracing::trace!(n, "compute data spliced");
+                    counters.add_down(n);
+                }
+                Err(e) => {
+                    send_close(tw, close_code::COMPUTE_ERROR, "console connection failed").await;
+                    return End::ComputeIo(e.to_string());
+                }
+            },
+            _ = async { match ping.as_mut() { Some(i) => i.tick().await, None => std::future::pending().await } } => {
+                if counters.unanswered_pings.load(Ordering::Relaxed) >= 2 {
+                    send_close(tw, close_code::GOING_AWAY, "keepalive timeout").await;
+                    return End::KeepaliveTimeout;
+                }
+                counters.unanswered_pings.fetch_add(1, Ordering::Relaxed);
+                out.clear();
+                encode_frame(Opcode::Ping, b"consolegate", &mut out);
+                if let Err(e) = tw.write_all(&out).await {
+                    return End::TenantIo(e.to_string());
+                }
+            }
+        }
+    }
+}
