@@ -29,7 +29,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "haproxy", // a real load balancer: PROXY protocol and X-Forwarded-For (tests/tests/forwarding.rs)
     "redis-server", // the shared token store of a proxy fleet (tests/tests/tokens.rs)
     "chromium", // headless browser: tests/tests/web_console.rs opens the console pages
-    "socat",               // bench/tests/smoke.rs runs the compare harness through socat too
+    "socat",   // bench/tests/smoke.rs runs the compare harness through socat too
 ];
 
 /// rustup components of the active toolchain, by the cargo subcommand that
