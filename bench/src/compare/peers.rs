@@ -687,6 +687,18 @@ fn consolegate(
     if let Some(dp) = datapath {
         args.extend(["--datapath".into(), dp.into()]);
     }
+    // All idle sessions share one token and one address: lift the per-token
+    // and per-source limits (when the binary has them) so they measure
+    // memory, not the limits.
+    let help = Command::new(program).args(["serve", "--help"]).output();
+    let help = help
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    for flag in ["--max-sessions-per-token", "--max-sessions-per-source"] {
+        if help.contains(flag) {
+            args.extend([flag.into(), "0".into()]);
+        }
+    }
     let mut proc = Proc::spawn(&name, ctx.proxy_cmd(program, &args), &ctx.log(&name))?;
     let deadline = Instant::now() + Duration::from_secs(15);
     let ready: serde_json::Value = loop {
