@@ -2,8 +2,9 @@
 //! It serves a bounded number of clients and gives up when none arrives for a
 //! while, so it always stops by itself.
 
-use std::io::{self, Write as _};
+use std::io::{self, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -16,12 +17,15 @@ use crate::{CHUNK, mb_per_s};
 pub struct Options {
     /// Bytes written to each client.
     pub bytes: u64,
-    /// Clients to serve before stopping.
+    /// Clients to serve before stopping; 0 serves until no client has been
+    /// connected for `accept_timeout` (a long-lived backend for many runs).
     pub clients: u64,
     /// Give up when no client arrives for this long.
     pub accept_timeout: Duration,
     /// Give up on a client whose writes block for this long.
     pub write_timeout: Duration,
+    /// Speak TLS to every client.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// What happened to one client.
@@ -62,8 +66,26 @@ impl Server {
         let on_served = &on_served;
         thread::scope(|scope| {
             let mut workers = Vec::new();
+            let mut done = Vec::new();
             let mut last = Instant::now();
-            while (workers.len() as u64) < opts.clients {
+            let unlimited = opts.clients == 0;
+            while unlimited || ((workers.len() + done.len()) as u64) < opts.clients {
+                if unlimited {
+                    // Keep the finished ones' results, and do not time out
+                    // while a client is still being served.
+                    let (finished, running): (Vec<_>, Vec<_>) = workers
+                        .into_iter()
+                        .partition(|w: &thread::ScopedJoinHandle<'_, Served>| w.is_finished());
+                    done.extend(
+                        finished
+                            .into_iter()
+                            .map(|w| w.join().expect("flood worker panicked")),
+                    );
+                    workers = running;
+                    if !workers.is_empty() {
+                        last = Instant::now();
+                    }
+                }
                 match self.listener.accept() {
                     Ok((stream, peer)) => {
                         last = Instant::now();
@@ -74,11 +96,14 @@ impl Server {
                         }));
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        if unlimited && last.elapsed() > opts.accept_timeout {
+                            break;
+                        }
                         if last.elapsed() > opts.accept_timeout {
                             bail!(
                                 "no client for {:?} ({} of {} served)",
                                 opts.accept_timeout,
-                                workers.len(),
+                                workers.len() + done.len(),
                                 opts.clients
                             );
                         }
@@ -87,10 +112,12 @@ impl Server {
                     Err(e) => return Err(e).context("accept"),
                 }
             }
-            Ok(workers
-                .into_iter()
-                .map(|w| w.join().expect("flood worker panicked"))
-                .collect())
+            done.extend(
+                workers
+                    .into_iter()
+                    .map(|w| w.join().expect("flood worker panicked")),
+            );
+            Ok(done)
         })
     }
 }
@@ -102,12 +129,17 @@ fn flood(stream: TcpStream, peer: SocketAddr, opts: &Options) -> Served {
         stream.set_nonblocking(false)?;
         stream.set_nodelay(true)?;
         stream.set_write_timeout(Some(opts.write_timeout))?;
-        let block: Vec<u8> = (0..CHUNK).map(|i| (i % 251) as u8).collect();
-        let mut out = &stream;
-        while sent < opts.bytes {
-            let n = usize::try_from(opts.bytes - sent).map_or(CHUNK, |left| left.min(CHUNK));
-            out.write_all(&block[..n])?;
-            sent += n as u64;
+        stream.set_read_timeout(Some(opts.write_timeout))?;
+        match &opts.tls {
+            None => write_flood(&mut &stream, opts.bytes, &mut sent)?,
+            Some(config) => {
+                let conn =
+                    rustls::ServerConnection::new(config.clone()).map_err(io::Error::other)?;
+                let mut tls = rustls::StreamOwned::new(conn, &stream);
+                write_flood(&mut tls, opts.bytes, &mut sent)?;
+                tls.conn.send_close_notify();
+                tls.flush()?;
+            }
         }
         stream.shutdown(Shutdown::Write)
     })();
@@ -118,6 +150,17 @@ fn flood(stream: TcpStream, peer: SocketAddr, opts: &Options) -> Served {
         took: started.elapsed(),
         error: result.err().map(|e| e.to_string()),
     }
+}
+
+/// Writes `bytes` of a fixed pattern, counting into `sent`.
+fn write_flood(out: &mut impl Write, bytes: u64, sent: &mut u64) -> io::Result<()> {
+    let block: Vec<u8> = (0..CHUNK).map(|i| (i % 251) as u8).collect();
+    while *sent < bytes {
+        let n = usize::try_from(bytes - *sent).map_or(CHUNK, |left| left.min(CHUNK));
+        out.write_all(&block[..n])?;
+        *sent += n as u64;
+    }
+    out.flush()
 }
 
 /// From the first client's start to the last client's end.

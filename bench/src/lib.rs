@@ -1,19 +1,38 @@
-//! Load generation for consolegate, used by the `loadgen` binary.
+//! Load generation and side-by-side benchmarks for consolegate, used by the
+//! `loadgen` binary.
 //!
-//! Two halves of a bulk-transfer measurement, both plain blocking TCP so the
-//! load generator costs as little CPU as possible and never looks like the
-//! bottleneck:
-//! - [`flood`]: a compute-side stand-in that writes a fixed number of bytes
-//!   to every client, like a VNC server flooding framebuffer updates.
-//! - [`raw`]: a tenant-side client that connects (directly, or to a proxy
-//!   listener that forwards to a flood server) and reads a fixed number of
-//!   bytes, timing them.
+//! # Layout
 //!
-//! Throughput is in MB/s, 10^6 bytes per second.
+//! The clients are plain blocking I/O on one buffer per session, so the load
+//! generator costs as little CPU as it can and reports what it used (it must
+//! never be the bottleneck it measures).
+//!
+//! - [`tenant`]: one tenant session: TCP, optional TLS ([`tls`]), then raw
+//!   bytes, HTTP CONNECT or a WebSocket (masked binary frames, as a browser
+//!   sends them).
+//! - [`flood`] and [`echo`]: compute-side stand-ins. The flood server writes a
+//!   fixed number of bytes to every client (a framebuffer flood); the echo
+//!   server echoes (a serial console) and holds idle sessions.
+//! - [`bulk`], [`latency`], [`idle`]: the three scenarios. Bulk throughput,
+//!   keystroke-sized round trips into an HDR histogram, and connection scale
+//!   (proxy memory per idle session, session set-up rate).
+//! - [`procstat`]: CPU seconds and RSS of process trees, system CPU per core.
+//! - [`compare`]: the side-by-side runner. Starts the backends and every peer
+//!   (direct, socat, haproxy, nginx stream, websockify, consolegate with each
+//!   data path) on loopback, runs each scenario several times through each,
+//!   and writes `report.json`, `report.md` and SVG plots.
+//!
+//! Throughput is in MB/s (10^6 bytes per second) and Gbit/s.
 
+pub mod bulk;
+pub mod compare;
+pub mod echo;
 pub mod flood;
-pub mod raw;
-pub mod ws;
+pub mod idle;
+pub mod latency;
+pub mod procstat;
+pub mod tenant;
+pub mod tls;
 
 use std::time::Duration;
 

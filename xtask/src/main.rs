@@ -12,9 +12,12 @@
 //!   cargo-fuzz; each installed only when missing.
 //! - `fuzz`: builds the cargo-fuzz targets in `fuzz/` and runs each one for a
 //!   bounded time from its committed seed corpus.
+//! - `bench`: `cargo xtask bench`, the side-by-side benchmark (installs the
+//!   peers, builds release binaries, runs `loadgen compare`).
 //! - `steps`: running a command as a named step, section headers, the summary.
 //! - `web`: the web console's npm packages (noVNC, xterm.js) in `web/`.
 
+mod bench;
 mod fuzz;
 mod install;
 mod setup;
@@ -89,6 +92,19 @@ enum Task {
         /// Run only this target (default: all of them).
         target: Option<String>,
     },
+    /// Benchmark consolegate side by side with direct, socat, haproxy, nginx
+    /// and websockify; report in target/bench (see docs/benchmarking.md).
+    Bench {
+        /// The full run (5 runs, 2 GiB bulk, 1000 idle sessions) instead of the quick one.
+        #[arg(long)]
+        full: bool,
+        /// Do not install the peers' Debian packages (missing peers are skipped).
+        #[arg(long)]
+        no_install: bool,
+        /// Further `loadgen compare` flags, after `--` (e.g. -- --peers haproxy,consolegate).
+        #[arg(last = true, value_name = "COMPARE_ARGS")]
+        compare_args: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -111,6 +127,11 @@ fn main() -> ExitCode {
         Task::Lint => setup::rust_components(&mut steps).and_then(|()| lint(&root, &mut steps)),
         Task::Fuzz { seconds, target } => setup::fuzz_tools(&mut steps)
             .and_then(|()| fuzz::run(&root, &mut steps, seconds, target.as_deref())),
+        Task::Bench {
+            full,
+            no_install,
+            compare_args,
+        } => bench::run(&root, &mut steps, full, !no_install, &compare_args),
     };
     if let Err(err) = outcome {
         steps.abort(&err);

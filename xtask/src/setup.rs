@@ -29,6 +29,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "haproxy", // a real load balancer: PROXY protocol and X-Forwarded-For (tests/tests/forwarding.rs)
     "redis-server", // the shared token store of a proxy fleet (tests/tests/tokens.rs)
     "chromium", // headless browser: tests/tests/web_console.rs opens the console pages
+    "socat",   // bench/tests/smoke.rs runs the compare harness through socat too
 ];
 
 /// rustup components of the active toolchain, by the cargo subcommand that
@@ -52,21 +53,26 @@ pub fn all(steps: &mut Steps) -> Result<()> {
 
 /// The Debian packages in [`DEBIAN_PACKAGES`].
 pub fn debian_packages(steps: &mut Steps) -> Result<()> {
-    step(steps, "setup: debian packages", || {
+    install_debian(steps, "setup: debian packages", DEBIAN_PACKAGES)
+}
+
+/// Installs the missing ones of `packages` (without Recommends) as one step.
+pub fn install_debian(steps: &mut Steps, name: &str, packages: &[&str]) -> Result<()> {
+    step(steps, name, || {
         if !succeeds(Command::new("dpkg-query").arg("--version")) {
             println!(
                 "xtask: no dpkg here; install these yourself: {}",
-                DEBIAN_PACKAGES.join(" ")
+                packages.join(" ")
             );
             return Ok("skipped: not a Debian system".to_owned());
         }
-        let missing: Vec<&str> = DEBIAN_PACKAGES
+        let missing: Vec<&str> = packages
             .iter()
             .copied()
             .filter(|n| !deb_installed(n))
             .collect();
         if missing.is_empty() {
-            return Ok(format!("present: {}", DEBIAN_PACKAGES.join(" ")));
+            return Ok(format!("present: {}", packages.join(" ")));
         }
         println!("xtask: missing Debian packages: {}", missing.join(" "));
         let lock_wait = ["-o", "DPkg::Lock::Timeout=600"];

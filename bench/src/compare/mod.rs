@@ -1,0 +1,800 @@
+//! `loadgen compare`: consolegate side by side with the proxies people use
+//! today, in one invocation.
+//!
+//! 1. Generates a CA and a server certificate (rcgen) for the TLS rows.
+//! 2. Starts the backends pinned to the load CPUs: a flood server (bulk)
+//!    and an echo server (latency, idle), each plain and with TLS, all
+//!    serving every run.
+//! 3. Starts every service ([`peers`]) pinned to the proxy CPUs: direct,
+//!    socat, haproxy (tcp and TLS-terminating), nginx stream (both),
+//!    websockify (ws, wss), consolegate with each data path and with TLS. A
+//!    service whose program is missing or does not start is skipped, and
+//!    the report says why.
+//! 4. Runs `runs` rounds; each round runs every scenario through every row
+//!    (interleaved, so slow drift of a noisy machine hits every row alike).
+//!    The idle scenario restarts the service first, so its memory growth is
+//!    measured from a fresh process.
+//!    Each run is a `loadgen bulk|latency|idle` child on the load CPUs; the
+//!    runner samples the proxy's process tree CPU, the backends' CPU and
+//!    `/proc/stat` around it.
+//! 5. Summarises each metric as median, min and max over the runs, and
+//!    writes `report.json`, `report.md` and SVG plots ([`report`], [`svg`]).
+
+mod peers;
+mod proc;
+mod report;
+mod svg;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context as _, Result};
+use clap::ValueEnum;
+use serde_json::{Value, json};
+
+use crate::procstat::{self, CpuTimes};
+use peers::{Ctx, Kind, Row, Started};
+use proc::{Proc, pinned};
+
+/// The scenarios, in run order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Scenario {
+    /// Compute-to-tenant flood: Gbit/s and CPU seconds per GB.
+    Bulk,
+    /// Keystroke-sized ping-pong: HDR percentiles.
+    Latency,
+    /// Many idle sessions: proxy memory per session, set-up rate.
+    Idle,
+}
+
+impl Scenario {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scenario::Bulk => "bulk",
+            Scenario::Latency => "latency",
+            Scenario::Idle => "idle",
+        }
+    }
+}
+
+/// `loadgen compare` flags.
+#[derive(Debug, clap::Args)]
+pub struct CompareArgs {
+    /// The quick run (the default): 3 runs of short transfers, a few
+    /// minutes on 2 cores.
+    #[arg(long, conflicts_with = "full")]
+    quick: bool,
+    /// The full run: 5 runs, 2 GiB bulk, 20,000 round trips, 1,000 idle sessions.
+    #[arg(long)]
+    full: bool,
+    /// Directory for report.json, report.md, the SVG plots and work/ (logs, configs).
+    #[arg(long, value_name = "DIR", default_value = "target/bench")]
+    out: PathBuf,
+    /// Only these services or rows (comma-separated names or prefixes):
+    /// direct, socat, haproxy, nginx, websockify, consolegate, ...
+    #[arg(long, value_delimiter = ',', value_name = "NAMES")]
+    peers: Vec<String>,
+    /// Only these scenarios.
+    #[arg(long, value_enum, value_delimiter = ',', value_name = "LIST")]
+    scenarios: Vec<Scenario>,
+    /// Runs of each scenario through each row.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100))]
+    runs: Option<u32>,
+    /// Bytes read per bulk run.
+    #[arg(long, value_name = "BYTES")]
+    bulk_bytes: Option<u64>,
+    /// Timed round trips per latency run.
+    #[arg(long, value_name = "N")]
+    latency_messages: Option<u64>,
+    /// Round-trip payload size.
+    #[arg(long, value_name = "BYTES", default_value_t = 64)]
+    latency_size: u64,
+    /// Sessions held per idle run.
+    #[arg(long, value_name = "N")]
+    idle_sessions: Option<u64>,
+    /// The consolegate binary (default: `consolegate` beside this loadgen).
+    #[arg(long, value_name = "PATH")]
+    consolegate: Option<PathBuf>,
+    /// CPUs for the proxies (taskset list; default 0 when there are 2+ CPUs).
+    #[arg(long, value_name = "LIST")]
+    proxy_cpus: Option<String>,
+    /// CPUs for the load generator and backends (default: all the others).
+    #[arg(long, value_name = "LIST")]
+    load_cpus: Option<String>,
+    /// Do not pin anything to CPUs.
+    #[arg(long)]
+    no_pin: bool,
+    /// Only render report.md and the plots again from this report.json.
+    #[arg(long, value_name = "FILE")]
+    render: Option<PathBuf>,
+}
+
+/// Everything a compare invocation runs with.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub mode: &'static str,
+    pub out: PathBuf,
+    pub runs: u32,
+    pub bulk_bytes: u64,
+    pub latency_messages: u64,
+    pub latency_warmup: u64,
+    pub latency_size: u64,
+    pub idle_sessions: u64,
+    pub scenarios: Vec<Scenario>,
+    pub peers: Vec<String>,
+    pub consolegate: PathBuf,
+    pub loadgen: PathBuf,
+    pub proxy_cpus: Option<String>,
+    pub load_cpus: Option<String>,
+    /// Upper bound for one client run (against hangs, not a measurement).
+    pub run_timeout: Duration,
+}
+
+fn cpu_count() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
+
+impl Settings {
+    fn from_args(a: &CompareArgs) -> Result<Self> {
+        let full = a.full;
+        let loadgen = std::env::current_exe().context("locating loadgen itself")?;
+        let consolegate = a.consolegate.clone().unwrap_or_else(|| {
+            loadgen
+                .parent()
+                .unwrap_or(Path::new("."))
+                .join("consolegate")
+        });
+        let n = cpu_count();
+        let (proxy_cpus, load_cpus) = if a.no_pin || n < 2 {
+            (None, None)
+        } else {
+            (
+                Some(a.proxy_cpus.clone().unwrap_or_else(|| "0".into())),
+                Some(a.load_cpus.clone().unwrap_or_else(|| {
+                    if n == 2 {
+                        "1".into()
+                    } else {
+                        format!("1-{}", n - 1)
+                    }
+                })),
+            )
+        };
+        let scenarios = if a.scenarios.is_empty() {
+            vec![Scenario::Bulk, Scenario::Latency, Scenario::Idle]
+        } else {
+            a.scenarios.clone()
+        };
+        Ok(Self {
+            mode: if full { "full" } else { "quick" },
+            out: a.out.clone(),
+            runs: a.runs.unwrap_or(if full { 5 } else { 3 }),
+            bulk_bytes: a
+                .bulk_bytes
+                .unwrap_or(if full { 2 << 30 } else { 512 << 20 }),
+            latency_messages: a
+                .latency_messages
+                .unwrap_or(if full { 20_000 } else { 5_000 }),
+            latency_warmup: if full { 1_000 } else { 200 },
+            latency_size: a.latency_size.max(1),
+            idle_sessions: a.idle_sessions.unwrap_or(if full { 1_000 } else { 100 }),
+            scenarios,
+            peers: a.peers.clone(),
+            consolegate,
+            loadgen,
+            proxy_cpus,
+            load_cpus,
+            run_timeout: Duration::from_secs(if full { 300 } else { 120 }),
+        })
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "mode": self.mode,
+            "runs": self.runs,
+            "bulk_bytes": self.bulk_bytes,
+            "latency_messages": self.latency_messages,
+            "latency_warmup": self.latency_warmup,
+            "latency_size": self.latency_size,
+            "idle_sessions": self.idle_sessions,
+            "scenarios": self.scenarios.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+            "proxy_cpus": self.proxy_cpus,
+            "load_cpus": self.load_cpus,
+            "consolegate": self.consolegate.display().to_string(),
+        })
+    }
+
+    /// Whether a service may hold a row that was asked for (all when no
+    /// filter): `haproxy-tls` needs the `haproxy` service, `consolegate-ws`
+    /// one of the `consolegate-*` services (all are started; rows are
+    /// filtered by [`Self::wants_row`]).
+    fn wants_service(&self, name: &str) -> bool {
+        let family = name.split('-').next().unwrap_or(name);
+        self.peers.is_empty()
+            || self
+                .peers
+                .iter()
+                .any(|p| name.starts_with(p.as_str()) || p.starts_with(family))
+    }
+
+    /// Whether a row was asked for: its id starts with one of the names.
+    fn wants_row(&self, id: &str) -> bool {
+        self.peers.is_empty() || self.peers.iter().any(|p| id.starts_with(p.as_str()))
+    }
+
+    fn cpus(list: Option<&str>) -> Option<Vec<usize>> {
+        let list = list?;
+        let mut v = Vec::new();
+        for part in list.split(',') {
+            match part.split_once('-') {
+                Some((a, b)) => {
+                    let (a, b): (usize, usize) = (a.trim().parse().ok()?, b.trim().parse().ok()?);
+                    v.extend(a..=b);
+                }
+                None => v.push(part.trim().parse().ok()?),
+            }
+        }
+        Some(v)
+    }
+}
+
+/// The certificate files for the TLS rows.
+#[derive(Debug, Clone)]
+pub struct Pki {
+    pub ca: PathBuf,
+    /// Leaf then CA.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Chain and key in one file (haproxy's `crt`).
+    pub combined: PathBuf,
+}
+
+impl Pki {
+    /// A throw-away CA and a server certificate for localhost and 127.0.0.1.
+    pub fn generate(dir: &Path) -> Result<Self> {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+        };
+        let ca_key = KeyPair::generate()?;
+        let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "consolegate bench CA");
+        ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let ca_cert = ca_params.self_signed(&ca_key)?;
+        let issuer = Issuer::new(ca_params, ca_key);
+        let key = KeyPair::generate()?;
+        let mut params =
+            CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "consolegate bench server");
+        let cert = params.signed_by(&key, &issuer)?;
+        let pki = Self {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("server.pem"),
+            key: dir.join("server.key"),
+            combined: dir.join("server-combined.pem"),
+        };
+        let chain = format!("{}{}", cert.pem(), ca_cert.pem());
+        fs::write(&pki.ca, ca_cert.pem())?;
+        fs::write(&pki.cert, &chain)?;
+        fs::write(&pki.key, key.serialize_pem())?;
+        fs::write(&pki.combined, format!("{chain}{}", key.serialize_pem()))?;
+        Ok(pki)
+    }
+}
+
+/// A started service and its rows.
+struct Service {
+    kind: Kind,
+    program: PathBuf,
+    started: Started,
+    restarts: u32,
+}
+
+impl Service {
+    fn pids(&self) -> Vec<u32> {
+        self.started.procs.iter().map(Proc::pid).collect()
+    }
+
+    fn alive(&mut self) -> bool {
+        self.started.procs.iter_mut().all(Proc::alive)
+    }
+}
+
+/// The machine, for the report header.
+fn machine() -> Value {
+    let cpu_model = fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_owned());
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    let mem_kib = fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok());
+    let loadavg = fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ");
+    json!({
+        "loadavg": loadavg,
+        "cpus": cpu_count(),
+        "cpu_model": cpu_model,
+        "kernel": kernel,
+        "mem_total_kib": mem_kib,
+    })
+}
+
+/// The runner's entry point.
+pub fn main(args: CompareArgs) -> Result<ExitCode> {
+    if let Some(json_path) = &args.render {
+        let text = fs::read_to_string(json_path)
+            .with_context(|| format!("reading {}", json_path.display()))?;
+        let report: Value = serde_json::from_str(&text)?;
+        let out = json_path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        report::write(&out, &report)?;
+        println!("compare: rendered {}", out.join("report.md").display());
+        return Ok(ExitCode::SUCCESS);
+    }
+    let settings = Settings::from_args(&args)?;
+    let report = run(&settings)?;
+    report::write(&settings.out, &report)?;
+    let failed = report["failed_runs"].as_u64().unwrap_or(0);
+    let own = report["failed_runs_own"].as_u64().unwrap_or(0);
+    println!(
+        "compare: wrote {} and {} ({failed} failed runs, {own} of them direct or consolegate)",
+        settings.out.join("report.json").display(),
+        settings.out.join("report.md").display(),
+    );
+    // A peer that fails is a finding, in the report; a failure of the
+    // direct path or of consolegate fails the command.
+    Ok(if own == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn say(msg: impl AsRef<str>) {
+    eprintln!("compare: {}", msg.as_ref());
+}
+
+/// Runs everything and returns the report as JSON.
+pub fn run(settings: &Settings) -> Result<Value> {
+    let started_at = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let clock = Instant::now();
+    let work = settings.out.join("work");
+    if work.exists() {
+        fs::remove_dir_all(&work).with_context(|| format!("cleaning {}", work.display()))?;
+    }
+    fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+    // Absolute paths in every generated config: nginx resolves a relative
+    // -c against its prefix, others against their working directory.
+    let work = fs::canonicalize(&work)?;
+    let pki = Pki::generate(&work)?;
+
+    // The backends: flood and echo, plain and TLS (the compute side of
+    // rows that speak TLS to it, as consolegate does to QEMU).
+    let idle_for = (settings.run_timeout.as_secs() * 4).to_string();
+    let mut backends = Vec::new();
+    let mut addrs = Vec::new();
+    for (name, mode, tls) in [
+        ("flood-server", "flood-server", false),
+        ("echo-server", "echo-server", false),
+        ("flood-server-tls", "flood-server", true),
+        ("echo-server-tls", "echo-server", true),
+    ] {
+        let mut args: Vec<String> = vec![
+            mode.into(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--timeout".into(),
+            idle_for.clone(),
+        ];
+        if mode == "flood-server" {
+            args.extend([
+                "--bytes".into(),
+                settings.bulk_bytes.to_string(),
+                "--clients".into(),
+                "0".into(),
+            ]);
+        }
+        if tls {
+            args.extend([
+                "--tls-cert".into(),
+                pki.cert.display().to_string(),
+                "--tls-key".into(),
+                pki.key.display().to_string(),
+            ]);
+        }
+        let (proc, addr) = Proc::spawn_server(
+            name,
+            pinned(settings.load_cpus.as_deref(), &settings.loadgen, &args),
+            &work.join(format!("{name}.log")),
+        )?;
+        addrs.push(addr.parse()?);
+        backends.push(proc);
+    }
+    let ctx = Ctx {
+        settings,
+        flood: addrs[0],
+        echo: addrs[1],
+        flood_tls: addrs[2],
+        echo_tls: addrs[3],
+        pki: &pki,
+        work: &work,
+    };
+    let backend_pids: Vec<u32> = backends.iter().map(Proc::pid).collect();
+
+    let mut services: Vec<Service> = Vec::new();
+    let mut service_info: Vec<Value> = Vec::new();
+    for kind in peers::kinds(settings) {
+        if !settings.wants_service(kind.name) {
+            continue;
+        }
+        let mut info = json!({ "name": kind.name, "debian": kind.debian });
+        match kind.locate(settings) {
+            Err(why) => {
+                say(format!("skipping {}: {why}", kind.name));
+                info["skipped"] = json!(why);
+            }
+            Ok(program) => {
+                info["version"] = json!(peers::version(&kind, &program));
+                match kind.start(&ctx, &program) {
+                    Err(e) => {
+                        let why = format!("did not start: {e:#}");
+                        say(format!("skipping {}: {why}", kind.name));
+                        info["skipped"] = json!(why);
+                    }
+                    Ok(started) => {
+                        say(format!(
+                            "started {} ({})",
+                            kind.name,
+                            info["version"].as_str().unwrap_or("")
+                        ));
+                        services.push(Service {
+                            kind,
+                            program,
+                            started,
+                            restarts: 0,
+                        });
+                    }
+                }
+            }
+        }
+        service_info.push(info);
+    }
+
+    let mut rows: Vec<(usize, Row)> = Vec::new();
+    for (i, s) in services.iter().enumerate() {
+        for r in &s.started.rows {
+            if settings.wants_row(&r.id) {
+                rows.push((i, r.clone()));
+            }
+        }
+    }
+    let mut records = Vec::new();
+    let mut failed = 0u64;
+    let mut failed_own = 0u64;
+    let load_cpus = Settings::cpus(settings.load_cpus.as_deref());
+    let proxy_cpus = Settings::cpus(settings.proxy_cpus.as_deref());
+    for round in 1..=settings.runs {
+        for (si, row) in &rows {
+            for &scenario in &settings.scenarios {
+                let service = &mut services[*si];
+                let died = !service.alive();
+                if died {
+                    say(format!("{} died; restarting it", service.kind.name));
+                }
+                // Idle memory is measured in a fresh process: what earlier
+                // runs left in the proxy's allocator would hide the growth.
+                let fresh = scenario == Scenario::Idle && !service.started.procs.is_empty();
+                if died || fresh {
+                    // The old processes go first, so nothing is shared.
+                    service.started = Started {
+                        procs: Vec::new(),
+                        rows: Vec::new(),
+                    };
+                    match service.kind.start(&ctx, &service.program) {
+                        Ok(started) => service.started = started,
+                        Err(e) => say(format!("restart failed: {e:#}")),
+                    }
+                    if died {
+                        service.restarts += 1;
+                    }
+                }
+                // Ports change on a restart: take this row's current arguments.
+                let current = service
+                    .started
+                    .rows
+                    .iter()
+                    .find(|r| r.id == row.id)
+                    .cloned()
+                    .unwrap_or_else(|| row.clone());
+                let probe = Probe {
+                    settings,
+                    proxy_pids: service.pids(),
+                    backend_pids: &backend_pids,
+                    proxy_cpus: proxy_cpus.as_deref(),
+                    load_cpus: load_cpus.as_deref(),
+                };
+                let mut rec = probe.measure(&current, scenario);
+                rec["row"] = json!(row.id);
+                rec["round"] = json!(round);
+                let ok = rec["ok"].as_bool().unwrap_or(false);
+                if !ok {
+                    failed += 1;
+                    if row.family != peers::Family::Peer {
+                        failed_own += 1;
+                    }
+                }
+                say(format!(
+                    "run {round}/{} {:<26} {:<8} {}",
+                    settings.runs,
+                    row.id,
+                    scenario.as_str(),
+                    headline(scenario, &rec)
+                ));
+                records.push(rec);
+            }
+        }
+    }
+    for (i, s) in services.iter().enumerate() {
+        if let Some(info) = service_info.iter_mut().find(|v| v["name"] == s.kind.name) {
+            info["restarts"] = json!(s.restarts);
+            info["started_index"] = json!(i);
+        }
+    }
+    let row_info: Vec<Value> = rows
+        .iter()
+        .map(|(si, r)| {
+            json!({
+                "id": r.id,
+                "label": r.label,
+                "family": r.family.as_str(),
+                "front": r.front,
+                "tls": r.tls,
+                "tls_compute": r.tls_compute,
+                "service": services[*si].kind.name,
+            })
+        })
+        .collect();
+    drop(services);
+    drop(backends);
+    let summary = report::summarise(&row_info, &records, &settings.scenarios);
+    Ok(json!({
+        "schema": "consolegate-bench/1",
+        "started_at_unix": started_at,
+        "took_s": clock.elapsed().as_secs_f64(),
+        "machine": machine(),
+        "settings": settings.json(),
+        "services": service_info,
+        "rows": row_info,
+        "runs": records,
+        "failed_runs": failed,
+        "failed_runs_own": failed_own,
+        "summary": summary,
+    }))
+}
+
+/// One line for the progress log.
+fn headline(scenario: Scenario, rec: &Value) -> String {
+    if !rec["ok"].as_bool().unwrap_or(false) {
+        return format!("FAILED: {}", rec["error"].as_str().unwrap_or("?"));
+    }
+    match scenario {
+        Scenario::Bulk => format!(
+            "{:.2} Gbit/s, proxy {:.2} CPU-s/GB",
+            rec["gbit_per_s"].as_f64().unwrap_or(0.0),
+            rec["proxy_cpu_s_per_gb"].as_f64().unwrap_or(0.0)
+        ),
+        Scenario::Latency => format!(
+            "p50 {:.1} us, p99 {:.1} us",
+            rec["us"]["p50"].as_f64().unwrap_or(0.0),
+            rec["us"]["p99"].as_f64().unwrap_or(0.0)
+        ),
+        Scenario::Idle => format!(
+            "{} sessions, {} KiB/session, {:.0} set-ups/s",
+            rec["sessions"],
+            rec["proxy_kib_per_session"]
+                .as_f64()
+                .map_or("-".into(), |v| format!("{v:.1}")),
+            rec["setup_per_s"].as_f64().unwrap_or(0.0)
+        ),
+    }
+}
+
+/// The clients' connect and read timeout, seconds.
+const CLIENT_IO_TIMEOUT_SECS: u64 = 5;
+
+/// What one measurement samples around its client.
+struct Probe<'a> {
+    settings: &'a Settings,
+    proxy_pids: Vec<u32>,
+    backend_pids: &'a [u32],
+    proxy_cpus: Option<&'a [usize]>,
+    load_cpus: Option<&'a [usize]>,
+}
+
+impl Probe<'_> {
+    fn client_args(&self, row: &Row, scenario: Scenario) -> Vec<String> {
+        let s = self.settings;
+        let mut a: Vec<String> = vec![scenario.as_str().into()];
+        // A proxy that stalls fails the run after this, not after minutes.
+        a.extend(["--timeout".into(), CLIENT_IO_TIMEOUT_SECS.to_string()]);
+        match scenario {
+            Scenario::Bulk => {
+                a.extend(row.to_flood.iter().cloned());
+                a.extend(["--bytes".into(), s.bulk_bytes.to_string()]);
+            }
+            Scenario::Latency => {
+                a.extend(row.to_echo.iter().cloned());
+                a.extend([
+                    "--messages".into(),
+                    s.latency_messages.to_string(),
+                    "--warmup".into(),
+                    s.latency_warmup.to_string(),
+                    "--size".into(),
+                    s.latency_size.to_string(),
+                ]);
+            }
+            Scenario::Idle => {
+                a.extend(row.to_echo.iter().cloned());
+                a.extend(["--sessions".into(), s.idle_sessions.to_string()]);
+                for p in &self.proxy_pids {
+                    a.extend(["--proxy-pid".into(), p.to_string()]);
+                }
+            }
+        }
+        a
+    }
+
+    /// Runs one client and returns its JSON with the runner's samples and
+    /// derived figures added; `ok` says whether it counts.
+    fn measure(&self, row: &Row, scenario: Scenario) -> Value {
+        let args = self.client_args(row, scenario);
+        let cmd = pinned(
+            self.settings.load_cpus.as_deref(),
+            &self.settings.loadgen,
+            &args,
+        );
+        let proxy0 = procstat::tree_cpu_seconds(&self.proxy_pids);
+        let back0 = procstat::tree_cpu_seconds(self.backend_pids);
+        let sys0 = CpuTimes::now();
+        let t0 = Instant::now();
+        let finished = proc::run_to_end(cmd, self.settings.run_timeout);
+        let sys1 = CpuTimes::now();
+        let wall = t0.elapsed().as_secs_f64();
+        let proxy_cpu = procstat::tree_cpu_seconds(&self.proxy_pids) - proxy0;
+        let backend_cpu = procstat::tree_cpu_seconds(self.backend_pids) - back0;
+        let finished = match finished {
+            Ok(f) => f,
+            Err(e) => {
+                return json!({ "scenario": scenario.as_str(), "ok": false, "error": format!("{e:#}") });
+            }
+        };
+        let mut rec = finished
+            .stdout
+            .lines()
+            .rev()
+            .find_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(Value::is_object)
+            .unwrap_or_else(|| json!({}));
+        rec["scenario"] = json!(scenario.as_str());
+        rec["wall_s"] = json!(wall);
+        rec["proxy_cpu_s"] = json!(proxy_cpu.max(0.0));
+        rec["backend_cpu_s"] = json!(backend_cpu.max(0.0));
+        rec["system_cpu_s"] = json!(sys1.busy_since(&sys0));
+        rec["proxy_cpu_busy"] = json!(sys1.utilisation_since(&sys0, self.proxy_cpus));
+        rec["load_cpu_busy"] = json!(sys1.utilisation_since(&sys0, self.load_cpus));
+        let exit_ok = finished.status.is_some_and(|s| s.success());
+        let complete = rec["complete"].as_bool().unwrap_or(false);
+        // An idle run that stopped short found the service's limit: a result.
+        let partial_idle = scenario == Scenario::Idle && rec["sessions"].as_u64().unwrap_or(0) > 0;
+        let ok = !finished.timed_out && (exit_ok && complete || partial_idle);
+        rec["ok"] = json!(ok);
+        if !ok && rec["error"].is_null() {
+            let why = if finished.timed_out {
+                format!("timed out after {:?}", self.settings.run_timeout)
+            } else {
+                let err = finished.stderr.trim();
+                let err = &err[err.len().saturating_sub(400)..];
+                format!("loadgen exited {:?}: {err}", finished.status)
+            };
+            rec["error"] = json!(why);
+        }
+        derive(scenario, &mut rec, self.settings);
+        rec
+    }
+}
+
+/// Per-byte and per-message figures from the raw samples.
+fn derive(scenario: Scenario, rec: &mut Value, settings: &Settings) {
+    let num = |v: &Value, k: &str| v[k].as_f64().unwrap_or(0.0);
+    match scenario {
+        Scenario::Bulk => {
+            let gb = num(rec, "bytes") / 1e9;
+            if gb > 0.0 {
+                let loadgen = num(rec, "client_cpu_s") + num(rec, "backend_cpu_s");
+                rec["proxy_cpu_s_per_gb"] = json!(num(rec, "proxy_cpu_s") / gb);
+                rec["system_cpu_s_per_gb"] = json!(num(rec, "system_cpu_s") / gb);
+                rec["loadgen_cpu_s_per_gb"] = json!(loadgen / gb);
+            }
+        }
+        Scenario::Latency => {
+            let trips = (settings.latency_messages + settings.latency_warmup) as f64;
+            if trips > 0.0 {
+                rec["proxy_cpu_us_per_round_trip"] = json!(num(rec, "proxy_cpu_s") * 1e6 / trips);
+            }
+        }
+        Scenario::Idle => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_filter_selects_services_and_rows_by_prefix() {
+        let args = CompareArgs::parse_from(["x", "--peers", "haproxy-tls,consolegate"]);
+        let s = Settings::from_args(&args).unwrap();
+        assert!(s.wants_service("haproxy") && s.wants_service("consolegate-tls"));
+        assert!(!s.wants_service("nginx") && !s.wants_service("direct"));
+        assert!(s.wants_row("haproxy-tls") && s.wants_row("haproxy-tls2"));
+        assert!(!s.wants_row("haproxy-tcp"));
+        assert!(s.wants_row("consolegate-ws-copy"));
+        let ws = Settings::from_args(&CompareArgs::parse_from(["x", "--peers", "consolegate-ws"]))
+            .unwrap();
+        assert!(ws.wants_service("consolegate-copy") && ws.wants_service("consolegate-tls"));
+        assert!(ws.wants_row("consolegate-ws-copy") && !ws.wants_row("consolegate-connect-copy"));
+        let all = Settings::from_args(&CompareArgs::parse_from(["x"])).unwrap();
+        assert!(all.wants_service("nginx") && all.wants_row("nginx-tls"));
+        assert_eq!((all.runs, all.mode), (3, "quick"));
+    }
+
+    #[derive(Debug, clap::Parser)]
+    struct Wrap {
+        #[command(flatten)]
+        args: CompareArgs,
+    }
+
+    impl CompareArgs {
+        fn parse_from(argv: impl IntoIterator<Item = &'static str>) -> Self {
+            use clap::Parser as _;
+            Wrap::parse_from(argv).args
+        }
+    }
+
+    #[test]
+    fn cpu_lists_parse_like_taskset() {
+        assert_eq!(Settings::cpus(Some("0")), Some(vec![0]));
+        assert_eq!(Settings::cpus(Some("1-3,5")), Some(vec![1, 2, 3, 5]));
+        assert_eq!(Settings::cpus(None), None);
+        assert_eq!(Settings::cpus(Some("x")), None);
+    }
+
+    #[test]
+    fn pki_files_chain_to_the_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::generate(dir.path()).unwrap();
+        let tls = crate::tls::TlsClient::from_ca_file(&pki.ca, "localhost").unwrap();
+        assert!(tls.config.alpn_protocols.is_empty());
+        let combined = fs::read_to_string(&pki.combined).unwrap();
+        assert_eq!(combined.matches("BEGIN CERTIFICATE").count(), 2);
+        assert!(combined.contains("PRIVATE KEY"));
+    }
+}

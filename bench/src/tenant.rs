@@ -1,0 +1,513 @@
+//! The tenant side of one session: TCP, optionally TLS, then the front end
+//! the proxy speaks (nothing, HTTP CONNECT or a WebSocket upgrade), then
+//! console payload both ways. Blocking I/O on one buffer, so a client costs
+//! as little CPU as possible.
+//!
+//! Over a WebSocket, payload goes out as binary frames masked with a fresh
+//! random key each, as a browser sends them (RFC 6455 section 5.3), and
+//! comes back from unmasked server frames whose headers are parsed here;
+//! pings are answered, a close frame ends the session with an error.
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs as _};
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+
+use crate::tls::TlsClient;
+
+/// How the tenant asks for its console.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Front {
+    /// Bytes straight through: a direct connection or a TCP proxy.
+    Raw,
+    /// HTTP CONNECT `target`, with `Proxy-Authorization: Bearer <token>`.
+    Connect {
+        target: String,
+        token: Option<String>,
+    },
+    /// WebSocket upgrade at `path` (which carries the token), subprotocol
+    /// `binary`.
+    Ws { path: String },
+}
+
+impl Front {
+    /// Short name for reports: raw, connect, ws.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Front::Raw => "raw",
+            Front::Connect { .. } => "connect",
+            Front::Ws { .. } => "ws",
+        }
+    }
+}
+
+/// Where and how to open sessions.
+#[derive(Clone, Debug)]
+pub struct Dial {
+    /// The address connected to: the backend (direct) or the proxy.
+    pub addr: SocketAddr,
+    pub front: Front,
+    pub tls: Option<TlsClient>,
+    pub connect_timeout: Duration,
+    /// Give up on a read or write that blocks for this long.
+    pub io_timeout: Duration,
+}
+
+impl Dial {
+    /// Resolves `addr` (first address) into a dial plan.
+    pub fn new(
+        addr: &str,
+        front: Front,
+        tls: Option<TlsClient>,
+        timeout: Duration,
+    ) -> Result<Self> {
+        let addr = addr
+            .to_socket_addrs()
+            .with_context(|| format!("resolving {addr}"))?
+            .next()
+            .with_context(|| format!("{addr} resolves to no address"))?;
+        Ok(Self {
+            addr,
+            front,
+            tls,
+            connect_timeout: timeout,
+            io_timeout: timeout,
+        })
+    }
+
+    /// Opens one session, ready for payload.
+    pub fn open(&self) -> io::Result<Session> {
+        Session::open(self)
+    }
+}
+
+/// The byte stream under a session.
+enum Io {
+    Plain(TcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+impl Read for Io {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Io::Plain(s) => s.read(buf),
+            Io::Tls(s) => match s.read(buf) {
+                // A peer that closes without close_notify: the end, as for TCP.
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(0),
+                other => other,
+            },
+        }
+    }
+}
+
+impl Write for Io {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Io::Plain(s) => s.write(buf),
+            Io::Tls(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Io::Plain(s) => s.flush(),
+            Io::Tls(s) => s.flush(),
+        }
+    }
+}
+
+/// Size of a session's receive buffer.
+const BUF: usize = 256 * 1024;
+/// Largest HTTP response head accepted from a proxy.
+const MAX_HEAD: usize = 16 * 1024;
+
+/// One open session.
+pub struct Session {
+    io: Io,
+    buf: Vec<u8>,
+    pos: usize,
+    len: usize,
+    ws: bool,
+    /// Payload bytes still to come in the current WebSocket data frame.
+    frame_left: u64,
+    out: Vec<u8>,
+    /// The negotiated TLS cipher suite, if TLS.
+    pub tls_suite: Option<String>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("ws", &self.ws)
+            .field("buffered", &(self.len - self.pos))
+            .field("tls_suite", &self.tls_suite)
+            .finish()
+    }
+}
+
+fn other(msg: impl Into<String>) -> io::Error {
+    io::Error::other(msg.into())
+}
+
+impl Session {
+    fn open(dial: &Dial) -> io::Result<Self> {
+        let tcp = TcpStream::connect_timeout(&dial.addr, dial.connect_timeout)?;
+        tcp.set_nodelay(true)?;
+        tcp.set_read_timeout(Some(dial.io_timeout))?;
+        tcp.set_write_timeout(Some(dial.io_timeout))?;
+        let (io, tls_suite) = match &dial.tls {
+            None => (Io::Plain(tcp), None),
+            Some(tls) => {
+                let conn =
+                    rustls::ClientConnection::new(tls.config.clone(), tls.server_name.clone())
+                        .map_err(|e| other(format!("TLS client: {e}")))?;
+                let mut stream = rustls::StreamOwned::new(conn, tcp);
+                while stream.conn.is_handshaking() {
+                    stream
+                        .conn
+                        .complete_io(&mut stream.sock)
+                        .map_err(|e| other(format!("TLS handshake: {e}")))?;
+                }
+                let suite = stream
+                    .conn
+                    .negotiated_cipher_suite()
+                    .map(|s| format!("{:?}", s.suite()));
+                (Io::Tls(Box::new(stream)), suite)
+            }
+        };
+        let mut session = Session {
+            io,
+            buf: vec![0; BUF],
+            pos: 0,
+            len: 0,
+            ws: false,
+            frame_left: 0,
+            out: Vec::with_capacity(1024),
+            tls_suite,
+        };
+        match &dial.front {
+            Front::Raw => {}
+            Front::Connect { target, token } => {
+                let mut req = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n");
+                if let Some(token) = token {
+                    req.push_str(&format!("Proxy-Authorization: Bearer {token}\r\n"));
+                }
+                req.push_str("\r\n");
+                session.io.write_all(req.as_bytes())?;
+                session.io.flush()?;
+                session.expect_status("200", "CONNECT")?;
+            }
+            Front::Ws { path } => {
+                let host = dial.addr;
+                let req = format!(
+                    "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n\
+                     Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
+                     Sec-WebSocket-Key: bG9hZGdlbi1iZW5jaG1hcg==\r\n\
+                     Sec-WebSocket-Protocol: binary\r\n\r\n"
+                );
+                session.io.write_all(req.as_bytes())?;
+                session.io.flush()?;
+                session.expect_status("101", "WebSocket upgrade")?;
+                session.ws = true;
+            }
+        }
+        Ok(session)
+    }
+
+    /// Reads a response head and checks its status code; bytes after the
+    /// head stay buffered as payload.
+    fn expect_status(&mut self, code: &str, what: &str) -> io::Result<()> {
+        let end = loop {
+            if let Some(i) = self.buf[self.pos..self.len]
+                .windows(4)
+                .position(|w| w == b"\r\n\r\n")
+            {
+                break self.pos + i + 4;
+            }
+            if self.len - self.pos > MAX_HEAD {
+                return Err(other(format!("{what} response head too large")));
+            }
+            self.fill()
+                .map_err(|e| other(format!("proxy closed before answering {what}: {e}")))?;
+        };
+        let head = String::from_utf8_lossy(&self.buf[self.pos..end]).into_owned();
+        self.pos = end;
+        let status = head.lines().next().unwrap_or_default();
+        if status.split_whitespace().nth(1) != Some(code) {
+            return Err(other(format!("proxy refused the {what}: {status}")));
+        }
+        Ok(())
+    }
+
+    /// Reads more bytes into the buffer; EOF is an error.
+    fn fill(&mut self) -> io::Result<()> {
+        if self.pos == self.len {
+            self.pos = 0;
+            self.len = 0;
+        } else if self.len == self.buf.len() {
+            self.buf.copy_within(self.pos..self.len, 0);
+            self.len -= self.pos;
+            self.pos = 0;
+        }
+        loop {
+            match self.io.read(&mut self.buf[self.len..]) {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "peer closed the connection",
+                    ));
+                }
+                Ok(n) => {
+                    self.len += n;
+                    return Ok(());
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "no data from the proxy within the I/O timeout",
+                    ));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The next `n` buffered bytes (n is at most a frame header's 14).
+    fn take(&mut self, n: usize) -> io::Result<&[u8]> {
+        while self.len - self.pos < n {
+            if self.buf.len() - self.pos < n {
+                self.buf.copy_within(self.pos..self.len, 0);
+                self.len -= self.pos;
+                self.pos = 0;
+            }
+            self.fill()?;
+        }
+        let s = &self.buf[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+
+    /// Up to `max` bytes of console payload (at least one), reading from the
+    /// network only when nothing is buffered.
+    pub fn payload(&mut self, max: usize) -> io::Result<&[u8]> {
+        if self.ws {
+            while self.frame_left == 0 {
+                self.next_frame()?;
+            }
+        }
+        if self.pos == self.len {
+            self.fill()?;
+        }
+        let mut n = (self.len - self.pos).min(max);
+        if self.ws {
+            n = n.min(usize::try_from(self.frame_left).unwrap_or(usize::MAX));
+            self.frame_left -= n as u64;
+        }
+        let s = &self.buf[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+
+    /// Reads exactly `out.len()` payload bytes.
+    pub fn read_payload_exact(&mut self, out: &mut [u8]) -> io::Result<()> {
+        let mut got = 0;
+        while got < out.len() {
+            let s = self.payload(out.len() - got)?;
+            out[got..got + s.len()].copy_from_slice(s);
+            got += s.len();
+        }
+        Ok(())
+    }
+
+    /// Reads one WebSocket frame header; data frames set `frame_left`,
+    /// control frames are handled here.
+    fn next_frame(&mut self) -> io::Result<()> {
+        let h = self.take(2)?;
+        let (b0, b1) = (h[0], h[1]);
+        if b1 & 0x80 != 0 {
+            return Err(other("server sent a masked frame"));
+        }
+        let len = match b1 & 0x7F {
+            126 => {
+                let b = self.take(2)?;
+                u64::from(u16::from_be_bytes([b[0], b[1]]))
+            }
+            127 => {
+                let b = self.take(8)?;
+                u64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
+            }
+            l => u64::from(l),
+        };
+        match b0 & 0x0F {
+            0x0..=0x2 => self.frame_left = len,
+            0x8 => {
+                let n = usize::try_from(len.min(125)).unwrap_or(125);
+                let body = self.take(n).map(<[u8]>::to_vec).unwrap_or_default();
+                let code = body
+                    .get(..2)
+                    .map_or(0, |c| u16::from_be_bytes([c[0], c[1]]));
+                let reason = String::from_utf8_lossy(body.get(2..).unwrap_or_default());
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("proxy closed the WebSocket: {code} {reason}"),
+                ));
+            }
+            0x9 => {
+                let n = usize::try_from(len.min(125)).unwrap_or(125);
+                let body = self.take(n)?.to_vec();
+                self.send_frame(0xA, &body)?;
+            }
+            0xA => {
+                let n = usize::try_from(len.min(125)).unwrap_or(125);
+                self.take(n)?;
+            }
+            op => return Err(other(format!("server sent opcode {op:#x}"))),
+        }
+        Ok(())
+    }
+
+    /// Sends console payload: as is, or as one masked binary frame.
+    pub fn send(&mut self, payload: &[u8]) -> io::Result<()> {
+        if self.ws {
+            self.send_frame(0x2, payload)
+        } else {
+            self.io.write_all(payload)?;
+            self.io.flush()
+        }
+    }
+
+    fn send_frame(&mut self, opcode: u8, payload: &[u8]) -> io::Result<()> {
+        let key: [u8; 4] = rand::random();
+        self.out.clear();
+        encode_masked(opcode, payload, key, &mut self.out);
+        self.io.write_all(&self.out)?;
+        self.io.flush()
+    }
+}
+
+/// A client frame (FIN set): header, the mask key, the masked payload.
+pub fn encode_masked(opcode: u8, payload: &[u8], key: [u8; 4], out: &mut Vec<u8>) {
+    out.push(0x80 | opcode);
+    match payload.len() {
+        n if n < 126 => out.push(0x80 | n as u8),
+        n if n <= usize::from(u16::MAX) => {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(0x80 | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    out.extend_from_slice(&key);
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+    use std::thread;
+
+    #[test]
+    fn client_frames_are_masked_and_unmask_to_the_payload() {
+        let payload: Vec<u8> = (0..300u16).map(|i| i as u8).collect();
+        let mut out = Vec::new();
+        encode_masked(0x2, &payload, [1, 2, 3, 4], &mut out);
+        assert_eq!(out[0], 0x82);
+        assert_eq!(out[1], 0x80 | 126);
+        assert_eq!(u16::from_be_bytes([out[2], out[3]]), 300);
+        assert_eq!(&out[4..8], &[1, 2, 3, 4]);
+        let unmasked: Vec<u8> = out[8..]
+            .iter()
+            .enumerate()
+            .map(|(i, b)| b ^ [1, 2, 3, 4][i % 4])
+            .collect();
+        assert_eq!(unmasked, payload);
+        let mut small = Vec::new();
+        encode_masked(0x2, b"hi", [0; 4], &mut small);
+        assert_eq!(small, [0x82, 0x82, 0, 0, 0, 0, b'h', b'i']);
+    }
+
+    /// A one-shot WebSocket server written by hand: answers the upgrade,
+    /// then sends a ping, a data frame split in two, and a close.
+    #[test]
+    fn websocket_session_reads_payload_across_frames_and_answers_pings() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let server = thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut head = Vec::new();
+            let mut b = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                s.read_exact(&mut b).unwrap();
+                head.push(b[0]);
+            }
+            let mut out = b"HTTP/1.1 101 Switching Protocols\r\n\r\n".to_vec();
+            out.extend_from_slice(&[0x89, 2, b'p', b'!']); // ping
+            out.extend_from_slice(&[0x02, 3, b'a', b'b', b'c']); // binary, not FIN
+            out.extend_from_slice(&[0x80, 2, b'd', b'e']); // continuation, FIN
+            s.write_all(&out).unwrap();
+            // The pong comes back masked.
+            let mut pong = [0u8; 8];
+            s.read_exact(&mut pong).unwrap();
+            let mut close = vec![0x88, 5];
+            close.extend_from_slice(&1000u16.to_be_bytes());
+            close.extend_from_slice(b"bye");
+            s.write_all(&close).unwrap();
+            (String::from_utf8(head).unwrap(), pong)
+        });
+        let dial = Dial::new(
+            &addr,
+            Front::Ws {
+                path: "/?token=x".into(),
+            },
+            None,
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        let mut session = dial.open().unwrap();
+        let mut got = [0u8; 5];
+        session.read_payload_exact(&mut got).unwrap();
+        assert_eq!(&got, b"abcde");
+        let err = session.payload(10).unwrap_err();
+        assert!(err.to_string().contains("1000 bye"), "{err}");
+        let (head, pong) = server.join().unwrap();
+        assert!(head.starts_with("GET /?token=x HTTP/1.1\r\n"), "{head}");
+        assert!(
+            head.contains("Sec-WebSocket-Protocol: binary\r\n"),
+            "{head}"
+        );
+        assert_eq!(pong[0], 0x8A);
+        assert_eq!(pong[1], 0x80 | 2);
+        let key = [pong[2], pong[3], pong[4], pong[5]];
+        assert_eq!([pong[6] ^ key[0], pong[7] ^ key[1]], *b"p!");
+    }
+
+    #[test]
+    fn refused_connect_names_the_status() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let server = thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut b = [0u8; 256];
+            let _ = s.read(&mut b).unwrap();
+            s.write_all(b"HTTP/1.1 403 Forbidden\r\n\r\n").unwrap();
+        });
+        let front = Front::Connect {
+            target: "127.0.0.1:1".into(),
+            token: Some("t".into()),
+        };
+        let dial = Dial::new(&addr, front, None, Duration::from_secs(10)).unwrap();
+        let err = dial.open().unwrap_err();
+        assert!(err.to_string().contains("403 Forbidden"), "{err}");
+        server.join().unwrap();
+    }
+}
