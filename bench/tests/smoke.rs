@@ -124,7 +124,9 @@ fn compare_runs_every_scenario_and_writes_a_consistent_report() {
                 assert_eq!(r["bytes"], bulk, "{r}");
                 assert!(f(&r["gbit_per_s"]) > 0.0, "{r}");
                 assert!(f(&r["proxy_cpu_s_per_gb"]) >= 0.0, "{r}");
-                assert!(f(&r["system_cpu_s_per_gb"]) > 0.0, "{r}");
+                // /proc/stat counts in 10 ms ticks: a 3 MB transfer can
+                // finish within one, so zero is a valid reading here.
+                assert!(f(&r["system_cpu_s_per_gb"]) >= 0.0, "{r}");
                 assert!(f(&r["client_cpu_s"]) >= 0.0, "{r}");
             }
             "latency" => {
