@@ -95,10 +95,15 @@ impl Target {
     /// spelling) / `unix:/path`.
     pub fn parse(s: &str) -> Result<Self, TargetParseError> {
         let s = s.trim();
-        if let Some(p) = s
-            .strip_prefix("unix_socket:")
-            .or_else(|| s.strip_prefix("unix:"))
-        {
+        // Prefixes match in any case: host names are case-insensitive, so a
+        // host called `UNIX_SOCKET` would otherwise print (lower-cased) as a
+        // UNIX socket target and read back as a different target.
+        let strip = |prefix: &str| {
+            s.get(..prefix.len())
+                .filter(|p| p.eq_ignore_ascii_case(prefix))
+                .map(|_| &s[prefix.len()..])
+        };
+        if let Some(p) = strip("unix_socket:").or_else(|| strip("unix:")) {
             let p = p.trim();
             if p.is_empty() {
                 return Err(TargetParseError::EmptyPath);
@@ -351,6 +356,15 @@ mod tests {
         assert_eq!(Target::parse("h:99999"), Err(TargetParseError::BadPort));
         assert_eq!(Target::parse("::1:5900"), Err(TargetParseError::BadHost));
         assert_eq!(Target::parse("a b:1"), Err(TargetParseError::BadHost));
+        assert_eq!(
+            Target::parse("unix_socket:"),
+            Err(TargetParseError::EmptyPath)
+        );
+        assert_eq!(
+            Target::parse("UNIX_sOcket:55").unwrap(),
+            Target::Unix(PathBuf::from("55")),
+            "found by the signed_token fuzz target: must not parse as host `unix_socket`"
+        );
         assert_eq!(
             Target::parse("unix_socket:"),
             Err(TargetParseError::EmptyPath)
