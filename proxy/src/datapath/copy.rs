@@ -1,11 +1,13 @@
 //! Userspace bidirectional copy with TCP half-close, backpressure (a read
-//! waits for the previous write to finish) and an idle timeout.
+//! waits for the previous write to finish) and an idle timeout. Each
+//! direction's buffer exists only while bytes move ([`super::lazybuf`]).
 
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
 use tokio::sync::watch;
 
+use super::lazybuf::LazyBuf;
 use super::{Counters, End, idle_watch};
 
 const BUF: usize = 32 * 1024;
@@ -29,9 +31,9 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = vec![0u8; BUF];
+    let mut buf = LazyBuf::new(0, BUF);
     loop {
-        let n = match r.read(&mut buf).await {
+        let n = match buf.read(&mut r).await {
             Ok(n) => n,
             // A TLS compute peer that closes without close_notify (QEMU
             // does) after the console ran: an ordinary end. Before any byte
@@ -59,7 +61,7 @@ where
         // A TLS writer (rustls) may keep bytes buffered after `write_all`
         // returns when its socket would block: flush, or they wait for the
         // next chunk (a stalled console until the tenant sends again).
-        let written = match w.write_all(&buf[..n]).await {
+        let written = match w.write_all(buf.data(n)).await {
             Ok(()) => w.flush().await,
             Err(e) => Err(e),
         };
@@ -108,6 +110,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncReadExt as _;
     use tokio::net::{TcpListener, TcpStream};
 
     async fn pair() -> (TcpStream, TcpStream) {

@@ -10,6 +10,7 @@
 //! module never imports config, serde or control-plane code.
 
 pub mod copy;
+pub mod lazybuf;
 pub mod splice;
 pub mod websocket;
 pub mod ws_splice;

@@ -9,9 +9,10 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
 use tokio::sync::{mpsc, watch};
 
+use super::lazybuf::{LazyBuf, LazyBytes};
 use super::{Counters, End, idle_watch};
 use crate::front::websocket::frame::{
     self, Decoder, MAX_HEADER_LEN, Opcode, close_code, close_payload, encode_frame,
@@ -122,6 +123,7 @@ where
     W: AsyncWrite + Unpin,
 {
     let mut decoder = Decoder::new(MAX_TENANT_FRAME);
+    let mut reader = LazyBytes::new(16 * 1024);
     if !pending.is_empty() {
         let written = match cw.write_all(&pending).await {
             Ok(()) => cw.flush().await,
@@ -142,10 +144,7 @@ where
         let frame = match decoder.decode(&mut rbuf) {
             Ok(Some(f)) => f,
             Ok(None) => {
-                if rbuf.capacity() - rbuf.len() < 4096 {
-                    rbuf.reserve(16 * 1024);
-                }
-                match tr.read_buf(&mut rbuf).await {
+                match reader.read(&mut tr, &mut rbuf).await {
                     Ok(0) => {
                         let _ = cw.shutdown().await;
                         return End::TenantClosed;
@@ -235,7 +234,7 @@ where
 {
     // Buffer layout: [header room | payload]; the header is written just
     // before the payload so one write sends the whole frame.
-    let mut buf: Vec<u8> = Vec::new();
+    let mut buf = LazyBuf::new(MAX_HEADER_LEN, DOWN_CHUNK);
     let mut out = BytesMut::new();
     let mut ping = settings.ping_interval.map(|p| {
         let mut i = tokio::time::interval_at(tokio::time::Instant::now() + p, p);
@@ -243,9 +242,6 @@ where
         i
     });
     loop {
-        if buf.is_empty() {
-            buf.resize(MAX_HEADER_LEN + DOWN_CHUNK, 0);
-        }
         tokio::select! {
             biased;
             c = ctl.recv() => match c {
@@ -263,7 +259,7 @@ where
                 }
                 None => return End::Closed,
             },
-            r = cr.read(&mut buf[MAX_HEADER_LEN..]) => match r {
+            r = buf.read(&mut cr) => match r {
                 // EOF, or a TLS compute peer closing without close_notify
                 // (QEMU does) after the console ran: an ordinary end. Before
                 // any byte it is a failure (QEMU refusing our certificate).
@@ -281,12 +277,13 @@ where
                             let mut hdr = [0u8; MAX_HEADER_LEN];
                             let h = frame::encode_header(true, Opcode::Binary, None, n as u64, &mut hdr);
                             let start = MAX_HEADER_LEN - h;
-                            buf[start..MAX_HEADER_LEN].copy_from_slice(&hdr[..h]);
-                            tw.write_all(&buf[start..MAX_HEADER_LEN + n]).await
+                            let frame = buf.frame_mut(n);
+                            frame[start..MAX_HEADER_LEN].copy_from_slice(&hdr[..h]);
+                            tw.write_all(&frame[start..]).await
                         }
                         Mode::Base64 => {
                             out.clear();
-                            let text = encode_base64(&buf[MAX_HEADER_LEN..MAX_HEADER_LEN + n]);
+                            let text = encode_base64(buf.data(n));
                             encode_frame(Opcode::Text, text.as_bytes(), &mut out);
                             tw.write_all(&out).await
                         }
