@@ -2,8 +2,10 @@
 //! proven end to end by a one-byte round trip through the proxy to an echo
 //! backend, hold them all, and read the proxy's memory (PSS summed over
 //! the process trees of `proxy_pids`, see [`procstat::tree_pss_kib`])
-//! before the first and after the last. Gives memory per idle session and the session set-up rate
-//! (sequential: connect, TLS, CONNECT or upgrade, first byte back).
+//! before the first, after the last, and again after the hold (every
+//! session idle by then; the figure reported when there is a hold). Gives
+//! memory per idle session and the session set-up rate (sequential:
+//! connect, TLS, CONNECT or upgrade, first byte back).
 
 use std::thread;
 use std::time::{Duration, Instant};
@@ -35,6 +37,9 @@ pub struct Report {
     pub setup_took: Duration,
     pub pss_before_kib: Option<u64>,
     pub pss_after_kib: Option<u64>,
+    /// After holding the sessions for `hold` (None without a hold): what an
+    /// idle session costs once the proxy has released its buffers.
+    pub pss_held_kib: Option<u64>,
     pub cpu_s: f64,
     pub error: Option<String>,
 }
@@ -44,9 +49,26 @@ impl Report {
         self.error.is_none() && self.established == self.requested
     }
 
-    /// Proxy memory growth per established session, KiB.
+    /// Proxy memory growth per established session, KiB: after the hold
+    /// when there was one (the sessions idle), else right after opening.
     pub fn kib_per_session(&self) -> Option<f64> {
+        self.kib_per_session_held()
+            .or_else(|| self.kib_per_session_open())
+    }
+
+    /// Proxy memory growth per session right after the last one opened, KiB.
+    pub fn kib_per_session_open(&self) -> Option<f64> {
         match (self.pss_before_kib, self.pss_after_kib) {
+            (Some(b), Some(a)) if self.established > 0 => {
+                Some((a as f64 - b as f64) / self.established as f64)
+            }
+            _ => None,
+        }
+    }
+
+    /// Proxy memory growth per session after the hold, KiB.
+    pub fn kib_per_session_held(&self) -> Option<f64> {
+        match (self.pss_before_kib, self.pss_held_kib) {
             (Some(b), Some(a)) if self.established > 0 => {
                 Some((a as f64 - b as f64) / self.established as f64)
             }
@@ -75,6 +97,9 @@ impl Report {
             "proxy_pss_before_kib": self.pss_before_kib,
             "proxy_pss_after_kib": self.pss_after_kib,
             "proxy_kib_per_session": self.kib_per_session(),
+            "proxy_kib_per_session_open": self.kib_per_session_open(),
+            "proxy_pss_held_kib": self.pss_held_kib,
+            "proxy_kib_per_session_held": self.kib_per_session_held(),
             "client_cpu_s": self.cpu_s,
             "complete": self.complete(),
             "error": self.error,
@@ -118,6 +143,11 @@ pub fn run(dial: &Dial, opts: &Options) -> Result<Report> {
     let setup_took = started.elapsed();
     let pss_after_kib = pss(&opts.proxy_pids);
     thread::sleep(opts.hold);
+    let pss_held_kib = if opts.hold.is_zero() {
+        None
+    } else {
+        pss(&opts.proxy_pids)
+    };
     let established = held.len() as u64;
     drop(held);
     Ok(Report {
@@ -129,6 +159,7 @@ pub fn run(dial: &Dial, opts: &Options) -> Result<Report> {
         setup_took,
         pss_before_kib,
         pss_after_kib,
+        pss_held_kib,
         cpu_s: procstat::self_cpu() - cpu0,
         error,
     })

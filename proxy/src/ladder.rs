@@ -86,8 +86,10 @@ pub async fn pump_ws(
     let try_splice = ctx.datapath != DatapathMode::Copy && settings.mode == Mode::Binary;
     let (inner, compute) = match (inner, compute) {
         (TenantStream::Plain(tcp), ComputeIo::Plain(c)) if try_splice => {
-            match crate::sys::pipe::Pipe::new(crate::datapath::splice::PIPE_SIZE) {
-                Ok(pipe) => {
+            let size = crate::datapath::splice::PIPE_SIZE;
+            match crate::datapath::pipes::PipeSlot::available(size) {
+                Ok(()) => {
+                    let pipe = crate::datapath::pipes::PipeSlot::new(size);
                     span.record("datapath", "splice");
                     established("splice");
                     let compute = match c {

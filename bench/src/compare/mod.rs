@@ -617,6 +617,9 @@ fn headline(scenario: Scenario, rec: &Value) -> String {
     }
 }
 
+/// Seconds the idle scenario holds its sessions before reading memory.
+const IDLE_HOLD_SECS: u64 = 2;
+
 /// The clients' connect and read timeout, seconds.
 const CLIENT_IO_TIMEOUT_SECS: u64 = 5;
 
@@ -654,6 +657,9 @@ impl Probe<'_> {
             Scenario::Idle => {
                 a.extend(row.to_echo.iter().cloned());
                 a.extend(["--sessions".into(), s.idle_sessions.to_string()]);
+                // Memory is read once every session has been idle this
+                // long, so proxies that free idle buffers are credited.
+                a.extend(["--hold".into(), IDLE_HOLD_SECS.to_string()]);
                 for p in &self.proxy_pids {
                     a.extend(["--proxy-pid".into(), p.to_string()]);
                 }

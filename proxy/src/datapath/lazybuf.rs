@@ -21,7 +21,7 @@ use tokio::io::{AsyncRead, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
 /// How long a read waits with its buffer held before freeing it.
-pub const TRIM_AFTER: Duration = Duration::from_secs(1);
+pub const TRIM_AFTER: Duration = Duration::from_millis(250);
 
 /// Size of the per-thread scratch buffer: the largest read any lazy buffer
 /// asks for.
@@ -251,7 +251,10 @@ mod tests {
     async fn idle_reader_frees_its_buffer_and_still_reads_everything() {
         let (mut w, mut r) = tokio::io::duplex(1 << 20);
         let mut buf = LazyBuf::new(14, 64 * 1024);
-        assert!(!buf.is_allocated(), "nothing allocated before the first byte");
+        assert!(
+            !buf.is_allocated(),
+            "nothing allocated before the first byte"
+        );
         w.write_all(b"first").await.unwrap();
         let n = buf.read(&mut r).await.unwrap();
         assert_eq!(buf.data(n), b"first");

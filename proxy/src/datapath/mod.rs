@@ -11,6 +11,7 @@
 
 pub mod copy;
 pub mod lazybuf;
+pub mod pipes;
 pub mod splice;
 pub mod websocket;
 pub mod ws_splice;

@@ -18,8 +18,9 @@ use tokio::io::Interest;
 use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::watch;
 
+use super::pipes::PipeSlot;
 use super::{Counters, End, idle_watch};
-use crate::sys::pipe::{Pipe, readable_bytes, splice};
+use crate::sys::pipe::{readable_bytes, splice};
 
 /// Capacity asked for each pipe. Pages are allocated only when used;
 /// the kernel keeps the default (64 KiB) if it refuses this.
@@ -111,26 +112,25 @@ impl Dir {
     }
 }
 
-/// The two pipes of a spliced session, made before the session commits to
-/// this path so that running out of descriptors falls back to the copy.
+/// The two directions' pipes of a spliced session. Each is taken from the
+/// pool only while its direction has bytes in flight ([`super::pipes`]),
+/// so an idle session holds none.
 #[derive(Debug)]
 pub struct Splicer {
-    up: Pipe,
-    down: Pipe,
+    size: usize,
 }
 
 impl Splicer {
-    /// Creates both pipes.
+    /// Checks that a pipe can be had now (so a session that cannot splice
+    /// falls back to the copy before it starts).
     pub fn new() -> io::Result<Self> {
         Self::with_pipe_size(PIPE_SIZE)
     }
 
-    /// Creates both pipes with `size` bytes of capacity each.
+    /// The same, with pipes of `size` bytes of capacity.
     pub fn with_pipe_size(size: usize) -> io::Result<Self> {
-        Ok(Self {
-            up: Pipe::new(size)?,
-            down: Pipe::new(size)?,
-        })
+        PipeSlot::available(size)?;
+        Ok(Self { size })
     }
 
     /// Splices both ways until both directions reach EOF, one side fails,
@@ -144,8 +144,9 @@ impl Splicer {
         mut shutdown: watch::Receiver<bool>,
     ) -> End {
         let (t, c) = (tenant.borrow(), compute.borrow());
-        let up = pump(t, c, &self.up, Dir::Up, counters);
-        let down = pump(c, t, &self.down, Dir::Down, counters);
+        let (mut up_pipe, mut down_pipe) = (PipeSlot::new(self.size), PipeSlot::new(self.size));
+        let up = pump(t, c, &mut up_pipe, Dir::Up, counters);
+        let down = pump(c, t, &mut down_pipe, Dir::Down, counters);
         let both = async {
             match tokio::try_join!(up, down) {
                 Ok(((), ())) => End::Closed,
@@ -160,39 +161,27 @@ impl Splicer {
     }
 }
 
-/// Waits for `interest` on `sock` and runs one splice call.
-pub(super) async fn splice_ready(
-    sock: Sock<'_>,
-    interest: Interest,
-    from: BorrowedFd<'_>,
-    to: BorrowedFd<'_>,
-    len: usize,
-) -> io::Result<usize> {
-    loop {
-        sock.ready(interest).await?;
-        match sock.try_io(interest, || splice(from, to, len)) {
-            Ok(n) => return Ok(n),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        }
-    }
-}
-
 /// Result of one attempt to move bytes from a socket into the pipe.
 enum In {
     /// This many bytes are now in the pipe (0: end of stream).
     Moved(usize),
     /// The socket has data but the pipe has no free slot.
     PipeFull,
+    /// The socket has data but no pipe could be had (descriptors ran out).
+    NoPipe(io::Error),
 }
 
 /// One non-blocking `splice(src -> pipe)` inside `try_io`. EAGAIN is
 /// ambiguous (socket empty, or pipe slots full with partial pages), so
 /// FIONREAD tells them apart: only an empty socket clears tokio's
-/// readiness, otherwise the next wake-up could be lost.
-fn splice_in(src: Sock<'_>, pipe: &Pipe, len: usize) -> io::Result<In> {
+/// readiness, otherwise the next wake-up could be lost. The pipe is taken
+/// from the pool only here, when tokio says the socket is readable.
+fn splice_in(src: Sock<'_>, slot: &mut PipeSlot, len: usize) -> io::Result<In> {
     src.try_io(Interest::READABLE, || {
+        let pipe = match slot.get() {
+            Ok(p) => p,
+            Err(e) => return Ok(In::NoPipe(e)),
+        };
         match splice(src.fd(), pipe.writer(), len) {
             Ok(n) => Ok(In::Moved(n)),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -207,6 +196,10 @@ fn splice_in(src: Sock<'_>, pipe: &Pipe, len: usize) -> io::Result<In> {
     })
 }
 
+/// How long a direction waits before trying again when no pipe could be
+/// had; its bytes wait in the socket meanwhile (TCP backpressure).
+pub(super) const NO_PIPE_RETRY: Duration = Duration::from_millis(50);
+
 /// One direction. Reading into the pipe and writing out of it overlap: the
 /// pipe is filled while it has room and drained while it has bytes, and
 /// the task sleeps only when neither can move (waiting for the source to
@@ -215,18 +208,19 @@ fn splice_in(src: Sock<'_>, pipe: &Pipe, len: usize) -> io::Result<In> {
 async fn pump(
     src: Sock<'_>,
     dst: Sock<'_>,
-    pipe: &Pipe,
+    slot: &mut PipeSlot,
     dir: Dir,
     counters: &Counters,
 ) -> Result<(), End> {
-    let cap = pipe.capacity();
+    let cap = slot.get().map_err(|e| dir.read_err(e))?.capacity();
+    slot.release();
     let mut pending = 0usize;
     let mut eof = false;
     loop {
         let mut pipe_full = false;
         let mut progressed = false;
         if !eof && pending < cap {
-            match splice_in(src, pipe, cap - pending) {
+            match splice_in(src, slot, cap - pending) {
                 Ok(In::Moved(0)) => {
                     eof = true;
                     progressed = true;
@@ -237,12 +231,26 @@ async fn pump(
                     progressed = true;
                 }
                 Ok(In::PipeFull) => pipe_full = true,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Ok(In::NoPipe(e)) => {
+                    tracing::warn!(dir = dir.name(), error = %e, "no pipe for splice: retrying");
+                    tokio::time::sleep(NO_PIPE_RETRY).await;
+                    continue;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // Nothing to read and nothing in flight: give the pipe back.
+                    if pending == 0 {
+                        slot.release();
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => progressed = true,
                 Err(e) => return Err(dir.read_err(e)),
             }
         }
         if pending > 0 {
+            let Ok(pipe) = slot.get() else {
+                // Unreachable: a direction with bytes in flight holds its pipe.
+                return Err(dir.write_err(io::ErrorKind::BrokenPipe.into()));
+            };
             match dst.try_io(Interest::WRITABLE, || {
                 splice(pipe.reader(), dst.fd(), pending)
             }) {
@@ -263,6 +271,7 @@ async fn pump(
         }
         if eof && pending == 0 {
             // Everything read has been written: pass the half-close on.
+            slot.release();
             let _ = dst.shutdown_write();
             return Ok(());
         }
@@ -479,13 +488,52 @@ mod tests {
         }
     }
 
+    /// An idle spliced session gives both pipes back to the pool (the
+    /// test runtime has one thread, so they land in this thread's pool).
+    #[tokio::test]
+    async fn idle_session_holds_no_pipes() {
+        let before = super::super::pipes::pooled();
+        let mut r = start(Path::Splice, None).await;
+        for round in 0..3u8 {
+            r.tenant.write_all(&[round; 1000]).await.unwrap();
+            let mut got = [0u8; 1000];
+            r.compute.read_exact(&mut got).await.unwrap();
+            assert_eq!(got, [round; 1000]);
+            r.compute.write_all(&[round; 2000]).await.unwrap();
+            let mut back = [0u8; 2000];
+            r.tenant.read_exact(&mut back).await.unwrap();
+            assert_eq!(back, [round; 2000]);
+        }
+        // Both directions are waiting for bytes now: no pipe held, and
+        // the one or two pipes used are back in the pool.
+        let mut held = usize::MAX;
+        for _ in 0..200 {
+            held = super::super::pipes::held();
+            if held == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(held, 0, "an idle session holds no pipe");
+        assert!(super::super::pipes::pooled() > before);
+        // And the session still works after that, taking them again.
+        r.tenant.write_all(b"again").await.unwrap();
+        let mut got = [0u8; 5];
+        r.compute.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"again");
+        drop(r.tenant);
+        drop(r.compute);
+        let _ = r.end.await.unwrap();
+        let _ = r.stop;
+    }
+
     /// EAGAIN from splice(socket -> pipe) means "socket empty" or "pipe
     /// slots full"; only the first may clear tokio's readiness.
     #[tokio::test]
     async fn full_pipe_is_told_apart_from_an_empty_socket() {
         let (mut a, b) = tcp_pair().await;
         let (c, mut d) = tcp_pair().await;
-        let pipe = Pipe::new(4096).unwrap();
+        let mut slot = PipeSlot::new(4096);
         let sock = Sock::Tcp(&b);
         async fn arrived(b: &TcpStream, n: usize) {
             while readable_bytes(b.as_fd()).unwrap() < n {
@@ -496,24 +544,30 @@ mod tests {
         a.write_all(b"1234567").await.unwrap();
         arrived(&b, 7).await;
         assert!(matches!(
-            splice_in(sock, &pipe, 4096).unwrap(),
+            splice_in(sock, &mut slot, 4096).unwrap(),
             In::Moved(7)
         ));
         a.write_all(b"abcdefg").await.unwrap();
         arrived(&b, 7).await;
         // One page, one slot, already holding 7 bytes.
         assert!(matches!(
-            splice_in(sock, &pipe, 4089).unwrap(),
+            splice_in(sock, &mut slot, 4089).unwrap(),
             In::PipeFull
         ));
         // Readiness was kept: no wait needed to move on once the pipe drains.
-        assert_eq!(splice(pipe.reader(), c.as_fd(), 7).unwrap(), 7);
+        assert_eq!(
+            splice(slot.get().unwrap().reader(), c.as_fd(), 7).unwrap(),
+            7
+        );
         assert!(matches!(
-            splice_in(sock, &pipe, 4096).unwrap(),
+            splice_in(sock, &mut slot, 4096).unwrap(),
             In::Moved(7)
         ));
-        assert_eq!(splice(pipe.reader(), c.as_fd(), 7).unwrap(), 7);
-        let e = splice_in(sock, &pipe, 4096).err().unwrap();
+        assert_eq!(
+            splice(slot.get().unwrap().reader(), c.as_fd(), 7).unwrap(),
+            7
+        );
+        let e = splice_in(sock, &mut slot, 4096).err().unwrap();
         assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
         let mut got = [0u8; 14];
         d.read_exact(&mut got).await.unwrap();

@@ -143,16 +143,14 @@ where
     loop {
         let frame = match decoder.decode(&mut rbuf) {
             Ok(Some(f)) => f,
-            Ok(None) => {
-                match reader.read(&mut tr, &mut rbuf).await {
-                    Ok(0) => {
-                        let _ = cw.shutdown().await;
-                        return End::TenantClosed;
-                    }
-                    Ok(_) => continue,
-                    Err(e) => return End::TenantIo(e.to_string()),
+            Ok(None) => match reader.read(&mut tr, &mut rbuf).await {
+                Ok(0) => {
+                    let _ = cw.shutdown().await;
+                    return End::TenantClosed;
                 }
-            }
+                Ok(_) => continue,
+                Err(e) => return End::TenantIo(e.to_string()),
+            },
             Err(e) => {
                 let reason = frame_error_reason(&e);
                 let _ = ctl.send(Control::Close(e.close_code(), reason)).await;

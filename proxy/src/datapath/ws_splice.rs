@@ -12,6 +12,7 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::Mutex;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 
@@ -20,12 +21,13 @@ use tokio::io::{AsyncWrite, AsyncWriteExt as _, Interest};
 use tokio::net::{TcpStream, tcp, unix};
 use tokio::sync::{mpsc, watch};
 
-use super::splice::{Sock, Socket, splice_ready};
+use super::pipes::PipeSlot;
+use super::splice::{NO_PIPE_RETRY, Sock, Socket};
 use super::websocket::{CLOSE_GRACE, Control, WsSettings, send_close, up};
 use super::{Counters, End, idle_watch};
 use crate::front::websocket::frame::{self, MAX_HEADER_LEN, Opcode, close_code, encode_frame};
 use crate::front::websocket::stream::WsParts;
-use crate::sys::pipe::Pipe;
+use crate::sys::pipe::splice;
 
 /// Largest payload of one spliced compute-to-tenant frame.
 const FRAME_MAX: usize = 256 * 1024;
@@ -78,11 +80,11 @@ impl AsyncWrite for ComputeWrite {
 
 /// Runs the session until either side ends it, like
 /// [`super::websocket::pump`] in binary mode, with the compute-to-tenant
-/// payload spliced through `pipe`.
+/// payload spliced through `pipe` (held only while a frame is in flight).
 pub async fn pump(
     tenant: WsParts<TcpStream>,
     compute: Socket,
-    pipe: Pipe,
+    pipe: PipeSlot,
     settings: WsSettings,
     counters: &Counters,
     mut shutdown: watch::Receiver<bool>,
@@ -106,7 +108,7 @@ pub async fn pump(
     };
     let (ctl_tx, ctl_rx) = mpsc::channel::<Control>(8);
     let up = up(tr, raw, pending, inbound, cw, counters, ctl_tx.clone());
-    let down = down(&cr, &mut tw, &pipe, settings, counters, ctl_rx);
+    let down = down(&cr, &mut tw, pipe, settings, counters, ctl_rx);
     tokio::pin!(up, down);
     tokio::select! {
         end = &mut up => {
@@ -158,11 +160,71 @@ async fn send_header(tenant: &TcpStream, mut hdr: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
+/// Waits until `src` is readable, then splices up to `len` bytes into the
+/// slot's pipe (taken from the pool only now). A wake-up without data gives
+/// the pipe back. No pipe to be had (descriptors ran out): wait and retry,
+/// the bytes wait in the socket.
+async fn splice_from(src: Sock<'_>, slot: &Mutex<PipeSlot>, len: usize) -> io::Result<usize> {
+    loop {
+        src.ready(Interest::READABLE).await?;
+        let mut no_pipe = None;
+        let r = src.try_io(Interest::READABLE, || {
+            let mut slot = lock(slot);
+            let pipe = match slot.get() {
+                Ok(p) => p,
+                Err(e) => {
+                    no_pipe = Some(e);
+                    return Ok(0);
+                }
+            };
+            splice(src.fd(), pipe.writer(), len)
+        });
+        if let Some(e) = no_pipe {
+            tracing::warn!(error = %e, "no pipe for splice: retrying");
+            tokio::time::sleep(NO_PIPE_RETRY).await;
+            continue;
+        }
+        match r {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => lock(slot).release(),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn lock(slot: &Mutex<PipeSlot>) -> std::sync::MutexGuard<'_, PipeSlot> {
+    // A panic while holding it cannot leave the slot half-changed.
+    slot.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Splices up to `len` bytes from the slot's pipe (which holds them) to `dst`.
+async fn splice_to(dst: Sock<'_>, slot: &Mutex<PipeSlot>, len: usize) -> io::Result<usize> {
+    loop {
+        dst.ready(Interest::WRITABLE).await?;
+        let r = dst.try_io(Interest::WRITABLE, || {
+            let mut slot = lock(slot);
+            let pipe = slot.get()?;
+            splice(pipe.reader(), dst.fd(), len)
+        });
+        match r {
+            Ok(n) => return Ok(n),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Compute to tenant: spliced binary frames, plus pongs, pings and closes.
 async fn down(
     cr: &ComputeRead,
     tw: &mut tcp::OwnedWriteHalf,
-    pipe: &Pipe,
+    pipe: PipeSlot,
     settings: WsSettings,
     counters: &Counters,
     mut ctl: mpsc::Receiver<Control>,
@@ -174,7 +236,15 @@ async fn down(
         i
     });
     let compute = cr.sock();
-    let chunk = pipe.capacity().min(FRAME_MAX);
+    let mut pipe = pipe;
+    let chunk = match pipe.get() {
+        Ok(p) => p.capacity().min(FRAME_MAX),
+        Err(e) => return End::ComputeIo(e.to_string()),
+    };
+    pipe.release();
+    // Shared by the splice futures and the select! arms of one task;
+    // never locked across an await.
+    let pipe = Mutex::new(pipe);
     loop {
         tokio::select! {
             biased;
@@ -192,7 +262,7 @@ async fn down(
                 }
                 None => return End::Closed,
             },
-            r = splice_ready(compute, Interest::READABLE, compute.fd(), pipe.writer(), chunk) => match r {
+            r = splice_from(compute, &pipe, chunk) => match r {
                 Ok(0) => {
                     send_close(tw, close_code::NORMAL, "console closed").await;
                     return End::ComputeClosed;
@@ -208,12 +278,14 @@ async fn down(
                     let mut left = n;
                     while left > 0 {
                         let sock = Sock::Tcp(tenant);
-                        match splice_ready(sock, Interest::WRITABLE, pipe.reader(), sock.fd(), left).await {
+                        match splice_to(sock, &pipe, left).await {
                             Ok(0) => return End::TenantIo(io::Error::from(io::ErrorKind::WriteZero).to_string()),
                             Ok(m) => left -= m,
                             Err(e) => return End::TenantIo(e.to_string()),
                         }
                     }
+                    // The frame is out: the pipe is empty again.
+                    lock(&pipe).release();
                     tracing::trace!(n, "compute data spliced");
                     counters.add_down(n);
                 }
