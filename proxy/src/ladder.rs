@@ -5,7 +5,9 @@
 //! userspace copy otherwise and whenever pipes cannot be created. The
 //! choice goes into the session span (`datapath`) and the `session
 //! established` line. The pumps themselves live in [`crate::datapath`],
-//! which knows nothing of the configuration.
+//! which knows nothing of the configuration. Each rung's pump is boxed,
+//! so a session's task holds the state of the rung it runs on, not of the
+//! largest one.
 
 use crate::config::kernel::DatapathMode;
 use crate::console::{ComputeIo, ComputeStream};
@@ -35,15 +37,14 @@ pub async fn pump_raw(
                     ComputeStream::Tcp(s) => Socket::Tcp(s),
                     ComputeStream::Unix(s) => Socket::Unix(s),
                 };
-                let end = splicer
-                    .run(
-                        Socket::Tcp(tenant),
-                        compute,
-                        counters,
-                        ctx.idle_timeout,
-                        stop.clone(),
-                    )
-                    .await;
+                let end = Box::pin(splicer.run(
+                    Socket::Tcp(tenant),
+                    compute,
+                    counters,
+                    ctx.idle_timeout,
+                    stop.clone(),
+                ))
+                .await;
                 return (end, "splice");
             }
             Err(e) => {
@@ -55,7 +56,14 @@ pub async fn pump_raw(
     };
     span.record("datapath", "copy");
     tracing::info!(datapath = "copy", "session established");
-    let end = copy::bidirectional(tenant, compute, counters, ctx.idle_timeout, stop.clone()).await;
+    let end = Box::pin(copy::bidirectional(
+        tenant,
+        compute,
+        counters,
+        ctx.idle_timeout,
+        stop.clone(),
+    ))
+    .await;
     (end, "copy")
 }
 
@@ -102,14 +110,14 @@ pub async fn pump_ws(
                         pending,
                         inbound,
                     };
-                    return crate::datapath::ws_splice::pump(
+                    return Box::pin(crate::datapath::ws_splice::pump(
                         parts,
                         compute,
                         pipe,
                         settings,
                         counters,
                         stop.clone(),
-                    )
+                    ))
                     .await;
                 }
                 Err(e) => {
@@ -128,5 +136,12 @@ pub async fn pump_ws(
         pending,
         inbound,
     };
-    crate::datapath::websocket::pump(parts, compute, settings, counters, stop.clone()).await
+    Box::pin(crate::datapath::websocket::pump(
+        parts,
+        compute,
+        settings,
+        counters,
+        stop.clone(),
+    ))
+    .await
 }

@@ -60,10 +60,12 @@ pub async fn serve(mut tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
         compute.addr = tracing::field::Empty,
         datapath = tracing::field::Empty,
     );
+    // Each phase's future is boxed so the session task holds only the
+    // phase it is in (see front/ws.rs).
     async move {
         let _ = tcp.set_nodelay(true);
         let limits = HeadLimits::default();
-        let read = read_head(&mut tcp, &limits);
+        let read = Box::pin(read_head(&mut tcp, &limits));
         let (head, rest) = match tokio::time::timeout(ctx.handshake_timeout, read).await {
             Ok(Ok(v)) => v,
             Ok(Err(Some(r))) => return refuse(&mut tcp, r).await,
@@ -77,7 +79,7 @@ pub async fn serve(mut tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
             SocketAddr::new(source, 0)
         };
         let resolving = std::time::Instant::now();
-        let admitted = admit(&ctx, &head, tenant).await;
+        let admitted = Box::pin(admit(&ctx, &head, tenant)).await;
         metrics::resolved("connect", admitted.is_ok(), resolving.elapsed());
         let admitted = match admitted {
             Ok(a) => a,
@@ -109,7 +111,7 @@ pub async fn serve(mut tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
             Ok(s) => s,
             Err(r) => return refuse(&mut tcp, r).await,
         };
-        let compute = match ctx.dial(&admitted.target).await {
+        let compute = match Box::pin(ctx.dial(&admitted.target)).await {
             Ok(c) => c,
             Err(r) => return refuse(&mut tcp, r).await,
         };
@@ -125,14 +127,14 @@ pub async fn serve(mut tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
             prefix: rest,
             inner: tcp,
         };
-        let (mut compute, negotiated) = match establish(
+        let (mut compute, negotiated) = match Box::pin(establish(
             &ctx,
             grant.kind,
             admitted.token.as_ref(),
             &security,
             compute,
             &mut tenant,
-        )
+        ))
         .await
         {
             Ok(v) => v,
@@ -160,6 +162,7 @@ pub async fn serve(mut tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
             }
             counters.add_up(prefix.len());
         }
+        drop(prefix);
         tracing::info!(security = %negotiated, "console handshake done");
         let compute_tls = compute.is_tls();
         if compute_tls && let Err(e) = compute.flush().await {
@@ -171,7 +174,13 @@ pub async fn serve(mut tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
             grant.kind.as_str(),
             accepted.elapsed(),
         );
-        let pump = crate::ladder::pump_raw(&ctx, tcp, compute, &counters, session.stop_signal());
+        let pump = Box::pin(crate::ladder::pump_raw(
+            &ctx,
+            tcp,
+            compute,
+            &counters,
+            session.stop_signal(),
+        ));
         // At the maximum duration both sockets are dropped (closed): a raw
         // tunnel has no close frame to carry a reason.
         let (end, datapath) = match ctx.max_duration {

@@ -14,7 +14,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use bytes::BytesMut;
+use bytes::{BufMut as _, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
@@ -38,7 +38,10 @@ pub async fn read_head<S: AsyncRead + Unpin>(
     loop {
         match parse_request_head(&buf, limits) {
             Ok(Some((head, used))) => {
-                let rest = buf.split_off(used);
+                // The bytes after the head get a buffer of their own, so the
+                // head buffer is freed now rather than living as long as
+                // the session does.
+                let rest = BytesMut::from(&buf[used..]);
                 return Ok((head, rest));
             }
             Ok(None) => {}
@@ -51,11 +54,10 @@ pub async fn read_head<S: AsyncRead + Unpin>(
             .saturating_sub(buf.len())
             .clamp(1, 4096);
         buf.reserve(want);
-        let mut chunk = vec![0u8; want];
-        match s.read(&mut chunk).await {
+        match s.read_buf(&mut (&mut buf).limit(want)).await {
             Ok(0) if buf.is_empty() => return Err(None),
             Ok(0) => return Err(Some(Refusal::BadRequest)),
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Ok(_) => {}
             Err(_) => return Err(None),
         }
     }

@@ -35,6 +35,9 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
         compute.addr = tracing::field::Empty,
         datapath = tracing::field::Empty,
     );
+    // Each phase's future is boxed (`Box::pin`) so that the session task
+    // holds only the phase it is in: an idle session keeps the pump's
+    // state, not the largest handshake state (a few KiB) for its lifetime.
     async move {
         let _ = tcp.set_nodelay(true);
         // Slow or silent tenants (slow-loris) get one deadline for TLS and head.
@@ -42,7 +45,7 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
         let mut stream = match &ctx.tenant_tls {
             Some(tls) => {
                 let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
-                match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
+                match tokio::time::timeout_at(deadline, Box::pin(acceptor.accept(tcp))).await {
                     Ok(Ok(s)) => TenantStream::Tls(Box::new(s)),
                     Ok(Err(e)) => {
                         crate::error::count_refusal(Refusal::TlsHandshake.kind());
@@ -59,7 +62,7 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
             None => TenantStream::Plain(tcp),
         };
         let (head, rest) =
-            match tokio::time::timeout_at(deadline, read_head(&mut stream, &HeadLimits::default()))
+            match tokio::time::timeout_at(deadline, Box::pin(read_head(&mut stream, &HeadLimits::default())))
                 .await
             {
                 Ok(Ok(v)) => v,
@@ -69,7 +72,7 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
             };
         // Plain GET/HEAD: the web console and --web files (docs/contract.md).
         if !head.header_has_token("upgrade", "websocket")
-            && web::serve(&ctx.web, &head, &mut stream).await == web::Outcome::Done
+            && Box::pin(web::serve(&ctx.web, &head, &mut stream)).await == web::Outcome::Done
         {
             return;
         }
@@ -81,7 +84,7 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
             SocketAddr::new(source, 0)
         };
         let resolving = std::time::Instant::now();
-        let admitted = admit(&ctx, &head, tenant).await;
+        let admitted = Box::pin(admit(&ctx, &head, tenant)).await;
         metrics::resolved("websocket", admitted.is_ok(), resolving.elapsed());
         let (upgrade, admission) = match admitted {
             Ok(v) => v,
@@ -108,7 +111,7 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
             Ok(s) => s,
             Err(r) => return refuse(&mut stream, r).await,
         };
-        let compute = match ctx.dial(&grant.target).await {
+        let compute = match Box::pin(ctx.dial(&grant.target)).await {
             Ok(c) => c,
             Err(r) => return refuse(&mut stream, r).await,
         };
@@ -118,7 +121,7 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
         }
         let mut ws = WsStream::new(stream, rest, upgrade.mode);
         let (compute, negotiated) =
-            match establish(&ctx, grant.kind, Some(&admission), &security, compute, &mut ws).await {
+            match Box::pin(establish(&ctx, grant.kind, Some(&admission), &security, compute, &mut ws)).await {
                 Ok(v) => v,
                 Err(e) => {
                     tracing::warn!(
@@ -162,7 +165,7 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
                 "session established"
             );
         };
-        let end: End = crate::ladder::pump_ws(
+        let end: End = Box::pin(crate::ladder::pump_ws(
             &ctx,
             ws.into_parts(),
             compute,
@@ -170,7 +173,7 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
             &counters,
             session.stop_signal(),
             established,
-        )
+        ))
         .await;
         log_end(&end, &counters, compute_tls);
         if let Some(m) = session_metrics.get() {
