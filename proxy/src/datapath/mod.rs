@@ -14,6 +14,7 @@ pub mod lazybuf;
 pub mod pipes;
 pub mod splice;
 pub mod websocket;
+mod ws_control;
 pub mod ws_splice;
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};

@@ -10,9 +10,10 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use super::lazybuf::{LazyBuf, LazyBytes};
+pub(super) use super::ws_control::{Control, ControlQueue};
 use super::{Counters, End, idle_watch};
 use crate::front::websocket::frame::{
     self, Decoder, MAX_HEADER_LEN, Opcode, close_code, close_payload, encode_frame,
@@ -35,12 +36,6 @@ pub struct WsSettings {
     pub ping_interval: Option<Duration>,
     /// The session is closed (1001) after this long.
     pub max_duration: Option<Duration>,
-}
-
-#[derive(Debug)]
-pub(super) enum Control {
-    Pong(BytesMut),
-    Close(u16, &'static str),
 }
 
 /// Runs the session until either side ends it; returns why it ended.
@@ -66,10 +61,10 @@ where
     } = tenant;
     let (tr, tw) = tokio::io::split(inner);
     let (cr, cw) = tokio::io::split(compute);
-    let (ctl_tx, ctl_rx) = mpsc::channel::<Control>(8);
+    let ctl = ControlQueue::default();
 
-    let up = up(tr, raw, pending, inbound, cw, counters, ctl_tx.clone());
-    let down = down(cr, tw, settings, counters, ctl_rx);
+    let up = up(tr, raw, pending, inbound, cw, counters, &ctl);
+    let down = down(cr, tw, settings, counters, &ctl);
     tokio::pin!(up, down);
 
     tokio::select! {
@@ -88,7 +83,7 @@ where
             end
         }
         () = idle_watch(counters, settings.idle) => {
-            let _ = ctl_tx.try_send(Control::Close(close_code::GOING_AWAY, "idle timeout"));
+            ctl.try_send(Control::Close(close_code::GOING_AWAY, "idle timeout"));
             let _ = tokio::time::timeout(CLOSE_GRACE, &mut down).await;
             End::IdleTimeout
         }
@@ -96,12 +91,12 @@ where
             Some(d) => tokio::time::sleep(d).await,
             None => std::future::pending().await,
         } } => {
-            let _ = ctl_tx.try_send(Control::Close(close_code::GOING_AWAY, "maximum session duration reached"));
+            ctl.try_send(Control::Close(close_code::GOING_AWAY, "maximum session duration reached"));
             let _ = tokio::time::timeout(CLOSE_GRACE, &mut down).await;
             End::MaxDuration
         }
         () = crate::datapath::shutdown_signalled(&mut shutdown) => {
-            let _ = ctl_tx.try_send(Control::Close(close_code::GOING_AWAY, "proxy shutting down"));
+            ctl.try_send(Control::Close(close_code::GOING_AWAY, "proxy shutting down"));
             let _ = tokio::time::timeout(CLOSE_GRACE, &mut down).await;
             End::Shutdown
         }
@@ -116,7 +111,7 @@ pub(super) async fn up<R, W>(
     mut inbound: Inbound,
     mut cw: W,
     counters: &Counters,
-    ctl: mpsc::Sender<Control>,
+    ctl: &ControlQueue,
 ) -> End
 where
     R: AsyncRead + Unpin,
@@ -224,7 +219,7 @@ async fn down<R, W>(
     mut tw: W,
     settings: WsSettings,
     counters: &Counters,
-    mut ctl: mpsc::Receiver<Control>,
+    ctl: &ControlQueue,
 ) -> End
 where
     R: AsyncRead + Unpin,

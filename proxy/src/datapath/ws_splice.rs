@@ -19,11 +19,11 @@ use std::task::{Context, Poll};
 use bytes::BytesMut;
 use tokio::io::{AsyncWrite, AsyncWriteExt as _, Interest};
 use tokio::net::{TcpStream, tcp, unix};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use super::pipes::PipeSlot;
 use super::splice::{NO_PIPE_RETRY, Sock, Socket};
-use super::websocket::{CLOSE_GRACE, Control, WsSettings, send_close, up};
+use super::websocket::{CLOSE_GRACE, Control, ControlQueue, WsSettings, send_close, up};
 use super::{Counters, End, idle_watch};
 use crate::front::websocket::frame::{self, MAX_HEADER_LEN, Opcode, close_code, encode_frame};
 use crate::front::websocket::stream::WsParts;
@@ -106,9 +106,9 @@ pub async fn pump(
             (ComputeRead::Unix(r), ComputeWrite::Unix(w))
         }
     };
-    let (ctl_tx, ctl_rx) = mpsc::channel::<Control>(8);
-    let up = up(tr, raw, pending, inbound, cw, counters, ctl_tx.clone());
-    let down = down(&cr, &mut tw, pipe, settings, counters, ctl_rx);
+    let ctl = ControlQueue::default();
+    let up = up(tr, raw, pending, inbound, cw, counters, &ctl);
+    let down = down(&cr, &mut tw, pipe, settings, counters, &ctl);
     tokio::pin!(up, down);
     tokio::select! {
         end = &mut up => {
@@ -124,7 +124,7 @@ pub async fn pump(
             end
         }
         () = idle_watch(counters, settings.idle) => {
-            let _ = ctl_tx.try_send(Control::Close(close_code::GOING_AWAY, "idle timeout"));
+            ctl.try_send(Control::Close(close_code::GOING_AWAY, "idle timeout"));
             let _ = tokio::time::timeout(CLOSE_GRACE, &mut down).await;
             End::IdleTimeout
         }
@@ -132,12 +132,12 @@ pub async fn pump(
             Some(d) => tokio::time::sleep(d).await,
             None => std::future::pending().await,
         } } => {
-            let _ = ctl_tx.try_send(Control::Close(close_code::GOING_AWAY, "maximum session duration reached"));
+            ctl.try_send(Control::Close(close_code::GOING_AWAY, "maximum session duration reached"));
             let _ = tokio::time::timeout(CLOSE_GRACE, &mut down).await;
             End::MaxDuration
         }
         () = crate::datapath::shutdown_signalled(&mut shutdown) => {
-            let _ = ctl_tx.try_send(Control::Close(close_code::GOING_AWAY, "proxy shutting down"));
+            ctl.try_send(Control::Close(close_code::GOING_AWAY, "proxy shutting down"));
             let _ = tokio::time::timeout(CLOSE_GRACE, &mut down).await;
             End::Shutdown
         }
@@ -227,7 +227,7 @@ async fn down(
     pipe: PipeSlot,
     settings: WsSettings,
     counters: &Counters,
-    mut ctl: mpsc::Receiver<Control>,
+    ctl: &ControlQueue,
 ) -> End {
     let mut out = BytesMut::new();
     let mut ping = settings.ping_interval.map(|p| {
