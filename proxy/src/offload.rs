@@ -1,0 +1,478 @@
+//! Kernel TLS offload of a session's TLS legs, the `ktls+splice` rung of
+//! the data-path ladder.
+//!
+//! At start, [`Offload::start`] probes once which (TLS version, cipher)
+//! pairs this kernel takes keys for and logs the result (or why kTLS is not
+//! used) a single time. After the handshake phase of a session, each rustls
+//! leg whose negotiated suite the kernel offloads is handed over: rustls is
+//! drained to the record boundary (the [`ktls::CorkStream`] under it never
+//! read further), its secrets go to the socket (`ktls` crate: `TCP_ULP`,
+//! `TLS_TX`, `TLS_RX`), and the plaintext rustls had decrypted but nobody
+//! consumed is returned to go to the other side first. Only when every TLS
+//! leg can be handed over (and the other legs are plain sockets) is any leg
+//! touched; otherwise the session stays on rustls and the copy, with the
+//! reason logged once for the session.
+
+use std::io;
+
+use rustls::CipherSuite;
+use tokio::io::AsyncWriteExt as _;
+use tokio::net::TcpStream;
+
+use crate::config::kernel::{DatapathMode, KtlsMode};
+use crate::console::{ComputeIo, ComputeStream, ComputeTls};
+use crate::datapath::splice::{Socket, Splicer};
+use crate::datapath::websocket::WsSettings;
+use crate::datapath::{Counters, End};
+use crate::front::websocket::frame::{Opcode, encode_frame};
+use crate::front::websocket::message::Mode;
+use crate::front::websocket::stream::WsParts;
+use crate::front::{TenantStream, TenantTls};
+use crate::session::Context;
+use crate::sys::ktls::{Cipher, TlsVersion, probe_cipher};
+use crate::sys::pipe::Pipe;
+
+/// The data-path label of sessions whose TLS legs run in the kernel.
+pub const LABEL: &str = "ktls+splice";
+
+/// What the kernel offloads, probed once at start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Offload {
+    /// `[TLS 1.2, TLS 1.3] x [AES-128-GCM, AES-256-GCM, ChaCha20-Poly1305]`;
+    /// all false when kTLS is off or absent.
+    table: [[bool; 3]; 2],
+}
+
+fn vi(v: TlsVersion) -> usize {
+    match v {
+        TlsVersion::Tls12 => 0,
+        TlsVersion::Tls13 => 1,
+    }
+}
+
+fn ci(c: Cipher) -> usize {
+    match c {
+        Cipher::AesGcm128 => 0,
+        Cipher::AesGcm256 => 1,
+        Cipher::Chacha20Poly1305 => 2,
+    }
+}
+
+/// The kernel cipher a rustls suite needs, if the kernel has one for it.
+pub fn kernel_cipher(suite: CipherSuite) -> Option<(TlsVersion, Cipher)> {
+    use CipherSuite as S;
+    Some(match suite {
+        S::TLS13_AES_128_GCM_SHA256 => (TlsVersion::Tls13, Cipher::AesGcm128),
+        S::TLS13_AES_256_GCM_SHA384 => (TlsVersion::Tls13, Cipher::AesGcm256),
+        S::TLS13_CHACHA20_POLY1305_SHA256 => (TlsVersion::Tls13, Cipher::Chacha20Poly1305),
+        S::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256 | S::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256 => {
+            (TlsVersion::Tls12, Cipher::AesGcm128)
+        }
+        S::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384 | S::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384 => {
+            (TlsVersion::Tls12, Cipher::AesGcm256)
+        }
+        S::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256
+        | S::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256 => {
+            (TlsVersion::Tls12, Cipher::Chacha20Poly1305)
+        }
+        _ => return None,
+    })
+}
+
+impl Offload {
+    /// Nothing is offloaded.
+    pub const NONE: Offload = Offload {
+        table: [[false; 3]; 2],
+    };
+
+    /// Probes the kernel (unless `mode` is off) and logs once what the
+    /// TLS legs of this process will run on.
+    pub fn start(mode: KtlsMode) -> Offload {
+        let (offload, why_not) = Self::probe(mode);
+        match why_not {
+            None => tracing::info!(
+                ciphers = %offload.ciphers().join(","),
+                "kTLS available: TLS legs are handed to the kernel after the handshake"
+            ),
+            Some(reason) => tracing::info!(
+                reason = %reason,
+                "kTLS unavailable: TLS sessions use rustls and the copy"
+            ),
+        }
+        offload
+    }
+
+    /// Probes without logging; the second value says why nothing is
+    /// offloaded.
+    pub fn probe(mode: KtlsMode) -> (Offload, Option<String>) {
+        if mode == KtlsMode::Off {
+            return (Self::NONE, Some("kernel.ktls = \"off\"".to_owned()));
+        }
+        let mut table = [[false; 3]; 2];
+        let mut first_err = None;
+        for v in TlsVersion::ALL {
+            for c in Cipher::ALL {
+                match probe_cipher(v, c) {
+                    Ok(()) => table[vi(v)][ci(c)] = true,
+                    Err(e) => {
+                        first_err.get_or_insert(e);
+                    }
+                }
+            }
+        }
+        let offload = Offload { table };
+        if offload == Self::NONE {
+            let reason = match first_err {
+                Some(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                    "the kernel lacks kTLS (TCP_ULP \"tls\": ENOENT, the tls module is absent)"
+                        .to_owned()
+                }
+                Some(e) => format!("kTLS set-up refused: {e}"),
+                None => "no cipher offloaded".to_owned(),
+            };
+            return (offload, Some(reason));
+        }
+        (offload, None)
+    }
+
+    /// Whether any leg could be offloaded.
+    pub fn enabled(&self) -> bool {
+        *self != Self::NONE
+    }
+
+    /// What the kernel offloads, as `TLS1.3/AES-128-GCM` names.
+    pub fn ciphers(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for v in TlsVersion::ALL {
+            for c in Cipher::ALL {
+                if self.table[vi(v)][ci(c)] {
+                    out.push(format!("{}/{}", v.name(), c.name()));
+                }
+            }
+        }
+        out
+    }
+
+    /// Whether a leg that negotiated `suite` can be offloaded; the reason
+    /// if not.
+    pub fn check(&self, suite: Option<rustls::SupportedCipherSuite>) -> Result<(), String> {
+        let Some(suite) = suite else {
+            return Err("no negotiated cipher suite".to_owned());
+        };
+        match kernel_cipher(suite.suite()) {
+            Some((v, c)) if self.table[vi(v)][ci(c)] => Ok(()),
+            Some((v, c)) => Err(format!(
+                "the kernel does not offload {}/{} ({:?})",
+                v.name(),
+                c.name(),
+                suite.suite()
+            )),
+            None => Err(format!(
+                "cipher suite {:?} has no kTLS cipher",
+                suite.suite()
+            )),
+        }
+    }
+
+    /// Whether the tenant leg can be offloaded.
+    pub fn check_tenant(&self, s: &TenantTls) -> Result<(), String> {
+        self.check(s.get_ref().1.negotiated_cipher_suite())
+            .map_err(|r| format!("tenant leg: {r}"))
+    }
+
+    /// Whether the compute leg can be offloaded (TCP only).
+    pub fn check_compute(&self, s: &ComputeTls) -> Result<(), String> {
+        if !matches!(s.get_ref().0.io, ComputeStream::Tcp(_)) {
+            return Err("compute leg: kTLS needs a TCP socket".to_owned());
+        }
+        self.check(s.get_ref().1.negotiated_cipher_suite())
+            .map_err(|r| format!("compute leg: {r}"))
+    }
+}
+
+/// A leg after the hand-over: the kTLS socket and the plaintext rustls had
+/// decrypted but nobody read (it goes to the other side first).
+#[derive(Debug)]
+pub struct Handed {
+    pub socket: TcpStream,
+    pub drained: Vec<u8>,
+}
+
+fn setup_err(leg: &str, e: ktls::Error) -> io::Error {
+    io::Error::other(format!("kTLS set-up of the {leg} leg failed: {e}"))
+}
+
+/// Hands the tenant leg to the kernel. Call only after
+/// [`Offload::check_tenant`]; on error the connection is lost.
+pub async fn tenant(mut s: Box<TenantTls>) -> io::Result<Handed> {
+    s.flush().await?;
+    let cipher = s.get_ref().1.negotiated_cipher_suite().map(|c| c.suite());
+    let k = ktls::config_ktls_server(*s)
+        .await
+        .map_err(|e| setup_err("tenant", e))?;
+    let (drained, socket) = k.into_raw();
+    let drained = drained.unwrap_or_default();
+    tracing::info!(
+        leg = "tenant",
+        cipher = ?cipher,
+        drained = drained.len(),
+        "ktls enabled"
+    );
+    Ok(Handed { socket, drained })
+}
+
+/// Hands the compute leg to the kernel. Call only after
+/// [`Offload::check_compute`]; on error the connection is lost.
+pub async fn compute(mut s: Box<ComputeTls>) -> io::Result<Handed> {
+    s.flush().await?;
+    let cipher = s.get_ref().1.negotiated_cipher_suite().map(|c| c.suite());
+    let k = ktls::config_ktls_client(*s)
+        .await
+        .map_err(|e| setup_err("compute", e))?;
+    let (drained, stream) = k.into_raw();
+    let ComputeStream::Tcp(socket) = stream else {
+        return Err(io::Error::other("kTLS on a compute leg that is not TCP"));
+    };
+    let drained = drained.unwrap_or_default();
+    tracing::info!(
+        leg = "compute",
+        cipher = ?cipher,
+        drained = drained.len(),
+        "ktls enabled"
+    );
+    Ok(Handed { socket, drained })
+}
+
+/// The `ktls+splice` rung of a raw (CONNECT) session: the tenant is a
+/// plain socket, the compute leg TLS. Gives the legs back unchanged when
+/// the session cannot run on it (the reason is logged).
+pub async fn pump_raw(
+    ctx: &Context,
+    tenant: TcpStream,
+    compute: ComputeIo,
+    counters: &Counters,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<(End, &'static str), (TcpStream, ComputeIo)> {
+    let ComputeIo::Tls(tls) = compute else {
+        return Err((tenant, compute));
+    };
+    if ctx.datapath == DatapathMode::Copy || !ctx.ktls.enabled() {
+        return Err((tenant, ComputeIo::Tls(tls)));
+    }
+    if let Err(reason) = ctx.ktls.check_compute(&tls) {
+        tracing::info!(reason = %reason, "kTLS not used for this session");
+        return Err((tenant, ComputeIo::Tls(tls)));
+    }
+    let splicer = match Splicer::new() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot create pipes for splice: using the copy");
+            return Err((tenant, ComputeIo::Tls(tls)));
+        }
+    };
+    let handed = match tokio::time::timeout(ctx.handshake_timeout, self::compute(tls)).await {
+        Ok(Ok(h)) => h,
+        Ok(Err(e)) => return Ok((End::ComputeIo(e.to_string()), "-")),
+        Err(_) => return Ok((End::ComputeIo("kTLS hand-over timed out".into()), "-")),
+    };
+    tracing::Span::current().record("datapath", LABEL);
+    tracing::info!(datapath = LABEL, "session established");
+    let mut tenant = tenant;
+    if !handed.drained.is_empty() {
+        // Console bytes rustls had decrypted: they precede the spliced ones.
+        if let Err(e) = tenant.write_all(&handed.drained).await {
+            return Ok((End::TenantIo(e.to_string()), LABEL));
+        }
+        counters.add_down(handed.drained.len());
+    }
+    let end = splicer
+        .run(
+            Socket::Tcp(tenant),
+            Socket::Ktls(handed.socket),
+            counters,
+            ctx.idle_timeout,
+            stop,
+        )
+        .await;
+    Ok((end, LABEL))
+}
+
+/// The `ktls+splice` rung of a WebSocket session in binary mode: every
+/// TLS leg is handed to the kernel, then [`ws_splice`] runs over the
+/// sockets. Gives the legs back unchanged when the session cannot run on
+/// it (the reason is logged). `established` is called with the label
+/// before the pump starts.
+pub async fn pump_ws(
+    ctx: &Context,
+    tenant: WsParts<TenantStream>,
+    compute: ComputeIo,
+    settings: WsSettings,
+    counters: &Counters,
+    stop: tokio::sync::watch::Receiver<bool>,
+    established: &mut Option<impl FnOnce(&'static str)>,
+) -> Result<End, (WsParts<TenantStream>, ComputeIo)> {
+    let tls_leg =
+        matches!(tenant.inner, TenantStream::Tls(_)) || matches!(compute, ComputeIo::Tls(_));
+    if !tls_leg
+        || ctx.datapath == DatapathMode::Copy
+        || settings.mode != Mode::Binary
+        || !ctx.ktls.enabled()
+    {
+        return Err((tenant, compute));
+    }
+    let tenant_ok = match &tenant.inner {
+        TenantStream::Tls(t) => ctx.ktls.check_tenant(t),
+        TenantStream::Plain(_) => Ok(()),
+    };
+    let checked = tenant_ok.and_then(|()| match &compute {
+        ComputeIo::Tls(c) => ctx.ktls.check_compute(c),
+        ComputeIo::Plain(_) => Ok(()),
+        ComputeIo::SpiceMain(_) => {
+            Err("the SPICE main channel is filtered in userspace".to_owned())
+        }
+    });
+    if let Err(reason) = checked {
+        tracing::info!(reason = %reason, "kTLS not used for this session");
+        return Err((tenant, compute));
+    }
+    let pipe = match Pipe::new(crate::datapath::splice::PIPE_SIZE) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot create a pipe for splice: using the copy");
+            return Err((tenant, compute));
+        }
+    };
+    let WsParts {
+        inner,
+        mut raw,
+        pending,
+        inbound,
+    } = tenant;
+    let hand_over = async {
+        let (tenant, tenant_ktls) = match inner {
+            TenantStream::Plain(s) => (s, false),
+            TenantStream::Tls(t) => {
+                let h = self::tenant(t)
+                    .await
+                    .map_err(|e| End::TenantIo(e.to_string()))?;
+                // Frames rustls had decrypted come before the kernel's.
+                raw.extend_from_slice(&h.drained);
+                (h.socket, true)
+            }
+        };
+        let (compute, down_first) = match compute {
+            ComputeIo::Plain(ComputeStream::Tcp(s)) => (Socket::Tcp(s), Vec::new()),
+            ComputeIo::Plain(ComputeStream::Unix(s)) => (Socket::Unix(s), Vec::new()),
+            ComputeIo::Tls(c) => {
+                let h = self::compute(c)
+                    .await
+                    .map_err(|e| End::ComputeIo(e.to_string()))?;
+                (Socket::Ktls(h.socket), h.drained)
+            }
+            ComputeIo::SpiceMain(_) => {
+                return Err(End::ComputeIo("SPICE main channel on the kTLS rung".into()));
+            }
+        };
+        Ok::<_, End>((tenant, tenant_ktls, compute, down_first))
+    };
+    let (mut tenant, tenant_ktls, compute, down_first) =
+        match tokio::time::timeout(ctx.handshake_timeout, hand_over).await {
+            Ok(Ok(v)) => v,
+            Ok(Err(end)) => return Ok(end),
+            Err(_) => return Ok(End::ComputeIo("kTLS hand-over timed out".into())),
+        };
+    tracing::Span::current().record("datapath", LABEL);
+    if let Some(f) = established.take() {
+        f(LABEL);
+    }
+    if !down_first.is_empty() {
+        // Console bytes rustls had decrypted: one frame before the spliced ones.
+        let mut out = bytes::BytesMut::new();
+        encode_frame(Opcode::Binary, &down_first, &mut out);
+        if let Err(e) = tenant.write_all(&out).await {
+            return Ok(End::TenantIo(e.to_string()));
+        }
+        counters.add_down(down_first.len());
+    }
+    let parts = WsParts {
+        inner: tenant,
+        raw,
+        pending,
+        inbound,
+    };
+    Ok(crate::datapath::ws_splice::pump(
+        parts,
+        tenant_ktls,
+        compute,
+        pipe,
+        settings,
+        counters,
+        stop,
+    )
+    .await)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn suites_map_to_kernel_ciphers() {
+        assert_eq!(
+            kernel_cipher(CipherSuite::TLS13_AES_256_GCM_SHA384),
+            Some((TlsVersion::Tls13, Cipher::AesGcm256))
+        );
+        assert_eq!(
+            kernel_cipher(CipherSuite::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256),
+            Some((TlsVersion::Tls12, Cipher::AesGcm128))
+        );
+        assert_eq!(
+            kernel_cipher(CipherSuite::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256),
+            Some((TlsVersion::Tls12, Cipher::Chacha20Poly1305))
+        );
+        assert_eq!(
+            kernel_cipher(CipherSuite::TLS_RSA_WITH_AES_128_CBC_SHA),
+            None
+        );
+    }
+
+    #[test]
+    fn every_ring_suite_is_known() {
+        for s in rustls::crypto::ring::default_provider().cipher_suites {
+            assert!(kernel_cipher(s.suite()).is_some(), "{:?}", s.suite());
+        }
+    }
+
+    #[test]
+    fn off_offloads_nothing_and_says_why() {
+        let (o, why) = Offload::probe(KtlsMode::Off);
+        assert!(!o.enabled());
+        assert!(why.unwrap().contains("off"));
+        let suite = rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256;
+        assert!(
+            o.check(Some(suite))
+                .unwrap_err()
+                .contains("does not offload")
+        );
+        assert!(o.check(None).is_err());
+    }
+
+    /// The probe agrees with itself: a cipher it lists is accepted, and a
+    /// kernel without the tls module says so.
+    #[test]
+    fn probe_matches_the_kernel() {
+        let (o, why) = Offload::probe(KtlsMode::Auto);
+        match crate::sys::probe::ktls() {
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                assert!(!o.enabled());
+                assert!(why.unwrap().contains("ENOENT"));
+            }
+            _ => {
+                if o.enabled() {
+                    assert!(why.is_none());
+                    assert!(!o.ciphers().is_empty());
+                }
+            }
+        }
+    }
+}
