@@ -5,18 +5,22 @@
 //! pairs this kernel takes keys for and logs the result (or why kTLS is not
 //! used) a single time. After the handshake phase of a session, each rustls
 //! leg whose negotiated suite the kernel offloads is handed over: rustls is
-//! drained to the record boundary (the [`ktls::CorkStream`] under it never
-//! read further), its secrets go to the socket (`ktls` crate: `TCP_ULP`,
-//! `TLS_TX`, `TLS_RX`), and the plaintext rustls had decrypted but nobody
+//! drained to the record boundary (the [`Cork`] under it never read
+//! further), its secrets go to the socket (`ktls` crate for the key
+//! structures, `sys::ktls::install` for `TCP_ULP`, `TLS_TX`, `TLS_RX`), and the plaintext rustls had decrypted but nobody
 //! consumed is returned to go to the other side first. Only when every TLS
 //! leg can be handed over (and the other legs are plain sockets) is any leg
 //! touched; otherwise the session stays on rustls and the copy, with the
 //! reason logged once for the session.
 
-use std::io;
+mod cork;
 
+use std::io;
+use std::os::fd::AsFd as _;
+
+pub use cork::Cork;
 use rustls::CipherSuite;
-use tokio::io::AsyncWriteExt as _;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
 use crate::config::kernel::{DatapathMode, KtlsMode};
@@ -198,48 +202,69 @@ pub struct Handed {
     pub drained: Vec<u8>,
 }
 
-fn setup_err(leg: &str, e: ktls::Error) -> io::Error {
-    io::Error::other(format!("kTLS set-up of the {leg} leg failed: {e}"))
+/// Flushes, corks and drains a tenant leg: the transport (at a record
+/// boundary), the plaintext rustls had decrypted, and the connection.
+pub async fn drain_server<IO: AsyncRead + AsyncWrite + Unpin>(
+    mut s: tokio_rustls::server::TlsStream<Cork<IO>>,
+) -> io::Result<(IO, Vec<u8>, rustls::Connection)> {
+    s.flush().await?;
+    s.get_mut().0.cork();
+    let drained = cork::drain(&mut s).await?;
+    let (cork, conn) = s.into_inner();
+    Ok((cork.io, drained, rustls::Connection::Server(conn)))
+}
+
+/// [`drain_server`] for a compute leg.
+pub async fn drain_client<IO: AsyncRead + AsyncWrite + Unpin>(
+    mut s: tokio_rustls::client::TlsStream<Cork<IO>>,
+) -> io::Result<(IO, Vec<u8>, rustls::Connection)> {
+    s.flush().await?;
+    s.get_mut().0.cork();
+    let drained = cork::drain(&mut s).await?;
+    let (cork, conn) = s.into_inner();
+    Ok((cork.io, drained, rustls::Connection::Client(conn)))
+}
+
+/// The kernel's key material for both directions of a drained connection.
+pub fn crypto_info(conn: rustls::Connection) -> io::Result<(ktls::CryptoInfo, ktls::CryptoInfo)> {
+    let suite = conn
+        .negotiated_cipher_suite()
+        .ok_or_else(|| io::Error::other("no negotiated cipher suite"))?;
+    let secrets = conn
+        .dangerous_extract_secrets()
+        .map_err(|e| io::Error::other(format!("extracting the TLS secrets: {e}")))?;
+    let tx = ktls::CryptoInfo::from_rustls(suite, secrets.tx).map_err(io::Error::other)?;
+    let rx = ktls::CryptoInfo::from_rustls(suite, secrets.rx).map_err(io::Error::other)?;
+    Ok((tx, rx))
+}
+
+fn install(leg: &str, socket: &TcpStream, conn: rustls::Connection) -> io::Result<()> {
+    let cipher = conn.negotiated_cipher_suite().map(|c| c.suite());
+    crypto_info(conn)
+        .and_then(|(tx, rx)| crate::sys::ktls::install(socket.as_fd(), &tx, &rx))
+        .map_err(|e| io::Error::other(format!("kTLS set-up of the {leg} leg failed: {e}")))?;
+    tracing::info!(leg, cipher = ?cipher, "ktls enabled");
+    Ok(())
 }
 
 /// Hands the tenant leg to the kernel. Call only after
 /// [`Offload::check_tenant`]; on error the connection is lost.
-pub async fn tenant(mut s: Box<TenantTls>) -> io::Result<Handed> {
-    s.flush().await?;
-    let cipher = s.get_ref().1.negotiated_cipher_suite().map(|c| c.suite());
-    let k = ktls::config_ktls_server(*s)
-        .await
-        .map_err(|e| setup_err("tenant", e))?;
-    let (drained, socket) = k.into_raw();
-    let drained = drained.unwrap_or_default();
-    tracing::info!(
-        leg = "tenant",
-        cipher = ?cipher,
-        drained = drained.len(),
-        "ktls enabled"
-    );
+pub async fn tenant(s: Box<TenantTls>) -> io::Result<Handed> {
+    let (socket, drained, conn) = drain_server(*s).await?;
+    install("tenant", &socket, conn)?;
+    tracing::debug!(leg = "tenant", drained = drained.len(), "rustls drained");
     Ok(Handed { socket, drained })
 }
 
 /// Hands the compute leg to the kernel. Call only after
 /// [`Offload::check_compute`]; on error the connection is lost.
-pub async fn compute(mut s: Box<ComputeTls>) -> io::Result<Handed> {
-    s.flush().await?;
-    let cipher = s.get_ref().1.negotiated_cipher_suite().map(|c| c.suite());
-    let k = ktls::config_ktls_client(*s)
-        .await
-        .map_err(|e| setup_err("compute", e))?;
-    let (drained, stream) = k.into_raw();
+pub async fn compute(s: Box<ComputeTls>) -> io::Result<Handed> {
+    let (stream, drained, conn) = drain_client(*s).await?;
     let ComputeStream::Tcp(socket) = stream else {
         return Err(io::Error::other("kTLS on a compute leg that is not TCP"));
     };
-    let drained = drained.unwrap_or_default();
-    tracing::info!(
-        leg = "compute",
-        cipher = ?cipher,
-        drained = drained.len(),
-        "ktls enabled"
-    );
+    install("compute", &socket, conn)?;
+    tracing::debug!(leg = "compute", drained = drained.len(), "rustls drained");
     Ok(Handed { socket, drained })
 }
 
@@ -414,7 +439,114 @@ pub async fn pump_ws(
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
+
+    fn configs(
+        version: &'static rustls::SupportedProtocolVersion,
+    ) -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
+        let certified = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let cert = certified.cert.der().clone();
+        let key = rustls::pki_types::PrivateKeyDer::try_from(certified.signing_key.serialize_der())
+            .unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut server = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+            .with_protocol_versions(&[version])
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.clone()], key)
+            .unwrap();
+        server.enable_secret_extraction = true;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert).unwrap();
+        let mut client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[version])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        client.enable_secret_extraction = true;
+        (Arc::new(server), Arc::new(client))
+    }
+
+    /// Reads one whole TLS record from a raw socket; returns its type.
+    async fn raw_record(s: &mut TcpStream) -> (u8, usize) {
+        use tokio::io::AsyncReadExt as _;
+        let mut h = [0u8; 5];
+        s.read_exact(&mut h).await.unwrap();
+        let len = usize::from(u16::from_be_bytes([h[3], h[4]]));
+        let mut body = vec![0u8; len];
+        s.read_exact(&mut body).await.unwrap();
+        (h[0], len)
+    }
+
+    /// The hand-over without the kernel part: after the handshake and a
+    /// partial read, draining returns exactly the plaintext rustls had
+    /// decrypted, the socket is left at a record boundary holding the next
+    /// record untouched, and the secrets can be turned into kernel key
+    /// structures. Both legs (rustls server = tenant, client = compute),
+    /// TLS 1.2 and 1.3.
+    #[tokio::test]
+    async fn drain_stops_at_the_record_boundary_and_loses_nothing() {
+        use tokio::io::AsyncReadExt as _;
+        for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
+            let (server_cfg, client_cfg) = configs(version);
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+            let (s, _) = l.accept().await.unwrap();
+            let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+            let (server, client) = tokio::join!(
+                tokio_rustls::TlsAcceptor::from(server_cfg).accept(Cork::new(s)),
+                tokio_rustls::TlsConnector::from(client_cfg).connect(name, Cork::new(c)),
+            );
+            let (mut server, mut client) = (server.unwrap(), client.unwrap());
+            // Each write_all + flush is one record.
+            for data in [&b"hello"[..], b"world"] {
+                client.write_all(data).await.unwrap();
+                client.flush().await.unwrap();
+            }
+            for data in [&b"console"[..], b"more"] {
+                server.write_all(data).await.unwrap();
+                server.flush().await.unwrap();
+            }
+            let mut three = [0u8; 3];
+            server.read_exact(&mut three).await.unwrap();
+            assert_eq!(&three, b"hel");
+            let mut four = [0u8; 4];
+            client.read_exact(&mut four).await.unwrap();
+            assert_eq!(&four, b"cons");
+            // Let the second records arrive before draining.
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            let (mut s_sock, drained, conn) = drain_server(server).await.unwrap();
+            assert_eq!(drained, b"lo", "{version:?}");
+            assert_eq!(
+                raw_record(&mut s_sock).await,
+                (23, raw_len(version, 5)),
+                "{version:?}"
+            );
+            let (tx, rx) = crypto_info(conn).unwrap();
+            assert!(tx.size() > 0 && rx.size() > 0);
+            let (mut c_sock, drained, conn) = drain_client(client).await.unwrap();
+            assert_eq!(drained, b"ole", "{version:?}");
+            assert_eq!(
+                raw_record(&mut c_sock).await,
+                (23, raw_len(version, 4)),
+                "{version:?}"
+            );
+            crypto_info(conn).unwrap();
+        }
+    }
+
+    /// The size of an application-data record with `n` plaintext bytes
+    /// (AES-GCM: 16-byte tag; TLS 1.3 adds the inner type byte, TLS 1.2 an
+    /// 8-byte explicit nonce).
+    fn raw_len(version: &rustls::SupportedProtocolVersion, n: usize) -> usize {
+        if version.version == rustls::ProtocolVersion::TLSv1_3 {
+            n + 1 + 16
+        } else {
+            n + 8 + 16
+        }
+    }
 
     #[test]
     fn suites_map_to_kernel_ciphers() {

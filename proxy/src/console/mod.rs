@@ -186,9 +186,9 @@ impl std::os::fd::AsRawFd for ComputeStream {
 }
 
 /// A TLS connection to the compute host. rustls reads through a
-/// [`ktls::CorkStream`] (never past a record boundary), so the stream can
+/// [`crate::offload::Cork`] (never past a record boundary), so the stream can
 /// be handed to kernel TLS after the console handshake ([`crate::offload`]).
-pub type ComputeTls = tokio_rustls::client::TlsStream<ktls::CorkStream<ComputeStream>>;
+pub type ComputeTls = tokio_rustls::client::TlsStream<crate::offload::Cork<ComputeStream>>;
 
 /// Dials `target` within `timeout`. TCP streams get TCP_NODELAY (console
 /// traffic is interactive) and keepalive.
@@ -272,7 +272,7 @@ pub async fn tls_connect(
     name: rustls::pki_types::ServerName<'static>,
 ) -> Result<ComputeTls, String> {
     tokio_rustls::TlsConnector::from(cfg)
-        .connect(name, ktls::CorkStream::new(s))
+        .connect(name, crate::offload::Cork::new(s))
         .await
         .map_err(|e| e.to_string())
 }

@@ -42,7 +42,7 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
         let mut stream = match &ctx.tenant_tls {
             Some(tls) => {
                 let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
-                let corked = ktls::CorkStream::new(tcp);
+                let corked = crate::offload::Cork::new(tcp);
                 match tokio::time::timeout_at(deadline, acceptor.accept(corked)).await {
                     Ok(Ok(s)) => TenantStream::Tls(Box::new(s)),
                     Ok(Err(e)) => {

@@ -2,9 +2,9 @@
 //! reading one record with its type (`recvmsg` + `TLS_GET_RECORD_TYPE`)
 //! and sending an alert (`sendmsg` + `TLS_SET_RECORD_TYPE`).
 //!
-//! The key set-up itself (secrets out of rustls, `TCP_ULP` and
-//! `TLS_TX`/`TLS_RX`) is done by the `ktls` crate; what the data path needs
-//! afterwards is here. The sockets are borrowed (`BorrowedFd`): their owner
+//! The key structures come from the `ktls` crate (built from the secrets
+//! rustls gives up); [`install`] hands them to the socket, and what the
+//! data path needs afterwards is here too. The sockets are borrowed (`BorrowedFd`): their owner
 //! is the session's `TcpStream`, which outlives every call.
 #![expect(
     unsafe_code,
@@ -132,6 +132,43 @@ pub fn probe_cipher(version: TlsVersion, cipher: Cipher) -> io::Result<()> {
             cipher.info_len() as libc::socklen_t,
         )
     })?;
+    Ok(())
+}
+
+/// `TLS_RX` option of `SOL_TLS`.
+const TLS_RX: libc::c_int = 2;
+
+/// Switches a connected TCP socket to kernel TLS with these keys (built by
+/// the `ktls` crate from the secrets rustls gave up): `TCP_ULP "tls"`,
+/// then `TLS_TX` and `TLS_RX`.
+pub fn install(fd: BorrowedFd<'_>, tx: &ktls::CryptoInfo, rx: &ktls::CryptoInfo) -> io::Result<()> {
+    let ulp = b"tls";
+    // SAFETY: the descriptor is borrowed from its open owner for the call;
+    // the value points at 3 valid bytes whose length we pass.
+    check(unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_TCP,
+            libc::TCP_ULP,
+            ulp.as_ptr().cast(),
+            ulp.len() as libc::socklen_t,
+        )
+    })?;
+    for (opt, info) in [(TLS_TX, tx), (TLS_RX, rx)] {
+        // SAFETY: the descriptor is borrowed for the call; `info.as_ptr()`
+        // points at the `struct tls12_crypto_info_*` that `info` owns and
+        // `info.size()` is that struct's size; `info` outlives the call and
+        // the kernel copies the bytes.
+        check(unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                SOL_TLS,
+                opt,
+                info.as_ptr(),
+                info.size() as libc::socklen_t,
+            )
+        })?;
+    }
     Ok(())
 }
 
