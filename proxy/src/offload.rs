@@ -200,13 +200,15 @@ impl Offload {
 pub struct Handed {
     pub socket: TcpStream,
     pub drained: Vec<u8>,
+    /// The peer had already sent close_notify (rustls read it).
+    pub peer_closed: bool,
 }
 
 /// Flushes, corks and drains a tenant leg: the transport (at a record
 /// boundary), the plaintext rustls had decrypted, and the connection.
 pub async fn drain_server<IO: AsyncRead + AsyncWrite + Unpin>(
     mut s: tokio_rustls::server::TlsStream<Cork<IO>>,
-) -> io::Result<(IO, Vec<u8>, rustls::Connection)> {
+) -> io::Result<(IO, cork::Drained, rustls::Connection)> {
     s.flush().await?;
     s.get_mut().0.cork();
     let drained = cork::drain(&mut s).await?;
@@ -217,7 +219,7 @@ pub async fn drain_server<IO: AsyncRead + AsyncWrite + Unpin>(
 /// [`drain_server`] for a compute leg.
 pub async fn drain_client<IO: AsyncRead + AsyncWrite + Unpin>(
     mut s: tokio_rustls::client::TlsStream<Cork<IO>>,
-) -> io::Result<(IO, Vec<u8>, rustls::Connection)> {
+) -> io::Result<(IO, cork::Drained, rustls::Connection)> {
     s.flush().await?;
     s.get_mut().0.cork();
     let drained = cork::drain(&mut s).await?;
@@ -250,22 +252,40 @@ fn install(leg: &str, socket: &TcpStream, conn: rustls::Connection) -> io::Resul
 /// Hands the tenant leg to the kernel. Call only after
 /// [`Offload::check_tenant`]; on error the connection is lost.
 pub async fn tenant(s: Box<TenantTls>) -> io::Result<Handed> {
-    let (socket, drained, conn) = drain_server(*s).await?;
+    let (socket, d, conn) = drain_server(*s).await?;
     install("tenant", &socket, conn)?;
-    tracing::debug!(leg = "tenant", drained = drained.len(), "rustls drained");
-    Ok(Handed { socket, drained })
+    tracing::debug!(
+        leg = "tenant",
+        drained = d.bytes.len(),
+        d.peer_closed,
+        "rustls drained"
+    );
+    Ok(Handed {
+        socket,
+        drained: d.bytes,
+        peer_closed: d.peer_closed,
+    })
 }
 
 /// Hands the compute leg to the kernel. Call only after
 /// [`Offload::check_compute`]; on error the connection is lost.
 pub async fn compute(s: Box<ComputeTls>) -> io::Result<Handed> {
-    let (stream, drained, conn) = drain_client(*s).await?;
+    let (stream, d, conn) = drain_client(*s).await?;
     let ComputeStream::Tcp(socket) = stream else {
         return Err(io::Error::other("kTLS on a compute leg that is not TCP"));
     };
     install("compute", &socket, conn)?;
-    tracing::debug!(leg = "compute", drained = drained.len(), "rustls drained");
-    Ok(Handed { socket, drained })
+    tracing::debug!(
+        leg = "compute",
+        drained = d.bytes.len(),
+        d.peer_closed,
+        "rustls drained"
+    );
+    Ok(Handed {
+        socket,
+        drained: d.bytes,
+        peer_closed: d.peer_closed,
+    })
 }
 
 /// The `ktls+splice` rung of a raw (CONNECT) session: the tenant is a
@@ -309,6 +329,10 @@ pub async fn pump_raw(
             return Ok((End::TenantIo(e.to_string()), LABEL));
         }
         counters.add_down(handed.drained.len());
+    }
+    if handed.peer_closed {
+        // The compute host closed before the data path started.
+        return Ok((End::ComputeClosed, LABEL));
     }
     let end = splicer
         .run(
@@ -380,6 +404,9 @@ pub async fn pump_ws(
                 let h = self::tenant(t)
                     .await
                     .map_err(|e| End::TenantIo(e.to_string()))?;
+                if h.peer_closed {
+                    return Err(End::TenantClosed);
+                }
                 // Frames rustls had decrypted come before the kernel's.
                 raw.extend_from_slice(&h.drained);
                 (h.socket, true)
@@ -392,6 +419,9 @@ pub async fn pump_ws(
                 let h = self::compute(c)
                     .await
                     .map_err(|e| End::ComputeIo(e.to_string()))?;
+                if h.peer_closed {
+                    return Err(End::ComputeClosed);
+                }
                 (Socket::Ktls(h.socket), h.drained)
             }
             ComputeIo::SpiceMain(_) => {
@@ -518,7 +548,8 @@ mod tests {
             // Let the second records arrive before draining.
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             let (mut s_sock, drained, conn) = drain_server(server).await.unwrap();
-            assert_eq!(drained, b"lo", "{version:?}");
+            assert_eq!(drained.bytes, b"lo", "{version:?}");
+            assert!(!drained.peer_closed);
             assert_eq!(
                 raw_record(&mut s_sock).await,
                 (23, raw_len(version, 5)),
@@ -527,13 +558,53 @@ mod tests {
             let (tx, rx) = crypto_info(conn).unwrap();
             assert!(tx.size() > 0 && rx.size() > 0);
             let (mut c_sock, drained, conn) = drain_client(client).await.unwrap();
-            assert_eq!(drained, b"ole", "{version:?}");
+            assert_eq!(drained.bytes, b"ole", "{version:?}");
+            assert!(!drained.peer_closed);
             assert_eq!(
                 raw_record(&mut c_sock).await,
                 (23, raw_len(version, 4)),
                 "{version:?}"
             );
             crypto_info(conn).unwrap();
+        }
+    }
+
+    /// A close_notify behind the data stays on the socket for the kernel
+    /// to report (rustls never reads ahead of the record in use); one that
+    /// rustls has already read is reported as `peer_closed`.
+    #[tokio::test]
+    async fn close_notify_is_left_for_the_kernel_or_reported() {
+        use tokio::io::AsyncReadExt as _;
+        for read_to_end in [false, true] {
+            let (server_cfg, client_cfg) = configs(&rustls::version::TLS13);
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+            let (s, _) = l.accept().await.unwrap();
+            let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+            let (server, client) = tokio::join!(
+                tokio_rustls::TlsAcceptor::from(server_cfg).accept(Cork::new(s)),
+                tokio_rustls::TlsConnector::from(client_cfg).connect(name, Cork::new(c)),
+            );
+            let (mut server, mut client) = (server.unwrap(), client.unwrap());
+            client.write_all(b"last words").await.unwrap();
+            client.shutdown().await.unwrap();
+            let mut five = [0u8; 5];
+            server.read_exact(&mut five).await.unwrap();
+            if read_to_end {
+                let mut rest = Vec::new();
+                server.read_to_end(&mut rest).await.unwrap();
+                assert_eq!(rest, b"words");
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            let (mut sock, drained, _conn) = drain_server(server).await.unwrap();
+            if read_to_end {
+                assert!(drained.bytes.is_empty() && drained.peer_closed);
+            } else {
+                assert_eq!(drained.bytes, b"words");
+                assert!(!drained.peer_closed);
+                // TLS 1.3 hides the alert type: an encrypted 2-byte record.
+                assert_eq!(raw_record(&mut sock).await, (23, 2 + 1 + 16));
+            }
         }
     }
 

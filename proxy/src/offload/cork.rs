@@ -161,17 +161,30 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Cork<IO> {
     }
 }
 
+/// What draining a rustls stream found.
+#[derive(Debug, Default)]
+pub struct Drained {
+    /// Plaintext rustls had decrypted that nobody had read.
+    pub bytes: Vec<u8>,
+    /// The peer's close_notify was among it: its stream has ended.
+    pub peer_closed: bool,
+}
+
 /// Reads what rustls has decrypted (or can decrypt from the record it is
 /// in the middle of) until the corked transport reports the boundary.
-pub async fn drain<S: AsyncRead + Unpin>(s: &mut S) -> io::Result<Vec<u8>> {
+/// tokio-rustls tells the two ends apart: an empty read after close_notify,
+/// `UnexpectedEof` at our boundary.
+pub async fn drain<S: AsyncRead + Unpin>(s: &mut S) -> io::Result<Drained> {
     use tokio::io::AsyncReadExt as _;
-    let mut out = Vec::new();
+    let mut out = Drained::default();
     let mut chunk = vec![0u8; 16 * 1024];
     loop {
         match s.read(&mut chunk).await {
-            Ok(0) => return Ok(out),
-            Ok(n) => out.extend_from_slice(&chunk[..n]),
-            // tokio-rustls: the transport's empty read without close_notify.
+            Ok(0) => {
+                out.peer_closed = true;
+                return Ok(out);
+            }
+            Ok(n) => out.bytes.extend_from_slice(&chunk[..n]),
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(out),
             Err(e) => return Err(e),
         }
