@@ -235,11 +235,14 @@ pub fn crypto_info(conn: rustls::Connection) -> io::Result<(ktls::CryptoInfo, kt
 }
 
 fn install(leg: &str, socket: &TcpStream, conn: rustls::Connection) -> io::Result<()> {
-    let cipher = conn.negotiated_cipher_suite().map(|c| c.suite());
+    let cipher = conn
+        .negotiated_cipher_suite()
+        .map(|c| format!("{:?}", c.suite()))
+        .unwrap_or_default();
     crypto_info(conn)
         .and_then(|(tx, rx)| crate::sys::ktls::install(socket.as_fd(), &tx, &rx))
         .map_err(|e| io::Error::other(format!("kTLS set-up of the {leg} leg failed: {e}")))?;
-    tracing::info!(leg, cipher = ?cipher, "ktls enabled");
+    tracing::info!(leg, cipher = %cipher, "ktls enabled");
     Ok(())
 }
 
