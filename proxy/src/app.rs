@@ -121,6 +121,9 @@ pub async fn run_reloadable(
         Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
     }
     let tokens = Arc::new(TokenStore::load(cfg.token_sources.clone())?);
+    // Before the allow-list: the probes connect over loopback.
+    let ktls = crate::offload::Offload::start(cfg.ktls);
+    let ktls_available = crate::sys::probe::ktls().is_ok();
     let allowlist =
         crate::control::allowlist::start_configured(cfg.allowlist, cfg.cgroup, &tokens)?;
     if let Some(list) = &allowlist {
@@ -192,6 +195,7 @@ pub async fn run_reloadable(
         shutdown: shutdown_rx.clone(),
         live: live.clone(),
         datapath: cfg.datapath,
+        ktls,
         allowlist: allowlist.clone(),
         web: crate::front::web::Web::new(cfg.web.clone()),
     });
@@ -235,9 +239,8 @@ pub async fn run_reloadable(
             "splice",
             cfg.datapath != crate::config::kernel::DatapathMode::Copy,
         );
-        // kTLS is probed, not used yet: the TLS legs stay on rustls.
-        m::kernel_feature("ktls", false);
-        m::kernel_feature_available("ktls", crate::sys::probe::ktls().is_ok());
+        m::kernel_feature("ktls", ktls.enabled());
+        m::kernel_feature_available("ktls", ktls_available);
         m::kernel_feature_available("ebpf_allowlist", allowlist.is_some());
         m::kernel_feature_available("io_uring", crate::sys::probe::io_uring().is_ok());
     }

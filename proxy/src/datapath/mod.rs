@@ -10,6 +10,7 @@
 //! module never imports config, serde or control-plane code.
 
 pub mod copy;
+pub mod ktls;
 pub mod lazybuf;
 pub mod pipes;
 pub mod splice;

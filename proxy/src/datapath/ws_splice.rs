@@ -9,6 +9,11 @@
 //! small frames, is decoded and unmasked in userspace exactly as in
 //! [`super::websocket`]. Pongs, pings and close frames are written by the
 //! same task between frames, so they never split one.
+//!
+//! Either leg may be a kernel TLS socket ([`Socket::Ktls`], `tenant_ktls`):
+//! the tenant's frames are then read with recvmsg ([`KtlsRead`]), a
+//! non-data record stops the compute splice and is judged as
+//! [`super::ktls`] says, and each kTLS peer gets close_notify at the end.
 
 use std::io;
 use std::pin::Pin;
@@ -21,6 +26,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt as _, Interest};
 use tokio::net::{TcpStream, tcp, unix};
 use tokio::sync::watch;
 
+use super::ktls::{HandshakeCarry, KtlsRead, KtlsWrite, Next, RECORD_BUF, read_record};
 use super::pipes::PipeSlot;
 use super::splice::{NO_PIPE_RETRY, Sock, Socket};
 use super::websocket::{CLOSE_GRACE, Control, ControlQueue, WsSettings, send_close, up};
@@ -35,6 +41,7 @@ const FRAME_MAX: usize = 256 * 1024;
 enum ComputeRead {
     Tcp(tcp::OwnedReadHalf),
     Unix(unix::OwnedReadHalf),
+    Ktls(tcp::OwnedReadHalf),
 }
 
 impl ComputeRead {
@@ -42,6 +49,7 @@ impl ComputeRead {
         match self {
             ComputeRead::Tcp(r) => Sock::Tcp(r.as_ref()),
             ComputeRead::Unix(r) => Sock::Unix(r.as_ref()),
+            ComputeRead::Ktls(r) => Sock::Ktls(r.as_ref()),
         }
     }
 }
@@ -49,6 +57,7 @@ impl ComputeRead {
 enum ComputeWrite {
     Tcp(tcp::OwnedWriteHalf),
     Unix(unix::OwnedWriteHalf),
+    Ktls(KtlsWrite),
 }
 
 impl AsyncWrite for ComputeWrite {
@@ -60,6 +69,7 @@ impl AsyncWrite for ComputeWrite {
         match self.get_mut() {
             ComputeWrite::Tcp(w) => Pin::new(w).poll_write(cx, buf),
             ComputeWrite::Unix(w) => Pin::new(w).poll_write(cx, buf),
+            ComputeWrite::Ktls(w) => Pin::new(w).poll_write(cx, buf),
         }
     }
 
@@ -67,6 +77,7 @@ impl AsyncWrite for ComputeWrite {
         match self.get_mut() {
             ComputeWrite::Tcp(w) => Pin::new(w).poll_flush(cx),
             ComputeWrite::Unix(w) => Pin::new(w).poll_flush(cx),
+            ComputeWrite::Ktls(w) => Pin::new(w).poll_flush(cx),
         }
     }
 
@@ -74,6 +85,7 @@ impl AsyncWrite for ComputeWrite {
         match self.get_mut() {
             ComputeWrite::Tcp(w) => Pin::new(w).poll_shutdown(cx),
             ComputeWrite::Unix(w) => Pin::new(w).poll_shutdown(cx),
+            ComputeWrite::Ktls(w) => Pin::new(w).poll_shutdown(cx),
         }
     }
 }
@@ -81,8 +93,11 @@ impl AsyncWrite for ComputeWrite {
 /// Runs the session until either side ends it, like
 /// [`super::websocket::pump`] in binary mode, with the compute-to-tenant
 /// payload spliced through `pipe` (held only while a frame is in flight).
+/// `tenant_ktls`: the tenant socket is a
+/// kernel TLS socket.
 pub async fn pump(
     tenant: WsParts<TcpStream>,
+    tenant_ktls: bool,
     compute: Socket,
     pipe: PipeSlot,
     settings: WsSettings,
@@ -96,6 +111,11 @@ pub async fn pump(
         inbound,
     } = tenant;
     let (tr, mut tw) = inner.into_split();
+    let tr: Box<dyn tokio::io::AsyncRead + Unpin + Send> = if tenant_ktls {
+        Box::new(KtlsRead::new(tr))
+    } else {
+        Box::new(tr)
+    };
     let (cr, cw) = match compute {
         Socket::Tcp(s) => {
             let (r, w) = s.into_split();
@@ -105,43 +125,54 @@ pub async fn pump(
             let (r, w) = s.into_split();
             (ComputeRead::Unix(r), ComputeWrite::Unix(w))
         }
+        Socket::Ktls(s) => {
+            let (r, w) = s.into_split();
+            (ComputeRead::Ktls(r), ComputeWrite::Ktls(KtlsWrite::new(w)))
+        }
     };
     let ctl = ControlQueue::default();
-    let up = up(tr, raw, pending, inbound, cw, counters, &ctl);
-    let down = down(&cr, &mut tw, pipe, settings, counters, &ctl);
-    tokio::pin!(up, down);
-    tokio::select! {
-        end = &mut up => {
-            if !matches!(end, End::TenantIo(_)) {
+    let end = {
+        let up = up(tr, raw, pending, inbound, cw, counters, &ctl);
+        let down = down(&cr, &mut tw, pipe, settings, counters, &ctl);
+        tokio::pin!(up, down);
+        tokio::select! {
+            end = &mut up => {
+                if !matches!(end, End::TenantIo(_)) {
+                    let _ = tokio::time::timeout(CLOSE_GRACE, &mut down).await;
+                }
+                end
+            }
+            end = &mut down => {
+                if !matches!(end, End::TenantIo(_)) {
+                    let _ = tokio::time::timeout(CLOSE_GRACE, &mut up).await;
+                }
+                end
+            }
+            () = idle_watch(counters, settings.idle) => {
+                ctl.try_send(Control::Close(close_code::GOING_AWAY, "idle timeout"));
                 let _ = tokio::time::timeout(CLOSE_GRACE, &mut down).await;
+                End::IdleTimeout
             }
-            end
-        }
-        end = &mut down => {
-            if !matches!(end, End::TenantIo(_)) {
-                let _ = tokio::time::timeout(CLOSE_GRACE, &mut up).await;
+            () = async { match settings.max_duration {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            } } => {
+                ctl.try_send(Control::Close(close_code::GOING_AWAY, "maximum session duration reached"));
+                let _ = tokio::time::timeout(CLOSE_GRACE, &mut down).await;
+                End::MaxDuration
             }
-            end
+            () = crate::datapath::shutdown_signalled(&mut shutdown) => {
+                ctl.try_send(Control::Close(close_code::GOING_AWAY, "proxy shutting down"));
+                let _ = tokio::time::timeout(CLOSE_GRACE, &mut down).await;
+                End::Shutdown
+            }
         }
-        () = idle_watch(counters, settings.idle) => {
-            ctl.try_send(Control::Close(close_code::GOING_AWAY, "idle timeout"));
-            let _ = tokio::time::timeout(CLOSE_GRACE, &mut down).await;
-            End::IdleTimeout
-        }
-        () = async { match settings.max_duration {
-            Some(d) => tokio::time::sleep(d).await,
-            None => std::future::pending().await,
-        } } => {
-            ctl.try_send(Control::Close(close_code::GOING_AWAY, "maximum session duration reached"));
-            let _ = tokio::time::timeout(CLOSE_GRACE, &mut down).await;
-            End::MaxDuration
-        }
-        () = crate::datapath::shutdown_signalled(&mut shutdown) => {
-            ctl.try_send(Control::Close(close_code::GOING_AWAY, "proxy shutting down"));
-            let _ = tokio::time::timeout(CLOSE_GRACE, &mut down).await;
-            End::Shutdown
-        }
+    };
+    // Our close frame is out: end the TLS stream properly before the FIN.
+    if tenant_ktls && !matches!(end, End::TenantIo(_)) {
+        let _ = tokio::time::timeout(CLOSE_GRACE, super::ktls::close_notify(tw.as_ref())).await;
     }
+    end
 }
 
 /// Sends a frame header with `MSG_MORE`: the payload spliced right after
@@ -245,6 +276,7 @@ async fn down(
     // Shared by the splice futures and the select! arms of one task;
     // never locked across an await.
     let pipe = Mutex::new(pipe);
+    let mut carry = HandshakeCarry::default();
     loop {
         tokio::select! {
             biased;
@@ -288,6 +320,30 @@ async fn down(
                     lock(&pipe).release();
                     tracing::trace!(n, "compute data spliced");
                     counters.add_down(n);
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) && compute.ktls().is_some() => {
+                    // A non-data record of the kTLS compute leg.
+                    let Some(sock) = compute.ktls() else { continue };
+                    let mut buf = vec![0u8; RECORD_BUF];
+                    match read_record(sock, &mut buf, &mut carry).await {
+                        Ok(Next::Data(n)) => {
+                            out.clear();
+                            encode_frame(Opcode::Binary, &buf[..n], &mut out);
+                            if let Err(e) = tw.write_all(&out).await {
+                                return End::TenantIo(e.to_string());
+                            }
+                            counters.add_down(n);
+                        }
+                        Ok(Next::Eof) => {
+                            send_close(tw, close_code::NORMAL, "console closed").await;
+                            return End::ComputeClosed;
+                        }
+                        Ok(Next::Ignored) => {}
+                        Err(e) => {
+                            send_close(tw, close_code::COMPUTE_ERROR, "console connection failed").await;
+                            return End::ComputeIo(e.to_string());
+                        }
+                    }
                 }
                 Err(e) => {
                     send_close(tw, close_code::COMPUTE_ERROR, "console connection failed").await;
