@@ -1,7 +1,9 @@
 //! Kernel paths through the real binary: the eBPF connect allow-list
 //! (required mode in front of a real QEMU VNC server over CONNECT; the
 //! warning fallback when privileges do not allow it) and each data path
-//! (`--datapath copy|splice`) moving large random payloads byte for byte.
+//! (`--datapath copy|splice|uring`) moving large random payloads byte for
+//! byte. Where io_uring is unavailable, `--datapath uring` must fall back
+//! to splice (tested instead, with a `skipped:` line).
 //!
 //! That the kernel itself refuses an unlisted connect with EPERM is shown
 //! by the unit test `control::allowlist::tests::kernel_refuses_unlisted_connects_with_eperm`
@@ -40,6 +42,40 @@ fn allowlist_available() -> Result<(), String> {
     }
 }
 
+/// `Ok` if `consolegate doctor` says the uring data path can run here
+/// (its IORING_OP_SPLICE line), else why not.
+fn uring_available() -> Result<(), String> {
+    let out = Command::new(binary().map_err(|e| e.to_string())?)
+        .arg("doctor")
+        .output()
+        .map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let line = text
+        .lines()
+        .find(|l| l.contains("uring splice"))
+        .ok_or_else(|| format!("doctor printed no uring splice line:\n{text}"))?;
+    if line.trim_start().starts_with("yes") {
+        Ok(())
+    } else {
+        Err(line.trim().to_owned())
+    }
+}
+
+/// The data path a session started with `--datapath <asked>` must report:
+/// `uring` falls back to splice where io_uring is unavailable.
+fn expected_datapath(asked: &str) -> &str {
+    if asked != "uring" {
+        return asked;
+    }
+    match uring_available() {
+        Ok(()) => "uring",
+        Err(why) => {
+            println!("skipped: io_uring unavailable ({why}); testing the splice fallback");
+            "splice"
+        }
+    }
+}
+
 /// The proxy's cgroup v2 path from /proc/<pid>/cgroup.
 fn cgroup_of(pid: u32) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
@@ -58,9 +94,10 @@ async fn allowlist_required_vnc_over_connect_with_each_datapath() {
         );
         return;
     }
-    for datapath in ["copy", "splice"] {
+    for asked in ["copy", "splice", "uring"] {
+        let datapath = expected_datapath(asked);
         let mut spec = ProxySpec::connect(&[]);
-        spec.extra = ["--allowlist", "required", "--datapath", datapath]
+        spec.extra = ["--allowlist", "required", "--datapath", asked]
             .map(String::from)
             .to_vec();
         let s = vnc_behind_proxy(Sock::Tcp, spec).await.unwrap();
@@ -157,9 +194,10 @@ async fn each_datapath_moves_bulk_and_many_sessions_byte_for_byte() {
     entry.target = Some(format!("localhost:{}", echo.addr.port()));
     write_toml_tokens(&file, &[entry]).unwrap();
     let target = format!("localhost:{}", echo.addr.port());
-    for datapath in ["copy", "splice"] {
+    for asked in ["copy", "splice", "uring"] {
+        let datapath = expected_datapath(asked);
         let mut spec = ProxySpec::connect(&[&file]);
-        spec.extra = ["--datapath", datapath].map(String::from).to_vec();
+        spec.extra = ["--datapath", asked].map(String::from).to_vec();
         let proxy = Proxy::start(spec).await.unwrap();
         let p = proxy.connect_addr();
         echo_roundtrip(p, &token, &target, 32 << 20).await;
@@ -324,6 +362,7 @@ fn doctor_reports_every_acceleration_and_the_configured_use() {
         "cgroup attach",
         "sockmap",
         "io_uring",
+        "uring splice",
         "kTLS",
         "splice",
     ] {
@@ -339,6 +378,17 @@ fn doctor_reports_every_acceleration_and_the_configured_use() {
     }
     assert!(text.contains("this configuration would use:"), "{text}");
     assert!(text.contains("copy for every session"), "{text}");
+    let out = Command::new(binary().unwrap())
+        .args(["doctor", "--datapath", "uring"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let want = if uring_available().is_ok() {
+        "io_uring (IORING_OP_SPLICE) for CONNECT sessions"
+    } else {
+        "io_uring is unavailable here"
+    };
+    assert!(text.contains(want), "{text}");
     // With the allow-list required, the exit code follows the attach probe.
     let attach_ok = allowlist_available().is_ok();
     let st = Command::new(binary().unwrap())

@@ -276,3 +276,79 @@ impl Drop for StopOnDrop<'_> {
         }
     }
 }
+
+/// What the shared contract tests in `splice.rs` do not show: a UNIX
+/// compute leg, and that a stop cancels the ring's in-flight operations
+/// and closes both sockets (the peers see EOF) rather than leaving them.
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::net::{TcpListener, TcpStream, UnixStream};
+
+    use super::*;
+
+    async fn tcp_pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (b, _) = l.accept().await.unwrap();
+        (a, b)
+    }
+
+    fn uring(flavor: Flavor) -> Option<Uring> {
+        match Uring::with(flavor, PIPE_SIZE) {
+            Ok(u) => Some(u),
+            Err(why) => {
+                // The fallback (splice) runs the same contract tests.
+                println!("skipped: {why}");
+                None
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn unix_compute_and_stop_closes_both_sockets() {
+        for flavor in [Flavor::Splice, Flavor::RecvSend] {
+            let Some(u) = uring(flavor) else { return };
+            let (mut tenant, proxy_t) = tcp_pair().await;
+            let (proxy_c, mut compute) = UnixStream::pair().unwrap();
+            let (stop, rx) = watch::channel(false);
+            let counters = Arc::new(Counters::new());
+            let c = Arc::clone(&counters);
+            let end = tokio::spawn(async move {
+                u.run(Socket::Tcp(proxy_t), Socket::Unix(proxy_c), &c, None, rx)
+                    .await
+            });
+            tenant.write_all(b"up via uring").await.unwrap();
+            let mut got = [0u8; 12];
+            compute.read_exact(&mut got).await.unwrap();
+            assert_eq!(&got, b"up via uring", "{flavor:?}");
+            compute.write_all(b"down").await.unwrap();
+            let mut back = [0u8; 4];
+            tenant.read_exact(&mut back).await.unwrap();
+            assert_eq!(&back, b"down");
+            // Both reads are now in flight on the ring; stop cancels them.
+            stop.send(true).unwrap();
+            assert_eq!(end.await.unwrap(), End::Shutdown, "{flavor:?}");
+            assert_eq!((counters.up_bytes(), counters.down_bytes()), (12, 4));
+            let mut rest = Vec::new();
+            assert_eq!(tenant.read_to_end(&mut rest).await.unwrap(), 0);
+            assert_eq!(compute.read_to_end(&mut rest).await.unwrap(), 0);
+        }
+    }
+
+    #[tokio::test]
+    async fn dropping_the_pump_cancels_the_session() {
+        let Some(u) = uring(Flavor::Splice) else { return };
+        let (mut tenant, proxy_t) = tcp_pair().await;
+        let (proxy_c, mut compute) = tcp_pair().await;
+        let (_stop, rx) = watch::channel(false);
+        let counters = Counters::new();
+        // As the maximum session duration does: the future is dropped.
+        let pump = u.run(Socket::Tcp(proxy_t), Socket::Tcp(proxy_c), &counters, None, rx);
+        let r = tokio::time::timeout(Duration::from_millis(100), pump).await;
+        assert!(r.is_err());
+        let mut rest = Vec::new();
+        assert_eq!(tenant.read_to_end(&mut rest).await.unwrap(), 0);
+        assert_eq!(compute.read_to_end(&mut rest).await.unwrap(), 0);
+    }
+}
