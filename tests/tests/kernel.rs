@@ -585,3 +585,49 @@ async fn websocket_splice_control_frames_and_session_ends() {
         .unwrap();
     assert_eq!(closed.code, Some(1001), "{closed:?}");
 }
+
+/// A live `--datapath uring` CONNECT session is stopped cleanly by the
+/// proxy's shutdown: the ring's in-flight operations are cancelled, the
+/// tenant sees the tunnel closed, and the session ends `shutdown`.
+#[tokio::test]
+async fn uring_session_ends_cleanly_at_shutdown() {
+    let datapath = expected_datapath("uring");
+    let echo = EchoServer::start().await.unwrap();
+    let dir = token_dir();
+    let token = random_token();
+    let file = dir.path().join("tokens.toml");
+    write_toml_tokens(&file, &[raw_token(&token, echo.addr)]).unwrap();
+    let mut spec = ProxySpec::connect(&[&file]);
+    spec.extra = ["--datapath", "uring", "--drain-timeout", "0"]
+        .map(String::from)
+        .to_vec();
+    let proxy = Proxy::start(spec).await.unwrap();
+    let mut io = connect_tunnel(
+        proxy.connect_addr(),
+        &echo.addr.to_string(),
+        Some(&bearer(&token)),
+    )
+    .await
+    .unwrap()
+    .tunnel()
+    .unwrap();
+    io.write_all(b"ping through the ring").await.unwrap();
+    let mut got = [0u8; 21];
+    io.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"ping through the ring");
+    proxy
+        .wait_log(&["session established", &format!("datapath=\"{datapath}\"")])
+        .await
+        .unwrap();
+    // Both directions now wait on the ring with nothing to move.
+    proxy.signal("TERM").unwrap();
+    let mut rest = Vec::new();
+    let n = consolegate_tests::within("tunnel closed at shutdown", io.read_to_end(&mut rest))
+        .await
+        .unwrap();
+    assert!(n.is_err() || rest.is_empty(), "{n:?} {rest:?}");
+    proxy
+        .wait_log(&["session closed", "end=shutdown"])
+        .await
+        .unwrap();
+}
