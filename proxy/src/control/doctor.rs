@@ -206,9 +206,11 @@ impl fmt::Display for Report {
                     "recv/send"
                 }
             ),
-            DatapathMode::Uring => "splice/copy with a WARN at start: io_uring is unavailable here \
+            DatapathMode::Uring => {
+                "splice/copy with a WARN at start: io_uring is unavailable here \
                  (kernel.datapath = \"uring\")"
-                .to_owned(),
+                    .to_owned()
+            }
             mode if self.ok("splice") => format!(
                 "splice where both legs are plain sockets (CONNECT, plain-HTTP binary WebSocket), copy where a leg is TLS \
                  (kernel.datapath = \"{}\")",

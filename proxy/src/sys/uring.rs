@@ -291,11 +291,7 @@ impl Ring {
             .get(id.slot as usize)
             .and_then(Option::as_ref)
             .is_some_and(|e| e.linked_poll);
-        let mut entries = vec![
-            opcode::AsyncCancel::new(ud)
-                .build()
-                .user_data(CANCEL_UD),
-        ];
+        let mut entries = vec![opcode::AsyncCancel::new(ud).build().user_data(CANCEL_UD)];
         if linked {
             entries.push(
                 opcode::AsyncCancel::new(ud | POLL_BIT)
@@ -513,7 +509,10 @@ mod tests {
         }
         let done = out.pop().unwrap();
         assert_eq!(done.tag, 3);
-        assert_eq!(done.result.unwrap_err().raw_os_error(), Some(libc::ECANCELED));
+        assert_eq!(
+            done.result.unwrap_err().raw_os_error(),
+            Some(libc::ECANCELED)
+        );
         assert_eq!(Arc::strong_count(&e), 1);
         assert_eq!(ring.in_flight(), 0);
     }

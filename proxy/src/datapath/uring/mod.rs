@@ -338,13 +338,21 @@ mod tests {
 
     #[tokio::test]
     async fn dropping_the_pump_cancels_the_session() {
-        let Some(u) = uring(Flavor::Splice) else { return };
+        let Some(u) = uring(Flavor::Splice) else {
+            return;
+        };
         let (mut tenant, proxy_t) = tcp_pair().await;
         let (proxy_c, mut compute) = tcp_pair().await;
         let (_stop, rx) = watch::channel(false);
         let counters = Counters::new();
         // As the maximum session duration does: the future is dropped.
-        let pump = u.run(Socket::Tcp(proxy_t), Socket::Tcp(proxy_c), &counters, None, rx);
+        let pump = u.run(
+            Socket::Tcp(proxy_t),
+            Socket::Tcp(proxy_c),
+            &counters,
+            None,
+            rx,
+        );
         let r = tokio::time::timeout(Duration::from_millis(100), pump).await;
         assert!(r.is_err());
         let mut rest = Vec::new();
