@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # CONNECT (and WebSocket) bulk throughput per data path: one 2 GiB
-# compute->tenant stream through consolegate with --datapath copy and
-# --datapath splice, RUNS times each, interleaved. Prints one line per run:
+# compute->tenant stream through consolegate with --datapath copy,
+# splice and uring (CONNECT only: WebSocket sessions have no uring rung),
+# RUNS times each, interleaved. Prints one line per run:
 # MB/s, the proxy's own CPU-seconds per GB (/proc/<pid>/stat utime+stime)
 # and the whole system's busy CPU-seconds per GB (/proc/stat, every
 # process and kernel worker; noisy on a shared machine).
 #   cargo build --release -p consolegate -p consolegate-bench
 #   bench/scripts/datapath.sh           # B=bytes (2 GiB) RUNS=3 FRONTS="connect ws"
+#                                       # DATAPATHS="copy splice uring"
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 L=$root/target/release/loadgen
@@ -14,6 +16,7 @@ C=$root/target/release/consolegate
 B=${B:-2147483648}
 RUNS=${RUNS:-3}
 FRONTS=${FRONTS:-connect ws}
+DATAPATHS=${DATAPATHS:-copy splice uring}
 TCK=$(getconf CLK_TCK)
 D=$(mktemp -d)
 pids=()
@@ -44,7 +47,8 @@ proxy() { # $1 = datapath
 
 for run in $(seq "$RUNS"); do
     for front in $FRONTS; do
-        for dp in copy splice; do
+        for dp in $DATAPATHS; do
+            [ "$front" = ws ] && [ "$dp" = uring ] && continue
             flood
             proxy "$dp"
             s0=$(busy); p0=$(proc_cpu "$PROXY")

@@ -243,6 +243,23 @@ pub async fn run_reloadable(
         m::kernel_feature_available("ktls", ktls_available);
         m::kernel_feature_available("ebpf_allowlist", allowlist.is_some());
         m::kernel_feature_available("io_uring", crate::sys::probe::io_uring().is_ok());
+        if cfg.datapath == crate::config::kernel::DatapathMode::Uring {
+            // Probe (and start the ring thread) now, so a missing io_uring
+            // is said once, loudly, at start rather than per session.
+            match crate::datapath::uring::availability() {
+                Ok(flavor) => {
+                    tracing::info!(uring = flavor.name(), "io_uring data path ready");
+                    m::kernel_feature("io_uring", true);
+                }
+                Err(why) => {
+                    tracing::warn!(
+                        reason = %why,
+                        "io_uring data path UNAVAILABLE: kernel.datapath = \"uring\" falls back to splice, then the copy"
+                    );
+                    m::kernel_feature("io_uring", false);
+                }
+            }
+        }
     }
     tracing::info!(
         websocket = ?bound_ws,

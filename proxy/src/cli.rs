@@ -106,7 +106,7 @@ pub struct ServeArgs {
     /// WebSocket keepalive ping interval (0 = off).
     #[arg(long, value_name = "DUR")]
     pub ping_interval: Option<String>,
-    /// Data path of established sessions: auto, copy or splice.
+    /// Data path of established sessions: auto, copy, splice or uring.
     #[arg(long, value_enum)]
     pub datapath: Option<crate::config::kernel::DatapathMode>,
     /// eBPF connect allow-list: off, auto (warn if unavailable) or required.

@@ -1,10 +1,11 @@
 //! The data-path ladder: which rung an established session runs on.
 //!
 //! `ktls+splice` when every TLS leg can be handed to kernel TLS
-//! ([`crate::offload`]), splice(2) when both legs are plain sockets and
-//! `kernel.datapath` allows it (CONNECT tunnels; plain-HTTP WebSocket
-//! sessions in binary mode), the userspace copy otherwise and whenever
-//! pipes cannot be created. The
+//! ([`crate::offload`]); io_uring for raw sessions whose legs are plain
+//! sockets when `kernel.datapath = "uring"` (opt-in); splice(2) when both
+//! legs are plain sockets and `kernel.datapath` allows it (CONNECT tunnels;
+//! plain-HTTP WebSocket sessions in binary mode), the userspace copy
+//! otherwise and whenever pipes cannot be created. The
 //! choice goes into the session span (`datapath`) and the `session
 //! established` line. The pumps themselves live in [`crate::datapath`],
 //! which knows nothing of the configuration. Each rung's pump is boxed,
@@ -36,6 +37,46 @@ pub async fn pump_raw(
             Ok(done) => return done,
             Err(legs) => legs,
         };
+    let compute = match compute {
+        ComputeIo::Plain(c) if ctx.datapath == DatapathMode::Uring => {
+            match crate::datapath::uring::Uring::new() {
+                Ok(uring) => {
+                    span.record("datapath", "uring");
+                    tracing::info!(
+                        datapath = "uring",
+                        uring = uring.flavor().name(),
+                        "session established"
+                    );
+                    let compute = match c {
+                        ComputeStream::Tcp(s) => Socket::Tcp(s),
+                        ComputeStream::Unix(s) => Socket::Unix(s),
+                    };
+                    let end = uring
+                        .run(
+                            Socket::Tcp(tenant),
+                            compute,
+                            counters,
+                            ctx.idle_timeout,
+                            stop.clone(),
+                        )
+                        .await;
+                    return (end, "uring");
+                }
+                Err(e) => {
+                    // Start-up already warned once if io_uring is missing.
+                    tracing::debug!(reason = %e, "io_uring data path refused: trying splice");
+                    ComputeIo::Plain(c)
+                }
+            }
+        }
+        other if ctx.datapath == DatapathMode::Uring => {
+            tracing::info!(
+                "io_uring data path needs plain sockets on both legs (the compute leg is TLS): trying the next rung"
+            );
+            other
+        }
+        other => other,
+    };
     let compute = match compute {
         ComputeIo::Plain(c) if ctx.datapath != DatapathMode::Copy => match Splicer::new() {
             Ok(splicer) => {

@@ -1,7 +1,9 @@
 //! Kernel paths through the real binary: the eBPF connect allow-list
 //! (required mode in front of a real QEMU VNC server over CONNECT; the
 //! warning fallback when privileges do not allow it) and each data path
-//! (`--datapath copy|splice`) moving large random payloads byte for byte.
+//! (`--datapath copy|splice|uring`) moving large random payloads byte for
+//! byte. Where io_uring is unavailable, `--datapath uring` must fall back
+//! to splice (tested instead, with a `skipped:` line).
 //!
 //! That the kernel itself refuses an unlisted connect with EPERM is shown
 //! by the unit test `control::allowlist::tests::kernel_refuses_unlisted_connects_with_eperm`
@@ -40,6 +42,40 @@ fn allowlist_available() -> Result<(), String> {
     }
 }
 
+/// `Ok` if `consolegate doctor` says the uring data path can run here
+/// (its IORING_OP_SPLICE line), else why not.
+fn uring_available() -> Result<(), String> {
+    let out = Command::new(binary().map_err(|e| e.to_string())?)
+        .arg("doctor")
+        .output()
+        .map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let line = text
+        .lines()
+        .find(|l| l.contains("uring splice"))
+        .ok_or_else(|| format!("doctor printed no uring splice line:\n{text}"))?;
+    if line.trim_start().starts_with("yes") {
+        Ok(())
+    } else {
+        Err(line.trim().to_owned())
+    }
+}
+
+/// The data path a session started with `--datapath <asked>` must report:
+/// `uring` falls back to splice where io_uring is unavailable.
+fn expected_datapath(asked: &str) -> &str {
+    if asked != "uring" {
+        return asked;
+    }
+    match uring_available() {
+        Ok(()) => "uring",
+        Err(why) => {
+            println!("skipped: io_uring unavailable ({why}); testing the splice fallback");
+            "splice"
+        }
+    }
+}
+
 /// The proxy's cgroup v2 path from /proc/<pid>/cgroup.
 fn cgroup_of(pid: u32) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
@@ -58,9 +94,10 @@ async fn allowlist_required_vnc_over_connect_with_each_datapath() {
         );
         return;
     }
-    for datapath in ["copy", "splice"] {
+    for asked in ["copy", "splice", "uring"] {
+        let datapath = expected_datapath(asked);
         let mut spec = ProxySpec::connect(&[]);
-        spec.extra = ["--allowlist", "required", "--datapath", datapath]
+        spec.extra = ["--allowlist", "required", "--datapath", asked]
             .map(String::from)
             .to_vec();
         let s = vnc_behind_proxy(Sock::Tcp, spec).await.unwrap();
@@ -157,9 +194,10 @@ async fn each_datapath_moves_bulk_and_many_sessions_byte_for_byte() {
     entry.target = Some(format!("localhost:{}", echo.addr.port()));
     write_toml_tokens(&file, &[entry]).unwrap();
     let target = format!("localhost:{}", echo.addr.port());
-    for datapath in ["copy", "splice"] {
+    for asked in ["copy", "splice", "uring"] {
+        let datapath = expected_datapath(asked);
         let mut spec = ProxySpec::connect(&[&file]);
-        spec.extra = ["--datapath", datapath].map(String::from).to_vec();
+        spec.extra = ["--datapath", asked].map(String::from).to_vec();
         let proxy = Proxy::start(spec).await.unwrap();
         let p = proxy.connect_addr();
         echo_roundtrip(p, &token, &target, 32 << 20).await;
@@ -405,6 +443,7 @@ fn doctor_reports_every_acceleration_and_the_configured_use() {
         "cgroup attach",
         "sockmap",
         "io_uring",
+        "uring splice",
         "kTLS",
         "splice",
     ] {
@@ -431,6 +470,17 @@ fn doctor_reports_every_acceleration_and_the_configured_use() {
             .any(|l| l.contains("kTLS") && (l.contains("offloads ") || l.contains("TCP_ULP"))),
         "{text}"
     );
+    let out = Command::new(binary().unwrap())
+        .args(["doctor", "--datapath", "uring"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let want = if uring_available().is_ok() {
+        "io_uring (IORING_OP_SPLICE) for CONNECT sessions"
+    } else {
+        "io_uring is unavailable here"
+    };
+    assert!(text.contains(want), "{text}");
     // With the allow-list required, the exit code follows the attach probe.
     let attach_ok = allowlist_available().is_ok();
     let st = Command::new(binary().unwrap())
@@ -626,4 +676,50 @@ async fn websocket_splice_control_frames_and_session_ends() {
         .unwrap()
         .unwrap();
     assert_eq!(closed.code, Some(1001), "{closed:?}");
+}
+
+/// A live `--datapath uring` CONNECT session is stopped cleanly by the
+/// proxy's shutdown: the ring's in-flight operations are cancelled, the
+/// tenant sees the tunnel closed, and the session ends `shutdown`.
+#[tokio::test]
+async fn uring_session_ends_cleanly_at_shutdown() {
+    let datapath = expected_datapath("uring");
+    let echo = EchoServer::start().await.unwrap();
+    let dir = token_dir();
+    let token = random_token();
+    let file = dir.path().join("tokens.toml");
+    write_toml_tokens(&file, &[raw_token(&token, echo.addr)]).unwrap();
+    let mut spec = ProxySpec::connect(&[&file]);
+    spec.extra = ["--datapath", "uring", "--drain-timeout", "0"]
+        .map(String::from)
+        .to_vec();
+    let proxy = Proxy::start(spec).await.unwrap();
+    let mut io = connect_tunnel(
+        proxy.connect_addr(),
+        &echo.addr.to_string(),
+        Some(&bearer(&token)),
+    )
+    .await
+    .unwrap()
+    .tunnel()
+    .unwrap();
+    io.write_all(b"ping through the ring").await.unwrap();
+    let mut got = [0u8; 21];
+    io.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"ping through the ring");
+    proxy
+        .wait_log(&["session established", &format!("datapath=\"{datapath}\"")])
+        .await
+        .unwrap();
+    // Both directions now wait on the ring with nothing to move.
+    proxy.signal("TERM").unwrap();
+    let mut rest = Vec::new();
+    let n = consolegate_tests::within("tunnel closed at shutdown", io.read_to_end(&mut rest))
+        .await
+        .unwrap();
+    assert!(n.is_err() || rest.is_empty(), "{n:?} {rest:?}");
+    proxy
+        .wait_log(&["session closed", "end=shutdown"])
+        .await
+        .unwrap();
 }

@@ -15,6 +15,10 @@ pub enum DatapathMode {
     /// splice(2) where both legs are plain sockets; the copy elsewhere
     /// (TLS legs cannot be spliced without kTLS).
     Splice,
+    /// io_uring (IORING_OP_SPLICE through a pipe, or recv/send) where both
+    /// legs of a raw (CONNECT) session are plain sockets; splice, then the
+    /// copy, where io_uring or the leg does not allow it.
+    Uring,
 }
 
 impl DatapathMode {
@@ -23,6 +27,7 @@ impl DatapathMode {
             DatapathMode::Auto => "auto",
             DatapathMode::Copy => "copy",
             DatapathMode::Splice => "splice",
+            DatapathMode::Uring => "uring",
         }
     }
 }

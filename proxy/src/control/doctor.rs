@@ -93,9 +93,10 @@ pub fn run(datapath: DatapathMode, allowlist: AllowListMode, ktls: KtlsMode) -> 
     checks.push(check(
         "io_uring",
         probe::io_uring()
-            .map(|()| "io_uring_setup works (not used by this build)".to_owned())
+            .map(|()| "io_uring_setup works".to_owned())
             .map_err(|e| format!("io_uring_setup: {e}")),
     ));
+    checks.push(check("uring splice", uring_probe()));
     // Probed whatever kernel.ktls says: doctor tells what the host allows.
     let (offload, _) = crate::offload::Offload::probe(KtlsMode::Auto);
     let ktls_ciphers = offload.ciphers();
@@ -136,6 +137,26 @@ fn attach_probe() -> Result<String, String> {
         "connect4/connect6 load and attach (tried on {})",
         dir.display()
     ))
+}
+
+/// The opcodes the uring data path needs (IORING_REGISTER_PROBE).
+fn uring_probe() -> Result<String, String> {
+    let s = crate::sys::uring::probe().map_err(|e| format!("IORING_REGISTER_PROBE: {e}"))?;
+    let yes = |b: bool| if b { "yes" } else { "no" };
+    let ops = format!(
+        "IORING_OP_SPLICE {}, POLL_ADD {}, ASYNC_CANCEL {}, RECV/SEND {}",
+        yes(s.splice),
+        yes(s.poll_add),
+        yes(s.async_cancel),
+        yes(s.recv && s.send)
+    );
+    if s.poll_add && s.async_cancel && s.splice {
+        Ok(ops)
+    } else if s.poll_add && s.async_cancel && s.recv && s.send {
+        Err(format!("{ops}: the uring path would use recv/send"))
+    } else {
+        Err(format!("{ops}: the uring path is unavailable"))
+    }
 }
 
 fn splice_probe() -> Result<String, String> {
@@ -183,8 +204,27 @@ impl fmt::Display for Report {
             }
         };
         writeln!(f, "  allow-list     {allow}")?;
+        let uring_ok = self.ok("io_uring")
+            && self
+                .checks
+                .iter()
+                .any(|c| c.name == "uring splice" && (c.ok || c.detail.contains("recv/send")));
         let dp = match self.datapath {
             DatapathMode::Copy => "copy for every session (kernel.datapath = \"copy\")".to_owned(),
+            DatapathMode::Uring if uring_ok => format!(
+                "io_uring ({}) for CONNECT sessions whose legs are plain sockets; splice or copy elsewhere \
+                 (kernel.datapath = \"uring\")",
+                if self.ok("uring splice") {
+                    "IORING_OP_SPLICE"
+                } else {
+                    "recv/send"
+                }
+            ),
+            DatapathMode::Uring => {
+                "splice/copy with a WARN at start: io_uring is unavailable here \
+                 (kernel.datapath = \"uring\")"
+                    .to_owned()
+            }
             mode if self.ok("splice") => format!(
                 "splice where both legs are plain sockets (CONNECT, plain-HTTP binary WebSocket), copy where a leg is TLS \
                  (kernel.datapath = \"{}\")",

@@ -6,7 +6,8 @@
 //! compute stream, and `ws_splice` does the same with the heavy
 //! compute-to-tenant payload spliced behind a frame header we write. The session picks the highest rung its legs allow
 //! (splice when both are plain sockets) with the copy as the fallback that
-//! always exists; sockmap, kTLS and io_uring will join the ladder. This
+//! always exists; `uring` (opt-in) forwards plain streams through a
+//! dedicated io_uring thread; sockmap and kTLS will join the ladder. This
 //! module never imports config, serde or control-plane code.
 
 pub mod copy;
@@ -14,6 +15,7 @@ pub mod ktls;
 pub mod lazybuf;
 pub mod pipes;
 pub mod splice;
+pub mod uring;
 pub mod websocket;
 mod ws_control;
 pub mod ws_splice;

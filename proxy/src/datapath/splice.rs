@@ -356,7 +356,8 @@ async fn pump(
     }
 }
 
-/// Both raw data paths under the same tests: random payloads both ways,
+/// Every raw data path under the same tests (copy, splice, io_uring with
+/// IORING_OP_SPLICE and with recv/send): random payloads both ways,
 /// half-close, resets, slow readers and many sessions at once.
 #[cfg(test)]
 mod tests {
@@ -372,9 +373,13 @@ mod tests {
     enum Path {
         Copy,
         Splice,
+        /// io_uring, IORING_OP_SPLICE (splice if io_uring is unavailable).
+        Uring,
+        /// io_uring forced to recv/send (splice if unavailable).
+        UringRecvSend,
     }
 
-    const PATHS: [Path; 2] = [Path::Copy, Path::Splice];
+    const PATHS: [Path; 4] = [Path::Copy, Path::Splice, Path::Uring, Path::UringRecvSend];
 
     async fn tcp_pair() -> (TcpStream, TcpStream) {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -412,6 +417,26 @@ mod tests {
                         .unwrap()
                         .run(Socket::Tcp(proxy_t), Socket::Tcp(proxy_c), &c, idle, rx)
                         .await
+                }
+                Path::Uring | Path::UringRecvSend => {
+                    use super::super::uring::{Flavor, Uring};
+                    let flavor = match path {
+                        Path::Uring => Flavor::Splice,
+                        _ => Flavor::RecvSend,
+                    };
+                    match Uring::with(flavor, pipe) {
+                        Ok(u) => {
+                            u.run(Socket::Tcp(proxy_t), Socket::Tcp(proxy_c), &c, idle, rx)
+                                .await
+                        }
+                        Err(why) => {
+                            println!("skipped: {path:?}: {why}; testing the splice fallback");
+                            Splicer::with_pipe_size(pipe)
+                                .unwrap()
+                                .run(Socket::Tcp(proxy_t), Socket::Tcp(proxy_c), &c, idle, rx)
+                                .await
+                        }
+                    }
                 }
             }
         });

@@ -62,6 +62,11 @@ impl Pipe {
     pub fn writer(&self) -> BorrowedFd<'_> {
         self.write.as_fd()
     }
+
+    /// Both ends, read end first, for a user that shares them (io_uring).
+    pub fn into_fds(self) -> (OwnedFd, OwnedFd) {
+        (self.read, self.write)
+    }
 }
 
 /// Moves up to `len` bytes from `from` to `to` without copying them through

@@ -1,0 +1,539 @@
+//! The ring thread: owns the io_uring and every uring session's
+//! descriptors, and runs each session's two directions as state machines
+//! driven by completions (no hop back to tokio between a read and the
+//! write that follows it).
+//!
+//! Per direction, at most one read and one write are in flight:
+//! - splice flavour: `POLL_ADD(src, POLLIN)` linked to `splice(src ->
+//!   pipe)` for the pipe's free room, and `POLL_ADD(dst, POLLOUT)` linked to
+//!   `splice(pipe -> dst)` for what the pipe holds; both overlap. io_uring
+//!   always runs a splice in a kernel worker: the polls (and
+//!   `SPLICE_F_NONBLOCK` on non-blocking sockets) make sure that worker
+//!   never waits, so idle sessions hold no worker threads.
+//! - recv/send flavour (kernels without `IORING_OP_SPLICE`): `POLL_ADD`
+//!   while idle, then `recv(MSG_DONTWAIT)` into a 16 KiB buffer allocated
+//!   on the first readiness and freed when the socket runs dry, then `send`
+//!   until the buffer is written out.
+//!
+//! A stop (idle timeout, shutdown, admin kill) or the first error cancels
+//! the session's in-flight operations (`IORING_OP_ASYNC_CANCEL`); the
+//! session is removed, its descriptors closed and its end reported only
+//! when every operation has completed (`sys::uring::Ring` holds the
+//! descriptors and buffers of in-flight operations until then anyway).
+
+use std::collections::HashMap;
+use std::io;
+use std::net::Shutdown;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, mpsc};
+
+use tokio::sync::{Notify, oneshot};
+
+use crate::datapath::End;
+use crate::sys::pipe::Pipe;
+use crate::sys::uring::{Completion, EventFd, Op, OpId, Ring, SharedFd};
+
+/// How a uring session moves its bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flavor {
+    /// IORING_OP_SPLICE socket -> pipe -> socket (zero copy).
+    Splice,
+    /// IORING_OP_RECV / IORING_OP_SEND through a small buffer.
+    RecvSend,
+}
+
+impl Flavor {
+    pub fn name(self) -> &'static str {
+        match self {
+            Flavor::Splice => "splice",
+            Flavor::RecvSend => "recv-send",
+        }
+    }
+}
+
+/// Bytes moved, written by the ring thread and folded into the session's
+/// `Counters` by its tokio task.
+#[derive(Debug, Default)]
+pub(super) struct Progress {
+    pub up: AtomicU64,
+    pub down: AtomicU64,
+    pub notify: Notify,
+}
+
+/// What a session hands the ring thread.
+#[derive(Debug)]
+pub(super) struct Start {
+    pub id: u64,
+    pub tenant: OwnedFd,
+    pub compute: OwnedFd,
+    pub flavor: Flavor,
+    /// Up and down pipes (splice flavour).
+    pub pipes: Option<[Pipe; 2]>,
+    pub progress: Arc<Progress>,
+    pub done: oneshot::Sender<End>,
+}
+
+#[derive(Debug)]
+pub(super) enum Cmd {
+    Start(Box<Start>),
+    Stop { id: u64, reason: End },
+}
+
+/// The wake-up of the ring thread: an eventfd it polls through the ring,
+/// written at most once per batch of commands.
+#[derive(Debug)]
+struct Wake {
+    fd: EventFd,
+    woken: AtomicBool,
+}
+
+/// The sending side of the ring thread, shared by every session.
+#[derive(Debug)]
+pub(super) struct Driver {
+    tx: mpsc::Sender<Cmd>,
+    wake: Arc<Wake>,
+    next_id: AtomicU64,
+    alive: Arc<AtomicBool>,
+}
+
+impl Driver {
+    /// Starts the ring thread on `ring`.
+    pub fn spawn(ring: Ring) -> io::Result<Self> {
+        let (tx, rx) = mpsc::channel();
+        let wake = Arc::new(Wake {
+            fd: EventFd::new()?,
+            woken: AtomicBool::new(false),
+        });
+        let alive = Arc::new(AtomicBool::new(true));
+        let (w, a) = (Arc::clone(&wake), Arc::clone(&alive));
+        std::thread::Builder::new()
+            .name("consolegate-uring".into())
+            .spawn(move || {
+                RingThread {
+                    ring,
+                    rx,
+                    wake: w,
+                    sessions: HashMap::new(),
+                }
+                .run();
+                a.store(false, Ordering::SeqCst);
+            })?;
+        Ok(Self {
+            tx,
+            wake,
+            next_id: AtomicU64::new(1),
+            alive,
+        })
+    }
+
+    /// Whether the ring thread still runs.
+    pub fn alive(&self) -> bool {
+        self.alive.load(Ordering::SeqCst)
+    }
+
+    pub fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Queues `cmd` and wakes the ring thread (once per batch).
+    pub fn send(&self, cmd: Cmd) -> Result<(), Cmd> {
+        self.tx.send(cmd).map_err(|e| e.0)?;
+        if !self.wake.woken.swap(true, Ordering::SeqCst) {
+            self.wake.fd.notify();
+        }
+        Ok(())
+    }
+}
+
+/// Tag of the eventfd poll; session tags are `id << 2 | dir << 1 | write`.
+const WAKE_TAG: u64 = u64::MAX;
+const RECV_BUF: usize = 16 * 1024;
+const POLLIN: u32 = libc::POLLIN as u32;
+const POLLOUT: u32 = libc::POLLOUT as u32;
+
+fn tag(id: u64, dir: usize, write: bool) -> u64 {
+    (id << 2) | ((dir as u64) << 1) | u64::from(write)
+}
+
+struct RingThread {
+    ring: Ring,
+    rx: mpsc::Receiver<Cmd>,
+    wake: Arc<Wake>,
+    sessions: HashMap<u64, Session>,
+}
+
+impl RingThread {
+    fn run(mut self) {
+        // The Driver lives in a static for the life of the process; the
+        // thread runs until the ring fails.
+        if let Err(e) = self.arm_wake() {
+            tracing::error!(error = %e, "io_uring data path: cannot poll the wake-up eventfd");
+            return;
+        }
+        let mut done = Vec::new();
+        loop {
+            if let Err(e) = self.ring.wait(&mut done) {
+                tracing::error!(error = %e, "io_uring data path: the ring failed; uring sessions end");
+                for (_, mut s) in self.sessions.drain() {
+                    if let Some(tx) = s.done.take() {
+                        let _ = tx.send(End::Shutdown);
+                    }
+                }
+                return;
+            }
+            for c in done.drain(..) {
+                if c.tag == WAKE_TAG {
+                    self.commands();
+                    if let Err(e) = self.arm_wake() {
+                        tracing::error!(error = %e, "io_uring data path: cannot re-poll the eventfd");
+                        return;
+                    }
+                    continue;
+                }
+                let id = c.tag >> 2;
+                let dir = ((c.tag >> 1) & 1) as usize;
+                let write = c.tag & 1 == 1;
+                let Some(s) = self.sessions.get_mut(&id) else {
+                    continue;
+                };
+                s.complete(&mut self.ring, dir, write, c);
+                if s.over() {
+                    self.finish(id);
+                }
+            }
+        }
+    }
+
+    fn arm_wake(&mut self) -> io::Result<()> {
+        let op = Op::Poll {
+            fd: self.wake.fd.shared(),
+            events: POLLIN,
+        };
+        self.ring.submit(WAKE_TAG, op).map(drop)
+    }
+
+    fn commands(&mut self) {
+        // Clear the flag before draining the queue: a command sent after
+        // this point writes the eventfd again and re-fires the poll.
+        self.wake.woken.store(false, Ordering::SeqCst);
+        self.wake.fd.drain();
+        while let Ok(cmd) = self.rx.try_recv() {
+            match cmd {
+                Cmd::Start(start) => {
+                    let id = start.id;
+                    let mut s = Session::new(*start);
+                    s.drive(&mut self.ring, 0);
+                    s.drive(&mut self.ring, 1);
+                    self.sessions.insert(id, s);
+                    if self.sessions.get(&id).is_some_and(Session::over) {
+                        self.finish(id);
+                    }
+                }
+                Cmd::Stop { id, reason } => {
+                    if let Some(s) = self.sessions.get_mut(&id) {
+                        s.fail(&mut self.ring, reason);
+                        if s.over() {
+                            self.finish(id);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Removes a session with nothing in flight: closes its descriptors
+    /// (the last references) and reports its end.
+    fn finish(&mut self, id: u64) {
+        if let Some(mut s) = self.sessions.remove(&id) {
+            let end = s.end.take().unwrap_or(End::Closed);
+            if let Some(tx) = s.done.take() {
+                let _ = tx.send(end);
+            }
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Dir {
+    /// Read and write ends of this direction's pipe (splice flavour).
+    pipe: Option<(SharedFd, SharedFd)>,
+    cap: usize,
+    /// Bytes in the pipe not yet written (splice flavour).
+    pending: usize,
+    /// The buffer when no op holds it, and its unwritten bytes (recv/send).
+    buf: Option<Vec<u8>>,
+    start: usize,
+    end: usize,
+    eof: bool,
+    /// The last splice into the pipe found no free slot: wait for a write.
+    pipe_full: bool,
+    /// The peer got `shutdown(SHUT_WR)`: this direction is over.
+    shut: bool,
+    reading: Option<OpId>,
+    writing: Option<OpId>,
+}
+
+struct Session {
+    id: u64,
+    /// Tenant, compute.
+    fds: [SharedFd; 2],
+    /// Up (tenant -> compute), down.
+    dirs: [Dir; 2],
+    flavor: Flavor,
+    progress: Arc<Progress>,
+    done: Option<oneshot::Sender<End>>,
+    /// Set by the first error or a stop; nothing new is submitted after.
+    end: Option<End>,
+}
+
+impl Session {
+    fn new(start: Start) -> Self {
+        let mut dirs = [Dir::default(), Dir::default()];
+        if let Some(pipes) = start.pipes {
+            for (d, p) in dirs.iter_mut().zip(pipes) {
+                d.cap = p.capacity();
+                let (r, w) = p.into_fds();
+                d.pipe = Some((Arc::new(r), Arc::new(w)));
+            }
+        }
+        Self {
+            id: start.id,
+            fds: [Arc::new(start.tenant), Arc::new(start.compute)],
+            dirs,
+            flavor: start.flavor,
+            progress: start.progress,
+            done: Some(start.done),
+            end: None,
+        }
+    }
+
+    fn src_dst(&self, dir: usize) -> (SharedFd, SharedFd) {
+        let (s, d) = if dir == 0 { (0, 1) } else { (1, 0) };
+        (Arc::clone(&self.fds[s]), Arc::clone(&self.fds[d]))
+    }
+
+    /// The error of the side `dir` reads from, or writes to.
+    fn side_err(dir: usize, write: bool, e: &io::Error) -> End {
+        let tenant = (dir == 0) != write;
+        if tenant {
+            End::TenantIo(e.to_string())
+        } else {
+            End::ComputeIo(e.to_string())
+        }
+    }
+
+    fn in_flight(&self) -> bool {
+        self.dirs
+            .iter()
+            .any(|d| d.reading.is_some() || d.writing.is_some())
+    }
+
+    /// Nothing in flight and either stopped/failed or both directions shut.
+    fn over(&self) -> bool {
+        !self.in_flight() && (self.end.is_some() || self.dirs.iter().all(|d| d.shut))
+    }
+
+    /// Records the first reason to end and cancels what is in flight.
+    fn fail(&mut self, ring: &mut Ring, end: End) {
+        if self.end.is_some() {
+            return;
+        }
+        tracing::trace!(session = self.id, end = end.kind(), "uring session ending");
+        self.end = Some(end);
+        for d in &self.dirs {
+            for id in [d.reading, d.writing].into_iter().flatten() {
+                // A failed cancel leaves the op to finish on its own; the
+                // ring keeps its descriptors until it does.
+                let _ = ring.cancel(id);
+            }
+        }
+    }
+
+    fn submit(&mut self, ring: &mut Ring, dir: usize, write: bool, op: Op) -> Option<OpId> {
+        match ring.submit(tag(self.id, dir, write), op) {
+            Ok(id) => Some(id),
+            Err(e) => {
+                let e = io::Error::new(e.kind(), format!("io_uring submit: {e}"));
+                self.fail(ring, Self::side_err(dir, write, &e));
+                None
+            }
+        }
+    }
+
+    /// Submits what direction `dir` can do next.
+    fn drive(&mut self, ring: &mut Ring, dir: usize) {
+        if self.end.is_some() || self.dirs[dir].shut {
+            return;
+        }
+        let (src, dst) = self.src_dst(dir);
+        match self.flavor {
+            Flavor::Splice => self.drive_splice(ring, dir, src, &dst),
+            Flavor::RecvSend => self.drive_recv_send(ring, dir, src, &dst),
+        }
+        let d = &mut self.dirs[dir];
+        let idle = d.reading.is_none() && d.writing.is_none();
+        if self.end.is_none() && d.eof && idle && d.pending == 0 && d.start == d.end {
+            // Everything read has been written: pass the half-close on.
+            let _ = socket2::SockRef::from(&*dst).shutdown(Shutdown::Write);
+            d.shut = true;
+        }
+    }
+
+    fn drive_splice(&mut self, ring: &mut Ring, dir: usize, src: SharedFd, dst: &SharedFd) {
+        let d = &self.dirs[dir];
+        let Some((pr, pw)) = d.pipe.clone() else {
+            return;
+        };
+        if !d.eof && d.reading.is_none() && !d.pipe_full && d.pending < d.cap {
+            let len = u32::try_from(d.cap - d.pending).unwrap_or(u32::MAX);
+            let op = Op::PollSplice {
+                poll: Arc::clone(&src),
+                events: POLLIN,
+                from: src,
+                to: pw,
+                len,
+            };
+            let id = self.submit(ring, dir, false, op);
+            self.dirs[dir].reading = id;
+        }
+        let d = &self.dirs[dir];
+        if self.end.is_none() && d.pending > 0 && d.writing.is_none() {
+            let len = u32::try_from(d.pending).unwrap_or(u32::MAX);
+            let op = Op::PollSplice {
+                poll: Arc::clone(dst),
+                events: POLLOUT,
+                from: pr,
+                to: Arc::clone(dst),
+                len,
+            };
+            let id = self.submit(ring, dir, true, op);
+            self.dirs[dir].writing = id;
+        }
+    }
+
+    fn drive_recv_send(&mut self, ring: &mut Ring, dir: usize, src: SharedFd, dst: &SharedFd) {
+        let d = &mut self.dirs[dir];
+        if d.reading.is_some() || d.writing.is_some() {
+            return;
+        }
+        if d.start < d.end {
+            let Some(buf) = d.buf.take() else { return };
+            let (start, end) = (d.start, d.end);
+            let op = Op::Send {
+                fd: Arc::clone(dst),
+                buf,
+                start,
+                end,
+            };
+            let id = self.submit(ring, dir, true, op);
+            self.dirs[dir].writing = id;
+        } else if !d.eof {
+            let op = match d.buf.take() {
+                Some(buf) => Op::Recv {
+                    fd: src,
+                    buf,
+                    flags: libc::MSG_DONTWAIT,
+                },
+                None => Op::Poll {
+                    fd: src,
+                    events: POLLIN,
+                },
+            };
+            let id = self.submit(ring, dir, false, op);
+            self.dirs[dir].reading = id;
+        }
+    }
+
+    fn complete(&mut self, ring: &mut Ring, dir: usize, write: bool, c: Completion) {
+        let ending = self.end.is_some();
+        let d = &mut self.dirs[dir];
+        if write {
+            d.writing = None;
+        } else {
+            d.reading = None;
+        }
+        if let Some(buf) = c.buf {
+            d.buf = Some(buf);
+        }
+        let err = match c.result {
+            Ok(0) if write => Some(io::Error::from(io::ErrorKind::WriteZero)),
+            Ok(n) => {
+                self.moved(dir, write, n);
+                None
+            }
+            Err(e) => match e.raw_os_error() {
+                Some(libc::EAGAIN | libc::EINTR) => {
+                    let d = &mut self.dirs[dir];
+                    if !write && self.flavor == Flavor::Splice && d.pending > 0 {
+                        // Polled readable, yet no room: the pipe's slots are
+                        // full of partial pages. Read again after a write.
+                        d.pipe_full = true;
+                    }
+                    if !write && self.flavor == Flavor::RecvSend {
+                        // The socket ran dry: free the buffer, poll again.
+                        d.buf = None;
+                    }
+                    None
+                }
+                Some(libc::ECANCELED) if ending => None,
+                _ => Some(e),
+            },
+        };
+        if let Some(e) = err {
+            self.fail(ring, Self::side_err(dir, write, &e));
+            return;
+        }
+        self.drive(ring, dir);
+    }
+
+    /// A successful completion of `n` (bytes, or a poll mask).
+    fn moved(&mut self, dir: usize, write: bool, n: usize) {
+        let flavor = self.flavor;
+        let d = &mut self.dirs[dir];
+        match (flavor, write) {
+            (Flavor::Splice, false) => {
+                if n == 0 {
+                    d.eof = true;
+                } else {
+                    d.pending += n;
+                }
+            }
+            (Flavor::Splice, true) => {
+                d.pending = d.pending.saturating_sub(n);
+                d.pipe_full = false;
+                self.count(dir, n);
+            }
+            (Flavor::RecvSend, false) => match d.buf.as_ref() {
+                // A poll fired: allocate the buffer for the recv.
+                None => d.buf = Some(vec![0u8; RECV_BUF]),
+                Some(_) if n == 0 => {
+                    d.eof = true;
+                    d.buf = None;
+                }
+                Some(_) => {
+                    d.start = 0;
+                    d.end = n;
+                }
+            },
+            (Flavor::RecvSend, true) => {
+                d.start = (d.start + n).min(d.end);
+                if d.start == d.end {
+                    d.start = 0;
+                    d.end = 0;
+                }
+                self.count(dir, n);
+            }
+        }
+    }
+
+    fn count(&self, dir: usize, n: usize) {
+        let counter = if dir == 0 {
+            &self.progress.up
+        } else {
+            &self.progress.down
+        };
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+        self.progress.notify.notify_one();
+    }
+}
