@@ -172,6 +172,7 @@ pub async fn run_reloadable(
     if let Some(redis) = built.redis.clone() {
         tokio::spawn(redis.watch_revocations(Arc::clone(&sessions)));
     }
+    let ktls = crate::offload::Offload::start(cfg.ktls);
     let ctx = Arc::new(Context {
         resolvers: Arc::clone(&built.resolvers),
         sessions,
@@ -192,6 +193,7 @@ pub async fn run_reloadable(
         shutdown: shutdown_rx.clone(),
         live: live.clone(),
         datapath: cfg.datapath,
+        ktls,
         allowlist: allowlist.clone(),
         web: crate::front::web::Web::new(cfg.web.clone()),
     });
@@ -235,8 +237,7 @@ pub async fn run_reloadable(
             "splice",
             cfg.datapath != crate::config::kernel::DatapathMode::Copy,
         );
-        // kTLS is probed, not used yet: the TLS legs stay on rustls.
-        m::kernel_feature("ktls", false);
+        m::kernel_feature("ktls", ktls.enabled());
         m::kernel_feature_available("ktls", crate::sys::probe::ktls().is_ok());
         m::kernel_feature_available("ebpf_allowlist", allowlist.is_some());
         m::kernel_feature_available("io_uring", crate::sys::probe::io_uring().is_ok());

@@ -30,6 +30,9 @@ pub enum Command {
         /// As `serve --allowlist`.
         #[arg(long, value_enum)]
         allowlist: Option<crate::config::kernel::AllowListMode>,
+        /// As `serve --ktls`.
+        #[arg(long, value_enum)]
+        ktls: Option<crate::config::kernel::KtlsMode>,
     },
     /// Validate a configuration file and exit (0 = valid, 64 = invalid).
     CheckConfig {
@@ -109,6 +112,9 @@ pub struct ServeArgs {
     /// eBPF connect allow-list: off, auto (warn if unavailable) or required.
     #[arg(long, value_enum)]
     pub allowlist: Option<crate::config::kernel::AllowListMode>,
+    /// Kernel TLS offload of TLS legs after the handshake: auto or off.
+    #[arg(long, value_enum)]
+    pub ktls: Option<crate::config::kernel::KtlsMode>,
     /// On SIGTERM, how long live sessions may go on before they are closed
     /// (default 30s; 0 = close them at once).
     #[arg(long, value_name = "DUR")]

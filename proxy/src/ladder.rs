@@ -1,8 +1,10 @@
 //! The data-path ladder: which rung an established session runs on.
 //!
-//! splice(2) when both legs are plain sockets and `kernel.datapath` allows
-//! it (CONNECT tunnels; plain-HTTP WebSocket sessions in binary mode), the
-//! userspace copy otherwise and whenever pipes cannot be created. The
+//! `ktls+splice` when every TLS leg can be handed to kernel TLS
+//! ([`crate::offload`]), splice(2) when both legs are plain sockets and
+//! `kernel.datapath` allows it (CONNECT tunnels; plain-HTTP WebSocket
+//! sessions in binary mode), the userspace copy otherwise and whenever
+//! pipes cannot be created. The
 //! choice goes into the session span (`datapath`) and the `session
 //! established` line. The pumps themselves live in [`crate::datapath`],
 //! which knows nothing of the configuration.
@@ -26,6 +28,12 @@ pub async fn pump_raw(
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> (End, &'static str) {
     let span = tracing::Span::current();
+    // kTLS: a TLS compute leg handed to the kernel, then splice.
+    let (tenant, compute) =
+        match crate::offload::pump_raw(ctx, tenant, compute, counters, stop.clone()).await {
+            Ok(done) => return done,
+            Err(legs) => legs,
+        };
     let compute = match compute {
         ComputeIo::Plain(c) if ctx.datapath != DatapathMode::Copy => match Splicer::new() {
             Ok(splicer) => {
@@ -77,6 +85,25 @@ pub async fn pump_ws(
     use crate::front::websocket::message::Mode;
     use crate::front::websocket::stream::WsParts;
     let span = tracing::Span::current();
+    // kTLS: every TLS leg handed to the kernel, then the spliced pump.
+    let mut established = Some(established);
+    let (tenant, compute) = match crate::offload::pump_ws(
+        ctx,
+        tenant,
+        compute,
+        settings,
+        counters,
+        stop.clone(),
+        &mut established,
+    )
+    .await
+    {
+        Ok(end) => return end,
+        Err(legs) => legs,
+    };
+    let Some(established) = established else {
+        return End::ComputeIo("data path chosen twice".into());
+    };
     let WsParts {
         inner,
         raw,
@@ -102,6 +129,7 @@ pub async fn pump_ws(
                     };
                     return crate::datapath::ws_splice::pump(
                         parts,
+                        false,
                         compute,
                         pipe,
                         settings,

@@ -19,7 +19,9 @@
 //!   dialling QEMU over TCP or UNIX sockets.
 //! - [`limits`]: admission limits (sessions in total, per token, per
 //!   tenant address).
-//! - [`ladder`]: picks a session's data path (splice or copy) and records it.
+//! - [`ladder`]: picks a session's data path (ktls+splice, splice or copy) and records it.
+//! - [`offload`]: kernel TLS: the start-up probe, and handing a session's
+//!   rustls legs to the kernel after the handshake phase.
 //! - [`session`]: what every front end shares: context, live-session
 //!   accounting, refusals and the closing log line.
 //! - [`datapath`]: the hot path once a session is established: the
@@ -48,5 +50,6 @@ pub mod error;
 pub mod front;
 pub mod ladder;
 pub mod limits;
+pub mod offload;
 pub mod session;
 pub mod sys;

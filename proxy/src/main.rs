@@ -52,11 +52,13 @@ fn main() -> ExitCode {
             config,
             datapath,
             allowlist,
+            ktls,
         } => {
             let args = consolegate::cli::ServeArgs {
                 config,
                 datapath,
                 allowlist,
+                ktls,
                 ..Default::default()
             };
             let cfg = match Config::build(&args) {
@@ -66,7 +68,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(EX_CONFIG);
                 }
             };
-            let report = consolegate::control::doctor::run(cfg.datapath, cfg.allowlist);
+            let report = consolegate::control::doctor::run(cfg.datapath, cfg.allowlist, cfg.ktls);
             print!("{report}");
             if report.config_unsatisfied() {
                 ExitCode::FAILURE

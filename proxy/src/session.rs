@@ -57,6 +57,8 @@ pub struct Context {
     pub live: LiveSessions,
     /// Data path preference of established sessions.
     pub datapath: DatapathMode,
+    /// Which TLS legs kernel TLS can take (probed at start).
+    pub ktls: crate::offload::Offload,
     /// The eBPF connect allow-list, when active.
     pub allowlist: Option<Arc<AllowList>>,
     /// Static files (web console, `--web`) of the WebSocket front end.

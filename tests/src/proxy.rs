@@ -302,6 +302,26 @@ impl Proxy {
         self.child.output()
     }
 
+    /// Whether the proxy found kernel TLS at start (its one start-up line
+    /// says "kTLS available" or "kTLS unavailable"), and that line.
+    pub async fn ktls_available(&self) -> anyhow::Result<(bool, String)> {
+        let line = self.wait_log(&["kTLS ", "available"]).await?;
+        Ok((line.contains("kTLS available"), line))
+    }
+
+    /// The data path label TLS sessions in binary mode get from this proxy:
+    /// `ktls+splice` where the kernel has kTLS, else `copy`. Prints
+    /// `skipped: ...` for the kTLS path when the kernel lacks it.
+    pub async fn tls_datapath(&self) -> anyhow::Result<&'static str> {
+        let (ktls, line) = self.ktls_available().await?;
+        if ktls {
+            Ok("ktls+splice")
+        } else {
+            println!("skipped: the ktls+splice path ({line}); testing the rustls fallback");
+            Ok("copy")
+        }
+    }
+
     /// Waits (bounded) until the logs contain a line with every one of `parts`.
     pub async fn wait_log(&self, parts: &[&str]) -> anyhow::Result<String> {
         let found = crate::within_for(Duration::from_secs(30), "log line", async {

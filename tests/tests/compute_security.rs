@@ -117,9 +117,31 @@ async fn vencrypt_x509none_with_client_certificate() {
     )
     .await;
     console_works(&p, "tok").await;
-    p.wait_log(&["session established", "VeNCrypt/X509None"])
-        .await
-        .unwrap();
+    // Both legs are TLS: handed to the kernel where it has kTLS, else
+    // rustls and the copy, said once at start and not per session.
+    let datapath = p.tls_datapath().await.unwrap();
+    p.wait_log(&[
+        "session established",
+        "VeNCrypt/X509None",
+        &format!("datapath=\"{datapath}\""),
+    ])
+    .await
+    .unwrap();
+    let logs = p.logs();
+    assert_eq!(
+        logs.matches("kTLS unavailable").count(),
+        usize::from(datapath == "copy"),
+        "{logs}"
+    );
+    assert!(!logs.contains("kTLS not used for this session"), "{logs}");
+    if datapath == "ktls+splice" {
+        p.wait_log(&["ktls enabled", "leg=\"tenant\""])
+            .await
+            .unwrap();
+        p.wait_log(&["ktls enabled", "leg=\"compute\""])
+            .await
+            .unwrap();
+    }
 }
 
 #[tokio::test]

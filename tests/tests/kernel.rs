@@ -239,13 +239,24 @@ async fn allowlist_without_privileges_warns_or_refuses() {
 /// Sends `len` random bytes through a plain WebSocket (binary or base64)
 /// to the echo console and checks the echo byte for byte.
 async fn ws_echo(addr: std::net::SocketAddr, token: &str, mode: ws::Mode, len: usize) {
+    ws_echo_via(addr, &Transport::Plain, token, mode, len).await;
+}
+
+/// [`ws_echo`] over a chosen transport (TLS or plain).
+async fn ws_echo_via(
+    addr: std::net::SocketAddr,
+    transport: &Transport,
+    token: &str,
+    mode: ws::Mode,
+    len: usize,
+) {
     let proto = if mode == ws::Mode::Base64 {
         "base64"
     } else {
         "binary"
     };
     let req = ws::WsRequest::path(format!("/websockify?token={token}")).protocol(proto);
-    let (w, _) = ws::connect(addr, &Transport::Plain, &req)
+    let (w, _) = ws::connect(addr, transport, &req)
         .await
         .unwrap()
         .upgraded()
@@ -309,6 +320,72 @@ async fn websocket_each_datapath_echoes_bulk_and_many_sessions() {
     }
 }
 
+/// TLS WebSocket sessions: with kTLS in the kernel, binary sessions are
+/// handed to it (`ktls+splice`); without (this host: TCP_ULP "tls" gives
+/// ENOENT) they run on rustls and the copy exactly as before, with one
+/// start-up line saying why and nothing per session. `--ktls off` keeps
+/// rustls whatever the kernel has. Bulk and many sessions, byte for byte.
+#[tokio::test]
+async fn tls_websocket_uses_ktls_where_the_kernel_has_it_else_the_copy() {
+    let echo = EchoServer::start().await.unwrap();
+    let dir = token_dir();
+    let token = random_token();
+    let file = dir.path().join("tokens.toml");
+    write_toml_tokens(&file, &[raw_token(&token, echo.addr)]).unwrap();
+    for ktls in ["auto", "off"] {
+        let mut spec = ProxySpec::tls_ws(&[&file]);
+        spec.extra = ["--ktls", ktls].map(String::from).to_vec();
+        let proxy = Proxy::start(spec).await.unwrap();
+        let expected = if ktls == "off" {
+            let (available, line) = proxy.ktls_available().await.unwrap();
+            assert!(!available && line.contains("kernel.ktls"), "{line}");
+            "copy"
+        } else {
+            proxy.tls_datapath().await.unwrap()
+        };
+        let (a, t) = (proxy.ws_addr(), proxy.transport());
+        ws_echo_via(a, &t, &token, ws::Mode::Binary, 8 << 20).await;
+        proxy
+            .wait_log(&["session established", &format!("datapath=\"{expected}\"")])
+            .await
+            .unwrap();
+        let many: Vec<_> = (0..8)
+            .map(|i| {
+                let (token, t) = (token.clone(), t.clone());
+                tokio::spawn(async move {
+                    ws_echo_via(a, &t, &token, ws::Mode::Binary, 100_000 + i * 7919).await
+                })
+            })
+            .collect();
+        for m in many {
+            m.await.unwrap();
+        }
+        proxy
+            .wait_log_count(
+                &["session established", &format!("datapath=\"{expected}\"")],
+                9,
+            )
+            .await
+            .unwrap();
+        // base64 is re-encoded in userspace: rustls and the copy.
+        ws_echo_via(a, &t, &token, ws::Mode::Base64, 1 << 20).await;
+        proxy
+            .wait_log(&[
+                "session established",
+                "mode=\"base64\"",
+                "datapath=\"copy\"",
+            ])
+            .await
+            .unwrap();
+        let logs = proxy.logs();
+        if expected == "copy" {
+            assert_eq!(logs.matches("kTLS unavailable").count(), 1, "{logs}");
+            assert!(!logs.contains("ktls enabled"), "{logs}");
+        }
+        assert!(!logs.contains("kTLS not used for this session"), "{logs}");
+    }
+}
+
 #[test]
 fn doctor_reports_every_acceleration_and_the_configured_use() {
     let out = Command::new(binary().unwrap())
@@ -339,6 +416,17 @@ fn doctor_reports_every_acceleration_and_the_configured_use() {
     }
     assert!(text.contains("this configuration would use:"), "{text}");
     assert!(text.contains("copy for every session"), "{text}");
+    // kTLS: the ciphers it would offload, or why not; never used with copy.
+    assert!(
+        text.contains("not used: kernel.datapath = \"copy\""),
+        "{text}"
+    );
+    // The kTLS probe names the ciphers it would offload, or why none.
+    assert!(
+        text.lines()
+            .any(|l| l.contains("kTLS") && (l.contains("offloads ") || l.contains("TCP_ULP"))),
+        "{text}"
+    );
     // With the allow-list required, the exit code follows the attach probe.
     let attach_ok = allowlist_available().is_ok();
     let st = Command::new(binary().unwrap())

@@ -27,6 +27,28 @@ impl DatapathMode {
     }
 }
 
+/// Whether TLS legs are handed to kernel TLS after the handshake phase
+/// (`--ktls`, `kernel.ktls`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KtlsMode {
+    /// When the kernel has kTLS for the negotiated cipher and the data path
+    /// may splice: the session runs on `ktls+splice`. Otherwise rustls.
+    #[default]
+    Auto,
+    /// Never: TLS legs stay on rustls and the userspace copy.
+    Off,
+}
+
+impl KtlsMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KtlsMode::Auto => "auto",
+            KtlsMode::Off => "off",
+        }
+    }
+}
+
 /// Whether the eBPF connect allow-list is used (`--allowlist`, `kernel.allowlist`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -60,4 +82,5 @@ pub struct KernelSection {
     pub datapath: Option<DatapathMode>,
     pub allowlist: Option<AllowListMode>,
     pub cgroup: Option<CgroupMode>,
+    pub ktls: Option<KtlsMode>,
 }

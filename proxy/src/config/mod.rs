@@ -244,6 +244,8 @@ pub struct Config {
     pub allowlist: kernel::AllowListMode,
     /// Where the allow-list attaches.
     pub cgroup: kernel::CgroupMode,
+    /// Kernel TLS offload of TLS legs.
+    pub ktls: kernel::KtlsMode,
     /// Resolvers besides token files, reconnect window.
     pub resolvers: tokens::ResolverConfig,
     /// The admin API, if configured.
@@ -633,6 +635,7 @@ impl Config {
             datapath: args.datapath.or(fc.kernel.datapath).unwrap_or_default(),
             allowlist: args.allowlist.or(fc.kernel.allowlist).unwrap_or_default(),
             cgroup: fc.kernel.cgroup.unwrap_or_default(),
+            ktls: args.ktls.or(fc.kernel.ktls).unwrap_or_default(),
             web,
         })
     }

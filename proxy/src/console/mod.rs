@@ -176,6 +176,20 @@ pub enum ComputeStream {
     Unix(UnixStream),
 }
 
+impl std::os::fd::AsRawFd for ComputeStream {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        match self {
+            ComputeStream::Tcp(s) => s.as_raw_fd(),
+            ComputeStream::Unix(s) => s.as_raw_fd(),
+        }
+    }
+}
+
+/// A TLS connection to the compute host. rustls reads through a
+/// [`crate::offload::Cork`] (never past a record boundary), so the stream can
+/// be handed to kernel TLS after the console handshake ([`crate::offload`]).
+pub type ComputeTls = tokio_rustls::client::TlsStream<crate::offload::Cork<ComputeStream>>;
+
 /// Dials `target` within `timeout`. TCP streams get TCP_NODELAY (console
 /// traffic is interactive) and keepalive.
 pub async fn dial(target: &Target, timeout: Duration) -> Result<ComputeStream, DialError> {
@@ -256,20 +270,29 @@ pub async fn tls_connect(
     s: ComputeStream,
     cfg: std::sync::Arc<rustls::ClientConfig>,
     name: rustls::pki_types::ServerName<'static>,
-) -> Result<tokio_rustls::client::TlsStream<ComputeStream>, String> {
+) -> Result<ComputeTls, String> {
     tokio_rustls::TlsConnector::from(cfg)
-        .connect(name, s)
+        .connect(name, crate::offload::Cork::new(s))
         .await
         .map_err(|e| e.to_string())
 }
 
 /// The compute side of an established session: plain, or TLS to QEMU.
-#[derive(Debug)]
 pub enum ComputeIo {
     Plain(ComputeStream),
-    Tls(Box<tokio_rustls::client::TlsStream<ComputeStream>>),
+    Tls(Box<ComputeTls>),
     /// A SPICE main channel: reads drop migration announcements.
     SpiceMain(Box<spice::migrate::Filtered<ComputeIo>>),
+}
+
+impl fmt::Debug for ComputeIo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ComputeIo::Plain(s) => f.debug_tuple("Plain").field(s).finish(),
+            ComputeIo::Tls(s) => f.debug_tuple("Tls").field(&s.get_ref().0.io).finish(),
+            ComputeIo::SpiceMain(s) => f.debug_tuple("SpiceMain").field(s).finish(),
+        }
+    }
 }
 
 impl ComputeIo {

@@ -5,7 +5,7 @@ use std::fmt;
 
 use super::allowlist::AllowList;
 use super::cgroup::{self, Attached};
-use crate::config::kernel::{AllowListMode, DatapathMode};
+use crate::config::kernel::{AllowListMode, DatapathMode, KtlsMode};
 use crate::sys::probe;
 
 /// One probe's answer.
@@ -37,6 +37,9 @@ pub struct Report {
     pub checks: Vec<Check>,
     pub datapath: DatapathMode,
     pub allowlist: AllowListMode,
+    pub ktls: KtlsMode,
+    /// What kernel TLS would offload here (`TLS1.3/AES-128-GCM`, ...).
+    pub ktls_ciphers: Vec<String>,
 }
 
 impl Report {
@@ -53,7 +56,7 @@ impl Report {
 
 /// Runs every probe. The cgroup-attach probe loads the allow-list into a
 /// scratch cgroup (no process in it) and removes it again.
-pub fn run(datapath: DatapathMode, allowlist: AllowListMode) -> Report {
+pub fn run(datapath: DatapathMode, allowlist: AllowListMode, ktls: KtlsMode) -> Report {
     let mut checks = Vec::new();
     checks.push(check(
         "bpf",
@@ -93,10 +96,19 @@ pub fn run(datapath: DatapathMode, allowlist: AllowListMode) -> Report {
             .map(|()| "io_uring_setup works (not used by this build)".to_owned())
             .map_err(|e| format!("io_uring_setup: {e}")),
     ));
+    // Probed whatever kernel.ktls says: doctor tells what the host allows.
+    let (offload, _) = crate::offload::Offload::probe(KtlsMode::Auto);
+    let ktls_ciphers = offload.ciphers();
     checks.push(check(
         "kTLS",
         probe::ktls()
-            .map(|()| "TCP_ULP \"tls\" accepted (not used by this build)".to_owned())
+            .map(|()| {
+                if ktls_ciphers.is_empty() {
+                    "TCP_ULP \"tls\" accepted, but no cipher is offloaded".to_owned()
+                } else {
+                    format!("offloads {}", ktls_ciphers.join(", "))
+                }
+            })
             .map_err(|e| match e.raw_os_error() {
                 Some(libc::ENOENT) => {
                     "TCP_ULP \"tls\": ENOENT (the tls module is absent)".to_owned()
@@ -109,6 +121,8 @@ pub fn run(datapath: DatapathMode, allowlist: AllowListMode) -> Report {
         checks,
         datapath,
         allowlist,
+        ktls,
+        ktls_ciphers,
     }
 }
 
@@ -181,6 +195,20 @@ impl fmt::Display for Report {
                 mode.as_str()
             ),
         };
-        writeln!(f, "  data path      {dp}")
+        writeln!(f, "  data path      {dp}")?;
+        let kt = match self.ktls {
+            KtlsMode::Off => "off: TLS legs stay on rustls (kernel.ktls = \"off\")".to_owned(),
+            KtlsMode::Auto if self.datapath == DatapathMode::Copy => {
+                "not used: kernel.datapath = \"copy\"".to_owned()
+            }
+            KtlsMode::Auto if !self.ktls_ciphers.is_empty() => format!(
+                "ktls+splice for TLS sessions negotiating {} (kernel.ktls = \"auto\")",
+                self.ktls_ciphers.join(", ")
+            ),
+            KtlsMode::Auto => {
+                "unavailable here: TLS legs stay on rustls (kernel.ktls = \"auto\")".to_owned()
+            }
+        };
+        writeln!(f, "  kTLS           {kt}")
     }
 }

@@ -10,6 +10,7 @@
 //! module never imports config, serde or control-plane code.
 
 pub mod copy;
+pub mod ktls;
 pub mod splice;
 pub mod websocket;
 pub mod ws_splice;

@@ -1,7 +1,9 @@
 //! splice(2) data path for plaintext streams: each direction moves bytes
 //! socket -> pipe -> socket inside the kernel, never through a userspace
-//! buffer. Applies only when both legs are plain TCP or UNIX sockets (a
-//! rustls leg has to be decrypted in userspace).
+//! buffer. Applies when both legs are plain TCP or UNIX sockets or kernel
+//! TLS sockets ([`Socket::Ktls`]; a rustls leg has to be decrypted in
+//! userspace). At a non-data record of a kTLS leg splice stops with
+//! EINVAL: the record is read and judged as [`super::ktls`] says.
 //!
 //! Same contract as [`super::copy`]: counters, half-close (the peer gets
 //! `shutdown(SHUT_WR)` at EOF once the pipe is drained, the other
@@ -25,17 +27,21 @@ use crate::sys::pipe::{Pipe, readable_bytes, splice};
 /// the kernel keeps the default (64 KiB) if it refuses this.
 pub const PIPE_SIZE: usize = 1 << 20;
 
-/// A plain socket one side of a spliced session runs on.
+/// A socket one side of a spliced session runs on.
 #[derive(Debug)]
 pub enum Socket {
     Tcp(TcpStream),
     Unix(UnixStream),
+    /// A TCP socket with kernel TLS in both directions: the kernel
+    /// decrypts what we splice out of it and encrypts what we splice in.
+    Ktls(TcpStream),
 }
 
 #[derive(Debug, Clone, Copy)]
 pub(super) enum Sock<'a> {
     Tcp(&'a TcpStream),
     Unix(&'a UnixStream),
+    Ktls(&'a TcpStream),
 }
 
 impl Socket {
@@ -43,6 +49,7 @@ impl Socket {
         match self {
             Socket::Tcp(s) => Sock::Tcp(s),
             Socket::Unix(s) => Sock::Unix(s),
+            Socket::Ktls(s) => Sock::Ktls(s),
         }
     }
 }
@@ -50,14 +57,14 @@ impl Socket {
 impl<'a> Sock<'a> {
     pub(super) fn fd(self) -> BorrowedFd<'a> {
         match self {
-            Sock::Tcp(s) => s.as_fd(),
+            Sock::Tcp(s) | Sock::Ktls(s) => s.as_fd(),
             Sock::Unix(s) => s.as_fd(),
         }
     }
 
     pub(super) async fn ready(self, interest: Interest) -> io::Result<()> {
         match self {
-            Sock::Tcp(s) => s.ready(interest).await.map(drop),
+            Sock::Tcp(s) | Sock::Ktls(s) => s.ready(interest).await.map(drop),
             Sock::Unix(s) => s.ready(interest).await.map(drop),
         }
     }
@@ -70,12 +77,24 @@ impl<'a> Sock<'a> {
         f: impl FnOnce() -> io::Result<R>,
     ) -> io::Result<R> {
         match self {
-            Sock::Tcp(s) => s.try_io(interest, f),
+            Sock::Tcp(s) | Sock::Ktls(s) => s.try_io(interest, f),
             Sock::Unix(s) => s.try_io(interest, f),
         }
     }
 
-    fn shutdown_write(self) -> io::Result<()> {
+    /// The kTLS socket, if this is one.
+    pub(super) fn ktls(self) -> Option<&'a TcpStream> {
+        match self {
+            Sock::Ktls(s) => Some(s),
+            Sock::Tcp(_) | Sock::Unix(_) => None,
+        }
+    }
+
+    /// End of our stream towards this peer: close_notify first on kTLS.
+    async fn shutdown_write(self) -> io::Result<()> {
+        if let Some(s) = self.ktls() {
+            let _ = super::ktls::close_notify(s).await;
+        }
         socket2::SockRef::from(&self.fd()).shutdown(Shutdown::Write)
     }
 }
@@ -179,6 +198,24 @@ pub(super) async fn splice_ready(
     }
 }
 
+/// Writes all of `data` to a socket (application data read with recvmsg
+/// from a kTLS source; rare).
+pub(super) async fn write_all(dst: Sock<'_>, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        dst.ready(Interest::WRITABLE).await?;
+        match dst.try_io(Interest::WRITABLE, || {
+            socket2::SockRef::from(&dst.fd()).send_with_flags(data, libc::MSG_NOSIGNAL)
+        }) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// Result of one attempt to move bytes from a socket into the pipe.
 enum In {
     /// This many bytes are now in the pipe (0: end of stream).
@@ -222,10 +259,36 @@ async fn pump(
     let cap = pipe.capacity();
     let mut pending = 0usize;
     let mut eof = false;
+    // kTLS source: splice stopped at a non-data record, to be read with
+    // recvmsg once the pipe is empty (so the order of bytes holds).
+    let mut at_record = false;
+    let mut carry = super::ktls::HandshakeCarry::default();
     loop {
         let mut pipe_full = false;
         let mut progressed = false;
-        if !eof && pending < cap {
+        if at_record
+            && pending == 0
+            && let Some(s) = src.ktls()
+        {
+            at_record = false;
+            let mut buf = vec![0u8; super::ktls::RECORD_BUF];
+            match super::ktls::read_record(s, &mut buf, &mut carry).await {
+                Ok(super::ktls::Next::Data(n)) => {
+                    write_all(dst, &buf[..n])
+                        .await
+                        .map_err(|e| dir.write_err(e))?;
+                    match dir {
+                        Dir::Up => counters.add_up(n),
+                        Dir::Down => counters.add_down(n),
+                    }
+                }
+                Ok(super::ktls::Next::Eof) => eof = true,
+                Ok(super::ktls::Next::Ignored) => {}
+                Err(e) => return Err(dir.read_err(e)),
+            }
+            continue;
+        }
+        if !eof && !at_record && pending < cap {
             match splice_in(src, pipe, cap - pending) {
                 Ok(In::Moved(0)) => {
                     eof = true;
@@ -239,6 +302,10 @@ async fn pump(
                 Ok(In::PipeFull) => pipe_full = true,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => progressed = true,
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) && src.ktls().is_some() => {
+                    at_record = true;
+                    progressed = true;
+                }
                 Err(e) => return Err(dir.read_err(e)),
             }
         }
@@ -263,13 +330,13 @@ async fn pump(
         }
         if eof && pending == 0 {
             // Everything read has been written: pass the half-close on.
-            let _ = dst.shutdown_write();
+            let _ = dst.shutdown_write().await;
             return Ok(());
         }
         if progressed {
             continue;
         }
-        let want_read = !eof && pending < cap && !pipe_full;
+        let want_read = !eof && !at_record && pending < cap && !pipe_full;
         let want_write = pending > 0;
         tokio::select! {
             r = src.ready(Interest::READABLE), if want_read => r.map_err(|e| dir.read_err(e))?,

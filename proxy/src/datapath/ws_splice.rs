@@ -9,6 +9,11 @@
 //! small frames, is decoded and unmasked in userspace exactly as in
 //! [`super::websocket`]. Pongs, pings and close frames are written by the
 //! same task between frames, so they never split one.
+//!
+//! Either leg may be a kernel TLS socket ([`Socket::Ktls`], `tenant_ktls`):
+//! the tenant's frames are then read with recvmsg ([`KtlsRead`]), a
+//! non-data record stops the compute splice and is judged as
+//! [`super::ktls`] says, and each kTLS peer gets close_notify at the end.
 
 use std::io;
 use std::pin::Pin;
@@ -20,6 +25,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt as _, Interest};
 use tokio::net::{TcpStream, tcp, unix};
 use tokio::sync::{mpsc, watch};
 
+use super::ktls::{HandshakeCarry, KtlsRead, KtlsWrite, Next, RECORD_BUF, read_record};
 use super::splice::{Sock, Socket, splice_ready};
 use super::websocket::{CLOSE_GRACE, Control, WsSettings, send_close, up};
 use super::{Counters, End, idle_watch};
@@ -33,6 +39,7 @@ const FRAME_MAX: usize = 256 * 1024;
 enum ComputeRead {
     Tcp(tcp::OwnedReadHalf),
     Unix(unix::OwnedReadHalf),
+    Ktls(tcp::OwnedReadHalf),
 }
 
 impl ComputeRead {
@@ -40,6 +47,7 @@ impl ComputeRead {
         match self {
             ComputeRead::Tcp(r) => Sock::Tcp(r.as_ref()),
             ComputeRead::Unix(r) => Sock::Unix(r.as_ref()),
+            ComputeRead::Ktls(r) => Sock::Ktls(r.as_ref()),
         }
     }
 }
@@ -47,6 +55,7 @@ impl ComputeRead {
 enum ComputeWrite {
     Tcp(tcp::OwnedWriteHalf),
     Unix(unix::OwnedWriteHalf),
+    Ktls(KtlsWrite),
 }
 
 impl AsyncWrite for ComputeWrite {
@@ -58,6 +67,7 @@ impl AsyncWrite for ComputeWrite {
         match self.get_mut() {
             ComputeWrite::Tcp(w) => Pin::new(w).poll_write(cx, buf),
             ComputeWrite::Unix(w) => Pin::new(w).poll_write(cx, buf),
+            ComputeWrite::Ktls(w) => Pin::new(w).poll_write(cx, buf),
         }
     }
 
@@ -65,6 +75,7 @@ impl AsyncWrite for ComputeWrite {
         match self.get_mut() {
             ComputeWrite::Tcp(w) => Pin::new(w).poll_flush(cx),
             ComputeWrite::Unix(w) => Pin::new(w).poll_flush(cx),
+            ComputeWrite::Ktls(w) => Pin::new(w).poll_flush(cx),
         }
     }
 
@@ -72,15 +83,18 @@ impl AsyncWrite for ComputeWrite {
         match self.get_mut() {
             ComputeWrite::Tcp(w) => Pin::new(w).poll_shutdown(cx),
             ComputeWrite::Unix(w) => Pin::new(w).poll_shutdown(cx),
+            ComputeWrite::Ktls(w) => Pin::new(w).poll_shutdown(cx),
         }
     }
 }
 
 /// Runs the session until either side ends it, like
 /// [`super::websocket::pump`] in binary mode, with the compute-to-tenant
-/// payload spliced through `pipe`.
+/// payload spliced through `pipe`. `tenant_ktls`: the tenant socket is a
+/// kernel TLS socket.
 pub async fn pump(
     tenant: WsParts<TcpStream>,
+    tenant_ktls: bool,
     compute: Socket,
     pipe: Pipe,
     settings: WsSettings,
@@ -94,6 +108,11 @@ pub async fn pump(
         inbound,
     } = tenant;
     let (tr, mut tw) = inner.into_split();
+    let tr: Box<dyn tokio::io::AsyncRead + Unpin + Send> = if tenant_ktls {
+        Box::new(KtlsRead::new(tr))
+    } else {
+        Box::new(tr)
+    };
     let (cr, cw) = match compute {
         Socket::Tcp(s) => {
             let (r, w) = s.into_split();
@@ -103,43 +122,54 @@ pub async fn pump(
             let (r, w) = s.into_split();
             (ComputeRead::Unix(r), ComputeWrite::Unix(w))
         }
+        Socket::Ktls(s) => {
+            let (r, w) = s.into_split();
+            (ComputeRead::Ktls(r), ComputeWrite::Ktls(KtlsWrite::new(w)))
+        }
     };
     let (ctl_tx, ctl_rx) = mpsc::channel::<Control>(8);
-    let up = up(tr, raw, pending, inbound, cw, counters, ctl_tx.clone());
-    let down = down(&cr, &mut tw, &pipe, settings, counters, ctl_rx);
-    tokio::pin!(up, down);
-    tokio::select! {
-        end = &mut up => {
-            if !matches!(end, End::TenantIo(_)) {
+    let end = {
+        let up = up(tr, raw, pending, inbound, cw, counters, ctl_tx.clone());
+        let down = down(&cr, &mut tw, &pipe, settings, counters, ctl_rx);
+        tokio::pin!(up, down);
+        tokio::select! {
+            end = &mut up => {
+                if !matches!(end, End::TenantIo(_)) {
+                    let _ = tokio::time::timeout(CLOSE_GRACE, &mut down).await;
+                }
+                end
+            }
+            end = &mut down => {
+                if !matches!(end, End::TenantIo(_)) {
+                    let _ = tokio::time::timeout(CLOSE_GRACE, &mut up).await;
+                }
+                end
+            }
+            () = idle_watch(counters, settings.idle) => {
+                let _ = ctl_tx.try_send(Control::Close(close_code::GOING_AWAY, "idle timeout"));
                 let _ = tokio::time::timeout(CLOSE_GRACE, &mut down).await;
+                End::IdleTimeout
             }
-            end
-        }
-        end = &mut down => {
-            if !matches!(end, End::TenantIo(_)) {
-                let _ = tokio::time::timeout(CLOSE_GRACE, &mut up).await;
+            () = async { match settings.max_duration {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            } } => {
+                let _ = ctl_tx.try_send(Control::Close(close_code::GOING_AWAY, "maximum session duration reached"));
+                let _ = tokio::time::timeout(CLOSE_GRACE, &mut down).await;
+                End::MaxDuration
             }
-            end
+            () = crate::datapath::shutdown_signalled(&mut shutdown) => {
+                let _ = ctl_tx.try_send(Control::Close(close_code::GOING_AWAY, "proxy shutting down"));
+                let _ = tokio::time::timeout(CLOSE_GRACE, &mut down).await;
+                End::Shutdown
+            }
         }
-        () = idle_watch(counters, settings.idle) => {
-            let _ = ctl_tx.try_send(Control::Close(close_code::GOING_AWAY, "idle timeout"));
-            let _ = tokio::time::timeout(CLOSE_GRACE, &mut down).await;
-            End::IdleTimeout
-        }
-        () = async { match settings.max_duration {
-            Some(d) => tokio::time::sleep(d).await,
-            None => std::future::pending().await,
-        } } => {
-            let _ = ctl_tx.try_send(Control::Close(close_code::GOING_AWAY, "maximum session duration reached"));
-            let _ = tokio::time::timeout(CLOSE_GRACE, &mut down).await;
-            End::MaxDuration
-        }
-        () = crate::datapath::shutdown_signalled(&mut shutdown) => {
-            let _ = ctl_tx.try_send(Control::Close(close_code::GOING_AWAY, "proxy shutting down"));
-            let _ = tokio::time::timeout(CLOSE_GRACE, &mut down).await;
-            End::Shutdown
-        }
+    };
+    // Our close frame is out: end the TLS stream properly before the FIN.
+    if tenant_ktls && !matches!(end, End::TenantIo(_)) {
+        let _ = tokio::time::timeout(CLOSE_GRACE, super::ktls::close_notify(tw.as_ref())).await;
     }
+    end
 }
 
 /// Sends a frame header with `MSG_MORE`: the payload spliced right after
@@ -175,6 +205,7 @@ async fn down(
     });
     let compute = cr.sock();
     let chunk = pipe.capacity().min(FRAME_MAX);
+    let mut carry = HandshakeCarry::default();
     loop {
         tokio::select! {
             biased;
@@ -216,6 +247,30 @@ async fn down(
                     }
                     tracing::trace!(n, "compute data spliced");
                     counters.add_down(n);
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) && compute.ktls().is_some() => {
+                    // A non-data record of the kTLS compute leg.
+                    let Some(sock) = compute.ktls() else { continue };
+                    let mut buf = vec![0u8; RECORD_BUF];
+                    match read_record(sock, &mut buf, &mut carry).await {
+                        Ok(Next::Data(n)) => {
+                            out.clear();
+                            encode_frame(Opcode::Binary, &buf[..n], &mut out);
+                            if let Err(e) = tw.write_all(&out).await {
+                                return End::TenantIo(e.to_string());
+                            }
+                            counters.add_down(n);
+                        }
+                        Ok(Next::Eof) => {
+                            send_close(tw, close_code::NORMAL, "console closed").await;
+                            return End::ComputeClosed;
+                        }
+                        Ok(Next::Ignored) => {}
+                        Err(e) => {
+                            send_close(tw, close_code::COMPUTE_ERROR, "console connection failed").await;
+                            return End::ComputeIo(e.to_string());
+                        }
+                    }
                 }
                 Err(e) => {
                     send_close(tw, close_code::COMPUTE_ERROR, "console connection failed").await;

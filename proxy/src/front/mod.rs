@@ -21,11 +21,24 @@ use tokio::net::TcpStream;
 use crate::error::Refusal;
 use http::{HeadLimits, HttpError, RequestHead, parse_request_head};
 
+/// A tenant TLS connection. rustls reads through a [`crate::offload::Cork`],
+/// which never hands it bytes past a record boundary, so the stream can be
+/// handed to kernel TLS after the handshake phase ([`crate::offload`]).
+pub type TenantTls = tokio_rustls::server::TlsStream<crate::offload::Cork<TcpStream>>;
+
 /// A tenant connection, with or without TLS.
-#[derive(Debug)]
 pub enum TenantStream {
     Plain(TcpStream),
-    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    Tls(Box<TenantTls>),
+}
+
+impl std::fmt::Debug for TenantStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TenantStream::Plain(s) => f.debug_tuple("Plain").field(s).finish(),
+            TenantStream::Tls(s) => f.debug_tuple("Tls").field(&s.get_ref().0.io).finish(),
+        }
+    }
 }
 
 /// Reads one request head. Returns the head and any bytes after it.

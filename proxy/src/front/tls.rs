@@ -50,6 +50,8 @@ pub fn load_server_config(cert: &Path, key: &Path) -> Result<ServerConfig, TlsLo
         .with_no_client_auth()
         .with_single_cert(certs, key)?;
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // Secrets are extracted after the handshake phase for kernel TLS.
+    cfg.enable_secret_extraction = true;
     Ok(cfg)
 }
 

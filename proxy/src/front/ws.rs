@@ -42,7 +42,8 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
         let mut stream = match &ctx.tenant_tls {
             Some(tls) => {
                 let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
-                match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
+                let corked = crate::offload::Cork::new(tcp);
+                match tokio::time::timeout_at(deadline, acceptor.accept(corked)).await {
                     Ok(Ok(s)) => TenantStream::Tls(Box::new(s)),
                     Ok(Err(e)) => {
                         crate::error::count_refusal(Refusal::TlsHandshake.kind());

@@ -1,12 +1,13 @@
 //! The only module with `unsafe` code: thin wrappers over Linux system
 //! calls the standard library and tokio do not offer (pipes with a chosen
-//! size, splice(2), FIONREAD, the open-file limit, and the capability
-//! probes of `doctor`).
+//! size, splice(2), FIONREAD, the open-file limit, kernel TLS records and
+//! cipher probes, and the capability probes of `doctor`).
 //!
 //! Every wrapper takes borrowed file descriptors (`BorrowedFd`) or owns
 //! them (`OwnedFd`), so no raw descriptor outlives its owner; every
 //! `unsafe` block says why the call is sound in a `// SAFETY:` comment.
 
+pub mod ktls;
 pub mod pipe;
 pub mod probe;
 pub mod rlimit;

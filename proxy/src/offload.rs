@@ -1,0 +1,681 @@
+//! Kernel TLS offload of a session's TLS legs, the `ktls+splice` rung of
+//! the data-path ladder.
+//!
+//! At start, [`Offload::start`] probes once which (TLS version, cipher)
+//! pairs this kernel takes keys for and logs the result (or why kTLS is not
+//! used) a single time. After the handshake phase of a session, each rustls
+//! leg whose negotiated suite the kernel offloads is handed over: rustls is
+//! drained to the record boundary (the [`Cork`] under it never read
+//! further), its secrets go to the socket (`ktls` crate for the key
+//! structures, `sys::ktls::install` for `TCP_ULP`, `TLS_TX`, `TLS_RX`), and the plaintext rustls had decrypted but nobody
+//! consumed is returned to go to the other side first. Only when every TLS
+//! leg can be handed over (and the other legs are plain sockets) is any leg
+//! touched; otherwise the session stays on rustls and the copy, with the
+//! reason logged once for the session.
+
+mod cork;
+
+use std::io;
+use std::os::fd::AsFd as _;
+
+pub use cork::Cork;
+use rustls::CipherSuite;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+
+use crate::config::kernel::{DatapathMode, KtlsMode};
+use crate::console::{ComputeIo, ComputeStream, ComputeTls};
+use crate::datapath::splice::{Socket, Splicer};
+use crate::datapath::websocket::WsSettings;
+use crate::datapath::{Counters, End};
+use crate::front::websocket::frame::{Opcode, encode_frame};
+use crate::front::websocket::message::Mode;
+use crate::front::websocket::stream::WsParts;
+use crate::front::{TenantStream, TenantTls};
+use crate::session::Context;
+use crate::sys::ktls::{Cipher, TlsVersion, probe_cipher};
+use crate::sys::pipe::Pipe;
+
+/// The data-path label of sessions whose TLS legs run in the kernel.
+pub const LABEL: &str = "ktls+splice";
+
+/// What the kernel offloads, probed once at start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Offload {
+    /// `[TLS 1.2, TLS 1.3] x [AES-128-GCM, AES-256-GCM, ChaCha20-Poly1305]`;
+    /// all false when kTLS is off or absent.
+    table: [[bool; 3]; 2],
+}
+
+fn vi(v: TlsVersion) -> usize {
+    match v {
+        TlsVersion::Tls12 => 0,
+        TlsVersion::Tls13 => 1,
+    }
+}
+
+fn ci(c: Cipher) -> usize {
+    match c {
+        Cipher::AesGcm128 => 0,
+        Cipher::AesGcm256 => 1,
+        Cipher::Chacha20Poly1305 => 2,
+    }
+}
+
+/// The kernel cipher a rustls suite needs, if the kernel has one for it.
+pub fn kernel_cipher(suite: CipherSuite) -> Option<(TlsVersion, Cipher)> {
+    use CipherSuite as S;
+    Some(match suite {
+        S::TLS13_AES_128_GCM_SHA256 => (TlsVersion::Tls13, Cipher::AesGcm128),
+        S::TLS13_AES_256_GCM_SHA384 => (TlsVersion::Tls13, Cipher::AesGcm256),
+        S::TLS13_CHACHA20_POLY1305_SHA256 => (TlsVersion::Tls13, Cipher::Chacha20Poly1305),
+        S::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256 | S::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256 => {
+            (TlsVersion::Tls12, Cipher::AesGcm128)
+        }
+        S::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384 | S::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384 => {
+            (TlsVersion::Tls12, Cipher::AesGcm256)
+        }
+        S::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256
+        | S::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256 => {
+            (TlsVersion::Tls12, Cipher::Chacha20Poly1305)
+        }
+        _ => return None,
+    })
+}
+
+impl Offload {
+    /// Nothing is offloaded.
+    pub const NONE: Offload = Offload {
+        table: [[false; 3]; 2],
+    };
+
+    /// Probes the kernel (unless `mode` is off) and logs once what the
+    /// TLS legs of this process will run on.
+    pub fn start(mode: KtlsMode) -> Offload {
+        let (offload, why_not) = Self::probe(mode);
+        match why_not {
+            None => tracing::info!(
+                ciphers = %offload.ciphers().join(","),
+                "kTLS available: TLS legs are handed to the kernel after the handshake"
+            ),
+            Some(reason) => tracing::info!(
+                reason = %reason,
+                "kTLS unavailable: TLS sessions use rustls and the copy"
+            ),
+        }
+        offload
+    }
+
+    /// Probes without logging; the second value says why nothing is
+    /// offloaded.
+    pub fn probe(mode: KtlsMode) -> (Offload, Option<String>) {
+        if mode == KtlsMode::Off {
+            return (Self::NONE, Some("kernel.ktls = \"off\"".to_owned()));
+        }
+        let mut table = [[false; 3]; 2];
+        let mut first_err = None;
+        for v in TlsVersion::ALL {
+            for c in Cipher::ALL {
+                match probe_cipher(v, c) {
+                    Ok(()) => table[vi(v)][ci(c)] = true,
+                    Err(e) => {
+                        first_err.get_or_insert(e);
+                    }
+                }
+            }
+        }
+        let offload = Offload { table };
+        if offload == Self::NONE {
+            let reason = match first_err {
+                Some(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                    "the kernel lacks kTLS (TCP_ULP \"tls\": ENOENT, the tls module is absent)"
+                        .to_owned()
+                }
+                Some(e) => format!("kTLS set-up refused: {e}"),
+                None => "no cipher offloaded".to_owned(),
+            };
+            return (offload, Some(reason));
+        }
+        (offload, None)
+    }
+
+    /// Whether any leg could be offloaded.
+    pub fn enabled(&self) -> bool {
+        *self != Self::NONE
+    }
+
+    /// What the kernel offloads, as `TLS1.3/AES-128-GCM` names.
+    pub fn ciphers(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for v in TlsVersion::ALL {
+            for c in Cipher::ALL {
+                if self.table[vi(v)][ci(c)] {
+                    out.push(format!("{}/{}", v.name(), c.name()));
+                }
+            }
+        }
+        out
+    }
+
+    /// Whether a leg that negotiated `suite` can be offloaded; the reason
+    /// if not.
+    pub fn check(&self, suite: Option<rustls::SupportedCipherSuite>) -> Result<(), String> {
+        let Some(suite) = suite else {
+            return Err("no negotiated cipher suite".to_owned());
+        };
+        match kernel_cipher(suite.suite()) {
+            Some((v, c)) if self.table[vi(v)][ci(c)] => Ok(()),
+            Some((v, c)) => Err(format!(
+                "the kernel does not offload {}/{} ({:?})",
+                v.name(),
+                c.name(),
+                suite.suite()
+            )),
+            None => Err(format!(
+                "cipher suite {:?} has no kTLS cipher",
+                suite.suite()
+            )),
+        }
+    }
+
+    /// Whether the tenant leg can be offloaded.
+    pub fn check_tenant(&self, s: &TenantTls) -> Result<(), String> {
+        self.check(s.get_ref().1.negotiated_cipher_suite())
+            .map_err(|r| format!("tenant leg: {r}"))
+    }
+
+    /// Whether the compute leg can be offloaded (TCP only).
+    pub fn check_compute(&self, s: &ComputeTls) -> Result<(), String> {
+        if !matches!(s.get_ref().0.io, ComputeStream::Tcp(_)) {
+            return Err("compute leg: kTLS needs a TCP socket".to_owned());
+        }
+        self.check(s.get_ref().1.negotiated_cipher_suite())
+            .map_err(|r| format!("compute leg: {r}"))
+    }
+}
+
+/// A leg after the hand-over: the kTLS socket and the plaintext rustls had
+/// decrypted but nobody read (it goes to the other side first).
+#[derive(Debug)]
+pub struct Handed {
+    pub socket: TcpStream,
+    pub drained: Vec<u8>,
+    /// The peer had already sent close_notify (rustls read it).
+    pub peer_closed: bool,
+}
+
+/// Flushes, corks and drains a tenant leg: the transport (at a record
+/// boundary), the plaintext rustls had decrypted, and the connection.
+pub async fn drain_server<IO: AsyncRead + AsyncWrite + Unpin>(
+    mut s: tokio_rustls::server::TlsStream<Cork<IO>>,
+) -> io::Result<(IO, cork::Drained, rustls::Connection)> {
+    s.flush().await?;
+    s.get_mut().0.cork();
+    let drained = cork::drain(&mut s).await?;
+    let (cork, conn) = s.into_inner();
+    Ok((cork.io, drained, rustls::Connection::Server(conn)))
+}
+
+/// [`drain_server`] for a compute leg.
+pub async fn drain_client<IO: AsyncRead + AsyncWrite + Unpin>(
+    mut s: tokio_rustls::client::TlsStream<Cork<IO>>,
+) -> io::Result<(IO, cork::Drained, rustls::Connection)> {
+    s.flush().await?;
+    s.get_mut().0.cork();
+    let drained = cork::drain(&mut s).await?;
+    let (cork, conn) = s.into_inner();
+    Ok((cork.io, drained, rustls::Connection::Client(conn)))
+}
+
+/// The kernel's key material for both directions of a drained connection.
+pub fn crypto_info(conn: rustls::Connection) -> io::Result<(ktls::CryptoInfo, ktls::CryptoInfo)> {
+    let suite = conn
+        .negotiated_cipher_suite()
+        .ok_or_else(|| io::Error::other("no negotiated cipher suite"))?;
+    let secrets = conn
+        .dangerous_extract_secrets()
+        .map_err(|e| io::Error::other(format!("extracting the TLS secrets: {e}")))?;
+    let tx = ktls::CryptoInfo::from_rustls(suite, secrets.tx).map_err(io::Error::other)?;
+    let rx = ktls::CryptoInfo::from_rustls(suite, secrets.rx).map_err(io::Error::other)?;
+    Ok((tx, rx))
+}
+
+fn install(leg: &str, socket: &TcpStream, conn: rustls::Connection) -> io::Result<()> {
+    let cipher = conn.negotiated_cipher_suite().map(|c| c.suite());
+    crypto_info(conn)
+        .and_then(|(tx, rx)| crate::sys::ktls::install(socket.as_fd(), &tx, &rx))
+        .map_err(|e| io::Error::other(format!("kTLS set-up of the {leg} leg failed: {e}")))?;
+    tracing::info!(leg, cipher = ?cipher, "ktls enabled");
+    Ok(())
+}
+
+/// Hands the tenant leg to the kernel. Call only after
+/// [`Offload::check_tenant`]; on error the connection is lost.
+pub async fn tenant(s: Box<TenantTls>) -> io::Result<Handed> {
+    let (socket, d, conn) = drain_server(*s).await?;
+    install("tenant", &socket, conn)?;
+    tracing::debug!(
+        leg = "tenant",
+        drained = d.bytes.len(),
+        d.peer_closed,
+        "rustls drained"
+    );
+    Ok(Handed {
+        socket,
+        drained: d.bytes,
+        peer_closed: d.peer_closed,
+    })
+}
+
+/// Hands the compute leg to the kernel. Call only after
+/// [`Offload::check_compute`]; on error the connection is lost.
+pub async fn compute(s: Box<ComputeTls>) -> io::Result<Handed> {
+    let (stream, d, conn) = drain_client(*s).await?;
+    let ComputeStream::Tcp(socket) = stream else {
+        return Err(io::Error::other("kTLS on a compute leg that is not TCP"));
+    };
+    install("compute", &socket, conn)?;
+    tracing::debug!(
+        leg = "compute",
+        drained = d.bytes.len(),
+        d.peer_closed,
+        "rustls drained"
+    );
+    Ok(Handed {
+        socket,
+        drained: d.bytes,
+        peer_closed: d.peer_closed,
+    })
+}
+
+/// The `ktls+splice` rung of a raw (CONNECT) session: the tenant is a
+/// plain socket, the compute leg TLS. Gives the legs back unchanged when
+/// the session cannot run on it (the reason is logged).
+pub async fn pump_raw(
+    ctx: &Context,
+    tenant: TcpStream,
+    compute: ComputeIo,
+    counters: &Counters,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<(End, &'static str), (TcpStream, ComputeIo)> {
+    let ComputeIo::Tls(tls) = compute else {
+        return Err((tenant, compute));
+    };
+    if ctx.datapath == DatapathMode::Copy || !ctx.ktls.enabled() {
+        return Err((tenant, ComputeIo::Tls(tls)));
+    }
+    if let Err(reason) = ctx.ktls.check_compute(&tls) {
+        tracing::info!(reason = %reason, "kTLS not used for this session");
+        return Err((tenant, ComputeIo::Tls(tls)));
+    }
+    let splicer = match Splicer::new() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot create pipes for splice: using the copy");
+            return Err((tenant, ComputeIo::Tls(tls)));
+        }
+    };
+    let handed = match tokio::time::timeout(ctx.handshake_timeout, self::compute(tls)).await {
+        Ok(Ok(h)) => h,
+        Ok(Err(e)) => return Ok((End::ComputeIo(e.to_string()), "-")),
+        Err(_) => return Ok((End::ComputeIo("kTLS hand-over timed out".into()), "-")),
+    };
+    tracing::Span::current().record("datapath", LABEL);
+    tracing::info!(datapath = LABEL, "session established");
+    let mut tenant = tenant;
+    if !handed.drained.is_empty() {
+        // Console bytes rustls had decrypted: they precede the spliced ones.
+        if let Err(e) = tenant.write_all(&handed.drained).await {
+            return Ok((End::TenantIo(e.to_string()), LABEL));
+        }
+        counters.add_down(handed.drained.len());
+    }
+    if handed.peer_closed {
+        // The compute host closed before the data path started.
+        return Ok((End::ComputeClosed, LABEL));
+    }
+    let end = splicer
+        .run(
+            Socket::Tcp(tenant),
+            Socket::Ktls(handed.socket),
+            counters,
+            ctx.idle_timeout,
+            stop,
+        )
+        .await;
+    Ok((end, LABEL))
+}
+
+/// The `ktls+splice` rung of a WebSocket session in binary mode: every
+/// TLS leg is handed to the kernel, then [`ws_splice`] runs over the
+/// sockets. Gives the legs back unchanged when the session cannot run on
+/// it (the reason is logged). `established` is called with the label
+/// before the pump starts.
+pub async fn pump_ws(
+    ctx: &Context,
+    tenant: WsParts<TenantStream>,
+    compute: ComputeIo,
+    settings: WsSettings,
+    counters: &Counters,
+    stop: tokio::sync::watch::Receiver<bool>,
+    established: &mut Option<impl FnOnce(&'static str)>,
+) -> Result<End, (WsParts<TenantStream>, ComputeIo)> {
+    let tls_leg =
+        matches!(tenant.inner, TenantStream::Tls(_)) || matches!(compute, ComputeIo::Tls(_));
+    if !tls_leg
+        || ctx.datapath == DatapathMode::Copy
+        || settings.mode != Mode::Binary
+        || !ctx.ktls.enabled()
+    {
+        return Err((tenant, compute));
+    }
+    let tenant_ok = match &tenant.inner {
+        TenantStream::Tls(t) => ctx.ktls.check_tenant(t),
+        TenantStream::Plain(_) => Ok(()),
+    };
+    let checked = tenant_ok.and_then(|()| match &compute {
+        ComputeIo::Tls(c) => ctx.ktls.check_compute(c),
+        ComputeIo::Plain(_) => Ok(()),
+        ComputeIo::SpiceMain(_) => {
+            Err("the SPICE main channel is filtered in userspace".to_owned())
+        }
+    });
+    if let Err(reason) = checked {
+        tracing::info!(reason = %reason, "kTLS not used for this session");
+        return Err((tenant, compute));
+    }
+    let pipe = match Pipe::new(crate::datapath::splice::PIPE_SIZE) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot create a pipe for splice: using the copy");
+            return Err((tenant, compute));
+        }
+    };
+    let WsParts {
+        inner,
+        mut raw,
+        pending,
+        inbound,
+    } = tenant;
+    let hand_over = async {
+        let (tenant, tenant_ktls) = match inner {
+            TenantStream::Plain(s) => (s, false),
+            TenantStream::Tls(t) => {
+                let h = self::tenant(t)
+                    .await
+                    .map_err(|e| End::TenantIo(e.to_string()))?;
+                if h.peer_closed {
+                    return Err(End::TenantClosed);
+                }
+                // Frames rustls had decrypted come before the kernel's.
+                raw.extend_from_slice(&h.drained);
+                (h.socket, true)
+            }
+        };
+        let (compute, down_first) = match compute {
+            ComputeIo::Plain(ComputeStream::Tcp(s)) => (Socket::Tcp(s), Vec::new()),
+            ComputeIo::Plain(ComputeStream::Unix(s)) => (Socket::Unix(s), Vec::new()),
+            ComputeIo::Tls(c) => {
+                let h = self::compute(c)
+                    .await
+                    .map_err(|e| End::ComputeIo(e.to_string()))?;
+                if h.peer_closed {
+                    return Err(End::ComputeClosed);
+                }
+                (Socket::Ktls(h.socket), h.drained)
+            }
+            ComputeIo::SpiceMain(_) => {
+                return Err(End::ComputeIo("SPICE main channel on the kTLS rung".into()));
+            }
+        };
+        Ok::<_, End>((tenant, tenant_ktls, compute, down_first))
+    };
+    let (mut tenant, tenant_ktls, compute, down_first) =
+        match tokio::time::timeout(ctx.handshake_timeout, hand_over).await {
+            Ok(Ok(v)) => v,
+            Ok(Err(end)) => return Ok(end),
+            Err(_) => return Ok(End::ComputeIo("kTLS hand-over timed out".into())),
+        };
+    tracing::Span::current().record("datapath", LABEL);
+    if let Some(f) = established.take() {
+        f(LABEL);
+    }
+    if !down_first.is_empty() {
+        // Console bytes rustls had decrypted: one frame before the spliced ones.
+        let mut out = bytes::BytesMut::new();
+        encode_frame(Opcode::Binary, &down_first, &mut out);
+        if let Err(e) = tenant.write_all(&out).await {
+            return Ok(End::TenantIo(e.to_string()));
+        }
+        counters.add_down(down_first.len());
+    }
+    let parts = WsParts {
+        inner: tenant,
+        raw,
+        pending,
+        inbound,
+    };
+    Ok(crate::datapath::ws_splice::pump(
+        parts,
+        tenant_ktls,
+        compute,
+        pipe,
+        settings,
+        counters,
+        stop,
+    )
+    .await)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    fn configs(
+        version: &'static rustls::SupportedProtocolVersion,
+    ) -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
+        let certified = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let cert = certified.cert.der().clone();
+        let key = rustls::pki_types::PrivateKeyDer::try_from(certified.signing_key.serialize_der())
+            .unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut server = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+            .with_protocol_versions(&[version])
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.clone()], key)
+            .unwrap();
+        server.enable_secret_extraction = true;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert).unwrap();
+        let mut client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[version])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        client.enable_secret_extraction = true;
+        (Arc::new(server), Arc::new(client))
+    }
+
+    /// Reads one whole TLS record from a raw socket; returns its type.
+    async fn raw_record(s: &mut TcpStream) -> (u8, usize) {
+        use tokio::io::AsyncReadExt as _;
+        let mut h = [0u8; 5];
+        s.read_exact(&mut h).await.unwrap();
+        let len = usize::from(u16::from_be_bytes([h[3], h[4]]));
+        let mut body = vec![0u8; len];
+        s.read_exact(&mut body).await.unwrap();
+        (h[0], len)
+    }
+
+    /// The hand-over without the kernel part: after the handshake and a
+    /// partial read, draining returns exactly the plaintext rustls had
+    /// decrypted, the socket is left at a record boundary holding the next
+    /// record untouched, and the secrets can be turned into kernel key
+    /// structures. Both legs (rustls server = tenant, client = compute),
+    /// TLS 1.2 and 1.3.
+    #[tokio::test]
+    async fn drain_stops_at_the_record_boundary_and_loses_nothing() {
+        use tokio::io::AsyncReadExt as _;
+        for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
+            let (server_cfg, client_cfg) = configs(version);
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+            let (s, _) = l.accept().await.unwrap();
+            let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+            let (server, client) = tokio::join!(
+                tokio_rustls::TlsAcceptor::from(server_cfg).accept(Cork::new(s)),
+                tokio_rustls::TlsConnector::from(client_cfg).connect(name, Cork::new(c)),
+            );
+            let (mut server, mut client) = (server.unwrap(), client.unwrap());
+            // Each write_all + flush is one record.
+            for data in [&b"hello"[..], b"world"] {
+                client.write_all(data).await.unwrap();
+                client.flush().await.unwrap();
+            }
+            for data in [&b"console"[..], b"more"] {
+                server.write_all(data).await.unwrap();
+                server.flush().await.unwrap();
+            }
+            let mut three = [0u8; 3];
+            server.read_exact(&mut three).await.unwrap();
+            assert_eq!(&three, b"hel");
+            let mut four = [0u8; 4];
+            client.read_exact(&mut four).await.unwrap();
+            assert_eq!(&four, b"cons");
+            // Let the second records arrive before draining.
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            let (mut s_sock, drained, conn) = drain_server(server).await.unwrap();
+            assert_eq!(drained.bytes, b"lo", "{version:?}");
+            assert!(!drained.peer_closed);
+            assert_eq!(
+                raw_record(&mut s_sock).await,
+                (23, raw_len(version, 5)),
+                "{version:?}"
+            );
+            let (tx, rx) = crypto_info(conn).unwrap();
+            assert!(tx.size() > 0 && rx.size() > 0);
+            let (mut c_sock, drained, conn) = drain_client(client).await.unwrap();
+            assert_eq!(drained.bytes, b"ole", "{version:?}");
+            assert!(!drained.peer_closed);
+            assert_eq!(
+                raw_record(&mut c_sock).await,
+                (23, raw_len(version, 4)),
+                "{version:?}"
+            );
+            crypto_info(conn).unwrap();
+        }
+    }
+
+    /// A close_notify behind the data stays on the socket for the kernel
+    /// to report (rustls never reads ahead of the record in use); one that
+    /// rustls has already read is reported as `peer_closed`.
+    #[tokio::test]
+    async fn close_notify_is_left_for_the_kernel_or_reported() {
+        use tokio::io::AsyncReadExt as _;
+        for read_to_end in [false, true] {
+            let (server_cfg, client_cfg) = configs(&rustls::version::TLS13);
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+            let (s, _) = l.accept().await.unwrap();
+            let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+            let (server, client) = tokio::join!(
+                tokio_rustls::TlsAcceptor::from(server_cfg).accept(Cork::new(s)),
+                tokio_rustls::TlsConnector::from(client_cfg).connect(name, Cork::new(c)),
+            );
+            let (mut server, mut client) = (server.unwrap(), client.unwrap());
+            client.write_all(b"last words").await.unwrap();
+            client.shutdown().await.unwrap();
+            let mut five = [0u8; 5];
+            server.read_exact(&mut five).await.unwrap();
+            if read_to_end {
+                let mut rest = Vec::new();
+                server.read_to_end(&mut rest).await.unwrap();
+                assert_eq!(rest, b"words");
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            let (mut sock, drained, _conn) = drain_server(server).await.unwrap();
+            if read_to_end {
+                assert!(drained.bytes.is_empty() && drained.peer_closed);
+            } else {
+                assert_eq!(drained.bytes, b"words");
+                assert!(!drained.peer_closed);
+                // TLS 1.3 hides the alert type: an encrypted 2-byte record.
+                assert_eq!(raw_record(&mut sock).await, (23, 2 + 1 + 16));
+            }
+        }
+    }
+
+    /// The size of an application-data record with `n` plaintext bytes
+    /// (AES-GCM: 16-byte tag; TLS 1.3 adds the inner type byte, TLS 1.2 an
+    /// 8-byte explicit nonce).
+    fn raw_len(version: &rustls::SupportedProtocolVersion, n: usize) -> usize {
+        if version.version == rustls::ProtocolVersion::TLSv1_3 {
+            n + 1 + 16
+        } else {
+            n + 8 + 16
+        }
+    }
+
+    #[test]
+    fn suites_map_to_kernel_ciphers() {
+        assert_eq!(
+            kernel_cipher(CipherSuite::TLS13_AES_256_GCM_SHA384),
+            Some((TlsVersion::Tls13, Cipher::AesGcm256))
+        );
+        assert_eq!(
+            kernel_cipher(CipherSuite::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256),
+            Some((TlsVersion::Tls12, Cipher::AesGcm128))
+        );
+        assert_eq!(
+            kernel_cipher(CipherSuite::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256),
+            Some((TlsVersion::Tls12, Cipher::Chacha20Poly1305))
+        );
+        assert_eq!(
+            kernel_cipher(CipherSuite::TLS_RSA_WITH_AES_128_CBC_SHA),
+            None
+        );
+    }
+
+    #[test]
+    fn every_ring_suite_is_known() {
+        for s in rustls::crypto::ring::default_provider().cipher_suites {
+            assert!(kernel_cipher(s.suite()).is_some(), "{:?}", s.suite());
+        }
+    }
+
+    #[test]
+    fn off_offloads_nothing_and_says_why() {
+        let (o, why) = Offload::probe(KtlsMode::Off);
+        assert!(!o.enabled());
+        assert!(why.unwrap().contains("off"));
+        let suite = rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256;
+        assert!(
+            o.check(Some(suite))
+                .unwrap_err()
+                .contains("does not offload")
+        );
+        assert!(o.check(None).is_err());
+    }
+
+    /// The probe agrees with itself: a cipher it lists is accepted, and a
+    /// kernel without the tls module says so.
+    #[test]
+    fn probe_matches_the_kernel() {
+        let (o, why) = Offload::probe(KtlsMode::Auto);
+        match crate::sys::probe::ktls() {
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                assert!(!o.enabled());
+                assert!(why.unwrap().contains("ENOENT"));
+            }
+            _ => {
+                if o.enabled() {
+                    assert!(why.is_none());
+                    assert!(!o.ciphers().is_empty());
+                }
+            }
+        }
+    }
+}
