@@ -67,9 +67,12 @@ pub fn kernel(root: &Path, steps: &mut Steps) -> Result<()> {
         std::fs::create_dir_all(&work)?;
         // Root runs the download unsandboxed (apt's _apt user cannot write
         // into target/); apt says so in a warning.
-        run(Command::new("apt-get")
-            .current_dir(&work)
-            .args(["-q", "download", &image, "busybox-static"]))?;
+        run(Command::new("apt-get").current_dir(&work).args([
+            "-q",
+            "download",
+            &image,
+            "busybox-static",
+        ]))?;
         let tree = work.join("root");
         for deb in std::fs::read_dir(&work)? {
             let deb = deb?.path();

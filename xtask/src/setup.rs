@@ -146,7 +146,11 @@ pub fn fuzz_tools(steps: &mut Steps) -> Result<()> {
 }
 
 /// Run one setup step: header, time, outcome. A failed setup step stops the run.
-pub(crate) fn step(steps: &mut Steps, name: &str, f: impl FnOnce() -> Result<String>) -> Result<()> {
+pub(crate) fn step(
+    steps: &mut Steps,
+    name: &str,
+    f: impl FnOnce() -> Result<String>,
+) -> Result<()> {
     steps.header(name);
     let started = Instant::now();
     match f() {
