@@ -121,6 +121,9 @@ pub async fn run_reloadable(
         Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
     }
     let tokens = Arc::new(TokenStore::load(cfg.token_sources.clone())?);
+    // Before the allow-list: the probes connect over loopback.
+    let ktls = crate::offload::Offload::start(cfg.ktls);
+    let ktls_available = crate::sys::probe::ktls().is_ok();
     let allowlist =
         crate::control::allowlist::start_configured(cfg.allowlist, cfg.cgroup, &tokens)?;
     if let Some(list) = &allowlist {
@@ -172,7 +175,6 @@ pub async fn run_reloadable(
     if let Some(redis) = built.redis.clone() {
         tokio::spawn(redis.watch_revocations(Arc::clone(&sessions)));
     }
-    let ktls = crate::offload::Offload::start(cfg.ktls);
     let ctx = Arc::new(Context {
         resolvers: Arc::clone(&built.resolvers),
         sessions,
@@ -238,7 +240,7 @@ pub async fn run_reloadable(
             cfg.datapath != crate::config::kernel::DatapathMode::Copy,
         );
         m::kernel_feature("ktls", ktls.enabled());
-        m::kernel_feature_available("ktls", crate::sys::probe::ktls().is_ok());
+        m::kernel_feature_available("ktls", ktls_available);
         m::kernel_feature_available("ebpf_allowlist", allowlist.is_some());
         m::kernel_feature_available("io_uring", crate::sys::probe::io_uring().is_ok());
     }

@@ -14,27 +14,21 @@
 //! reason logged once for the session.
 
 mod cork;
+mod rung;
 
 use std::io;
 use std::os::fd::AsFd as _;
 
 pub use cork::Cork;
+pub use rung::{pump_raw, pump_ws};
 use rustls::CipherSuite;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
-use crate::config::kernel::{DatapathMode, KtlsMode};
-use crate::console::{ComputeIo, ComputeStream, ComputeTls};
-use crate::datapath::splice::{Socket, Splicer};
-use crate::datapath::websocket::WsSettings;
-use crate::datapath::{Counters, End};
-use crate::front::websocket::frame::{Opcode, encode_frame};
-use crate::front::websocket::message::Mode;
-use crate::front::websocket::stream::WsParts;
-use crate::front::{TenantStream, TenantTls};
-use crate::session::Context;
+use crate::config::kernel::KtlsMode;
+use crate::console::{ComputeStream, ComputeTls};
+use crate::front::TenantTls;
 use crate::sys::ktls::{Cipher, TlsVersion, probe_cipher};
-use crate::sys::pipe::Pipe;
 
 /// The data-path label of sessions whose TLS legs run in the kernel.
 pub const LABEL: &str = "ktls+splice";
@@ -241,11 +235,14 @@ pub fn crypto_info(conn: rustls::Connection) -> io::Result<(ktls::CryptoInfo, kt
 }
 
 fn install(leg: &str, socket: &TcpStream, conn: rustls::Connection) -> io::Result<()> {
-    let cipher = conn.negotiated_cipher_suite().map(|c| c.suite());
+    let cipher = conn
+        .negotiated_cipher_suite()
+        .map(|c| format!("{:?}", c.suite()))
+        .unwrap_or_default();
     crypto_info(conn)
         .and_then(|(tx, rx)| crate::sys::ktls::install(socket.as_fd(), &tx, &rx))
         .map_err(|e| io::Error::other(format!("kTLS set-up of the {leg} leg failed: {e}")))?;
-    tracing::info!(leg, cipher = ?cipher, "ktls enabled");
+    tracing::info!(leg, cipher = %cipher, "ktls enabled");
     Ok(())
 }
 
@@ -286,185 +283,6 @@ pub async fn compute(s: Box<ComputeTls>) -> io::Result<Handed> {
         drained: d.bytes,
         peer_closed: d.peer_closed,
     })
-}
-
-/// The `ktls+splice` rung of a raw (CONNECT) session: the tenant is a
-/// plain socket, the compute leg TLS. Gives the legs back unchanged when
-/// the session cannot run on it (the reason is logged).
-pub async fn pump_raw(
-    ctx: &Context,
-    tenant: TcpStream,
-    compute: ComputeIo,
-    counters: &Counters,
-    stop: tokio::sync::watch::Receiver<bool>,
-) -> Result<(End, &'static str), (TcpStream, ComputeIo)> {
-    let ComputeIo::Tls(tls) = compute else {
-        return Err((tenant, compute));
-    };
-    if ctx.datapath == DatapathMode::Copy || !ctx.ktls.enabled() {
-        return Err((tenant, ComputeIo::Tls(tls)));
-    }
-    if let Err(reason) = ctx.ktls.check_compute(&tls) {
-        tracing::info!(reason = %reason, "kTLS not used for this session");
-        return Err((tenant, ComputeIo::Tls(tls)));
-    }
-    let splicer = match Splicer::new() {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot create pipes for splice: using the copy");
-            return Err((tenant, ComputeIo::Tls(tls)));
-        }
-    };
-    let handed = match tokio::time::timeout(ctx.handshake_timeout, self::compute(tls)).await {
-        Ok(Ok(h)) => h,
-        Ok(Err(e)) => return Ok((End::ComputeIo(e.to_string()), "-")),
-        Err(_) => return Ok((End::ComputeIo("kTLS hand-over timed out".into()), "-")),
-    };
-    tracing::Span::current().record("datapath", LABEL);
-    tracing::info!(datapath = LABEL, "session established");
-    let mut tenant = tenant;
-    if !handed.drained.is_empty() {
-        // Console bytes rustls had decrypted: they precede the spliced ones.
-        if let Err(e) = tenant.write_all(&handed.drained).await {
-            return Ok((End::TenantIo(e.to_string()), LABEL));
-        }
-        counters.add_down(handed.drained.len());
-    }
-    if handed.peer_closed {
-        // The compute host closed before the data path started.
-        return Ok((End::ComputeClosed, LABEL));
-    }
-    let end = splicer
-        .run(
-            Socket::Tcp(tenant),
-            Socket::Ktls(handed.socket),
-            counters,
-            ctx.idle_timeout,
-            stop,
-        )
-        .await;
-    Ok((end, LABEL))
-}
-
-/// The `ktls+splice` rung of a WebSocket session in binary mode: every
-/// TLS leg is handed to the kernel, then [`ws_splice`] runs over the
-/// sockets. Gives the legs back unchanged when the session cannot run on
-/// it (the reason is logged). `established` is called with the label
-/// before the pump starts.
-pub async fn pump_ws(
-    ctx: &Context,
-    tenant: WsParts<TenantStream>,
-    compute: ComputeIo,
-    settings: WsSettings,
-    counters: &Counters,
-    stop: tokio::sync::watch::Receiver<bool>,
-    established: &mut Option<impl FnOnce(&'static str)>,
-) -> Result<End, (WsParts<TenantStream>, ComputeIo)> {
-    let tls_leg =
-        matches!(tenant.inner, TenantStream::Tls(_)) || matches!(compute, ComputeIo::Tls(_));
-    if !tls_leg
-        || ctx.datapath == DatapathMode::Copy
-        || settings.mode != Mode::Binary
-        || !ctx.ktls.enabled()
-    {
-        return Err((tenant, compute));
-    }
-    let tenant_ok = match &tenant.inner {
-        TenantStream::Tls(t) => ctx.ktls.check_tenant(t),
-        TenantStream::Plain(_) => Ok(()),
-    };
-    let checked = tenant_ok.and_then(|()| match &compute {
-        ComputeIo::Tls(c) => ctx.ktls.check_compute(c),
-        ComputeIo::Plain(_) => Ok(()),
-        ComputeIo::SpiceMain(_) => {
-            Err("the SPICE main channel is filtered in userspace".to_owned())
-        }
-    });
-    if let Err(reason) = checked {
-        tracing::info!(reason = %reason, "kTLS not used for this session");
-        return Err((tenant, compute));
-    }
-    let pipe = match Pipe::new(crate::datapath::splice::PIPE_SIZE) {
-        Ok(p) => p,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot create a pipe for splice: using the copy");
-            return Err((tenant, compute));
-        }
-    };
-    let WsParts {
-        inner,
-        mut raw,
-        pending,
-        inbound,
-    } = tenant;
-    let hand_over = async {
-        let (tenant, tenant_ktls) = match inner {
-            TenantStream::Plain(s) => (s, false),
-            TenantStream::Tls(t) => {
-                let h = self::tenant(t)
-                    .await
-                    .map_err(|e| End::TenantIo(e.to_string()))?;
-                if h.peer_closed {
-                    return Err(End::TenantClosed);
-                }
-                // Frames rustls had decrypted come before the kernel's.
-                raw.extend_from_slice(&h.drained);
-                (h.socket, true)
-            }
-        };
-        let (compute, down_first) = match compute {
-            ComputeIo::Plain(ComputeStream::Tcp(s)) => (Socket::Tcp(s), Vec::new()),
-            ComputeIo::Plain(ComputeStream::Unix(s)) => (Socket::Unix(s), Vec::new()),
-            ComputeIo::Tls(c) => {
-                let h = self::compute(c)
-                    .await
-                    .map_err(|e| End::ComputeIo(e.to_string()))?;
-                if h.peer_closed {
-                    return Err(End::ComputeClosed);
-                }
-                (Socket::Ktls(h.socket), h.drained)
-            }
-            ComputeIo::SpiceMain(_) => {
-                return Err(End::ComputeIo("SPICE main channel on the kTLS rung".into()));
-            }
-        };
-        Ok::<_, End>((tenant, tenant_ktls, compute, down_first))
-    };
-    let (mut tenant, tenant_ktls, compute, down_first) =
-        match tokio::time::timeout(ctx.handshake_timeout, hand_over).await {
-            Ok(Ok(v)) => v,
-            Ok(Err(end)) => return Ok(end),
-            Err(_) => return Ok(End::ComputeIo("kTLS hand-over timed out".into())),
-        };
-    tracing::Span::current().record("datapath", LABEL);
-    if let Some(f) = established.take() {
-        f(LABEL);
-    }
-    if !down_first.is_empty() {
-        // Console bytes rustls had decrypted: one frame before the spliced ones.
-        let mut out = bytes::BytesMut::new();
-        encode_frame(Opcode::Binary, &down_first, &mut out);
-        if let Err(e) = tenant.write_all(&out).await {
-            return Ok(End::TenantIo(e.to_string()));
-        }
-        counters.add_down(down_first.len());
-    }
-    let parts = WsParts {
-        inner: tenant,
-        raw,
-        pending,
-        inbound,
-    };
-    Ok(crate::datapath::ws_splice::pump(
-        parts,
-        tenant_ktls,
-        compute,
-        pipe,
-        settings,
-        counters,
-        stop,
-    )
-    .await)
 }
 
 #[cfg(test)]

@@ -341,6 +341,10 @@ async fn tls_websocket_uses_ktls_where_the_kernel_has_it_else_the_copy() {
             assert!(!available && line.contains("kernel.ktls"), "{line}");
             "copy"
         } else {
+            // Probed before the allow-list attaches (its loopback connects
+            // would be refused with EPERM).
+            let (_, line) = proxy.ktls_available().await.unwrap();
+            assert!(!line.contains("os error 1)"), "{line}");
             proxy.tls_datapath().await.unwrap()
         };
         let (a, t) = (proxy.ws_addr(), proxy.transport());
