@@ -13,12 +13,15 @@
 //!   admin API client.
 //! * [`fake`]: scripted peers, only for faults a real peer never produces.
 //! * [`browser`]: headless Chromium over the DevTools protocol (web console).
+//! * [`guest`]: a QEMU guest with Debian's kernel (kTLS), its initramfs and
+//!   boot; driven by the `guest_ktls` binary (`src/bin/guest_ktls/`).
 
 pub mod admin;
 pub mod browser;
 pub mod certs;
 pub mod compute;
 pub mod fake;
+pub mod guest;
 pub mod http;
 pub mod net;
 pub mod process;

@@ -10,6 +10,8 @@
 //! # Layout
 //! - `setup`: Debian packages, rustup components, the nightly toolchain and
 //!   cargo-fuzz; each installed only when missing.
+//! - `guest`: Debian's kernel and busybox-static for the kTLS test's QEMU
+//!   guest (`target/guest-kernel/`), fetched once.
 //! - `fuzz`: builds the cargo-fuzz targets in `fuzz/` and runs each one for a
 //!   bounded time from its committed seed corpus.
 //! - `bench`: `cargo xtask bench`, the side-by-side benchmark (installs the
@@ -19,6 +21,7 @@
 
 mod bench;
 mod fuzz;
+mod guest;
 mod install;
 mod setup;
 mod steps;
@@ -117,7 +120,7 @@ fn main() -> ExitCode {
             fuzz_seconds,
             skip_setup,
         } => test(&root, &mut steps, fuzz_seconds, skip_setup),
-        Task::Setup => setup::all(&mut steps).and_then(|()| web::assets(&root, &mut steps)),
+        Task::Setup => setup::all(&root, &mut steps).and_then(|()| web::assets(&root, &mut steps)),
         Task::WebAssets => web::assets(&root, &mut steps),
         Task::Install {
             prefix,
@@ -146,6 +149,7 @@ fn test(root: &Path, steps: &mut Steps, fuzz_seconds: u64, skip_setup: bool) -> 
     let mut fuzz_ready = true;
     if !skip_setup {
         let _ = setup::debian_packages(steps);
+        let _ = guest::kernel(root, steps);
         let _ = setup::rust_components(steps);
         fuzz_ready = setup::fuzz_tools(steps).is_ok();
         // Before the first build: the proxy embeds these (proxy/build.rs).

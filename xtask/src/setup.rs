@@ -1,6 +1,7 @@
 //! Installs what the suite needs, each thing only when it is missing and
 //! without asking anything (CI has no standard input): Debian packages, the
-//! rustup components for linting, the nightly toolchain and cargo-fuzz.
+//! rustup components for linting, the nightly toolchain and cargo-fuzz, and
+//! the guest kernel of the kTLS test (`guest.rs`).
 //! Run twice, the second run installs nothing and touches no network.
 
 use std::process::{Command, Stdio};
@@ -44,8 +45,9 @@ const CARGO_FUZZ: &str = "cargo-fuzz@0.13.2";
 
 /// Everything: `cargo xtask setup`. Keeps going past a failed install (it is
 /// recorded, and fails the run) so one run shows everything that is missing.
-pub fn all(steps: &mut Steps) -> Result<()> {
+pub fn all(root: &std::path::Path, steps: &mut Steps) -> Result<()> {
     let _ = debian_packages(steps);
+    let _ = crate::guest::kernel(root, steps);
     let _ = rust_components(steps);
     let _ = fuzz_tools(steps);
     Ok(())
@@ -144,7 +146,11 @@ pub fn fuzz_tools(steps: &mut Steps) -> Result<()> {
 }
 
 /// Run one setup step: header, time, outcome. A failed setup step stops the run.
-fn step(steps: &mut Steps, name: &str, f: impl FnOnce() -> Result<String>) -> Result<()> {
+pub(crate) fn step(
+    steps: &mut Steps,
+    name: &str,
+    f: impl FnOnce() -> Result<String>,
+) -> Result<()> {
     steps.header(name);
     let started = Instant::now();
     match f() {
@@ -161,7 +167,7 @@ fn step(steps: &mut Steps, name: &str, f: impl FnOnce() -> Result<String>) -> Re
 }
 
 /// apt-get, through `sudo -n` when we are not root.
-fn apt() -> Result<Command> {
+pub(crate) fn apt() -> Result<Command> {
     let uid = output(Command::new("id").arg("-u")).unwrap_or_default();
     if uid.trim() == "0" {
         let mut cmd = Command::new("apt-get");
@@ -187,7 +193,7 @@ fn cargo() -> std::ffi::OsString {
 }
 
 /// Run a command, its output going through; an error unless it succeeds.
-fn run(cmd: &mut Command) -> Result<()> {
+pub(crate) fn run(cmd: &mut Command) -> Result<()> {
     println!("$ {}", display(cmd));
     let status = cmd
         .stdin(Stdio::null())
@@ -200,7 +206,7 @@ fn run(cmd: &mut Command) -> Result<()> {
 }
 
 /// Whether a command runs and succeeds, with its output hidden.
-fn succeeds(cmd: &mut Command) -> bool {
+pub(crate) fn succeeds(cmd: &mut Command) -> bool {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -209,7 +215,7 @@ fn succeeds(cmd: &mut Command) -> bool {
 }
 
 /// A command's standard output, if it succeeds.
-fn output(cmd: &mut Command) -> Result<String> {
+pub(crate) fn output(cmd: &mut Command) -> Result<String> {
     let out = cmd
         .stdin(Stdio::null())
         .stderr(Stdio::null())

@@ -1,0 +1,68 @@
+//! The kTLS guest driver: runs as root inside the QEMU guest that
+//! `tests/tests/ktls_guest.rs` boots with Debian's kernel (kTLS as a
+//! module), started by the initramfs' `/init`. It
+//!
+//! 1. checks that the `tls` module is loaded and that the kernel takes kTLS
+//!    keys (`TCP_ULP "tls"` + `TLS_TX` on connected sockets, through the
+//!    `ktls` crate), and moves bytes over a rustls pair handed to kTLS on
+//!    both ends, TLS 1.3 and 1.2 (`direct.rs`): the guest itself is proven;
+//! 2. runs the real consolegate binary (`$CONSOLEGATE_BIN`) with a TLS
+//!    tenant front end, a CONNECT listener and a compute profile with a
+//!    private CA and client certificate, in front of scripted TLS consoles
+//!    (our stand-in for QEMU's TLS serial chardev, which cannot run in this
+//!    guest), and pushes random payloads both ways over a TLS WebSocket and
+//!    a CONNECT tunnel with a half-close, byte for byte (`sessions.rs`);
+//! 3. reads from the proxy's log which data path each session ran on, and
+//!    fails unless it is `ktls+splice`.
+//!
+//! Every line meant for the test starts with `GUEST-KTLS`; the last one is
+//! `GUEST-KTLS-RESULT: PASS` or `GUEST-KTLS-RESULT: FAIL <reason>`.
+
+mod direct;
+mod sessions;
+
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+
+/// A measurement or fact for the test to print.
+fn report(key: &str, value: impl std::fmt::Display) {
+    println!("GUEST-KTLS: {key} {value}");
+}
+
+fn main() -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            println!("GUEST-KTLS-RESULT: FAIL tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run()) {
+        Ok(()) => {
+            println!("GUEST-KTLS-RESULT: PASS");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            println!("GUEST-KTLS-RESULT: FAIL {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .context("reading /proc/sys/kernel/osrelease (is /proc mounted?)")?;
+    report("kernel", release.trim());
+    anyhow::ensure!(
+        std::path::Path::new("/sys/module/tls").exists(),
+        "the tls module is not loaded (no /sys/module/tls): see the insmod lines above"
+    );
+    direct::probe().await?;
+    direct::transfer().await?;
+    sessions::through_proxy().await
+}
