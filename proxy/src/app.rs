@@ -172,6 +172,11 @@ pub async fn run_reloadable(
     if let Some(redis) = built.redis.clone() {
         tokio::spawn(redis.watch_revocations(Arc::clone(&sessions)));
     }
+    let sockmap = if cfg.datapath == crate::config::kernel::DatapathMode::Sockmap {
+        crate::control::sockmap::start()
+    } else {
+        Err("kernel.datapath is not \"sockmap\"".to_owned())
+    };
     let ctx = Arc::new(Context {
         resolvers: Arc::clone(&built.resolvers),
         sessions,
@@ -193,6 +198,7 @@ pub async fn run_reloadable(
         live: live.clone(),
         datapath: cfg.datapath,
         allowlist: allowlist.clone(),
+        sockmap: sockmap.clone(),
         web: crate::front::web::Web::new(cfg.web.clone()),
     });
 
@@ -240,6 +246,7 @@ pub async fn run_reloadable(
         m::kernel_feature_available("ktls", crate::sys::probe::ktls().is_ok());
         m::kernel_feature_available("ebpf_allowlist", allowlist.is_some());
         m::kernel_feature_available("io_uring", crate::sys::probe::io_uring().is_ok());
+        m::kernel_feature("sockmap", sockmap.is_ok());
     }
     tracing::info!(
         websocket = ?bound_ws,

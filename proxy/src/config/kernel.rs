@@ -15,6 +15,11 @@ pub enum DatapathMode {
     /// splice(2) where both legs are plain sockets; the copy elsewhere
     /// (TLS legs cannot be spliced without kTLS).
     Splice,
+    /// Opt-in: plain CONNECT sessions whose legs are both TCP are forwarded
+    /// in the kernel by an sk_skb verdict redirect (SOCKHASH); UNIX legs
+    /// and WebSocket sessions use splice, TLS legs the copy. If the program
+    /// cannot load, a warning at start and splice instead.
+    Sockmap,
 }
 
 impl DatapathMode {
@@ -23,6 +28,7 @@ impl DatapathMode {
             DatapathMode::Auto => "auto",
             DatapathMode::Copy => "copy",
             DatapathMode::Splice => "splice",
+            DatapathMode::Sockmap => "sockmap",
         }
     }
 }

@@ -6,10 +6,12 @@
 //! compute stream, and `ws_splice` does the same with the heavy
 //! compute-to-tenant payload spliced behind a frame header we write. The session picks the highest rung its legs allow
 //! (splice when both are plain sockets) with the copy as the fallback that
-//! always exists; sockmap, kTLS and io_uring will join the ladder. This
-//! module never imports config, serde or control-plane code.
+//! always exists; `sockmap` (opt-in) forwards plain TCP sessions with an
+//! sk_skb verdict redirect in the kernel; kTLS and io_uring will join the
+//! ladder. This module never imports config, serde or control-plane code.
 
 pub mod copy;
+pub mod sockmap;
 pub mod splice;
 pub mod websocket;
 pub mod ws_splice;

@@ -1,7 +1,7 @@
 //! The only module with `unsafe` code: thin wrappers over Linux system
 //! calls the standard library and tokio do not offer (pipes with a chosen
-//! size, splice(2), FIONREAD, the open-file limit, and the capability
-//! probes of `doctor`).
+//! size, splice(2), FIONREAD, the open-file limit, TCP_INFO / SIOCOUTQ /
+//! SO_COOKIE for the sockmap path, and the capability probes of `doctor`).
 //!
 //! Every wrapper takes borrowed file descriptors (`BorrowedFd`) or owns
 //! them (`OwnedFd`), so no raw descriptor outlives its owner; every
@@ -10,6 +10,7 @@
 pub mod pipe;
 pub mod probe;
 pub mod rlimit;
+pub mod tcpinfo;
 
 use std::io;
 
