@@ -19,10 +19,13 @@
 //!    `tcpi_bytes_received`) before it passes the half-close on with
 //!    `shutdown(SHUT_WR)`.
 //! 3. Bytes queued before a socket enters the map are not redirected until
-//!    something kicks the socket: the pump forwards what is readable
-//!    itself before the sockets enter the map, and reads each socket once
-//!    right after (a read of a socket with queued bytes runs them through
-//!    the verdict, in order).
+//!    something kicks the socket, and a receive queue whose head skb
+//!    userspace has read in part is mishandled (measured here: bytes
+//!    duplicated with a verdict only, lost with the stream parser). So the
+//!    pump forwards what is readable itself and lets the sockets enter the
+//!    map only at a moment both receive queues are empty; it reads each
+//!    socket once right after (a read runs whole skbs that arrived in
+//!    between through the verdict, in order).
 //!
 //! The byte counters come from `TCP_INFO` too (sampled on a timer, and
 //! exact at each half-close); the idle timeout sees them.
@@ -76,7 +79,7 @@ const SAMPLE_MAX: Duration = Duration::from_secs(1);
 const POLL_MIN: Duration = Duration::from_millis(1);
 const POLL_MAX: Duration = Duration::from_millis(20);
 /// Bytes moved per drain call before the snapshot is tried again.
-const DRAIN_MAX: usize = 256 * 1024;
+const DRAIN_MAX: usize = 4 << 20;
 /// Tries to find both sockets quiet long enough for exact baselines.
 const SETTLE_TRIES: usize = 200;
 
@@ -175,7 +178,11 @@ fn quiet_counts(s: BorrowedFd<'_>) -> io::Result<Option<(u64, u64)>> {
     let inq = readable_bytes(s)?;
     let outq = tcpinfo::unacked_bytes(s)?;
     let info = tcpinfo::tcp_info(s)?;
-    if readable_bytes(s)? != inq || tcpinfo::unacked_bytes(s)? != outq {
+    // The receive queue must be empty: the kernel mishandles a queue whose
+    // head skb userspace has read in part (the verdict gets the whole skb
+    // again, or loses it), so only whole new skbs may be waiting when the
+    // socket enters the map.
+    if inq != 0 || readable_bytes(s)? != 0 || tcpinfo::unacked_bytes(s)? != outq {
         return Ok(None);
     }
     // Nothing shut down yet: CLOSE_WAIT is exactly "the peer's FIN is in".
@@ -254,7 +261,8 @@ impl Flow {
         if self.done {
             return Ok(true);
         }
-        if self.sample(dst, counters)? < target {
+        let m = self.sample(dst, counters)?;
+        if m < target {
             return Ok(false);
         }
         let _ = socket2::SockRef::from(dst).shutdown(Shutdown::Write);
@@ -353,6 +361,21 @@ pub async fn run(
         }
         Err(end) => return Ok(end),
     };
+    // The kernel takes only established TCP sockets into a SOCKHASH.
+    let not_established = [("tenant", &tenant), ("compute", &compute)]
+        .into_iter()
+        .find_map(|(side, s)| match tcpinfo::tcp_info(s.as_fd()) {
+            Ok(i) if i.state == tcpinfo::TCP_ESTABLISHED => None,
+            Ok(_) => Some(format!("the {side} side closed its half before the maps")),
+            Err(e) => Some(format!("TCP_INFO of the {side} side: {e}")),
+        });
+    if let Some(reason) = not_established {
+        return Err(Declined {
+            tenant,
+            compute,
+            reason,
+        });
+    }
     let pair = match redirect.pair(tenant.as_fd(), compute.as_fd()) {
         Ok(p) => p,
         Err(e) => {
@@ -505,3 +528,4 @@ fn on_tick(
     }
     Ok(())
 }
+

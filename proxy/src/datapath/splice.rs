@@ -296,9 +296,26 @@ mod tests {
     enum Path {
         Copy,
         Splice,
+        /// The sockmap redirect; where the program cannot load, the
+        /// fallback the ladder takes (splice) after printing `skipped:`.
+        Sockmap,
     }
 
-    const PATHS: [Path; 2] = [Path::Copy, Path::Splice];
+    const PATHS: [Path; 3] = [Path::Copy, Path::Splice, Path::Sockmap];
+
+    /// The sockmap program, loaded once per test process (test-only use of
+    /// the control plane's loader: the pump itself never sees it).
+    fn sockmap() -> Option<Arc<crate::control::sockmap::Sockmap>> {
+        static LOADED: std::sync::OnceLock<Result<Arc<crate::control::sockmap::Sockmap>, String>> =
+            std::sync::OnceLock::new();
+        match LOADED.get_or_init(|| crate::control::sockmap::Sockmap::load().map_err(|e| e.to_string())) {
+            Ok(s) => Some(Arc::clone(s)),
+            Err(e) => {
+                println!("skipped: sockmap cannot load here ({e}); testing its fallback, splice");
+                None
+            }
+        }
+    }
 
     async fn tcp_pair() -> (TcpStream, TcpStream) {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -335,6 +352,35 @@ mod tests {
                     Splicer::with_pipe_size(pipe)
                         .unwrap()
                         .run(Socket::Tcp(proxy_t), Socket::Tcp(proxy_c), &c, idle, rx)
+                        .await
+                }
+                Path::Sockmap => {
+                    let (t, pc) = match sockmap() {
+                        Some(sm) => {
+                            let r = super::super::sockmap::run(
+                                sm.as_ref(),
+                                proxy_t,
+                                proxy_c,
+                                &c,
+                                idle,
+                                rx.clone(),
+                                || {},
+                            )
+                            .await;
+                            match r {
+                                Ok(end) => return end,
+                                // As the ladder does: splice goes on.
+                                Err(d) => {
+                                    println!("sockmap declined ({}): splice", d.reason);
+                                    (d.tenant, d.compute)
+                                }
+                            }
+                        }
+                        None => (proxy_t, proxy_c),
+                    };
+                    Splicer::with_pipe_size(pipe)
+                        .unwrap()
+                        .run(Socket::Tcp(t), Socket::Tcp(pc), &c, idle, rx)
                         .await
                 }
             }
