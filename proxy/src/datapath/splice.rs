@@ -343,7 +343,19 @@ mod tests {
         let (stop, rx) = watch::channel(false);
         let counters = Arc::new(Counters::new());
         let c = Arc::clone(&counters);
+        // Sockmap: the test starts once the sockets are in the maps (a FIN
+        // before that makes the pump decline, tested on its own).
+        let (ready_tx, ready) = tokio::sync::oneshot::channel::<()>();
         let end = tokio::spawn(async move {
+            let mut ready_tx = Some(ready_tx);
+            let mut go = move || {
+                if let Some(t) = ready_tx.take() {
+                    let _ = t.send(());
+                }
+            };
+            if !matches!(path, Path::Sockmap) {
+                go();
+            }
             match path {
                 Path::Copy => {
                     super::super::copy::bidirectional(proxy_t, proxy_c, &c, idle, rx).await
@@ -364,7 +376,7 @@ mod tests {
                                 &c,
                                 idle,
                                 rx.clone(),
-                                || {},
+                                &mut go,
                             )
                             .await;
                             match r {
@@ -378,6 +390,7 @@ mod tests {
                         }
                         None => (proxy_t, proxy_c),
                     };
+                    go();
                     Splicer::with_pipe_size(pipe)
                         .unwrap()
                         .run(Socket::Tcp(t), Socket::Tcp(pc), &c, idle, rx)
@@ -385,6 +398,7 @@ mod tests {
                 }
             }
         });
+        let _ = ready.await;
         Running {
             tenant,
             compute,
