@@ -132,10 +132,8 @@ pub static ALLOWLIST_OBJ: Option<&[u8]> = None;
 /// FORWARD), or `None` if clang-19 was missing at build time.
 #[cfg(consolegate_bpf_built)]
 pub static SOCKMAP_OBJ: Option<&[u8]> = {
-    static OBJ: &Aligned<[u8]> = &Aligned(*include_bytes!(concat!(
-        env!("OUT_DIR"),
-        "/sockmap.bpf.o"
-    )));
+    static OBJ: &Aligned<[u8]> =
+        &Aligned(*include_bytes!(concat!(env!("OUT_DIR"), "/sockmap.bpf.o")));
     Some(&OBJ.0)
 };
 
@@ -190,7 +188,9 @@ mod tests {
             offset_of!(SockKey, cookie),
             define_in(header, "SOCK_KEY_COOKIE_OFFSET")
         );
-        let k = SockKey { cookie: 0x0102_0304_0506_0708 };
+        let k = SockKey {
+            cookie: 0x0102_0304_0506_0708,
+        };
         assert_eq!(k.to_bytes().len(), size_of::<SockKey>());
         assert_eq!(k.to_bytes(), 0x0102_0304_0506_0708u64.to_ne_bytes());
     }

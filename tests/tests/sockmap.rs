@@ -11,9 +11,9 @@ use consolegate_tests::http::{bearer, connect_tunnel};
 use consolegate_tests::net::authority;
 use consolegate_tests::proxy::{Proxy, ProxySpec, binary, raw_token, write_toml_tokens};
 use consolegate_tests::qemu::Sock;
+use consolegate_tests::random_token;
 use consolegate_tests::rfb;
 use consolegate_tests::scenario::{token_dir, vnc_behind_proxy};
-use consolegate_tests::random_token;
 use rand::RngCore as _;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
@@ -88,7 +88,9 @@ async fn sockmap_moves_bulk_and_many_sessions_byte_for_byte() {
     let many: Vec<_> = (0..24)
         .map(|i| {
             let (token, target) = (token.clone(), target.clone());
-            tokio::spawn(async move { echo_roundtrip(p, &token, &target, 200_000 + i * 4099).await })
+            tokio::spawn(
+                async move { echo_roundtrip(p, &token, &target, 200_000 + i * 4099).await },
+            )
         })
         .collect();
     for t in many {

@@ -121,12 +121,11 @@ impl Sockmap {
                 .try_into()
                 .map_err(|e: aya::programs::ProgramError| perr(e.to_string()))?;
             prog.load().map_err(|e| perr(chain(&e)))?;
-            prog.attach(&forward_fd)
-                .map_err(|e| SockmapError::Attach {
-                    program,
-                    map: consolegate_ebpf::MAP_FORWARD,
-                    error: chain(&e),
-                })?;
+            prog.attach(&forward_fd).map_err(|e| SockmapError::Attach {
+                program,
+                map: consolegate_ebpf::MAP_FORWARD,
+                error: chain(&e),
+            })?;
         }
         Ok(Arc::new(Self {
             maps: Mutex::new(Maps { peer, forward }),
@@ -239,6 +238,8 @@ pub fn probe() -> Result<String, String> {
         r
     };
     run()
-        .map(|()| "parser + verdict load, attach and redirect a socket's bytes to its peer".to_owned())
+        .map(|()| {
+            "parser + verdict load, attach and redirect a socket's bytes to its peer".to_owned()
+        })
         .map_err(|e| format!("sockmap loaded but a redirected byte did not arrive: {e}"))
 }

@@ -294,12 +294,7 @@ async fn wait_side(sock: &TcpStream, flow: &Flow) -> io::Result<Wake> {
 /// Handles a wake-up of `src` (the source of `flow`): EOF, an error, or
 /// bytes the verdict left on the socket (no peer in the map: forwarded
 /// here, which should not happen while both sockets are paired).
-async fn on_wake(
-    src: &TcpStream,
-    dst: &TcpStream,
-    flow: &mut Flow,
-    wake: Wake,
-) -> Result<(), End> {
+async fn on_wake(src: &TcpStream, dst: &TcpStream, flow: &mut Flow, wake: Wake) -> Result<(), End> {
     let mut buf = [0u8; 4096];
     let read = match wake {
         Wake::Ready(_) => src.try_io(Interest::READABLE, || recv_now(src, &mut buf)),
@@ -314,7 +309,9 @@ async fn on_wake(
                 "sockmap left bytes on the socket (peer not in the map): forwarding them"
             );
             let data = buf.get(..n).unwrap_or_default();
-            write_all(dst, data).await.map_err(|e| flow.dir.write_err(e))
+            write_all(dst, data)
+                .await
+                .map_err(|e| flow.dir.write_err(e))
         }
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
             let closed = matches!(wake, Wake::Ready(r) if r.is_read_closed());
@@ -529,7 +526,6 @@ fn on_tick(
     Ok(())
 }
 
-
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -569,13 +565,23 @@ mod tests {
         }
         let counters = Arc::new(Counters::new());
         let (_stop, rx) = watch::channel(false);
-        let d = run(sm.as_ref(), proxy_t, proxy_c, &counters, None, rx.clone(), || {
-            panic!("must not be established")
-        })
+        let d = run(
+            sm.as_ref(),
+            proxy_t,
+            proxy_c,
+            &counters,
+            None,
+            rx.clone(),
+            || panic!("must not be established"),
+        )
         .await
         .unwrap_err();
         assert!(d.reason.contains("closed its half"), "{}", d.reason);
-        assert_eq!(counters.up_bytes(), up.len() as u64, "queued bytes forwarded");
+        assert_eq!(
+            counters.up_bytes(),
+            up.len() as u64,
+            "queued bytes forwarded"
+        );
         let c = Arc::clone(&counters);
         let end = tokio::spawn(async move {
             Splicer::new()

@@ -308,7 +308,9 @@ mod tests {
     fn sockmap() -> Option<Arc<crate::control::sockmap::Sockmap>> {
         static LOADED: std::sync::OnceLock<Result<Arc<crate::control::sockmap::Sockmap>, String>> =
             std::sync::OnceLock::new();
-        match LOADED.get_or_init(|| crate::control::sockmap::Sockmap::load().map_err(|e| e.to_string())) {
+        match LOADED
+            .get_or_init(|| crate::control::sockmap::Sockmap::load().map_err(|e| e.to_string()))
+        {
             Ok(s) => Some(Arc::clone(s)),
             Err(e) => {
                 println!("skipped: sockmap cannot load here ({e}); testing its fallback, splice");
