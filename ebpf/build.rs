@@ -8,7 +8,7 @@ use std::env;
 use std::path::PathBuf;
 use std::process::Command;
 
-const PROGRAMS: &[&str] = &["allowlist"];
+const PROGRAMS: &[&str] = &["allowlist", "sockmap"];
 
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(consolegate_bpf_built)");

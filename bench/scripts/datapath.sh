@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # CONNECT (and WebSocket) bulk throughput per data path: one 2 GiB
 # compute->tenant stream through consolegate with --datapath copy,
-# splice and uring (CONNECT only: WebSocket sessions have no uring rung),
-# RUNS times each, interleaved. Prints one line per run:
+# splice, uring and sockmap (DATAPATHS; uring and sockmap apply to CONNECT
+# only, so they are skipped for the ws front), RUNS times each,
+# interleaved. Prints one line per run:
 # MB/s, the proxy's own CPU-seconds per GB (/proc/<pid>/stat utime+stime)
 # and the whole system's busy CPU-seconds per GB (/proc/stat, every
 # process and kernel worker; noisy on a shared machine).
 #   cargo build --release -p consolegate -p consolegate-bench
 #   bench/scripts/datapath.sh           # B=bytes (2 GiB) RUNS=3 FRONTS="connect ws"
-#                                       # DATAPATHS="copy splice uring"
+#                                       # DATAPATHS="copy splice uring sockmap"
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 L=$root/target/release/loadgen
@@ -16,7 +17,7 @@ C=$root/target/release/consolegate
 B=${B:-2147483648}
 RUNS=${RUNS:-3}
 FRONTS=${FRONTS:-connect ws}
-DATAPATHS=${DATAPATHS:-copy splice uring}
+DATAPATHS=${DATAPATHS:-copy splice uring sockmap}
 TCK=$(getconf CLK_TCK)
 D=$(mktemp -d)
 pids=()
@@ -48,7 +49,7 @@ proxy() { # $1 = datapath
 for run in $(seq "$RUNS"); do
     for front in $FRONTS; do
         for dp in $DATAPATHS; do
-            [ "$front" = ws ] && [ "$dp" = uring ] && continue
+            [ "$front" = ws ] && { [ "$dp" = uring ] || [ "$dp" = sockmap ]; } && continue
             flood
             proxy "$dp"
             s0=$(busy); p0=$(proc_cpu "$PROXY")
@@ -65,7 +66,7 @@ for run in $(seq "$RUNS"); do
             gb=$(awk -v b="$B" 'BEGIN{print b/1e9}')
             awk -v r="$run" -v f="$front" -v d="$dp" -v u="$used" -v m="$mbs" -v gb="$gb" \
                 -v pc=$((p1 - p0)) -v sc=$((s1 - s0)) -v t="$TCK" \
-                'BEGIN{printf "run=%s front=%-7s datapath=%-6s (%s) MB/s=%8.0f proxy_cpu_s_per_GB=%.3f system_cpu_s_per_GB=%.3f\n", r, f, d, u, m, pc/t/gb, sc/t/gb}'
+                'BEGIN{printf "run=%s front=%-7s datapath=%-7s (%s) MB/s=%8.0f proxy_cpu_s_per_GB=%.3f system_cpu_s_per_GB=%.3f\n", r, f, d, u, m, pc/t/gb, sc/t/gb}'
         done
     done
 done

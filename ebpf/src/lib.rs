@@ -1,11 +1,12 @@
-//! Map key layouts shared by the kernel programs (connect4/connect6 allow-list)
-//! and the proxy that keeps the maps in sync, plus the compiled programs.
+//! Map key layouts shared by the kernel programs (connect4/connect6 allow-list,
+//! the sockmap data path) and the proxy that keeps the maps in sync, plus the
+//! compiled programs.
 //!
 //! The programs are C (`programs/*.bpf.c`), compiled by `build.rs` with
 //! clang-19 during the normal `cargo build`. The keys are defined once here
-//! and once in `programs/allowlist.h`; the C compiler checks the header's
-//! `ALLOW_*` numbers against its structs and a unit test below checks them
-//! against these.
+//! and once in `programs/allowlist.h` / `programs/sockmap.h`; the C compiler
+//! checks the headers' `ALLOW_*` / `SOCK_KEY_*` numbers against its structs
+//! and a unit test below checks them against these.
 #![no_std]
 
 /// Key of the IPv4 allow-list map: address and port in network byte order,
@@ -81,6 +82,32 @@ impl AllowV6 {
     }
 }
 
+/// Key of the sockmap data path's maps: the cookie (`SO_COOKIE`) of the
+/// socket whose incoming bytes are forwarded.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockKey {
+    /// `bpf_get_socket_cookie()` of the receiving socket.
+    pub cookie: u64,
+}
+
+impl SockKey {
+    /// The key's bytes as the kernel sees them (`#[repr(C)]`, no padding).
+    pub fn to_bytes(self) -> [u8; 8] {
+        self.cookie.to_ne_bytes()
+    }
+}
+
+/// SOCKHASH: cookie of a socket -> the socket its bytes are redirected to.
+pub const MAP_PEER: &str = "PEER";
+/// SOCKHASH with the parser and verdict attached: a socket in it has its
+/// ingress forwarded.
+pub const MAP_FORWARD: &str = "FORWARD";
+/// Name of the sk_skb/stream_parser program.
+pub const PROG_PARSER: &str = "sockmap_parser";
+/// Name of the sk_skb/stream_verdict program.
+pub const PROG_VERDICT: &str = "sockmap_verdict";
+
 #[cfg(consolegate_bpf_built)]
 #[repr(C, align(32))]
 struct Aligned<B: ?Sized>(B);
@@ -100,6 +127,20 @@ pub static ALLOWLIST_OBJ: Option<&[u8]> = {
 /// build time.
 #[cfg(not(consolegate_bpf_built))]
 pub static ALLOWLIST_OBJ: Option<&[u8]> = None;
+
+/// The compiled sockmap object (sockmap_parser, sockmap_verdict, PEER,
+/// FORWARD), or `None` if clang-19 was missing at build time.
+#[cfg(consolegate_bpf_built)]
+pub static SOCKMAP_OBJ: Option<&[u8]> = {
+    static OBJ: &Aligned<[u8]> =
+        &Aligned(*include_bytes!(concat!(env!("OUT_DIR"), "/sockmap.bpf.o")));
+    Some(&OBJ.0)
+};
+
+/// The compiled sockmap object, or `None` if clang-19 was missing at build
+/// time.
+#[cfg(not(consolegate_bpf_built))]
+pub static SOCKMAP_OBJ: Option<&[u8]> = None;
 
 /// Why [`ALLOWLIST_OBJ`] is `None`.
 pub const NOT_BUILT: &str =
@@ -124,7 +165,11 @@ mod tests {
 
     /// The `#define ALLOW_*` numbers of the C header.
     fn header_value(name: &str) -> usize {
-        let header = include_str!("../programs/allowlist.h");
+        define_in(include_str!("../programs/allowlist.h"), name)
+    }
+
+    /// A `#define NAME number` of a C header.
+    fn define_in(header: &str, name: &str) -> usize {
         header
             .lines()
             .find_map(|l| {
@@ -132,7 +177,22 @@ mod tests {
                 let (n, v) = rest.split_once(' ')?;
                 (n == name).then(|| v.trim().parse().expect("a number"))
             })
-            .unwrap_or_else(|| panic!("{name} missing from allowlist.h"))
+            .unwrap_or_else(|| panic!("{name} missing from the header"))
+    }
+
+    #[test]
+    fn sock_key_layout_matches_the_c_header() {
+        let header = include_str!("../programs/sockmap.h");
+        assert_eq!(size_of::<SockKey>(), define_in(header, "SOCK_KEY_SIZE"));
+        assert_eq!(
+            offset_of!(SockKey, cookie),
+            define_in(header, "SOCK_KEY_COOKIE_OFFSET")
+        );
+        let k = SockKey {
+            cookie: 0x0102_0304_0506_0708,
+        };
+        assert_eq!(k.to_bytes().len(), size_of::<SockKey>());
+        assert_eq!(k.to_bytes(), 0x0102_0304_0506_0708u64.to_ne_bytes());
     }
 
     #[test]
@@ -168,6 +228,10 @@ mod tests {
     #[test]
     fn object_is_embedded_when_clang_is_there() {
         match ALLOWLIST_OBJ {
+            Some(obj) => assert_eq!(&obj[..4], b"\x7fELF"),
+            None => std::println!("skipped: {NOT_BUILT}"),
+        }
+        match SOCKMAP_OBJ {
             Some(obj) => assert_eq!(&obj[..4], b"\x7fELF"),
             None => std::println!("skipped: {NOT_BUILT}"),
         }

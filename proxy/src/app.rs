@@ -175,6 +175,11 @@ pub async fn run_reloadable(
     if let Some(redis) = built.redis.clone() {
         tokio::spawn(redis.watch_revocations(Arc::clone(&sessions)));
     }
+    let sockmap = if cfg.datapath == crate::config::kernel::DatapathMode::Sockmap {
+        crate::control::sockmap::start()
+    } else {
+        Err("kernel.datapath is not \"sockmap\"".to_owned())
+    };
     let ctx = Arc::new(Context {
         resolvers: Arc::clone(&built.resolvers),
         sessions,
@@ -197,6 +202,7 @@ pub async fn run_reloadable(
         datapath: cfg.datapath,
         ktls,
         allowlist: allowlist.clone(),
+        sockmap: sockmap.clone(),
         web: crate::front::web::Web::new(cfg.web.clone()),
     });
 
@@ -260,6 +266,7 @@ pub async fn run_reloadable(
                 }
             }
         }
+        m::kernel_feature("sockmap", sockmap.is_ok());
     }
     tracing::info!(
         websocket = ?bound_ws,

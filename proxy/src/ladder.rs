@@ -32,11 +32,26 @@ pub async fn pump_raw(
 ) -> (End, &'static str) {
     let span = tracing::Span::current();
     // kTLS: a TLS compute leg handed to the kernel, then splice.
-    let (tenant, compute) =
-        match crate::offload::pump_raw(ctx, tenant, compute, counters, stop.clone()).await {
-            Ok(done) => return done,
+    let (tenant, compute) = match Box::pin(crate::offload::pump_raw(
+        ctx,
+        tenant,
+        compute,
+        counters,
+        stop.clone(),
+    ))
+    .await
+    {
+        Ok(done) => return done,
+        Err(legs) => legs,
+    };
+    let (tenant, compute) = if ctx.datapath == DatapathMode::Sockmap {
+        match Box::pin(try_sockmap(ctx, tenant, compute, counters, stop.clone())).await {
+            Ok(end) => return (end, "sockmap"),
             Err(legs) => legs,
-        };
+        }
+    } else {
+        (tenant, compute)
+    };
     let compute = match compute {
         ComputeIo::Plain(c) if ctx.datapath == DatapathMode::Uring => {
             match crate::datapath::uring::Uring::new() {
@@ -51,15 +66,14 @@ pub async fn pump_raw(
                         ComputeStream::Tcp(s) => Socket::Tcp(s),
                         ComputeStream::Unix(s) => Socket::Unix(s),
                     };
-                    let end = uring
-                        .run(
-                            Socket::Tcp(tenant),
-                            compute,
-                            counters,
-                            ctx.idle_timeout,
-                            stop.clone(),
-                        )
-                        .await;
+                    let end = Box::pin(uring.run(
+                        Socket::Tcp(tenant),
+                        compute,
+                        counters,
+                        ctx.idle_timeout,
+                        stop.clone(),
+                    ))
+                    .await;
                     return (end, "uring");
                 }
                 Err(e) => {
@@ -114,6 +128,58 @@ pub async fn pump_raw(
     ))
     .await;
     (end, "copy")
+}
+
+/// The opt-in sockmap rung (`kernel.datapath = "sockmap"`): both legs plain
+/// TCP and the program loaded, else the legs come back for splice/copy with
+/// the reason logged.
+async fn try_sockmap(
+    ctx: &Context,
+    tenant: tokio::net::TcpStream,
+    compute: ComputeIo,
+    counters: &Counters,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<End, (tokio::net::TcpStream, ComputeIo)> {
+    let fallback = |why: &str| {
+        tracing::info!(reason = why, "sockmap not used for this session");
+    };
+    let (c, sm) = match (compute, &ctx.sockmap) {
+        (ComputeIo::Plain(ComputeStream::Tcp(c)), Ok(sm)) => (c, sm),
+        (compute @ ComputeIo::Plain(ComputeStream::Tcp(_)), Err(e)) => {
+            fallback(&format!("the sockmap program is not loaded: {e}"));
+            return Err((tenant, compute));
+        }
+        (compute @ ComputeIo::Plain(ComputeStream::Unix(_)), _) => {
+            fallback("the compute leg is a UNIX socket");
+            return Err((tenant, compute));
+        }
+        (compute, _) => {
+            fallback("the compute leg is TLS");
+            return Err((tenant, compute));
+        }
+    };
+    let span = tracing::Span::current();
+    let established = || {
+        span.record("datapath", "sockmap");
+        tracing::info!(datapath = "sockmap", "session established");
+    };
+    match crate::datapath::sockmap::run(
+        sm.as_ref(),
+        tenant,
+        c,
+        counters,
+        ctx.idle_timeout,
+        stop,
+        established,
+    )
+    .await
+    {
+        Ok(end) => Ok(end),
+        Err(d) => {
+            tracing::warn!(reason = %d.reason, "sockmap declined the session");
+            Err((d.tenant, ComputeIo::Plain(ComputeStream::Tcp(d.compute))))
+        }
+    }
 }
 
 /// Runs the data path of an established WebSocket session: the spliced

@@ -61,6 +61,8 @@ pub struct Context {
     pub ktls: crate::offload::Offload,
     /// The eBPF connect allow-list, when active.
     pub allowlist: Option<Arc<AllowList>>,
+    /// The loaded sockmap path (`kernel.datapath = "sockmap"`), or why not.
+    pub sockmap: Result<Arc<crate::control::sockmap::Sockmap>, String>,
     /// Static files (web console, `--web`) of the WebSocket front end.
     pub web: crate::front::web::Web,
 }

@@ -19,6 +19,11 @@ pub enum DatapathMode {
     /// legs of a raw (CONNECT) session are plain sockets; splice, then the
     /// copy, where io_uring or the leg does not allow it.
     Uring,
+    /// Opt-in: plain CONNECT sessions whose legs are both TCP are forwarded
+    /// in the kernel by an sk_skb verdict redirect (SOCKHASH); UNIX legs
+    /// and WebSocket sessions use splice, TLS legs the copy. If the program
+    /// cannot load, a warning at start and splice instead.
+    Sockmap,
 }
 
 impl DatapathMode {
@@ -28,6 +33,7 @@ impl DatapathMode {
             DatapathMode::Copy => "copy",
             DatapathMode::Splice => "splice",
             DatapathMode::Uring => "uring",
+            DatapathMode::Sockmap => "sockmap",
         }
     }
 }

@@ -87,8 +87,8 @@ pub fn run(datapath: DatapathMode, allowlist: AllowListMode, ktls: KtlsMode) -> 
     checks.push(check(
         "sockmap",
         probe::bpf_map(probe::MAP_SOCKHASH)
-            .map(|()| "SOCKHASH maps can be created (not used by this build)".to_owned())
-            .map_err(|e| format!("SOCKHASH: {e}")),
+            .map_err(|e| format!("SOCKHASH: {e}"))
+            .and_then(|()| super::sockmap::probe()),
     ));
     checks.push(check(
         "io_uring",
@@ -225,6 +225,14 @@ impl fmt::Display for Report {
                  (kernel.datapath = \"uring\")"
                     .to_owned()
             }
+            DatapathMode::Sockmap if self.ok("sockmap") => {
+                "sockmap for CONNECT sessions whose legs are both plain TCP, splice for other \
+                 plain sockets, copy where a leg is TLS (kernel.datapath = \"sockmap\")"
+                    .to_owned()
+            }
+            DatapathMode::Sockmap => "splice with a warning at start: the sockmap program cannot \
+                 load here (kernel.datapath = \"sockmap\")"
+                .to_owned(),
             mode if self.ok("splice") => format!(
                 "splice where both legs are plain sockets (CONNECT, plain-HTTP binary WebSocket), copy where a leg is TLS \
                  (kernel.datapath = \"{}\")",

@@ -9,4 +9,5 @@ pub mod audit;
 pub mod cgroup;
 pub mod doctor;
 pub mod metrics;
+pub mod sockmap;
 pub mod systemd;

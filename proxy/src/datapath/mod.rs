@@ -7,13 +7,16 @@
 //! compute-to-tenant payload spliced behind a frame header we write. The session picks the highest rung its legs allow
 //! (splice when both are plain sockets) with the copy as the fallback that
 //! always exists; `uring` (opt-in) forwards plain streams through a
-//! dedicated io_uring thread; sockmap and kTLS will join the ladder. This
+//! dedicated io_uring thread; `sockmap` (opt-in) forwards plain TCP
+//! sessions with an sk_skb verdict redirect in the kernel; `ktls` handles
+//! the records of kernel TLS sockets for the `ktls+splice` rung. This
 //! module never imports config, serde or control-plane code.
 
 pub mod copy;
 pub mod ktls;
 pub mod lazybuf;
 pub mod pipes;
+pub mod sockmap;
 pub mod splice;
 pub mod uring;
 pub mod websocket;

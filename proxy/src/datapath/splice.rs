@@ -377,9 +377,34 @@ mod tests {
         Uring,
         /// io_uring forced to recv/send (splice if unavailable).
         UringRecvSend,
+        /// The sockmap redirect; where the program cannot load, the
+        /// fallback the ladder takes (splice) after printing `skipped:`.
+        Sockmap,
     }
 
-    const PATHS: [Path; 4] = [Path::Copy, Path::Splice, Path::Uring, Path::UringRecvSend];
+    const PATHS: [Path; 5] = [
+        Path::Copy,
+        Path::Splice,
+        Path::Uring,
+        Path::UringRecvSend,
+        Path::Sockmap,
+    ];
+
+    /// The sockmap program, loaded once per test process (test-only use of
+    /// the control plane's loader: the pump itself never sees it).
+    fn sockmap() -> Option<Arc<crate::control::sockmap::Sockmap>> {
+        static LOADED: std::sync::OnceLock<Result<Arc<crate::control::sockmap::Sockmap>, String>> =
+            std::sync::OnceLock::new();
+        match LOADED
+            .get_or_init(|| crate::control::sockmap::Sockmap::load().map_err(|e| e.to_string()))
+        {
+            Ok(s) => Some(Arc::clone(s)),
+            Err(e) => {
+                println!("skipped: sockmap cannot load here ({e}); testing its fallback, splice");
+                None
+            }
+        }
+    }
 
     async fn tcp_pair() -> (TcpStream, TcpStream) {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -407,7 +432,19 @@ mod tests {
         let (stop, rx) = watch::channel(false);
         let counters = Arc::new(Counters::new());
         let c = Arc::clone(&counters);
+        // Sockmap: the test starts once the sockets are in the maps (a FIN
+        // before that makes the pump decline, tested on its own).
+        let (ready_tx, ready) = tokio::sync::oneshot::channel::<()>();
         let end = tokio::spawn(async move {
+            let mut ready_tx = Some(ready_tx);
+            let mut go = move || {
+                if let Some(t) = ready_tx.take() {
+                    let _ = t.send(());
+                }
+            };
+            if !matches!(path, Path::Sockmap) {
+                go();
+            }
             match path {
                 Path::Copy => {
                     super::super::copy::bidirectional(proxy_t, proxy_c, &c, idle, rx).await
@@ -438,8 +475,39 @@ mod tests {
                         }
                     }
                 }
+                Path::Sockmap => {
+                    let (t, pc) = match sockmap() {
+                        Some(sm) => {
+                            let r = super::super::sockmap::run(
+                                sm.as_ref(),
+                                proxy_t,
+                                proxy_c,
+                                &c,
+                                idle,
+                                rx.clone(),
+                                &mut go,
+                            )
+                            .await;
+                            match r {
+                                Ok(end) => return end,
+                                // As the ladder does: splice goes on.
+                                Err(d) => {
+                                    println!("sockmap declined ({}): splice", d.reason);
+                                    (d.tenant, d.compute)
+                                }
+                            }
+                        }
+                        None => (proxy_t, proxy_c),
+                    };
+                    go();
+                    Splicer::with_pipe_size(pipe)
+                        .unwrap()
+                        .run(Socket::Tcp(t), Socket::Tcp(pc), &c, idle, rx)
+                        .await
+                }
             }
         });
+        let _ = ready.await;
         Running {
             tenant,
             compute,

@@ -1,8 +1,8 @@
 //! The only module with `unsafe` code: thin wrappers over Linux system
 //! calls the standard library and tokio do not offer (pipes with a chosen
 //! size, splice(2), FIONREAD, the open-file limit, kernel TLS records and
-//! cipher probes, io_uring submission (`uring.rs`) and the capability
-//! probes of `doctor`).
+//! cipher probes, io_uring submission (`uring.rs`), TCP_INFO / SIOCOUTQ /
+//! SO_COOKIE for the sockmap path, and the capability probes of `doctor`).
 //!
 //! Every wrapper takes borrowed file descriptors (`BorrowedFd`) or owns
 //! them (`OwnedFd`), so no raw descriptor outlives its owner; every
@@ -12,6 +12,7 @@ pub mod ktls;
 pub mod pipe;
 pub mod probe;
 pub mod rlimit;
+pub mod tcpinfo;
 pub mod uring;
 
 use std::io;
