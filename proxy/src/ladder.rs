@@ -202,7 +202,7 @@ pub async fn pump_ws(
     let span = tracing::Span::current();
     // kTLS: every TLS leg handed to the kernel, then the spliced pump.
     let mut established = Some(established);
-    let (tenant, compute) = match crate::offload::pump_ws(
+    let (tenant, compute) = match Box::pin(crate::offload::pump_ws(
         ctx,
         tenant,
         compute,
@@ -210,7 +210,7 @@ pub async fn pump_ws(
         counters,
         stop.clone(),
         &mut established,
-    )
+    ))
     .await
     {
         Ok(end) => return end,

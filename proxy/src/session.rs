@@ -23,6 +23,7 @@ use crate::console::spice::{self, SpiceError, SpiceSessions};
 use crate::console::vnc::{self, TenantRfbError, VncError};
 use crate::console::{self, ComputeIo, ComputeStream, ConsoleKind, DialError, Target};
 use crate::control::allowlist::{self, AllowList};
+use crate::control::audit::SessionRecord;
 use crate::datapath::{Counters, End};
 use crate::error::Refusal;
 use crate::front::http::error_response;
@@ -382,4 +383,123 @@ async fn within<F: std::future::Future>(
     tokio::time::timeout(limit, f)
         .await
         .map_err(|_| EstablishError::Timeout { step, after: limit })
+}
+
+/// What a session keeps once its handshake is done, and what its end
+/// needs (the closing line, metrics, the audit record). Built at the end
+/// of the (boxed) handshake phase, whose state is then dropped: an idle
+/// session's task holds this, its guards and the running rung's boxed
+/// future, and nothing of the token, grant or security profile.
+#[derive(Debug)]
+pub struct Established {
+    pub counters: Counters,
+    /// The audit record, all but the data path, times, bytes and end.
+    record: SessionRecord,
+    compute_tls: bool,
+    /// The data path, once the rung is chosen.
+    chosen: std::sync::OnceLock<&'static str>,
+    metrics: std::sync::OnceLock<crate::control::metrics::SessionMetrics>,
+    /// The session's place in the limits and in the session table: held
+    /// until the end.
+    _slot: crate::limits::Slot,
+    session: crate::admin::sessions::SessionHandle,
+}
+
+/// Who the session is for and what it reaches, for [`Established::new`].
+#[derive(Debug)]
+pub struct Parties {
+    pub session_id: u64,
+    pub front: &'static str,
+    pub tenant: IpAddr,
+    pub via: Option<SocketAddr>,
+    pub token_id: Option<TokenId>,
+    pub console_kind: &'static str,
+    pub compute: String,
+    pub security: String,
+    pub compute_tls: bool,
+}
+
+impl Established {
+    pub fn new(
+        parties: Parties,
+        slot: crate::limits::Slot,
+        session: crate::admin::sessions::SessionHandle,
+    ) -> Self {
+        let record = SessionRecord {
+            session_id: parties.session_id,
+            front: parties.front,
+            tenant: parties.tenant,
+            via: parties.via,
+            token_id: parties.token_id,
+            console_kind: parties.console_kind,
+            compute: parties.compute,
+            security: parties.security,
+            datapath: "-",
+            started: SystemTime::UNIX_EPOCH,
+            duration: Duration::ZERO,
+            bytes_up: 0,
+            bytes_down: 0,
+            end: "",
+        };
+        Self {
+            counters: Counters::new(),
+            record,
+            compute_tls: parties.compute_tls,
+            chosen: std::sync::OnceLock::new(),
+            metrics: std::sync::OnceLock::new(),
+            _slot: slot,
+            session,
+        }
+    }
+
+    /// The signal the data path stops on (admin kill, revocation, shutdown).
+    pub fn stop_signal(&self) -> watch::Receiver<bool> {
+        self.session.stop_signal()
+    }
+
+    /// The negotiated console security, as logged and audited.
+    pub fn security(&self) -> &str {
+        &self.record.security
+    }
+
+    /// The data path is chosen: counts the session as established
+    /// `handshake` after the tenant connected. Only the first call counts.
+    pub fn chosen(&self, datapath: &'static str, handshake: Duration) {
+        if self.chosen.set(datapath).is_ok() {
+            let _ = self
+                .metrics
+                .set(crate::control::metrics::SessionMetrics::established(
+                    self.record.front,
+                    self.record.console_kind,
+                    handshake,
+                ));
+        }
+    }
+
+    /// The session ended: the closing line, metrics and the audit record.
+    /// `datapath` is the rung it ended on, when the caller knows it better
+    /// than [`Self::chosen`] did.
+    pub fn finish(
+        mut self,
+        audit: &crate::control::audit::Audit,
+        end: &End,
+        datapath: Option<&'static str>,
+    ) {
+        log_end(end, &self.counters, self.compute_tls);
+        let datapath = datapath
+            .or_else(|| self.chosen.get().copied())
+            .unwrap_or("-");
+        let c = &self.counters;
+        if let Some(m) = self.metrics.get() {
+            m.ended(datapath, end.kind(), c.up_bytes(), c.down_bytes());
+        }
+        let r = &mut self.record;
+        r.datapath = datapath;
+        r.duration = c.elapsed();
+        r.started = SystemTime::now() - r.duration;
+        r.bytes_up = c.up_bytes();
+        r.bytes_down = c.down_bytes();
+        r.end = end.kind();
+        audit.session(r);
+    }
 }

@@ -11,9 +11,12 @@
 //! pipe is empty, so a slow reader stops the writer), idle timeout and
 //! shutdown. The first error on either leg ends the session.
 
+use std::future::Future;
 use std::io;
 use std::net::Shutdown;
 use std::os::fd::{AsFd, BorrowedFd};
+use std::pin::Pin;
+use std::task::Poll;
 use std::time::Duration;
 
 use tokio::io::Interest;
@@ -67,6 +70,21 @@ impl<'a> Sock<'a> {
         match self {
             Sock::Tcp(s) | Sock::Ktls(s) => s.ready(interest).await.map(drop),
             Sock::Unix(s) => s.ready(interest).await.map(drop),
+        }
+    }
+
+    /// Polls for readiness (one interest: readable or writable), with the
+    /// waker of that interest's slot.
+    pub(super) fn poll_ready(
+        self,
+        cx: &mut std::task::Context<'_>,
+        interest: Interest,
+    ) -> Poll<io::Result<()>> {
+        match (self, interest.is_readable()) {
+            (Sock::Tcp(s) | Sock::Ktls(s), true) => s.poll_read_ready(cx),
+            (Sock::Tcp(s) | Sock::Ktls(s), false) => s.poll_write_ready(cx),
+            (Sock::Unix(s), true) => s.poll_read_ready(cx),
+            (Sock::Unix(s), false) => s.poll_write_ready(cx),
         }
     }
 
@@ -163,15 +181,31 @@ impl Splicer {
         mut shutdown: watch::Receiver<bool>,
     ) -> End {
         let (t, c) = (tenant.borrow(), compute.borrow());
-        let (mut up_pipe, mut down_pipe) = (PipeSlot::new(self.size), PipeSlot::new(self.size));
-        let up = pump(t, c, &mut up_pipe, Dir::Up, counters);
-        let down = pump(c, t, &mut down_pipe, Dir::Down, counters);
-        let both = async {
-            match tokio::try_join!(up, down) {
-                Ok(((), ())) => End::Closed,
-                Err(e) => e,
-            }
+        let mut up = match Flow::new(t, c, Dir::Up, self.size, counters) {
+            Ok(f) => f,
+            Err(end) => return end,
         };
+        let mut down = match Flow::new(c, t, Dir::Down, self.size, counters) {
+            Ok(f) => f,
+            Err(end) => return end,
+        };
+        // Both directions in one hand-written poll (no nested futures):
+        // an idle session's pump is the two `Flow`s and the two waits below.
+        let both = std::future::poll_fn(|cx| {
+            let u = up.poll(cx);
+            if let Poll::Ready(Err(end)) = u {
+                return Poll::Ready(end);
+            }
+            let d = down.poll(cx);
+            if let Poll::Ready(Err(end)) = d {
+                return Poll::Ready(end);
+            }
+            if u.is_ready() && d.is_ready() {
+                Poll::Ready(End::Closed)
+            } else {
+                Poll::Pending
+            }
+        });
         tokio::select! {
             end = both => end,
             () = idle_watch(counters, idle) => End::IdleTimeout,
@@ -237,122 +271,248 @@ fn splice_in(src: Sock<'_>, slot: &mut PipeSlot, len: usize) -> io::Result<In> {
 /// had; its bytes wait in the socket meanwhile (TCP backpressure).
 pub(super) const NO_PIPE_RETRY: Duration = Duration::from_millis(50);
 
-/// One direction. Reading into the pipe and writing out of it overlap: the
-/// pipe is filled while it has room and drained while it has bytes, and
-/// the task sleeps only when neither can move (waiting for the source to
-/// become readable, the destination writable, or both). At end of stream
-/// the pipe is drained, then the destination gets `shutdown(SHUT_WR)`.
-async fn pump(
-    src: Sock<'_>,
-    dst: Sock<'_>,
-    slot: &mut PipeSlot,
+/// A rare step of one direction, boxed only while it runs, so that an
+/// idle direction holds none: a kTLS record read and forwarded, the wait
+/// for a pipe when descriptors ran out, close_notify before the half-close.
+type Slow<'a> = Pin<Box<dyn Future<Output = Result<Slowed, End>> + Send + 'a>>;
+
+/// How a [`Slow`] step ended.
+enum Slowed {
+    /// A kTLS record was consumed (`eof`: it ended that side's stream);
+    /// the handshake carry comes back.
+    Record {
+        carry: super::ktls::HandshakeCarry,
+        eof: bool,
+    },
+    /// Try again (a pipe may be had now).
+    Retry,
+    /// The half-close went out: the direction is done.
+    Finished,
+}
+
+/// One direction, as a state machine polled by hand. Reading into the pipe
+/// and writing out of it overlap: the pipe is filled while it has room and
+/// drained while it has bytes, and the direction waits only when neither
+/// can move (for the source to become readable, the destination writable,
+/// or both). At end of stream the pipe is drained, then the destination
+/// gets `shutdown(SHUT_WR)`.
+struct Flow<'a> {
+    src: Sock<'a>,
+    dst: Sock<'a>,
     dir: Dir,
-    counters: &Counters,
-) -> Result<(), End> {
-    let cap = slot.get().map_err(|e| dir.read_err(e))?.capacity();
-    slot.release();
-    let mut pending = 0usize;
-    let mut eof = false;
-    // kTLS source: splice stopped at a non-data record, to be read with
-    // recvmsg once the pipe is empty (so the order of bytes holds).
-    let mut at_record = false;
-    let mut carry = super::ktls::HandshakeCarry::default();
-    loop {
-        let mut pipe_full = false;
-        let mut progressed = false;
-        if at_record
-            && pending == 0
-            && let Some(s) = src.ktls()
-        {
-            at_record = false;
-            let mut buf = vec![0u8; super::ktls::RECORD_BUF];
-            match super::ktls::read_record(s, &mut buf, &mut carry).await {
-                Ok(super::ktls::Next::Data(n)) => {
-                    write_all(dst, &buf[..n])
-                        .await
-                        .map_err(|e| dir.write_err(e))?;
-                    match dir {
-                        Dir::Up => counters.add_up(n),
-                        Dir::Down => counters.add_down(n),
-                    }
-                }
-                Ok(super::ktls::Next::Eof) => eof = true,
-                Ok(super::ktls::Next::Ignored) => {}
-                Err(e) => return Err(dir.read_err(e)),
-            }
-            continue;
+    counters: &'a Counters,
+    slot: PipeSlot,
+    cap: usize,
+    /// Bytes in the pipe.
+    pending: usize,
+    eof: bool,
+    /// kTLS source: splice stopped at a non-data record, to be read with
+    /// recvmsg once the pipe is empty (so the order of bytes holds).
+    at_record: bool,
+    done: bool,
+    carry: super::ktls::HandshakeCarry,
+    slow: Option<Slow<'a>>,
+}
+
+impl<'a> Flow<'a> {
+    fn new(
+        src: Sock<'a>,
+        dst: Sock<'a>,
+        dir: Dir,
+        size: usize,
+        counters: &'a Counters,
+    ) -> Result<Self, End> {
+        let mut slot = PipeSlot::new(size);
+        let cap = slot.get().map_err(|e| dir.read_err(e))?.capacity();
+        slot.release();
+        Ok(Self {
+            src,
+            dst,
+            dir,
+            counters,
+            slot,
+            cap,
+            pending: 0,
+            eof: false,
+            at_record: false,
+            done: false,
+            carry: Default::default(),
+            slow: None,
+        })
+    }
+
+    fn count(&self, n: usize) {
+        match self.dir {
+            Dir::Up => self.counters.add_up(n),
+            Dir::Down => self.counters.add_down(n),
         }
-        if !eof && !at_record && pending < cap {
-            match splice_in(src, slot, cap - pending) {
-                Ok(In::Moved(0)) => {
-                    eof = true;
-                    progressed = true;
+    }
+
+    /// Moves what can be moved now; `Ready(Ok)` once the direction is done
+    /// (and on every poll after).
+    fn poll(&mut self, cx: &mut std::task::Context<'_>) -> Poll<Result<(), End>> {
+        let dir = self.dir;
+        loop {
+            if self.done {
+                return Poll::Ready(Ok(()));
+            }
+            if let Some(slow) = self.slow.as_mut() {
+                let r = std::task::ready!(slow.as_mut().poll(cx));
+                self.slow = None;
+                match r? {
+                    Slowed::Record { carry, eof } => {
+                        self.carry = carry;
+                        self.eof |= eof;
+                    }
+                    Slowed::Retry => {}
+                    Slowed::Finished => self.done = true,
                 }
-                Ok(In::Moved(n)) => {
-                    tracing::trace!(dir = dir.name(), n, "spliced in");
-                    pending += n;
-                    progressed = true;
+                continue;
+            }
+            if self.at_record
+                && self.pending == 0
+                && let Some(s) = self.src.ktls()
+            {
+                self.at_record = false;
+                let carry = std::mem::take(&mut self.carry);
+                self.slow = Some(Box::pin(forward_record(
+                    s,
+                    self.dst,
+                    dir,
+                    carry,
+                    self.counters,
+                )));
+                continue;
+            }
+            let mut pipe_full = false;
+            let mut progressed = false;
+            if !self.eof && !self.at_record && self.pending < self.cap {
+                match splice_in(self.src, &mut self.slot, self.cap - self.pending) {
+                    Ok(In::Moved(0)) => {
+                        self.eof = true;
+                        progressed = true;
+                    }
+                    Ok(In::Moved(n)) => {
+                        tracing::trace!(dir = dir.name(), n, "spliced in");
+                        self.pending += n;
+                        progressed = true;
+                    }
+                    Ok(In::PipeFull) => pipe_full = true,
+                    Ok(In::NoPipe(e)) => {
+                        tracing::warn!(dir = dir.name(), error = %e, "no pipe for splice: retrying");
+                        self.slow = Some(Box::pin(async {
+                            tokio::time::sleep(NO_PIPE_RETRY).await;
+                            Ok(Slowed::Retry)
+                        }));
+                        continue;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        // Nothing to read and nothing in flight: give the pipe back.
+                        if self.pending == 0 {
+                            self.slot.release();
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => progressed = true,
+                    Err(e)
+                        if e.raw_os_error() == Some(libc::EINVAL) && self.src.ktls().is_some() =>
+                    {
+                        self.at_record = true;
+                        progressed = true;
+                    }
+                    Err(e) => return Poll::Ready(Err(dir.read_err(e))),
                 }
-                Ok(In::PipeFull) => pipe_full = true,
-                Ok(In::NoPipe(e)) => {
-                    tracing::warn!(dir = dir.name(), error = %e, "no pipe for splice: retrying");
-                    tokio::time::sleep(NO_PIPE_RETRY).await;
+            }
+            if self.pending > 0 {
+                let Ok(pipe) = self.slot.get() else {
+                    // Unreachable: a direction with bytes in flight holds its pipe.
+                    return Poll::Ready(Err(dir.write_err(io::ErrorKind::BrokenPipe.into())));
+                };
+                let (dst, pending) = (self.dst, self.pending);
+                match dst.try_io(Interest::WRITABLE, || {
+                    splice(pipe.reader(), dst.fd(), pending)
+                }) {
+                    Ok(0) => {
+                        return Poll::Ready(Err(dir.write_err(io::ErrorKind::WriteZero.into())));
+                    }
+                    Ok(m) => {
+                        tracing::trace!(dir = dir.name(), m, "spliced out");
+                        self.pending -= m;
+                        progressed = true;
+                        self.count(m);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => progressed = true,
+                    Err(e) => return Poll::Ready(Err(dir.write_err(e))),
+                }
+            }
+            if self.eof && self.pending == 0 {
+                // Everything read has been written: pass the half-close on.
+                self.slot.release();
+                let dst = self.dst;
+                if dst.ktls().is_some() {
+                    self.slow = Some(Box::pin(async move {
+                        let _ = dst.shutdown_write().await;
+                        Ok(Slowed::Finished)
+                    }));
                     continue;
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    // Nothing to read and nothing in flight: give the pipe back.
-                    if pending == 0 {
-                        slot.release();
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => progressed = true,
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) && src.ktls().is_some() => {
-                    at_record = true;
-                    progressed = true;
-                }
-                Err(e) => return Err(dir.read_err(e)),
+                let _ = socket2::SockRef::from(&dst.fd()).shutdown(Shutdown::Write);
+                self.done = true;
+                continue;
             }
-        }
-        if pending > 0 {
-            let Ok(pipe) = slot.get() else {
-                // Unreachable: a direction with bytes in flight holds its pipe.
-                return Err(dir.write_err(io::ErrorKind::BrokenPipe.into()));
-            };
-            match dst.try_io(Interest::WRITABLE, || {
-                splice(pipe.reader(), dst.fd(), pending)
-            }) {
-                Ok(0) => return Err(dir.write_err(io::ErrorKind::WriteZero.into())),
-                Ok(m) => {
-                    tracing::trace!(dir = dir.name(), m, "spliced out");
-                    pending -= m;
-                    progressed = true;
-                    match dir {
-                        Dir::Up => counters.add_up(m),
-                        Dir::Down => counters.add_down(m),
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => progressed = true,
-                Err(e) => return Err(dir.write_err(e)),
+            if progressed {
+                continue;
             }
+            let want_read = !self.eof && !self.at_record && self.pending < self.cap && !pipe_full;
+            let want_write = self.pending > 0;
+            if want_read {
+                match self.src.poll_ready(cx, Interest::READABLE) {
+                    Poll::Ready(Ok(())) => continue,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(dir.read_err(e))),
+                    Poll::Pending => {}
+                }
+            }
+            if want_write {
+                match self.dst.poll_ready(cx, Interest::WRITABLE) {
+                    Poll::Ready(Ok(())) => continue,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(dir.write_err(e))),
+                    Poll::Pending => {}
+                }
+            }
+            if !want_read && !want_write {
+                // Not reachable (a full pipe holds bytes to write), but
+                // never spin or panic: try again on the next turn.
+                cx.waker().wake_by_ref();
+            }
+            return Poll::Pending;
         }
-        if eof && pending == 0 {
-            // Everything read has been written: pass the half-close on.
-            slot.release();
-            let _ = dst.shutdown_write().await;
-            return Ok(());
+    }
+}
+
+/// Reads one record from a kTLS source with its type and forwards its
+/// application data, if any (the rare, boxed step of [`Flow`]).
+async fn forward_record(
+    src: &TcpStream,
+    dst: Sock<'_>,
+    dir: Dir,
+    mut carry: super::ktls::HandshakeCarry,
+    counters: &Counters,
+) -> Result<Slowed, End> {
+    let mut buf = vec![0u8; super::ktls::RECORD_BUF];
+    match super::ktls::read_record(src, &mut buf, &mut carry).await {
+        Ok(super::ktls::Next::Data(n)) => {
+            write_all(dst, &buf[..n])
+                .await
+                .map_err(|e| dir.write_err(e))?;
+            match dir {
+                Dir::Up => counters.add_up(n),
+                Dir::Down => counters.add_down(n),
+            }
+            Ok(Slowed::Record { carry, eof: false })
         }
-        if progressed {
-            continue;
-        }
-        let want_read = !eof && !at_record && pending < cap && !pipe_full;
-        let want_write = pending > 0;
-        tokio::select! {
-            r = src.ready(Interest::READABLE), if want_read => r.map_err(|e| dir.read_err(e))?,
-            r = dst.ready(Interest::WRITABLE), if want_write => r.map_err(|e| dir.write_err(e))?,
-            // Not reachable (a full pipe holds bytes to write), but never spin or panic.
-            else => tokio::task::yield_now().await,
-        }
+        Ok(super::ktls::Next::Eof) => Ok(Slowed::Record { carry, eof: true }),
+        Ok(super::ktls::Next::Ignored) => Ok(Slowed::Record { carry, eof: false }),
+        Err(e) => Err(dir.read_err(e)),
     }
 }
 

@@ -13,12 +13,12 @@ use super::http::{HeadLimits, RequestHead};
 use super::read_head;
 use crate::auth::{Admission, Grant};
 use crate::config::ConnectAuth;
+use crate::console::ComputeIo;
 use crate::console::{ConsoleKind, Host, Target, split_host_port};
-use crate::control::audit::SessionRecord;
 use crate::control::metrics;
-use crate::datapath::{Counters, End};
+use crate::datapath::End;
 use crate::error::Refusal;
-use crate::session::{Context, establish, log_end, refuse};
+use crate::session::{Context, Established, Parties, establish, refuse};
 
 /// What an admitted CONNECT request opens.
 struct Admitted {
@@ -46,7 +46,7 @@ impl Admitted {
 }
 
 /// Serves one tenant connection on a CONNECT listener.
-pub async fn serve(mut tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
+pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
     let guard = ctx.live.enter();
     let accepted = std::time::Instant::now();
     let span = tracing::info_span!(
@@ -60,126 +60,20 @@ pub async fn serve(mut tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
         compute.addr = tracing::field::Empty,
         datapath = tracing::field::Empty,
     );
-    // Each phase's future is boxed so the session task holds only the
-    // phase it is in (see front/ws.rs).
+    // The handshake phase is boxed and dropped once done, so an idle
+    // session's task holds only `Established` and the rung it runs on.
     async move {
-        let _ = tcp.set_nodelay(true);
-        let limits = HeadLimits::default();
-        let read = Box::pin(read_head(&mut tcp, &limits));
-        let (head, rest) = match tokio::time::timeout(ctx.handshake_timeout, read).await {
-            Ok(Ok(v)) => v,
-            Ok(Err(Some(r))) => return refuse(&mut tcp, r).await,
-            Ok(Err(None)) => return,
-            Err(_) => return refuse(&mut tcp, Refusal::HandshakeTimeout).await,
-        };
-        let source = ctx.record_forwarded(&head, peer);
-        let tenant = if source == peer.ip() {
-            peer
-        } else {
-            SocketAddr::new(source, 0)
-        };
-        let resolving = std::time::Instant::now();
-        let admitted = Box::pin(admit(&ctx, &head, tenant)).await;
-        metrics::resolved("connect", admitted.is_ok(), resolving.elapsed());
-        let admitted = match admitted {
-            Ok(a) => a,
-            Err(r) => return refuse(&mut tcp, r).await,
-        };
-        let token_id = admitted.token.as_ref().map(|a| a.token_id);
-        let _slot = match ctx.limits.acquire(source, token_id) {
-            Ok(s) => s,
-            Err(r) => return refuse(&mut tcp, r).await,
-        };
-        let span = tracing::Span::current();
-        if let Some(k) = admitted.kind {
-            span.record("console.kind", k.as_str());
-        }
-        if let Some(a) = &admitted.token {
-            span.record("token.id", tracing::field::display(a.token_id));
-        }
-        span.record("compute.addr", tracing::field::display(&admitted.target));
-        let grant = admitted.grant();
-        let session = ctx.sessions.register(
-            guard.id,
-            "connect",
-            tenant,
-            grant.kind.as_str(),
-            admitted.target.to_string(),
-            admitted.token.as_ref(),
-        );
-        let security = match ctx.security(&grant) {
-            Ok(s) => s,
-            Err(r) => return refuse(&mut tcp, r).await,
-        };
-        let compute = match Box::pin(ctx.dial(&admitted.target)).await {
-            Ok(c) => c,
-            Err(r) => return refuse(&mut tcp, r).await,
-        };
-        if let Err(e) = tcp
-            .write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n")
-            .await
-        {
-            tracing::info!(error = %e, "tenant went away before the tunnel opened");
+        let Some((est, tenant, compute)) = Box::pin(handshake(&ctx, tcp, peer, guard.id)).await
+        else {
             return;
-        }
-        // Bytes the tenant sent right after the head belong to the console.
-        let mut tenant = Prefixed {
-            prefix: rest,
-            inner: tcp,
         };
-        let (mut compute, negotiated) = match Box::pin(establish(
-            &ctx,
-            grant.kind,
-            admitted.token.as_ref(),
-            &security,
-            compute,
-            &mut tenant,
-        ))
-        .await
-        {
-            Ok(v) => v,
-            Err(e) => {
-                tracing::warn!(
-                    reason = e.kind(),
-                    side = %e.side(),
-                    profile = security.profile.as_deref().unwrap_or("-"),
-                    error = %e,
-                    "console handshake failed"
-                );
-                return;
-            }
-        };
-        let counters = Counters::new();
-        let Prefixed { prefix, inner: tcp } = tenant;
-        if !prefix.is_empty() {
-            let written = match compute.write_all(&prefix).await {
-                Ok(()) => compute.flush().await,
-                Err(e) => Err(e),
-            };
-            if let Err(e) = written {
-                tracing::info!(error = %e, "compute write failed");
-                return;
-            }
-            counters.add_up(prefix.len());
-        }
-        drop(prefix);
-        tracing::info!(security = %negotiated, "console handshake done");
-        let compute_tls = compute.is_tls();
-        if compute_tls && let Err(e) = compute.flush().await {
-            tracing::info!(error = %e, "compute write failed");
-            return;
-        }
-        let session_metrics = metrics::SessionMetrics::established(
-            "connect",
-            grant.kind.as_str(),
-            accepted.elapsed(),
-        );
+        est.chosen("-", accepted.elapsed());
         let pump = Box::pin(crate::ladder::pump_raw(
             &ctx,
-            tcp,
+            tenant,
             compute,
-            &counters,
-            session.stop_signal(),
+            &est.counters,
+            est.stop_signal(),
         ));
         // At the maximum duration both sockets are dropped (closed): a raw
         // tunnel has no close frame to carry a reason.
@@ -189,15 +83,111 @@ pub async fn serve(mut tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
                 .unwrap_or((End::MaxDuration, "-")),
             None => pump.await,
         };
-        log_end(&end, &counters, compute_tls);
-        session_metrics.ended(
-            datapath,
-            end.kind(),
-            counters.up_bytes(),
-            counters.down_bytes(),
-        );
-        ctx.audit.session(&SessionRecord {
-            session_id: guard.id,
+        est.finish(&ctx.audit, &end, Some(datapath));
+        drop(guard);
+    }
+    .instrument(span)
+    .await;
+}
+
+/// Head, token, limits, dial and the console handshake of one CONNECT
+/// session. Returns the established session and its two legs, or `None`
+/// once the tenant has been refused (or went away) and it was logged.
+async fn handshake(
+    ctx: &Context,
+    mut tcp: TcpStream,
+    peer: SocketAddr,
+    session_id: u64,
+) -> Option<(Established, TcpStream, ComputeIo)> {
+    let _ = tcp.set_nodelay(true);
+    let limits = HeadLimits::default();
+    let read = Box::pin(read_head(&mut tcp, &limits));
+    let (head, rest) = match tokio::time::timeout(ctx.handshake_timeout, read).await {
+        Ok(Ok(v)) => v,
+        Ok(Err(Some(r))) => return refused(&mut tcp, r).await,
+        Ok(Err(None)) => return None,
+        Err(_) => return refused(&mut tcp, Refusal::HandshakeTimeout).await,
+    };
+    let source = ctx.record_forwarded(&head, peer);
+    let tenant = if source == peer.ip() {
+        peer
+    } else {
+        SocketAddr::new(source, 0)
+    };
+    let resolving = std::time::Instant::now();
+    let admitted = Box::pin(admit(ctx, &head, tenant)).await;
+    metrics::resolved("connect", admitted.is_ok(), resolving.elapsed());
+    let admitted = match admitted {
+        Ok(a) => a,
+        Err(r) => return refused(&mut tcp, r).await,
+    };
+    let token_id = admitted.token.as_ref().map(|a| a.token_id);
+    let slot = match ctx.limits.acquire(source, token_id) {
+        Ok(s) => s,
+        Err(r) => return refused(&mut tcp, r).await,
+    };
+    let span = tracing::Span::current();
+    if let Some(k) = admitted.kind {
+        span.record("console.kind", k.as_str());
+    }
+    if let Some(a) = &admitted.token {
+        span.record("token.id", tracing::field::display(a.token_id));
+    }
+    span.record("compute.addr", tracing::field::display(&admitted.target));
+    let grant = admitted.grant();
+    let session = ctx.sessions.register(
+        session_id,
+        "connect",
+        tenant,
+        grant.kind.as_str(),
+        admitted.target.to_string(),
+        admitted.token.as_ref(),
+    );
+    let security = match ctx.security(&grant) {
+        Ok(s) => s,
+        Err(r) => return refused(&mut tcp, r).await,
+    };
+    let compute = match Box::pin(ctx.dial(&admitted.target)).await {
+        Ok(c) => c,
+        Err(r) => return refused(&mut tcp, r).await,
+    };
+    if let Err(e) = tcp
+        .write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+        .await
+    {
+        tracing::info!(error = %e, "tenant went away before the tunnel opened");
+        return None;
+    }
+    // Bytes the tenant sent right after the head belong to the console.
+    let mut tenant_io = Prefixed {
+        prefix: rest,
+        inner: tcp,
+    };
+    let (mut compute, negotiated) = match Box::pin(establish(
+        ctx,
+        grant.kind,
+        admitted.token.as_ref(),
+        &security,
+        compute,
+        &mut tenant_io,
+    ))
+    .await
+    {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::warn!(
+                reason = e.kind(),
+                side = %e.side(),
+                profile = security.profile.as_deref().unwrap_or("-"),
+                error = %e,
+                "console handshake failed"
+            );
+            return None;
+        }
+    };
+    let est = Established::new(
+        Parties {
+            session_id,
             front: "connect",
             tenant: source,
             via: (source != peer.ip()).then_some(peer),
@@ -205,18 +195,38 @@ pub async fn serve(mut tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
             console_kind: grant.kind.as_str(),
             compute: admitted.target.to_string(),
             security: negotiated.to_string(),
-            datapath,
-            started: std::time::SystemTime::now() - counters.elapsed(),
-            duration: counters.elapsed(),
-            bytes_up: counters.up_bytes(),
-            bytes_down: counters.down_bytes(),
-            end: end.kind(),
-        });
-        drop(session);
-        drop(guard);
+            compute_tls: compute.is_tls(),
+        },
+        slot,
+        session,
+    );
+    let Prefixed { prefix, inner: tcp } = tenant_io;
+    if !prefix.is_empty() {
+        let written = match compute.write_all(&prefix).await {
+            Ok(()) => compute.flush().await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = written {
+            tracing::info!(error = %e, "compute write failed");
+            return None;
+        }
+        est.counters.add_up(prefix.len());
     }
-    .instrument(span)
-    .await;
+    drop(prefix);
+    tracing::info!(security = %negotiated, "console handshake done");
+    if compute.is_tls()
+        && let Err(e) = compute.flush().await
+    {
+        tracing::info!(error = %e, "compute write failed");
+        return None;
+    }
+    Some((est, tcp, compute))
+}
+
+/// [`refuse`], for a handshake phase that then gives up.
+async fn refused<T>(tcp: &mut TcpStream, r: Refusal) -> Option<T> {
+    refuse(tcp, r).await;
+    None
 }
 
 async fn admit(ctx: &Context, head: &RequestHead, peer: SocketAddr) -> Result<Admitted, Refusal> {

@@ -11,14 +11,15 @@ use tracing::Instrument as _;
 use super::http::{HeadLimits, RequestHead, decode_component};
 use super::websocket::frame::close_code;
 use super::websocket::handshake::{check_upgrade, switching_response};
-use super::websocket::stream::WsStream;
+use super::websocket::message::Mode;
+use super::websocket::stream::{WsParts, WsStream};
 use super::{TenantStream, read_head, web};
-use crate::control::audit::SessionRecord;
+use crate::console::ComputeIo;
 use crate::control::metrics;
+use crate::datapath::End;
 use crate::datapath::websocket::{CLOSE_GRACE, WsSettings};
-use crate::datapath::{Counters, End};
 use crate::error::Refusal;
-use crate::session::{Context, establish, log_end, refuse};
+use crate::session::{Context, Established, Parties, establish, refuse};
 
 /// Serves one tenant connection on a WebSocket listener.
 pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
@@ -35,158 +36,185 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
         compute.addr = tracing::field::Empty,
         datapath = tracing::field::Empty,
     );
-    // Each phase's future is boxed (`Box::pin`) so that the session task
-    // holds only the phase it is in: an idle session keeps the pump's
-    // state, not the largest handshake state (a few KiB) for its lifetime.
+    // Each phase's future is boxed (`Box::pin`) and the handshake's state
+    // is dropped once done, so that the session task holds only the phase
+    // it is in: an idle session keeps `Established` and the pump's state,
+    // not the largest handshake state (a few KiB) for its lifetime.
     async move {
-        let _ = tcp.set_nodelay(true);
-        // Slow or silent tenants (slow-loris) get one deadline for TLS and head.
-        let deadline = tokio::time::Instant::now() + ctx.handshake_timeout;
-        let mut stream = match &ctx.tenant_tls {
-            Some(tls) => {
-                let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
-                let corked = crate::offload::Cork::for_leg(tcp);
-                match tokio::time::timeout_at(deadline, Box::pin(acceptor.accept(corked))).await {
-                    Ok(Ok(s)) => TenantStream::Tls(Box::new(s)),
-                    Ok(Err(e)) => {
-                        crate::error::count_refusal(Refusal::TlsHandshake.kind());
-                        tracing::info!(reason = %Refusal::TlsHandshake, error = %e, "session refused");
-                        return;
-                    }
-                    Err(_) => {
-                        crate::error::count_refusal(Refusal::HandshakeTimeout.kind());
-                        tracing::warn!(reason = %Refusal::HandshakeTimeout, "session refused");
-                        return;
-                    }
-                }
-            }
-            None => TenantStream::Plain(tcp),
-        };
-        let (head, rest) =
-            match tokio::time::timeout_at(deadline, Box::pin(read_head(&mut stream, &HeadLimits::default())))
-                .await
-            {
-                Ok(Ok(v)) => v,
-                Ok(Err(Some(r))) => return refuse(&mut stream, r).await,
-                Ok(Err(None)) => return,
-                Err(_) => return refuse(&mut stream, Refusal::HandshakeTimeout).await,
-            };
-        // Plain GET/HEAD: the web console and --web files (docs/contract.md).
-        if !head.header_has_token("upgrade", "websocket")
-            && Box::pin(web::serve(&ctx.web, &head, &mut stream)).await == web::Outcome::Done
-        {
+        let Some(hs) = Box::pin(handshake(&ctx, tcp, peer, guard.id)).await else {
             return;
-        }
-        let source = ctx.record_forwarded(&head, peer);
-        // The tenant: the forwarded address from a trusted balancer, or the peer.
-        let tenant = if source == peer.ip() {
-            peer
-        } else {
-            SocketAddr::new(source, 0)
         };
-        let resolving = std::time::Instant::now();
-        let admitted = Box::pin(admit(&ctx, &head, tenant)).await;
-        metrics::resolved("websocket", admitted.is_ok(), resolving.elapsed());
-        let (upgrade, admission) = match admitted {
-            Ok(v) => v,
-            Err(r) => return refuse(&mut stream, r).await,
-        };
-        let _slot = match ctx.limits.acquire(source, Some(admission.token_id)) {
-            Ok(s) => s,
-            Err(r) => return refuse(&mut stream, r).await,
-        };
-        let grant = &admission.grant;
-        let span = tracing::Span::current();
-        span.record("console.kind", grant.kind.as_str());
-        span.record("token.id", tracing::field::display(admission.token_id));
-        span.record("compute.addr", tracing::field::display(&grant.target));
-        let session = ctx.sessions.register(
-            guard.id,
-            "websocket",
-            tenant,
-            grant.kind.as_str(),
-            grant.target.to_string(),
-            Some(&admission),
-        );
-        let security = match ctx.security(grant) {
-            Ok(s) => s,
-            Err(r) => return refuse(&mut stream, r).await,
-        };
-        let compute = match Box::pin(ctx.dial(&grant.target)).await {
-            Ok(c) => c,
-            Err(r) => return refuse(&mut stream, r).await,
-        };
-        if let Err(e) = stream.write_all(&switching_response(&upgrade)).await {
-            tracing::info!(error = %e, "tenant went away during upgrade");
-            return;
-        }
-        let mut ws = WsStream::new(stream, rest, upgrade.mode);
-        let (compute, negotiated) =
-            match Box::pin(establish(&ctx, grant.kind, Some(&admission), &security, compute, &mut ws)).await {
-                Ok(v) => v,
-                Err(e) => {
-                    tracing::warn!(
-                        reason = e.kind(),
-                        side = %e.side(),
-                        profile = security.profile.as_deref().unwrap_or("-"),
-                        error = %e,
-                        "console handshake failed"
-                    );
-                    ws.queue_close(close_code::COMPUTE_ERROR, e.tenant_reason());
-                    let _ = tokio::time::timeout(CLOSE_GRACE, ws.flush()).await;
-                    return;
-                }
-            };
-        if let Err(e) = ws.flush().await {
-            tracing::info!(error = %e, "tenant went away during the handshake");
-            return;
-        }
-        let counters = Counters::new();
+        let Handshaken {
+            est,
+            ws,
+            compute,
+            mode,
+            profile,
+        } = hs;
         let settings = WsSettings {
-            mode: upgrade.mode,
+            mode,
             idle: ctx.idle_timeout,
             ping_interval: ctx.ping_interval,
             max_duration: ctx.max_duration,
         };
-        let compute_tls = compute.is_tls();
-        let chosen = std::sync::OnceLock::new();
-        let session_metrics = std::sync::OnceLock::new();
         let established = |datapath: &'static str| {
-            let _ = chosen.set(datapath);
-            let _ = session_metrics.set(metrics::SessionMetrics::established(
-                "websocket",
-                grant.kind.as_str(),
-                accepted.elapsed(),
-            ));
+            est.chosen(datapath, accepted.elapsed());
             tracing::info!(
-                mode = upgrade.mode.name(),
-                security = %negotiated,
-                profile = security.profile.as_deref().unwrap_or("-"),
+                mode = mode.name(),
+                security = est.security(),
+                profile = profile.as_deref().unwrap_or("-"),
                 datapath,
                 "session established"
             );
         };
         let end: End = Box::pin(crate::ladder::pump_ws(
             &ctx,
-            ws.into_parts(),
+            ws,
             compute,
             settings,
-            &counters,
-            session.stop_signal(),
+            &est.counters,
+            est.stop_signal(),
             established,
         ))
         .await;
-        log_end(&end, &counters, compute_tls);
-        if let Some(m) = session_metrics.get() {
-            m.ended(
-                chosen.get().copied().unwrap_or("-"),
-                end.kind(),
-                counters.up_bytes(),
-                counters.down_bytes(),
-            );
+        est.finish(&ctx.audit, &end, None);
+        drop(guard);
+    }
+    .instrument(span)
+    .await;
+}
+
+/// A WebSocket session whose handshake phase is done.
+struct Handshaken {
+    est: Established,
+    ws: WsParts<TenantStream>,
+    compute: ComputeIo,
+    mode: Mode,
+    /// The console security profile, for the `session established` line.
+    profile: Option<Box<str>>,
+}
+
+/// TLS, head, upgrade, token, limits, dial and the console handshake of
+/// one WebSocket session (or a plain GET served from the web files).
+/// Returns `None` once the tenant has been refused (or went away, or was
+/// served a file) and it was logged.
+async fn handshake(
+    ctx: &Context,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    session_id: u64,
+) -> Option<Handshaken> {
+    let _ = tcp.set_nodelay(true);
+    // Slow or silent tenants (slow-loris) get one deadline for TLS and head.
+    let deadline = tokio::time::Instant::now() + ctx.handshake_timeout;
+    let mut stream = match &ctx.tenant_tls {
+        Some(tls) => {
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
+            let corked = crate::offload::Cork::for_leg(tcp);
+            match tokio::time::timeout_at(deadline, Box::pin(acceptor.accept(corked))).await {
+                Ok(Ok(s)) => TenantStream::Tls(Box::new(s)),
+                Ok(Err(e)) => {
+                    crate::error::count_refusal(Refusal::TlsHandshake.kind());
+                    tracing::info!(reason = %Refusal::TlsHandshake, error = %e, "session refused");
+                    return None;
+                }
+                Err(_) => {
+                    crate::error::count_refusal(Refusal::HandshakeTimeout.kind());
+                    tracing::warn!(reason = %Refusal::HandshakeTimeout, "session refused");
+                    return None;
+                }
+            }
         }
-        ctx.audit.session(&SessionRecord {
-            session_id: guard.id,
+        None => TenantStream::Plain(tcp),
+    };
+    let limits = HeadLimits::default();
+    let read = Box::pin(read_head(&mut stream, &limits));
+    let (head, rest) = match tokio::time::timeout_at(deadline, read).await {
+        Ok(Ok(v)) => v,
+        Ok(Err(Some(r))) => return refused(&mut stream, r).await,
+        Ok(Err(None)) => return None,
+        Err(_) => return refused(&mut stream, Refusal::HandshakeTimeout).await,
+    };
+    // Plain GET/HEAD: the web console and --web files (docs/contract.md).
+    if !head.header_has_token("upgrade", "websocket")
+        && Box::pin(web::serve(&ctx.web, &head, &mut stream)).await == web::Outcome::Done
+    {
+        return None;
+    }
+    let source = ctx.record_forwarded(&head, peer);
+    // The tenant: the forwarded address from a trusted balancer, or the peer.
+    let tenant = if source == peer.ip() {
+        peer
+    } else {
+        SocketAddr::new(source, 0)
+    };
+    let resolving = std::time::Instant::now();
+    let admitted = Box::pin(admit(ctx, &head, tenant)).await;
+    metrics::resolved("websocket", admitted.is_ok(), resolving.elapsed());
+    let (upgrade, admission) = match admitted {
+        Ok(v) => v,
+        Err(r) => return refused(&mut stream, r).await,
+    };
+    let slot = match ctx.limits.acquire(source, Some(admission.token_id)) {
+        Ok(s) => s,
+        Err(r) => return refused(&mut stream, r).await,
+    };
+    let grant = &admission.grant;
+    let span = tracing::Span::current();
+    span.record("console.kind", grant.kind.as_str());
+    span.record("token.id", tracing::field::display(admission.token_id));
+    span.record("compute.addr", tracing::field::display(&grant.target));
+    let session = ctx.sessions.register(
+        session_id,
+        "websocket",
+        tenant,
+        grant.kind.as_str(),
+        grant.target.to_string(),
+        Some(&admission),
+    );
+    let security = match ctx.security(grant) {
+        Ok(s) => s,
+        Err(r) => return refused(&mut stream, r).await,
+    };
+    let compute = match Box::pin(ctx.dial(&grant.target)).await {
+        Ok(c) => c,
+        Err(r) => return refused(&mut stream, r).await,
+    };
+    if let Err(e) = stream.write_all(&switching_response(&upgrade)).await {
+        tracing::info!(error = %e, "tenant went away during upgrade");
+        return None;
+    }
+    let mut ws = WsStream::new(stream, rest, upgrade.mode);
+    let establishing = establish(
+        ctx,
+        grant.kind,
+        Some(&admission),
+        &security,
+        compute,
+        &mut ws,
+    );
+    let (compute, negotiated) = match Box::pin(establishing).await {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::warn!(
+                reason = e.kind(),
+                side = %e.side(),
+                profile = security.profile.as_deref().unwrap_or("-"),
+                error = %e,
+                "console handshake failed"
+            );
+            ws.queue_close(close_code::COMPUTE_ERROR, e.tenant_reason());
+            let _ = tokio::time::timeout(CLOSE_GRACE, ws.flush()).await;
+            return None;
+        }
+    };
+    if let Err(e) = ws.flush().await {
+        tracing::info!(error = %e, "tenant went away during the handshake");
+        return None;
+    }
+    let est = Established::new(
+        Parties {
+            session_id,
             front: "websocket",
             tenant: source,
             via: (source != peer.ip()).then_some(peer),
@@ -194,18 +222,24 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
             console_kind: grant.kind.as_str(),
             compute: grant.target.to_string(),
             security: negotiated.to_string(),
-            datapath: chosen.get().copied().unwrap_or("-"),
-            started: std::time::SystemTime::now() - counters.elapsed(),
-            duration: counters.elapsed(),
-            bytes_up: counters.up_bytes(),
-            bytes_down: counters.down_bytes(),
-            end: end.kind(),
-        });
-        drop(session);
-        drop(guard);
-    }
-    .instrument(span)
-    .await;
+            compute_tls: compute.is_tls(),
+        },
+        slot,
+        session,
+    );
+    Some(Handshaken {
+        est,
+        ws: ws.into_parts(),
+        compute,
+        mode: upgrade.mode,
+        profile: security.profile.as_deref().map(Box::from),
+    })
+}
+
+/// [`refuse`], for a handshake phase that then gives up.
+async fn refused<T>(stream: &mut TenantStream, r: Refusal) -> Option<T> {
+    refuse(stream, r).await;
+    None
 }
 
 /// Validates the upgrade, Origin and token; returns the upgrade and grant.
