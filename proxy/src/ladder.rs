@@ -18,18 +18,49 @@ use crate::datapath::splice::{Socket, Splicer};
 use crate::datapath::{Counters, End, copy};
 use crate::session::Context;
 
-/// Runs the data path of an established raw (CONNECT) session: splice
+/// A session's rung, chosen: either it already ran (kTLS, sockmap: their
+/// set-up and pump are one), or its boxed pump is returned for the caller
+/// to await, so that while the session runs only the rung's state is
+/// held, not the ladder's.
+pub enum Rung<'a> {
+    Ended(End, &'static str),
+    Run(
+        std::pin::Pin<Box<dyn std::future::Future<Output = End> + Send + 'a>>,
+        &'static str,
+    ),
+}
+
+impl std::fmt::Debug for Rung<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Rung::Ended(end, datapath) => write!(f, "Ended({end:?}, {datapath})"),
+            Rung::Run(_, datapath) => write!(f, "Run({datapath})"),
+        }
+    }
+}
+
+impl Rung<'_> {
+    /// Runs the rung to its end; returns how it ended and its name.
+    pub async fn finish(self) -> (End, &'static str) {
+        match self {
+            Rung::Ended(end, datapath) => (end, datapath),
+            Rung::Run(pump, datapath) => (pump.await, datapath),
+        }
+    }
+}
+
+/// Chooses the data path of an established raw (CONNECT) session: splice
 /// when both legs are plain sockets and the configuration allows it, the
 /// userspace copy otherwise. Records the choice in the span (`datapath`)
 /// and logs "session established" with it. Returns how the session ended
 /// and the data path it ran on.
-pub async fn pump_raw(
-    ctx: &Context,
+pub async fn choose_raw<'a>(
+    ctx: &'a Context,
     tenant: tokio::net::TcpStream,
     compute: ComputeIo,
-    counters: &Counters,
+    counters: &'a Counters,
     stop: tokio::sync::watch::Receiver<bool>,
-) -> (End, &'static str) {
+) -> Rung<'a> {
     let span = tracing::Span::current();
     // kTLS: a TLS compute leg handed to the kernel, then splice.
     let (tenant, compute) = match Box::pin(crate::offload::pump_raw(
@@ -41,12 +72,12 @@ pub async fn pump_raw(
     ))
     .await
     {
-        Ok(done) => return done,
+        Ok((end, datapath)) => return Rung::Ended(end, datapath),
         Err(legs) => legs,
     };
     let (tenant, compute) = if ctx.datapath == DatapathMode::Sockmap {
         match Box::pin(try_sockmap(ctx, tenant, compute, counters, stop.clone())).await {
-            Ok(end) => return (end, "sockmap"),
+            Ok(end) => return Rung::Ended(end, "sockmap"),
             Err(legs) => legs,
         }
     } else {
@@ -66,15 +97,14 @@ pub async fn pump_raw(
                         ComputeStream::Tcp(s) => Socket::Tcp(s),
                         ComputeStream::Unix(s) => Socket::Unix(s),
                     };
-                    let end = Box::pin(uring.run(
+                    let run = uring.run(
                         Socket::Tcp(tenant),
                         compute,
                         counters,
                         ctx.idle_timeout,
-                        stop.clone(),
-                    ))
-                    .await;
-                    return (end, "uring");
+                        stop,
+                    );
+                    return Rung::Run(Box::pin(run), "uring");
                 }
                 Err(e) => {
                     // Start-up already warned once if io_uring is missing.
@@ -100,15 +130,14 @@ pub async fn pump_raw(
                     ComputeStream::Tcp(s) => Socket::Tcp(s),
                     ComputeStream::Unix(s) => Socket::Unix(s),
                 };
-                let end = Box::pin(splicer.run(
+                let run = splicer.run(
                     Socket::Tcp(tenant),
                     compute,
                     counters,
                     ctx.idle_timeout,
-                    stop.clone(),
-                ))
-                .await;
-                return (end, "splice");
+                    stop,
+                );
+                return Rung::Run(Box::pin(run), "splice");
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot create pipes for splice: using the copy");
@@ -119,15 +148,8 @@ pub async fn pump_raw(
     };
     span.record("datapath", "copy");
     tracing::info!(datapath = "copy", "session established");
-    let end = Box::pin(copy::bidirectional(
-        tenant,
-        compute,
-        counters,
-        ctx.idle_timeout,
-        stop.clone(),
-    ))
-    .await;
-    (end, "copy")
+    let run = copy::bidirectional(tenant, compute, counters, ctx.idle_timeout, stop);
+    Rung::Run(Box::pin(run), "copy")
 }
 
 /// The opt-in sockmap rung (`kernel.datapath = "sockmap"`): both legs plain
@@ -187,15 +209,15 @@ async fn try_sockmap(
 /// mode and the compute leg a plain socket, the userspace pump otherwise.
 /// Records the choice in the span and calls `established` with it before
 /// the pump starts.
-pub async fn pump_ws(
-    ctx: &Context,
+pub async fn choose_ws<'a>(
+    ctx: &'a Context,
     tenant: crate::front::websocket::stream::WsParts<crate::front::TenantStream>,
     compute: ComputeIo,
     settings: crate::datapath::websocket::WsSettings,
-    counters: &Counters,
+    counters: &'a Counters,
     stop: tokio::sync::watch::Receiver<bool>,
     established: impl FnOnce(&'static str),
-) -> End {
+) -> Rung<'a> {
     use crate::front::TenantStream;
     use crate::front::websocket::message::Mode;
     use crate::front::websocket::stream::WsParts;
@@ -213,11 +235,11 @@ pub async fn pump_ws(
     ))
     .await
     {
-        Ok(end) => return end,
+        Ok(end) => return Rung::Ended(end, "ktls+splice"),
         Err(legs) => legs,
     };
     let Some(established) = established else {
-        return End::ComputeIo("data path chosen twice".into());
+        return Rung::Ended(End::ComputeIo("data path chosen twice".into()), "-");
     };
     let WsParts {
         inner,
@@ -244,16 +266,10 @@ pub async fn pump_ws(
                         pending,
                         inbound,
                     };
-                    return Box::pin(crate::datapath::ws_splice::pump(
-                        parts,
-                        false,
-                        compute,
-                        pipe,
-                        settings,
-                        counters,
-                        stop.clone(),
-                    ))
-                    .await;
+                    let run = crate::datapath::ws_splice::pump(
+                        parts, false, compute, pipe, settings, counters, stop,
+                    );
+                    return Rung::Run(Box::pin(run), "splice");
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot create a pipe for splice: using the copy");
@@ -271,12 +287,6 @@ pub async fn pump_ws(
         pending,
         inbound,
     };
-    Box::pin(crate::datapath::websocket::pump(
-        parts,
-        compute,
-        settings,
-        counters,
-        stop.clone(),
-    ))
-    .await
+    let run = crate::datapath::websocket::pump(parts, compute, settings, counters, stop);
+    Rung::Run(Box::pin(run), "copy")
 }

@@ -96,7 +96,7 @@ impl SessionTable {
             table: Arc::clone(self),
             id,
             stop: rx,
-            uses: admission.and_then(|a| a.uses.clone()),
+            uses: admission.and_then(|a| a.uses.clone()).map(Box::new),
             token_id: admission.map(|a| a.token_id),
         }
     }
@@ -144,7 +144,7 @@ pub struct SessionHandle {
     table: Arc<SessionTable>,
     id: u64,
     stop: watch::Receiver<bool>,
-    uses: Option<UseClaim>,
+    uses: Option<Box<UseClaim>>,
     token_id: Option<TokenId>,
 }
 

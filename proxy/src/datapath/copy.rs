@@ -4,7 +4,10 @@
 
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 
 use super::lazybuf::LazyBuf;
@@ -26,61 +29,138 @@ impl Dir {
     }
 }
 
-async fn pump<R, W>(mut r: R, mut w: W, dir: Dir, counters: &Counters) -> Result<(), End>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut buf = LazyBuf::new(0, BUF);
-    loop {
-        let n = match buf.read(&mut r).await {
-            Ok(n) => n,
-            // A TLS compute peer that closes without close_notify (QEMU
-            // does) after the console ran: an ordinary end. Before any byte
-            // it is a failure (e.g. QEMU refusing our client certificate).
-            Err(e)
-                if e.kind() == std::io::ErrorKind::UnexpectedEof
-                    && matches!(dir, Dir::Down)
-                    && counters.down_bytes() > 0 =>
-            {
-                0
-            }
-            Err(e) => {
-                return Err(match dir {
-                    Dir::Up => End::TenantIo(e.to_string()),
-                    Dir::Down => End::ComputeIo(e.to_string()),
-                });
-            }
-        };
-        tracing::trace!(dir = dir.name(), n, "read");
-        if n == 0 {
-            // Pass the half-close on; the other direction keeps flowing.
-            let _ = w.shutdown().await;
-            return Ok(());
+/// Where one direction is.
+#[derive(Debug, Clone, Copy)]
+enum St {
+    Read,
+    /// Writing the `n` bytes read, `off` of them written.
+    Write {
+        n: usize,
+        off: usize,
+    },
+    /// Flushing after writing `n` bytes: a TLS writer (rustls) may keep
+    /// bytes buffered after its writes return when its socket would block,
+    /// and they would wait for the next chunk (a stalled console until the
+    /// tenant sends again).
+    Flush {
+        n: usize,
+    },
+    /// End of stream read: passing the half-close on.
+    Shutdown,
+    Done,
+}
+
+/// One direction, polled by hand (no nested futures): an idle direction
+/// is its state and an unallocated [`LazyBuf`].
+struct Half {
+    dir: Dir,
+    buf: LazyBuf,
+    /// The current read has started its idle timer.
+    armed: bool,
+    st: St,
+}
+
+impl Half {
+    fn new(dir: Dir) -> Self {
+        Self {
+            dir,
+            buf: LazyBuf::new(0, BUF),
+            armed: false,
+            st: St::Read,
         }
-        // A TLS writer (rustls) may keep bytes buffered after `write_all`
-        // returns when its socket would block: flush, or they wait for the
-        // next chunk (a stalled console until the tenant sends again).
-        let written = match w.write_all(buf.data(n)).await {
-            Ok(()) => w.flush().await,
-            Err(e) => Err(e),
-        };
-        if let Err(e) = written {
-            return Err(match dir {
-                Dir::Up => End::ComputeIo(e.to_string()),
-                Dir::Down => End::TenantIo(e.to_string()),
-            });
+    }
+
+    fn read_err(&self, e: std::io::Error) -> End {
+        match self.dir {
+            Dir::Up => End::TenantIo(e.to_string()),
+            Dir::Down => End::ComputeIo(e.to_string()),
         }
-        tracing::trace!(dir = dir.name(), n, "written");
-        match dir {
-            Dir::Up => counters.add_up(n),
-            Dir::Down => counters.add_down(n),
+    }
+
+    fn write_err(&self, e: std::io::Error) -> End {
+        match self.dir {
+            Dir::Up => End::ComputeIo(e.to_string()),
+            Dir::Down => End::TenantIo(e.to_string()),
+        }
+    }
+
+    /// Moves bytes from `r` to `w` until one of them is not ready;
+    /// `Ready(Ok)` once the direction is done (and on every poll after).
+    fn poll<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut r: Pin<&mut R>,
+        mut w: Pin<&mut W>,
+        counters: &Counters,
+    ) -> Poll<Result<(), End>>
+    where
+        R: AsyncRead + ?Sized,
+        W: AsyncWrite + ?Sized,
+    {
+        loop {
+            match self.st {
+                St::Read => {
+                    let n = match ready!(self.buf.poll_read(r.as_mut(), cx, &mut self.armed)) {
+                        Ok(n) => n,
+                        // A TLS compute peer that closes without close_notify
+                        // (QEMU does) after the console ran: an ordinary end.
+                        // Before any byte it is a failure (e.g. QEMU refusing
+                        // our client certificate).
+                        Err(e)
+                            if e.kind() == std::io::ErrorKind::UnexpectedEof
+                                && matches!(self.dir, Dir::Down)
+                                && counters.down_bytes() > 0 =>
+                        {
+                            0
+                        }
+                        Err(e) => return Poll::Ready(Err(self.read_err(e))),
+                    };
+                    self.armed = false;
+                    tracing::trace!(dir = self.dir.name(), n, "read");
+                    self.st = if n == 0 {
+                        St::Shutdown
+                    } else {
+                        St::Write { n, off: 0 }
+                    };
+                }
+                St::Write { n, off } => {
+                    let data = &self.buf.data(n)[off..];
+                    match ready!(w.as_mut().poll_write(cx, data)) {
+                        Ok(0) => {
+                            return Poll::Ready(Err(
+                                self.write_err(std::io::ErrorKind::WriteZero.into())
+                            ));
+                        }
+                        Ok(m) if off + m >= n => self.st = St::Flush { n },
+                        Ok(m) => self.st = St::Write { n, off: off + m },
+                        Err(e) => return Poll::Ready(Err(self.write_err(e))),
+                    }
+                }
+                St::Flush { n } => {
+                    if let Err(e) = ready!(w.as_mut().poll_flush(cx)) {
+                        return Poll::Ready(Err(self.write_err(e)));
+                    }
+                    tracing::trace!(dir = self.dir.name(), n, "written");
+                    match self.dir {
+                        Dir::Up => counters.add_up(n),
+                        Dir::Down => counters.add_down(n),
+                    }
+                    self.st = St::Read;
+                }
+                St::Shutdown => {
+                    // Pass the half-close on; the other direction keeps flowing.
+                    let _ = ready!(w.as_mut().poll_shutdown(cx));
+                    self.st = St::Done;
+                }
+                St::Done => return Poll::Ready(Ok(())),
+            }
         }
     }
 }
 
 /// Copies both ways between `tenant` and `compute` until both directions
-/// reach EOF, one side fails, the session idles out or shutdown is signalled.
+/// reach EOF, one side fails (the first error ends the session), the
+/// session idles out or shutdown is signalled.
 pub async fn bidirectional<T, C>(
     tenant: T,
     compute: C,
@@ -92,14 +172,26 @@ where
     T: AsyncRead + AsyncWrite,
     C: AsyncRead + AsyncWrite,
 {
-    let (tr, tw) = tokio::io::split(tenant);
-    let (cr, cw) = tokio::io::split(compute);
-    let up = pump(tr, cw, Dir::Up, counters);
-    let down = pump(cr, tw, Dir::Down, counters);
-    let both = async {
-        let (u, d) = tokio::join!(up, down);
-        u.and(d).err().unwrap_or(End::Closed)
-    };
+    let mut tenant = std::pin::pin!(tenant);
+    let mut compute = std::pin::pin!(compute);
+    let (mut up, mut down) = (Half::new(Dir::Up), Half::new(Dir::Down));
+    // Both directions in one poll: each stream is read by one direction
+    // and written by the other, from this one task.
+    let both = std::future::poll_fn(|cx| {
+        let u = up.poll(cx, tenant.as_mut(), compute.as_mut(), counters);
+        if let Poll::Ready(Err(end)) = u {
+            return Poll::Ready(end);
+        }
+        let d = down.poll(cx, compute.as_mut(), tenant.as_mut(), counters);
+        if let Poll::Ready(Err(end)) = d {
+            return Poll::Ready(end);
+        }
+        if u.is_ready() && d.is_ready() {
+            Poll::Ready(End::Closed)
+        } else {
+            Poll::Pending
+        }
+    });
     tokio::select! {
         end = both => end,
         () = idle_watch(counters, idle) => End::IdleTimeout,
@@ -110,7 +202,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::AsyncReadExt as _;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     use tokio::net::{TcpListener, TcpStream};
 
     async fn pair() -> (TcpStream, TcpStream) {

@@ -131,7 +131,9 @@ impl LazyBuf {
         std::future::poll_fn(|cx| self.poll_read(Pin::new(&mut *r), cx, &mut armed)).await
     }
 
-    fn poll_read<R: AsyncRead + ?Sized>(
+    /// [`LazyBuf::read`] as a poll; `armed` belongs to the read in
+    /// progress (false when it starts).
+    pub fn poll_read<R: AsyncRead + ?Sized>(
         &mut self,
         mut r: Pin<&mut R>,
         cx: &mut Context<'_>,

@@ -68,13 +68,10 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
             return;
         };
         est.chosen("-", accepted.elapsed());
-        let pump = Box::pin(crate::ladder::pump_raw(
-            &ctx,
-            tenant,
-            compute,
-            &est.counters,
-            est.stop_signal(),
-        ));
+        let stop = est.stop_signal();
+        let choosing = crate::ladder::choose_raw(&ctx, tenant, compute, &est.counters, stop);
+        let rung = Box::pin(choosing).await;
+        let pump = rung.finish();
         // At the maximum duration both sockets are dropped (closed): a raw
         // tunnel has no close frame to carry a reason.
         let (end, datapath) = match ctx.max_duration {

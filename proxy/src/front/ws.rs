@@ -16,7 +16,6 @@ use super::websocket::stream::{WsParts, WsStream};
 use super::{TenantStream, read_head, web};
 use crate::console::ComputeIo;
 use crate::control::metrics;
-use crate::datapath::End;
 use crate::datapath::websocket::{CLOSE_GRACE, WsSettings};
 use crate::error::Refusal;
 use crate::session::{Context, Established, Parties, establish, refuse};
@@ -67,16 +66,18 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
                 "session established"
             );
         };
-        let end: End = Box::pin(crate::ladder::pump_ws(
+        let stop = est.stop_signal();
+        let choosing = crate::ladder::choose_ws(
             &ctx,
             ws,
             compute,
             settings,
             &est.counters,
-            est.stop_signal(),
+            stop,
             established,
-        ))
-        .await;
+        );
+        // The data path is the one `established` was told.
+        let (end, _) = Box::pin(choosing).await.finish().await;
         est.finish(&ctx.audit, &end, None);
         drop(guard);
     }
