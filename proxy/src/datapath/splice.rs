@@ -535,17 +535,20 @@ mod tests {
         Splice,
         /// io_uring, IORING_OP_SPLICE (splice if io_uring is unavailable).
         Uring,
+        /// io_uring forced to recv/send (splice if unavailable).
+        UringRecvSend,
         /// The sockmap redirect; where the program cannot load, the
         /// fallback the ladder takes (splice) after printing `skipped:`.
         Sockmap,
     }
 
-    // io_uring's recv/send flavour (used only where the kernel lacks
-    // IORING_OP_SPLICE) is left out here: it stalled in
-    // many_concurrent_sessions / slow_reader_gets_everything when two test
-    // processes ran at once (2026-12-03, not yet understood); its own unit
-    // tests in sys::uring still run.
-    const PATHS: [Path; 4] = [Path::Copy, Path::Splice, Path::Uring, Path::Sockmap];
+    const PATHS: [Path; 5] = [
+        Path::Copy,
+        Path::Splice,
+        Path::Uring,
+        Path::UringRecvSend,
+        Path::Sockmap,
+    ];
 
     /// The sockmap program, loaded once per test process (test-only use of
     /// the control plane's loader: the pump itself never sees it).
@@ -612,9 +615,12 @@ mod tests {
                         .run(Socket::Tcp(proxy_t), Socket::Tcp(proxy_c), &c, idle, rx)
                         .await
                 }
-                Path::Uring => {
+                Path::Uring | Path::UringRecvSend => {
                     use super::super::uring::{Flavor, Uring};
-                    let flavor = Flavor::Splice;
+                    let flavor = match path {
+                        Path::Uring => Flavor::Splice,
+                        _ => Flavor::RecvSend,
+                    };
                     match Uring::with(flavor, pipe) {
                         Ok(u) => {
                             u.run(Socket::Tcp(proxy_t), Socket::Tcp(proxy_c), &c, idle, rx)

@@ -81,11 +81,46 @@ pub(super) enum Cmd {
 }
 
 /// The wake-up of the ring thread: an eventfd it polls through the ring,
-/// written at most once per batch of commands.
+/// written at most once per batch of commands. `woken` is true from the
+/// first command of a batch until the ring thread [`Wake::rearm`]s; while
+/// it is true, senders skip the eventfd write.
 #[derive(Debug)]
 struct Wake {
     fd: EventFd,
     woken: AtomicBool,
+}
+
+impl Wake {
+    /// Sender side, after the command is queued.
+    fn notify(&self) {
+        if !self.woken.swap(true, Ordering::SeqCst) {
+            self.fd.notify();
+        }
+    }
+
+    /// Ring thread side, after the eventfd poll fired and before the
+    /// command queue is drained.
+    ///
+    /// The order matters. This used to clear `woken` first and read the
+    /// eventfd second: a sender whose `notify` fell between the two (more
+    /// likely when the ring thread is preempted there, e.g. two test
+    /// processes on two CPUs) had its eventfd write swallowed by that
+    /// read, so `woken` stayed true with the counter at zero. The ring
+    /// thread still took that sender's command, but every later sender
+    /// saw `woken` set and skipped the write: the ring thread slept in
+    /// `io_uring_enter` for ever and every uring session started after
+    /// that hung (both flavours; the recv/send contract tests hit it most).
+    ///
+    /// Reading the eventfd first means every write it swallows came from a
+    /// sender whose `swap(true)` precedes our `swap(false)` below; that
+    /// sender's command is already queued, and the `swap` (a read-modify-
+    /// write, unlike the old `store`) synchronizes with it, so the drain
+    /// that follows sees it. A sender that comes after our `swap(false)`
+    /// writes the eventfd again and the re-armed poll fires at once.
+    fn rearm(&self) {
+        self.fd.drain();
+        self.woken.swap(false, Ordering::SeqCst);
+    }
 }
 
 /// The sending side of the ring thread, shared by every session.
@@ -139,9 +174,7 @@ impl Driver {
     /// Queues `cmd` and wakes the ring thread (once per batch).
     pub fn send(&self, cmd: Cmd) -> Result<(), Cmd> {
         self.tx.send(cmd).map_err(|e| e.0)?;
-        if !self.wake.woken.swap(true, Ordering::SeqCst) {
-            self.wake.fd.notify();
-        }
+        self.wake.notify();
         Ok(())
     }
 }
@@ -214,10 +247,9 @@ impl RingThread {
     }
 
     fn commands(&mut self) {
-        // Clear the flag before draining the queue: a command sent after
-        // this point writes the eventfd again and re-fires the poll.
-        self.wake.woken.store(false, Ordering::SeqCst);
-        self.wake.fd.drain();
+        // Before draining the queue: a command sent after this point writes
+        // the eventfd again and re-fires the poll (see `Wake::rearm`).
+        self.wake.rearm();
         while let Ok(cmd) = self.rx.try_recv() {
             match cmd {
                 Cmd::Start(start) => {
@@ -535,5 +567,85 @@ impl Session {
         };
         counter.fetch_add(n as u64, Ordering::Relaxed);
         self.progress.notify.notify_one();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::net::UnixStream;
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::sys::uring::probe;
+
+    /// Regression test for a lost wake-up (see `RingThread::commands`):
+    /// several threads queue commands at once, as concurrent sessions do,
+    /// and every one of them must reach the ring thread. Each session's
+    /// peers are already closed, so it ends (EOF both ways) as soon as the
+    /// ring thread has seen its `Start`.
+    #[test]
+    fn commands_from_racing_threads_all_reach_the_ring_thread() {
+        match probe() {
+            Ok(s) if s.poll_add && s.recv && s.send => {}
+            Ok(s) => {
+                println!("skipped: io_uring lacks POLL_ADD or RECV/SEND ({s:?})");
+                return;
+            }
+            Err(e) => {
+                println!("skipped: io_uring unavailable: {e}");
+                return;
+            }
+        }
+        let driver = Arc::new(Driver::spawn(Ring::new(64).unwrap()).unwrap());
+        let senders: Vec<_> = (0..4)
+            .map(|_| {
+                let driver = Arc::clone(&driver);
+                std::thread::spawn(move || {
+                    for _ in 0..500 {
+                        let mut waiting = Vec::new();
+                        for _ in 0..8 {
+                            let (tenant, t_peer) = UnixStream::pair().unwrap();
+                            let (compute, c_peer) = UnixStream::pair().unwrap();
+                            drop((t_peer, c_peer));
+                            let (done, rx) = oneshot::channel();
+                            let start = Start {
+                                id: driver.next_id(),
+                                tenant: tenant.into(),
+                                compute: compute.into(),
+                                flavor: Flavor::RecvSend,
+                                pipes: None,
+                                progress: Arc::new(Progress::default()),
+                                done,
+                            };
+                            assert!(driver.send(Cmd::Start(Box::new(start))).is_ok());
+                            waiting.push(rx);
+                        }
+                        for mut rx in waiting {
+                            // Not a timing assertion: a lost wake-up
+                            // leaves the ring thread asleep for ever.
+                            let give_up = Instant::now() + Duration::from_secs(20);
+                            let end = loop {
+                                match rx.try_recv() {
+                                    Ok(end) => break end,
+                                    Err(oneshot::error::TryRecvError::Empty) => {
+                                        assert!(
+                                            Instant::now() < give_up,
+                                            "the ring thread never saw a queued command"
+                                        );
+                                        std::thread::sleep(Duration::from_millis(1));
+                                    }
+                                    Err(e) => panic!("session dropped: {e}"),
+                                }
+                            };
+                            assert_eq!(end, End::Closed);
+                        }
+                    }
+                })
+            })
+            .collect();
+        for s in senders {
+            s.join().unwrap();
+        }
+        assert!(driver.alive());
     }
 }
