@@ -125,12 +125,11 @@ where
             Err(e) => Err(e),
         };
         if let Err(e) = written {
-            let _ = ctl
-                .send(Control::Close(
-                    close_code::COMPUTE_ERROR,
-                    "console write failed",
-                ))
-                .await;
+            let _ = Box::pin(ctl.send(Control::Close(
+                close_code::COMPUTE_ERROR,
+                "console write failed",
+            )))
+            .await;
             return End::ComputeIo(e.to_string());
         }
         counters.add_up(pending.len());
@@ -140,7 +139,7 @@ where
             Ok(Some(f)) => f,
             Ok(None) => match reader.read(&mut tr, &mut rbuf).await {
                 Ok(0) => {
-                    let _ = cw.shutdown().await;
+                    let _ = Box::pin(cw.shutdown()).await;
                     return End::TenantClosed;
                 }
                 Ok(_) => continue,
@@ -148,7 +147,7 @@ where
             },
             Err(e) => {
                 let reason = frame_error_reason(&e);
-                let _ = ctl.send(Control::Close(e.close_code(), reason)).await;
+                let _ = Box::pin(ctl.send(Control::Close(e.close_code(), reason))).await;
                 return End::TenantProtocol {
                     code: e.close_code(),
                     reason,
@@ -167,18 +166,17 @@ where
                     Err(e) => Err(e),
                 };
                 if let Err(e) = written {
-                    let _ = ctl
-                        .send(Control::Close(
-                            close_code::COMPUTE_ERROR,
-                            "console write failed",
-                        ))
-                        .await;
+                    let _ = Box::pin(ctl.send(Control::Close(
+                        close_code::COMPUTE_ERROR,
+                        "console write failed",
+                    )))
+                    .await;
                     return End::ComputeIo(e.to_string());
                 }
                 counters.add_up(data.len());
             }
             Ok(Action::Pong(p)) => {
-                let _ = ctl.send(Control::Pong(p)).await;
+                let _ = Box::pin(ctl.send(Control::Pong(p))).await;
             }
             Ok(Action::PongReceived) => counters.unanswered_pings.store(0, Ordering::Relaxed),
             Ok(Action::Closed { code, .. }) => {
@@ -187,12 +185,12 @@ where
                 } else {
                     close_code::NORMAL
                 };
-                let _ = ctl.send(Control::Close(echo, "")).await;
-                let _ = cw.shutdown().await;
+                let _ = Box::pin(ctl.send(Control::Close(echo, ""))).await;
+                let _ = Box::pin(cw.shutdown()).await;
                 return End::TenantClosed;
             }
             Err(v) => {
-                let _ = ctl.send(Control::Close(v.code, v.reason)).await;
+                let _ = Box::pin(ctl.send(Control::Close(v.code, v.reason))).await;
                 return End::TenantProtocol {
                     code: v.code,
                     reason: v.reason,
@@ -247,7 +245,7 @@ where
                     let _ = tw.flush().await;
                 }
                 Some(Control::Close(code, reason)) => {
-                    send_close(&mut tw, code, reason).await;
+                    Box::pin(send_close(&mut tw, code, reason)).await;
                     return End::Closed;
                 }
                 None => return End::Closed,
@@ -257,11 +255,11 @@ where
                 // (QEMU does) after the console ran: an ordinary end. Before
                 // any byte it is a failure (QEMU refusing our certificate).
                 Ok(0) => {
-                    send_close(&mut tw, close_code::NORMAL, "console closed").await;
+                    Box::pin(send_close(&mut tw, close_code::NORMAL, "console closed")).await;
                     return End::ComputeClosed;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && counters.down_bytes() > 0 => {
-                    send_close(&mut tw, close_code::NORMAL, "console closed").await;
+                    Box::pin(send_close(&mut tw, close_code::NORMAL, "console closed")).await;
                     return End::ComputeClosed;
                 }
                 Ok(n) => {
@@ -291,13 +289,13 @@ where
                     counters.add_down(n);
                 }
                 Err(e) => {
-                    send_close(&mut tw, close_code::COMPUTE_ERROR, "console connection failed").await;
+                    Box::pin(send_close(&mut tw, close_code::COMPUTE_ERROR, "console connection failed")).await;
                     return End::ComputeIo(e.to_string());
                 }
             },
             _ = async { match ping.as_mut() { Some(i) => i.tick().await, None => std::future::pending().await } } => {
                 if counters.unanswered_pings.load(Ordering::Relaxed) >= 2 {
-                    send_close(&mut tw, close_code::GOING_AWAY, "keepalive timeout").await;
+                    Box::pin(send_close(&mut tw, close_code::GOING_AWAY, "keepalive timeout")).await;
                     return End::KeepaliveTimeout;
                 }
                 counters.unanswered_pings.fetch_add(1, Ordering::Relaxed);
