@@ -105,6 +105,13 @@ pub fn ensure_nofile(want: u64) -> Result<u64> {
     let new_hard = hard.max(want);
     match setrlimit(Resource::RLIMIT_NOFILE, want, new_hard) {
         Ok(()) => Ok(want),
+        Err(nix::errno::Errno::EPERM) if new_hard > hard => bail!(
+            "{want} open files needed, the hard limit is {hard} and raising it needs \
+             CAP_SYS_RESOURCE, which this process does not have (root in a container or VM \
+             may lack it: see CapBnd in /proc/self/status); raise the hard limit where the \
+             load generator and the proxy start (e.g. LimitNOFILE= in a systemd unit, \
+             limits.conf), or hold fewer sessions"
+        ),
         Err(e) => bail!(
             "{want} open files needed, the limit is {soft} (hard {hard}) and raising it failed \
              ({e}): run as root, or `prlimit --nofile={want}:{want}` / `ulimit -n {want}` first"
@@ -156,10 +163,16 @@ mod tests {
         // Every address gets its share, within one.
         let mut counts = [0u64; 3];
         for i in 0..50_000u64 {
-            let k = list.iter().position(|x| x == nth(&list, i).unwrap()).unwrap();
+            let k = list
+                .iter()
+                .position(|x| x == nth(&list, i).unwrap())
+                .unwrap();
             counts[k] += 1;
         }
-        assert!(counts.iter().all(|&c| (16_666..=16_667).contains(&c)), "{counts:?}");
+        assert!(
+            counts.iter().all(|&c| (16_666..=16_667).contains(&c)),
+            "{counts:?}"
+        );
     }
 
     #[test]

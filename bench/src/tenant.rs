@@ -98,7 +98,10 @@ impl Dial {
             .iter()
             .find(|s| !s.is_loopback() || s.is_ipv4() != self.addr.is_ipv4())
         {
-            anyhow::bail!("source address {bad} cannot reach {} over loopback", self.addr);
+            anyhow::bail!(
+                "source address {bad} cannot reach {} over loopback",
+                self.addr
+            );
         }
         if !sources.is_empty() && !self.addr.ip().is_loopback() {
             anyhow::bail!(
@@ -600,10 +603,15 @@ mod tests {
             target: target.into(),
             token: Some(token.into()),
         };
-        let mut dial = Dial::new(&addr, connect("127.0.0.1:1", "t1"), None, Duration::from_secs(10))
-            .unwrap()
-            .with_sources(scale::source_addrs(2).unwrap())
-            .unwrap();
+        let mut dial = Dial::new(
+            &addr,
+            connect("127.0.0.1:1", "t1"),
+            None,
+            Duration::from_secs(10),
+        )
+        .unwrap()
+        .with_sources(scale::source_addrs(2).unwrap())
+        .unwrap();
         dial.more_fronts = vec![connect("127.0.0.1:2", "t2")];
         dial.buf_size = 16;
         let held: Vec<Session> = (0..4).map(|i| dial.open_nth(i).unwrap()).collect();

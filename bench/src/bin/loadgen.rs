@@ -399,7 +399,11 @@ fn main() -> Result<ExitCode> {
             }
             // One descriptor per client: as many as this process may have.
             let nofile = scale::raise_nofile_toward(scale::nofile_limits().1);
-            let addrs: Vec<String> = server.local_addrs()?.iter().map(ToString::to_string).collect();
+            let addrs: Vec<String> = server
+                .local_addrs()?
+                .iter()
+                .map(ToString::to_string)
+                .collect();
             println!(
                 "{}",
                 serde_json::json!({ "event": "listening", "addr": addrs[0], "addrs": addrs, "nofile": nofile })

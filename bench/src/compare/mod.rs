@@ -94,6 +94,11 @@ pub struct CompareArgs {
     /// Sessions held per idle run.
     #[arg(long, value_name = "N")]
     idle_sessions: Option<u64>,
+    /// Tenant source addresses and echo listeners to spread idle sessions
+    /// over (default: enough for --idle-sessions, three quarters of the
+    /// ephemeral port range each; 1 = no spreading).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=250))]
+    spread: Option<u64>,
     /// The consolegate binary (default: `consolegate` beside this loadgen).
     #[arg(long, value_name = "PATH")]
     consolegate: Option<PathBuf>,
@@ -174,7 +179,9 @@ impl Settings {
         };
         let idle_sessions = a.idle_sessions.unwrap_or(if full { 1_000 } else { 100 });
         let per_address = crate::scale::per_address();
-        let spread = crate::scale::addresses_for(idle_sessions, per_address);
+        let spread = a
+            .spread
+            .unwrap_or_else(|| crate::scale::addresses_for(idle_sessions, per_address));
         // Sequential set-ups of thousands of sessions (a TLS handshake each)
         // take a while: the hang guard grows with the count.
         let base = if full { 300 } else { 120 };
@@ -370,7 +377,8 @@ pub fn main(args: CompareArgs) -> Result<ExitCode> {
     if nofile < settings.idle_sessions.saturating_mul(2) + 1024 {
         say(format!(
             "warning: children get {nofile} open files, too few for {} idle sessions through \
-             a proxy (run as root, or raise the hard limit: prlimit / ulimit -Hn)",
+             a proxy (two sockets each): raising the hard limit needs root with \
+             CAP_SYS_RESOURCE (or raise it before starting: ulimit -Hn, LimitNOFILE=)",
             settings.idle_sessions
         ));
     }
@@ -757,8 +765,12 @@ impl Probe<'_> {
             let why = if finished.timed_out {
                 format!("timed out after {:?}", self.settings.run_timeout)
             } else {
+                // anyhow's "Error: ..." line (a backtrace may follow it).
                 let err = finished.stderr.trim();
-                let err = &err[err.len().saturating_sub(400)..];
+                let err = err
+                    .lines()
+                    .find(|l| l.starts_with("Error: "))
+                    .unwrap_or(&err[err.len().saturating_sub(400)..]);
                 format!("loadgen exited {:?}: {err}", finished.status)
             };
             rec["error"] = json!(why);
@@ -811,6 +823,15 @@ mod tests {
         let all = Settings::from_args(&CompareArgs::parse_from(["x"])).unwrap();
         assert!(all.wants_service("nginx") && all.wants_row("nginx-tls"));
         assert_eq!((all.runs, all.mode), (3, "quick"));
+        assert_eq!((all.source_addrs, all.echo_listeners), (0, 1));
+        let big = Settings::from_args(&CompareArgs::parse_from(["x", "--idle-sessions", "50000"]))
+            .unwrap();
+        let need = crate::scale::addresses_for(50_000, crate::scale::per_address());
+        assert!(need >= 2);
+        assert_eq!((big.source_addrs, big.echo_listeners), (need, need));
+        assert!(big.run_timeout >= Duration::from_secs(500));
+        let forced = Settings::from_args(&CompareArgs::parse_from(["x", "--spread", "3"])).unwrap();
+        assert_eq!((forced.source_addrs, forced.echo_listeners), (3, 3));
     }
 
     #[derive(Debug, clap::Parser)]

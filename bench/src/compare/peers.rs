@@ -675,9 +675,8 @@ fn consolegate(
     };
     let tokens = ctx.work.join(format!("{name}.tokens.toml"));
     let echo_tokens = echo_token_names(echo_all.len());
-    let mut table = format!(
-        "[[token]]\ntoken = \"{FLOOD_TOKEN}\"\nkind = \"serial\"\ntarget = \"{flood}\"\n"
-    );
+    let mut table =
+        format!("[[token]]\ntoken = \"{FLOOD_TOKEN}\"\nkind = \"serial\"\ntarget = \"{flood}\"\n");
     for (token, echo) in echo_tokens.iter().zip(echo_all.iter()) {
         let _ = write!(
             table,
@@ -759,7 +758,12 @@ fn consolegate(
     };
     let ws = first("websocket")?;
     let ws_to = |tokens: &[String]| {
-        let mut a = vec!["--connect".into(), ws.clone(), "--front".into(), "ws".into()];
+        let mut a = vec![
+            "--connect".into(),
+            ws.clone(),
+            "--front".into(),
+            "ws".into(),
+        ];
         for token in tokens {
             a.extend(["--path".into(), format!("/websockify?token={token}")]);
         }

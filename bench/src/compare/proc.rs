@@ -189,7 +189,11 @@ impl Drop for Proc {
 fn listening_addrs(v: &serde_json::Value) -> Option<Vec<String>> {
     let all: Vec<String> = v["addrs"]
         .as_array()
-        .map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_owned)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str().map(str::to_owned))
+                .collect()
+        })
         .unwrap_or_default();
     if !all.is_empty() {
         return Some(all);
