@@ -491,7 +491,8 @@ fn start_nginx(ctx: &Ctx<'_>, program: &Path) -> Result<Started> {
          events {{ worker_connections {conns}; }}\nstream {{\n",
         d = dir.display(),
         nofile = nofile(),
-        conns = nofile() / 2,
+        // Both legs of a session count as connections.
+        conns = nofile().saturating_sub(100).max(100),
     );
     let to_tls = format!(
         "\n    proxy_ssl on;\n    proxy_ssl_trusted_certificate {};\n    \
