@@ -41,6 +41,13 @@ pub struct Report {
     /// idle session costs once the proxy has released its buffers.
     pub pss_held_kib: Option<u64>,
     pub cpu_s: f64,
+    /// Tenant source addresses the sessions were spread over (0: one, the
+    /// kernel's choice).
+    pub source_addrs: usize,
+    /// Ways in (CONNECT targets or WebSocket paths) spread over.
+    pub ways: usize,
+    /// The open-file limit the client ran with.
+    pub nofile: u64,
     pub error: Option<String>,
 }
 
@@ -101,6 +108,9 @@ impl Report {
             "proxy_pss_held_kib": self.pss_held_kib,
             "proxy_kib_per_session_held": self.kib_per_session_held(),
             "client_cpu_s": self.cpu_s,
+            "source_addrs": self.source_addrs,
+            "ways": self.ways,
+            "client_nofile": self.nofile,
             "complete": self.complete(),
             "error": self.error,
         })
@@ -111,7 +121,20 @@ fn pss(pids: &[u32]) -> Option<u64> {
     (!pids.is_empty()).then(|| procstat::tree_pss_kib(pids))
 }
 
+/// A held session's first receive buffer: one byte comes back per session,
+/// so a large buffer would only be address space (it grows for a long
+/// response head).
+const IDLE_BUF: usize = 4096;
+
+/// Open files the client needs besides one per session.
+const SPARE_FILES: u64 = 256;
+
 pub fn run(dial: &Dial, opts: &Options) -> Result<Report> {
+    crate::scale::ensure_nofile(opts.sessions + SPARE_FILES)
+        .map_err(|e| anyhow::anyhow!("holding {} sessions: {e:#}", opts.sessions))?;
+    let mut dial = dial.clone();
+    dial.buf_size = IDLE_BUF;
+    let dial = &dial;
     let cpu0 = procstat::self_cpu();
     let pss_before_kib = pss(&opts.proxy_pids);
     let mut setup = Histogram::new_with_bounds(1, 600_000_000_000, 3)?;
@@ -120,7 +143,7 @@ pub fn run(dial: &Dial, opts: &Options) -> Result<Report> {
     let started = Instant::now();
     for i in 0..opts.sessions {
         let t = Instant::now();
-        let opened = dial.open().and_then(|mut s| {
+        let opened = dial.open_nth(i).and_then(|mut s| {
             s.send(&[i as u8])?;
             let mut b = [0u8; 1];
             s.read_payload_exact(&mut b)?;
@@ -161,6 +184,9 @@ pub fn run(dial: &Dial, opts: &Options) -> Result<Report> {
         pss_after_kib,
         pss_held_kib,
         cpu_s: procstat::self_cpu() - cpu0,
+        source_addrs: dial.sources.len(),
+        ways: dial.fronts().count(),
+        nofile: crate::scale::nofile_limits().0,
         error,
     })
 }

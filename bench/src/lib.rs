@@ -17,6 +17,8 @@
 //!   keystroke-sized round trips into an HDR histogram, and connection scale
 //!   (proxy memory per idle session, session set-up rate).
 //! - [`procstat`]: CPU seconds and RSS of process trees, system CPU per core.
+//! - [`scale`]: open-file limits and spreading sessions over loopback
+//!   addresses and ports, for tens of thousands of idle sessions.
 //! - [`compare`]: the side-by-side runner. Starts the backends and every peer
 //!   (direct, socat, haproxy, nginx stream, websockify, consolegate with each
 //!   data path) on loopback, runs each scenario several times through each,
@@ -31,6 +33,7 @@ pub mod flood;
 pub mod idle;
 pub mod latency;
 pub mod procstat;
+pub mod scale;
 pub mod tenant;
 pub mod tls;
 

@@ -9,11 +9,12 @@
 //! pings are answered, a close frame ends the session with an error.
 
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs as _};
+use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs as _};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 
+use crate::scale;
 use crate::tls::TlsClient;
 
 /// How the tenant asks for its console.
@@ -48,10 +49,20 @@ pub struct Dial {
     /// The address connected to: the backend (direct) or the proxy.
     pub addr: SocketAddr,
     pub front: Front,
+    /// More ways in (other CONNECT targets or WebSocket paths, each with its
+    /// token): session `i` uses `[front, more_fronts..][i % n]`, so a proxy
+    /// dials several backend addresses (see [`crate::scale`]).
+    pub more_fronts: Vec<Front>,
+    /// Local addresses to bind before connecting, round robin per session
+    /// (empty: the kernel's choice).
+    pub sources: Vec<IpAddr>,
     pub tls: Option<TlsClient>,
     pub connect_timeout: Duration,
     /// Give up on a read or write that blocks for this long.
     pub io_timeout: Duration,
+    /// Initial size of a session's receive buffer (it grows while a
+    /// response head does not fit).
+    pub buf_size: usize,
 }
 
 impl Dial {
@@ -70,16 +81,81 @@ impl Dial {
         Ok(Self {
             addr,
             front,
+            more_fronts: Vec::new(),
+            sources: Vec::new(),
             tls,
             connect_timeout: timeout,
             io_timeout: timeout,
+            buf_size: BUF,
         })
+    }
+
+    /// Binds every session to one of `sources` first (round robin); they
+    /// must be loopback addresses of the family of the proxy's, which must
+    /// be on loopback too.
+    pub fn with_sources(mut self, sources: Vec<IpAddr>) -> Result<Self> {
+        if let Some(bad) = sources
+            .iter()
+            .find(|s| !s.is_loopback() || s.is_ipv4() != self.addr.is_ipv4())
+        {
+            anyhow::bail!(
+                "source address {bad} cannot reach {} over loopback",
+                self.addr
+            );
+        }
+        if !sources.is_empty() && !self.addr.ip().is_loopback() {
+            anyhow::bail!(
+                "--source-addrs spreads over 127.0.0.0/8: {} is not a loopback address",
+                self.addr
+            );
+        }
+        self.sources = sources;
+        Ok(self)
     }
 
     /// Opens one session, ready for payload.
     pub fn open(&self) -> io::Result<Session> {
-        Session::open(self)
+        self.open_nth(0)
     }
+
+    /// Opens the `i`-th session: its source address and front end chosen
+    /// round robin.
+    pub fn open_nth(&self, i: u64) -> io::Result<Session> {
+        let k = i % (self.more_fronts.len() as u64 + 1);
+        let front = match k.checked_sub(1) {
+            None => &self.front,
+            Some(m) => scale::nth(&self.more_fronts, m).unwrap_or(&self.front),
+        };
+        Session::open(self, front, scale::nth(&self.sources, i).copied())
+    }
+
+    /// Every way in, in the order sessions use them.
+    pub fn fronts(&self) -> impl Iterator<Item = &Front> {
+        std::iter::once(&self.front).chain(&self.more_fronts)
+    }
+}
+
+/// A TCP connection to `addr` from `source` (port chosen at connect time).
+fn connect_from(
+    source: Option<IpAddr>,
+    addr: &SocketAddr,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
+    let Some(source) = source else {
+        return TcpStream::connect_timeout(addr, timeout);
+    };
+    let domain = socket2::Domain::for_address(*addr);
+    let sock = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    if source.is_ipv4() {
+        // Bind the address only; the port is picked per 4-tuple at connect,
+        // so one source address reaches many destinations with the same port.
+        nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::IpBindAddressNoPort, &true)
+            .map_err(io::Error::from)?;
+    }
+    sock.bind(&SocketAddr::new(source, 0).into())
+        .map_err(|e| io::Error::new(e.kind(), format!("binding {source}: {e}")))?;
+    sock.connect_timeout(&(*addr).into(), timeout)?;
+    Ok(sock.into())
 }
 
 /// The byte stream under a session.
@@ -117,8 +193,8 @@ impl Write for Io {
     }
 }
 
-/// Size of a session's receive buffer.
-const BUF: usize = 256 * 1024;
+/// Size of a session's receive buffer (bulk reads into it).
+pub const BUF: usize = 256 * 1024;
 /// Largest HTTP response head accepted from a proxy.
 const MAX_HEAD: usize = 16 * 1024;
 
@@ -151,8 +227,8 @@ fn other(msg: impl Into<String>) -> io::Error {
 }
 
 impl Session {
-    fn open(dial: &Dial) -> io::Result<Self> {
-        let tcp = TcpStream::connect_timeout(&dial.addr, dial.connect_timeout)?;
+    fn open(dial: &Dial, front: &Front, source: Option<IpAddr>) -> io::Result<Self> {
+        let tcp = connect_from(source, &dial.addr, dial.connect_timeout)?;
         tcp.set_nodelay(true)?;
         tcp.set_read_timeout(Some(dial.io_timeout))?;
         tcp.set_write_timeout(Some(dial.io_timeout))?;
@@ -178,7 +254,7 @@ impl Session {
         };
         let mut session = Session {
             io,
-            buf: vec![0; BUF],
+            buf: vec![0; dial.buf_size.max(16)],
             pos: 0,
             len: 0,
             ws: false,
@@ -186,7 +262,7 @@ impl Session {
             out: Vec::with_capacity(1024),
             tls_suite,
         };
-        match &dial.front {
+        match front {
             Front::Raw => {}
             Front::Connect { target, token } => {
                 let mut req = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n");
@@ -249,6 +325,12 @@ impl Session {
             self.buf.copy_within(self.pos..self.len, 0);
             self.len -= self.pos;
             self.pos = 0;
+        }
+        if self.len == self.buf.len() {
+            // A response head longer than a small buffer (idle sessions
+            // start with one): grow; expect_status bounds the head.
+            let n = self.buf.len() * 2;
+            self.buf.resize(n, 0);
         }
         loop {
             match self.io.read(&mut self.buf[self.len..]) {
@@ -489,6 +571,69 @@ mod tests {
         assert_eq!(pong[1], 0x80 | 2);
         let key = [pong[2], pong[3], pong[4], pong[5]];
         assert_eq!([pong[6] ^ key[0], pong[7] ^ key[1]], *b"p!");
+    }
+
+    #[test]
+    fn sessions_spread_over_source_addresses_and_ways_in() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let server = thread::spawn(move || {
+            let mut seen = Vec::new();
+            for _ in 0..4 {
+                let (mut s, peer) = listener.accept().unwrap();
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    s.read_exact(&mut b).unwrap();
+                    head.push(b[0]);
+                }
+                s.write_all(b"HTTP/1.1 200 OK\r\n\r\n").unwrap();
+                let head = String::from_utf8(head).unwrap();
+                let target = head.split_whitespace().nth(1).unwrap().to_owned();
+                let token = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Proxy-Authorization: Bearer "))
+                    .unwrap()
+                    .to_owned();
+                seen.push((peer.ip().to_string(), target, token));
+            }
+            seen
+        });
+        let connect = |target: &str, token: &str| Front::Connect {
+            target: target.into(),
+            token: Some(token.into()),
+        };
+        let mut dial = Dial::new(
+            &addr,
+            connect("127.0.0.1:1", "t1"),
+            None,
+            Duration::from_secs(10),
+        )
+        .unwrap()
+        .with_sources(scale::source_addrs(2).unwrap())
+        .unwrap();
+        dial.more_fronts = vec![connect("127.0.0.1:2", "t2")];
+        dial.buf_size = 16;
+        let held: Vec<Session> = (0..4).map(|i| dial.open_nth(i).unwrap()).collect();
+        let seen = server.join().unwrap();
+        let want = [
+            ("127.0.0.2", "127.0.0.1:1", "t1"),
+            ("127.0.0.3", "127.0.0.1:2", "t2"),
+            ("127.0.0.2", "127.0.0.1:1", "t1"),
+            ("127.0.0.3", "127.0.0.1:2", "t2"),
+        ];
+        let seen: Vec<(&str, &str, &str)> = seen
+            .iter()
+            .map(|(a, b, c)| (a.as_str(), b.as_str(), c.as_str()))
+            .collect();
+        assert_eq!(seen, want);
+        assert_eq!(held.len(), 4);
+        assert_eq!(dial.fronts().count(), 2);
+        // Sources must be able to reach the proxy over loopback.
+        let far = Dial::new("192.0.2.1:9", Front::Raw, None, Duration::from_secs(1)).unwrap();
+        assert!(far.with_sources(scale::source_addrs(1).unwrap()).is_err());
+        let v6 = Dial::new("[::1]:9", Front::Raw, None, Duration::from_secs(1)).unwrap();
+        assert!(v6.with_sources(scale::source_addrs(1).unwrap()).is_err());
     }
 
     #[test]

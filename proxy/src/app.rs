@@ -114,10 +114,22 @@ pub async fn run_reloadable(
         tracing::info!(file = %path.display(), "created a development token file");
     }
     match crate::sys::rlimit::raise_nofile() {
-        Ok((before, after)) if after > before => {
-            tracing::debug!(before, after, "raised the open-file limit")
+        Ok((before, after)) => {
+            tracing::info!(before, limit = after, "open-file limit");
+            // Two sockets per session: past that the accept loop meets
+            // EMFILE instead of refusing cleanly at max_sessions.
+            let sessions = after.saturating_sub(64) / 2;
+            let max = cfg.limits.total as u64;
+            if max == 0 || max > sessions {
+                tracing::warn!(
+                    limit = after,
+                    sessions,
+                    max_sessions = max,
+                    "the open-file limit holds fewer sessions than max_sessions allows: \
+                     raise the hard limit (LimitNOFILE=, ulimit -Hn)"
+                );
+            }
         }
-        Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
     }
     let tokens = Arc::new(TokenStore::load(cfg.token_sources.clone())?);

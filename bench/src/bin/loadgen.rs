@@ -24,7 +24,7 @@ use anyhow::Result;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use consolegate_bench::tenant::{Dial, Front};
 use consolegate_bench::tls::TlsClient;
-use consolegate_bench::{bulk, compare, echo, flood, idle, latency, mb_per_s};
+use consolegate_bench::{bulk, compare, echo, flood, idle, latency, mb_per_s, scale};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -55,15 +55,24 @@ struct TenantArgs {
     /// What the proxy speaks on that address.
     #[arg(long, value_enum, default_value = "raw")]
     front: FrontArg,
-    /// CONNECT target, host:port (--front connect).
+    /// CONNECT target, host:port (--front connect). Repeatable: sessions
+    /// take the targets in turn (with the --token of the same position, or
+    /// the only one), so the proxy dials several backend addresses.
     #[arg(long, value_name = "HOST:PORT", required_if_eq("front", "connect"))]
-    target: Option<String>,
-    /// Token for --front connect (sent as a Bearer token).
+    target: Vec<String>,
+    /// Token for --front connect (sent as a Bearer token); repeatable, one
+    /// per --target.
     #[arg(long, value_name = "TOKEN", env = "LOADGEN_TOKEN")]
-    token: Option<String>,
-    /// WebSocket request path with the token (--front ws), e.g. /websockify?token=T.
+    token: Vec<String>,
+    /// WebSocket request path with the token (--front ws), e.g.
+    /// /websockify?token=T. Repeatable: sessions take the paths in turn.
     #[arg(long, value_name = "PATH", default_value = "/")]
-    path: String,
+    path: Vec<String>,
+    /// Bind each session to one of N loopback source addresses first
+    /// (127.0.0.2 to 127.0.0.N+1, in turn), for more sessions than one
+    /// address has ephemeral ports for (about 28,000); 0: the kernel's choice.
+    #[arg(long, value_name = "N", default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=250))]
+    source_addrs: u16,
     /// Speak TLS to --connect (wss://, TLS-terminating proxies).
     #[arg(long)]
     tls: bool,
@@ -79,17 +88,38 @@ struct TenantArgs {
 }
 
 impl TenantArgs {
+    fn fronts(&self) -> Result<Vec<Front>> {
+        Ok(match self.front {
+            FrontArg::Raw => vec![Front::Raw],
+            FrontArg::Connect => {
+                let (targets, tokens) = (&self.target, &self.token);
+                if tokens.len() > 1 && tokens.len() != targets.len() {
+                    anyhow::bail!(
+                        "{} --token for {} --target: give one token, or one per target",
+                        tokens.len(),
+                        targets.len()
+                    );
+                }
+                targets
+                    .iter()
+                    .enumerate()
+                    .map(|(i, target)| Front::Connect {
+                        target: target.clone(),
+                        token: tokens.get(i).or(tokens.first()).cloned(),
+                    })
+                    .collect()
+            }
+            FrontArg::Ws => self
+                .path
+                .iter()
+                .map(|path| Front::Ws { path: path.clone() })
+                .collect(),
+        })
+    }
+
     fn dial(&self) -> Result<Dial> {
-        let front = match self.front {
-            FrontArg::Raw => Front::Raw,
-            FrontArg::Connect => Front::Connect {
-                target: self.target.clone().unwrap_or_default(),
-                token: self.token.clone(),
-            },
-            FrontArg::Ws => Front::Ws {
-                path: self.path.clone(),
-            },
-        };
+        let mut fronts = self.fronts()?.into_iter();
+        let front = fronts.next().unwrap_or(Front::Raw);
         let tls = if self.tls {
             let ca = self
                 .ca
@@ -99,7 +129,10 @@ impl TenantArgs {
         } else {
             None
         };
-        Dial::new(&self.connect, front, tls, Duration::from_secs(self.timeout))
+        let mut dial = Dial::new(&self.connect, front, tls, Duration::from_secs(self.timeout))?
+            .with_sources(scale::source_addrs(self.source_addrs)?)?;
+        dial.more_fronts = fronts.collect();
+        Ok(dial)
     }
 }
 
@@ -157,7 +190,8 @@ enum Mode {
     Idle {
         #[command(flatten)]
         tenant: TenantArgs,
-        /// Sessions to open and hold (raise `ulimit -n` for thousands).
+        /// Sessions to open and hold (the open-file limit is raised to fit,
+        /// as far as allowed; beyond about 20,000 add --source-addrs).
         #[arg(long, value_name = "N", default_value_t = 1000)]
         sessions: u64,
         /// The proxy's process (repeatable): PSS is summed over these and
@@ -217,8 +251,10 @@ enum Mode {
     },
     /// Listen on ADDR and echo every client; exits when idle for --timeout.
     EchoServer {
-        #[arg(long, value_name = "ADDR")]
-        listen: String,
+        /// Address to listen on; repeatable (each `127.0.0.1:0` gets its own
+        /// port; the "listening" line lists them all under "addrs").
+        #[arg(long, value_name = "ADDR", required = true)]
+        listen: Vec<String>,
         /// Seconds without any client before exiting.
         #[arg(long, value_name = "SECS", default_value_t = 60)]
         timeout: u64,
@@ -356,14 +392,21 @@ fn main() -> Result<ExitCode> {
             timeout,
             tls,
         } => {
-            let mut server = echo::Server::bind(&listen, Duration::from_secs(timeout))?;
+            let listen: Vec<&str> = listen.iter().map(String::as_str).collect();
+            let mut server = echo::Server::bind_all(&listen, Duration::from_secs(timeout))?;
             if let Some(config) = tls.config()? {
                 server = server.with_tls(config);
             }
-            let addr = server.local_addr()?;
+            // One descriptor per client: as many as this process may have.
+            let nofile = scale::raise_nofile_toward(scale::nofile_limits().1);
+            let addrs: Vec<String> = server
+                .local_addrs()?
+                .iter()
+                .map(ToString::to_string)
+                .collect();
             println!(
                 "{}",
-                serde_json::json!({ "event": "listening", "addr": addr.to_string() })
+                serde_json::json!({ "event": "listening", "addr": addrs[0], "addrs": addrs, "nofile": nofile })
             );
             let totals = server.serve()?;
             println!(

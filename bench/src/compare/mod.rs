@@ -94,6 +94,11 @@ pub struct CompareArgs {
     /// Sessions held per idle run.
     #[arg(long, value_name = "N")]
     idle_sessions: Option<u64>,
+    /// Tenant source addresses and echo listeners to spread idle sessions
+    /// over (default: enough for --idle-sessions, three quarters of the
+    /// ephemeral port range each; 1 = no spreading).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=250))]
+    spread: Option<u64>,
     /// The consolegate binary (default: `consolegate` beside this loadgen).
     #[arg(long, value_name = "PATH")]
     consolegate: Option<PathBuf>,
@@ -130,6 +135,12 @@ pub struct Settings {
     pub load_cpus: Option<String>,
     /// Upper bound for one client run (against hangs, not a measurement).
     pub run_timeout: Duration,
+    /// Tenant source addresses an idle client spreads over (0: the
+    /// kernel's choice) and listeners of each echo backend, so that no
+    /// (source, destination) pair needs more ephemeral ports than it has
+    /// ([`crate::scale`]).
+    pub source_addrs: u64,
+    pub echo_listeners: u64,
 }
 
 fn cpu_count() -> usize {
@@ -166,6 +177,15 @@ impl Settings {
         } else {
             a.scenarios.clone()
         };
+        let idle_sessions = a.idle_sessions.unwrap_or(if full { 1_000 } else { 100 });
+        let per_address = crate::scale::per_address();
+        let spread = a
+            .spread
+            .unwrap_or_else(|| crate::scale::addresses_for(idle_sessions, per_address));
+        // Sequential set-ups of thousands of sessions (a TLS handshake each)
+        // take a while: the hang guard grows with the count.
+        let base = if full { 300 } else { 120 };
+        let run_timeout = Duration::from_secs(base.max(60 + idle_sessions / 100));
         Ok(Self {
             mode: if full { "full" } else { "quick" },
             out: a.out.clone(),
@@ -178,14 +198,16 @@ impl Settings {
                 .unwrap_or(if full { 20_000 } else { 5_000 }),
             latency_warmup: if full { 1_000 } else { 200 },
             latency_size: a.latency_size.max(1),
-            idle_sessions: a.idle_sessions.unwrap_or(if full { 1_000 } else { 100 }),
+            idle_sessions,
             scenarios,
             peers: a.peers.clone(),
             consolegate,
             loadgen,
             proxy_cpus,
             load_cpus,
-            run_timeout: Duration::from_secs(if full { 300 } else { 120 }),
+            run_timeout,
+            source_addrs: if spread > 1 { spread } else { 0 },
+            echo_listeners: spread,
         })
     }
 
@@ -202,6 +224,9 @@ impl Settings {
             "proxy_cpus": self.proxy_cpus,
             "load_cpus": self.load_cpus,
             "consolegate": self.consolegate.display().to_string(),
+            "source_addrs": self.source_addrs,
+            "echo_listeners": self.echo_listeners,
+            "nofile": proc::nofile(),
         })
     }
 
@@ -348,6 +373,15 @@ pub fn main(args: CompareArgs) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let settings = Settings::from_args(&args)?;
+    let nofile = proc::want_nofile(settings.idle_sessions);
+    if nofile < settings.idle_sessions.saturating_mul(2) + 1024 {
+        say(format!(
+            "warning: children get {nofile} open files, too few for {} idle sessions through \
+             a proxy (two sockets each): raising the hard limit needs root with \
+             CAP_SYS_RESOURCE (or raise it before starting: ulimit -Hn, LimitNOFILE=)",
+            settings.idle_sessions
+        ));
+    }
     let report = run(&settings)?;
     report::write(&settings.out, &report)?;
     let failed = report["failed_runs"].as_u64().unwrap_or(0);
@@ -391,19 +425,24 @@ pub fn run(settings: &Settings) -> Result<Value> {
     let idle_for = (settings.run_timeout.as_secs() * 4).to_string();
     let mut backends = Vec::new();
     let mut addrs = Vec::new();
+    let mut echo_all = Vec::new();
     for (name, mode, tls) in [
         ("flood-server", "flood-server", false),
         ("echo-server", "echo-server", false),
         ("flood-server-tls", "flood-server", true),
         ("echo-server-tls", "echo-server", true),
     ] {
-        let mut args: Vec<String> = vec![
-            mode.into(),
-            "--listen".into(),
-            "127.0.0.1:0".into(),
-            "--timeout".into(),
-            idle_for.clone(),
-        ];
+        let mut args: Vec<String> = vec![mode.into(), "--timeout".into(), idle_for.clone()];
+        // The echo servers listen on several ports when one would run the
+        // proxy out of ephemeral ports to it.
+        let listeners = if mode == "echo-server" {
+            settings.echo_listeners
+        } else {
+            1
+        };
+        for _ in 0..listeners {
+            args.extend(["--listen".into(), "127.0.0.1:0".into()]);
+        }
         if mode == "flood-server" {
             args.extend([
                 "--bytes".into(),
@@ -420,12 +459,17 @@ pub fn run(settings: &Settings) -> Result<Value> {
                 pki.key.display().to_string(),
             ]);
         }
-        let (proc, addr) = Proc::spawn_server(
+        let (proc, all) = Proc::spawn_server(
             name,
             pinned(settings.load_cpus.as_deref(), &settings.loadgen, &args),
             &work.join(format!("{name}.log")),
         )?;
-        addrs.push(addr.parse()?);
+        let all = all
+            .iter()
+            .map(|a| a.parse())
+            .collect::<Result<Vec<std::net::SocketAddr>, _>>()?;
+        addrs.push(all[0]);
+        echo_all.push(all);
         backends.push(proc);
     }
     let ctx = Ctx {
@@ -434,6 +478,8 @@ pub fn run(settings: &Settings) -> Result<Value> {
         echo: addrs[1],
         flood_tls: addrs[2],
         echo_tls: addrs[3],
+        echo_all: echo_all[1].clone(),
+        echo_tls_all: echo_all[3].clone(),
         pki: &pki,
         work: &work,
     };
@@ -657,6 +703,9 @@ impl Probe<'_> {
             Scenario::Idle => {
                 a.extend(row.to_echo.iter().cloned());
                 a.extend(["--sessions".into(), s.idle_sessions.to_string()]);
+                if s.source_addrs > 0 {
+                    a.extend(["--source-addrs".into(), s.source_addrs.to_string()]);
+                }
                 // Memory is read once every session has been idle this
                 // long, so proxies that free idle buffers are credited.
                 a.extend(["--hold".into(), IDLE_HOLD_SECS.to_string()]);
@@ -716,8 +765,12 @@ impl Probe<'_> {
             let why = if finished.timed_out {
                 format!("timed out after {:?}", self.settings.run_timeout)
             } else {
+                // anyhow's "Error: ..." line (a backtrace may follow it).
                 let err = finished.stderr.trim();
-                let err = &err[err.len().saturating_sub(400)..];
+                let err = err
+                    .lines()
+                    .find(|l| l.starts_with("Error: "))
+                    .unwrap_or(&err[err.len().saturating_sub(400)..]);
                 format!("loadgen exited {:?}: {err}", finished.status)
             };
             rec["error"] = json!(why);
@@ -770,6 +823,15 @@ mod tests {
         let all = Settings::from_args(&CompareArgs::parse_from(["x"])).unwrap();
         assert!(all.wants_service("nginx") && all.wants_row("nginx-tls"));
         assert_eq!((all.runs, all.mode), (3, "quick"));
+        assert_eq!((all.source_addrs, all.echo_listeners), (0, 1));
+        let big = Settings::from_args(&CompareArgs::parse_from(["x", "--idle-sessions", "50000"]))
+            .unwrap();
+        let need = crate::scale::addresses_for(50_000, crate::scale::per_address());
+        assert!(need >= 2);
+        assert_eq!((big.source_addrs, big.echo_listeners), (need, need));
+        assert!(big.run_timeout >= Duration::from_secs(500));
+        let forced = Settings::from_args(&CompareArgs::parse_from(["x", "--spread", "3"])).unwrap();
+        assert_eq!((forced.source_addrs, forced.echo_listeners), (3, 3));
     }
 
     #[derive(Debug, clap::Parser)]

@@ -75,6 +75,11 @@ pub struct Ctx<'a> {
     /// The same backends speaking TLS (the server certificate of [`Pki`]).
     pub flood_tls: SocketAddr,
     pub echo_tls: SocketAddr,
+    /// Every listener of each echo backend (the first is `echo` /
+    /// `echo_tls`): a proxy spreads idle sessions over them so that it does
+    /// not run out of ephemeral ports to one address.
+    pub echo_all: Vec<SocketAddr>,
+    pub echo_tls_all: Vec<SocketAddr>,
     pub pki: &'a Pki,
     pub work: &'a Path,
 }
@@ -431,15 +436,16 @@ fn start_haproxy(ctx: &Ctx<'_>, program: &Path) -> Result<Started> {
         " ssl verify required ca-file {} verifyhost localhost",
         ctx.pki.ca.display()
     );
+    let (flood, flood_tls) = (vec![ctx.flood], vec![ctx.flood_tls]);
     let listeners = [
-        ("flood_tcp", p[0], false, ctx.flood, ""),
-        ("echo_tcp", p[1], false, ctx.echo, ""),
-        ("flood_tls", p[2], true, ctx.flood, ""),
-        ("echo_tls", p[3], true, ctx.echo, ""),
-        ("flood_tls2", p[4], true, ctx.flood_tls, to_tls.as_str()),
-        ("echo_tls2", p[5], true, ctx.echo_tls, to_tls.as_str()),
+        ("flood_tcp", p[0], false, &flood, ""),
+        ("echo_tcp", p[1], false, &ctx.echo_all, ""),
+        ("flood_tls", p[2], true, &flood, ""),
+        ("echo_tls", p[3], true, &ctx.echo_all, ""),
+        ("flood_tls2", p[4], true, &flood_tls, to_tls.as_str()),
+        ("echo_tls2", p[5], true, &ctx.echo_tls_all, to_tls.as_str()),
     ];
-    for (name, port, ssl, backend, server_tls) in listeners {
+    for (name, port, ssl, backends, server_tls) in listeners {
         let crt = if ssl {
             format!(" ssl crt {combined}")
         } else {
@@ -447,8 +453,11 @@ fn start_haproxy(ctx: &Ctx<'_>, program: &Path) -> Result<Started> {
         };
         let _ = write!(
             cfg,
-            "\nlisten {name}\n  bind 127.0.0.1:{port}{crt}\n  server s1 {backend}{server_tls}\n"
+            "\nlisten {name}\n  bind 127.0.0.1:{port}{crt}\n  balance roundrobin\n"
         );
+        for (i, backend) in backends.iter().enumerate() {
+            let _ = writeln!(cfg, "  server s{} {backend}{server_tls}", i + 1);
+        }
     }
     let path = ctx.work.join("haproxy.cfg");
     fs::write(&path, cfg)?;
@@ -482,20 +491,30 @@ fn start_nginx(ctx: &Ctx<'_>, program: &Path) -> Result<Started> {
          events {{ worker_connections {conns}; }}\nstream {{\n",
         d = dir.display(),
         nofile = nofile(),
-        conns = nofile() / 2,
+        // Both legs of a session count as connections.
+        conns = nofile().saturating_sub(100).max(100),
     );
     let to_tls = format!(
         "\n    proxy_ssl on;\n    proxy_ssl_trusted_certificate {};\n    \
          proxy_ssl_verify on;\n    proxy_ssl_name localhost;",
         ctx.pki.ca.display()
     );
+    // Round robin over every echo listener.
+    for (name, backends) in [("echo", &ctx.echo_all), ("echo_tls", &ctx.echo_tls_all)] {
+        let _ = writeln!(cfg, "  upstream {name} {{");
+        for b in backends.iter() {
+            let _ = writeln!(cfg, "    server {b};");
+        }
+        cfg.push_str("  }\n");
+    }
+    let (flood, flood_tls) = (ctx.flood.to_string(), ctx.flood_tls.to_string());
     let listeners = [
-        (p[0], false, ctx.flood, ""),
-        (p[1], false, ctx.echo, ""),
-        (p[2], true, ctx.flood, ""),
-        (p[3], true, ctx.echo, ""),
-        (p[4], true, ctx.flood_tls, to_tls.as_str()),
-        (p[5], true, ctx.echo_tls, to_tls.as_str()),
+        (p[0], false, flood.as_str(), ""),
+        (p[1], false, "echo", ""),
+        (p[2], true, flood.as_str(), ""),
+        (p[3], true, "echo", ""),
+        (p[4], true, flood_tls.as_str(), to_tls.as_str()),
+        (p[5], true, "echo_tls", to_tls.as_str()),
     ];
     for (port, tls, backend, upstream_tls) in listeners {
         let ssl = if tls {
@@ -622,6 +641,16 @@ fn start_websockify_tls2(ctx: &Ctx<'_>, program: &Path) -> Result<Started> {
 const FLOOD_TOKEN: &str = "bench-flood";
 const ECHO_TOKEN: &str = "bench-echo";
 
+/// One echo token per echo listener: `bench-echo`, `bench-echo-2`, ...
+fn echo_token_names(n: usize) -> Vec<String> {
+    (0..n.max(1))
+        .map(|i| match i {
+            0 => ECHO_TOKEN.to_owned(),
+            i => format!("{ECHO_TOKEN}-{}", i + 1),
+        })
+        .collect()
+}
+
 /// Starts consolegate with `datapath` (None: the binary has no such flag)
 /// and a plain (ws + CONNECT) or TLS (wss) front; with `tls_compute`, TLS
 /// to the backends too (`--compute-ca`, the server identity checked), as
@@ -640,20 +669,22 @@ fn consolegate(
         (false, false) => format!("consolegate-{dp}"),
     };
     let tls = tls || tls_compute;
-    let (flood, echo) = if tls_compute {
-        (ctx.flood_tls, ctx.echo_tls)
+    let (flood, echo_all) = if tls_compute {
+        (ctx.flood_tls, &ctx.echo_tls_all)
     } else {
-        (ctx.flood, ctx.echo)
+        (ctx.flood, &ctx.echo_all)
     };
     let tokens = ctx.work.join(format!("{name}.tokens.toml"));
-    fs::write(
-        &tokens,
-        format!(
-            "[[token]]\ntoken = \"{FLOOD_TOKEN}\"\nkind = \"serial\"\ntarget = \"{}\"\n\n\
-             [[token]]\ntoken = \"{ECHO_TOKEN}\"\nkind = \"serial\"\ntarget = \"{}\"\n",
-            flood, echo
-        ),
-    )?;
+    let echo_tokens = echo_token_names(echo_all.len());
+    let mut table =
+        format!("[[token]]\ntoken = \"{FLOOD_TOKEN}\"\nkind = \"serial\"\ntarget = \"{flood}\"\n");
+    for (token, echo) in echo_tokens.iter().zip(echo_all.iter()) {
+        let _ = write!(
+            table,
+            "\n[[token]]\ntoken = \"{token}\"\nkind = \"serial\"\ntarget = \"{echo}\"\n"
+        );
+    }
+    fs::write(&tokens, table)?;
     let ready = ctx.work.join(format!("{name}.ready.json"));
     let _ = fs::remove_file(&ready);
     let mut args: Vec<String> = vec![
@@ -687,14 +718,19 @@ fn consolegate(
     if let Some(dp) = datapath {
         args.extend(["--datapath".into(), dp.into()]);
     }
-    // All idle sessions share one token and one address: lift the per-token
-    // and per-source limits (when the binary has them) so they measure
-    // memory, not the limits.
+    // Idle sessions share a few tokens and addresses, and may be more than
+    // the default total (20,000): lift the total, per-token and per-source
+    // limits (when the binary has them) so they measure memory, not the
+    // limits.
     let help = Command::new(program).args(["serve", "--help"]).output();
     let help = help
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         .unwrap_or_default();
-    for flag in ["--max-sessions-per-token", "--max-sessions-per-source"] {
+    for flag in [
+        "--max-sessions",
+        "--max-sessions-per-token",
+        "--max-sessions-per-source",
+    ] {
         if help.contains(flag) {
             args.extend([flag.into(), "0".into()]);
         }
@@ -722,15 +758,16 @@ fn consolegate(
             .with_context(|| format!("ready file has no {key} listener: {ready}"))
     };
     let ws = first("websocket")?;
-    let ws_to = |token: &str| {
+    let ws_to = |tokens: &[String]| {
         let mut a = vec![
             "--connect".into(),
             ws.clone(),
             "--front".into(),
             "ws".into(),
-            "--path".into(),
-            format!("/websockify?token={token}"),
         ];
+        for token in tokens {
+            a.extend(["--path".into(), format!("/websockify?token={token}")]);
+        }
         if tls {
             a.extend(ctx.tls_args());
         }
@@ -758,23 +795,33 @@ fn consolegate(
         front: "ws",
         tls,
         tls_compute,
-        to_flood: ws_to(FLOOD_TOKEN),
-        to_echo: ws_to(ECHO_TOKEN),
+        to_flood: ws_to(&[FLOOD_TOKEN.to_owned()]),
+        to_echo: ws_to(&echo_tokens),
     }];
     if !tls {
         let connect = first("connect")?;
-        let connect_to = |target: SocketAddr, token: &str| {
-            vec![
+        let connect_to = |ways: &[(SocketAddr, &str)]| {
+            let mut a = vec![
                 "--connect".into(),
                 connect.clone(),
                 "--front".into(),
                 "connect".into(),
-                "--target".into(),
-                target.to_string(),
-                "--token".into(),
-                token.into(),
-            ]
+            ];
+            for (target, token) in ways {
+                a.extend([
+                    "--target".into(),
+                    target.to_string(),
+                    "--token".into(),
+                    (*token).into(),
+                ]);
+            }
+            a
         };
+        let echo_ways: Vec<(SocketAddr, &str)> = echo_all
+            .iter()
+            .copied()
+            .zip(echo_tokens.iter().map(String::as_str))
+            .collect();
         rows.push(Row {
             id: format!("consolegate-connect-{dp}"),
             label: format!("consolegate CONNECT{suffix}"),
@@ -782,8 +829,8 @@ fn consolegate(
             front: "connect",
             tls: false,
             tls_compute: false,
-            to_flood: connect_to(ctx.flood, FLOOD_TOKEN),
-            to_echo: connect_to(ctx.echo, ECHO_TOKEN),
+            to_flood: connect_to(&[(ctx.flood, FLOOD_TOKEN)]),
+            to_echo: connect_to(&echo_ways),
         });
     }
     Ok(Started {
@@ -832,6 +879,16 @@ mod tests {
                      --allowlist <A>  [possible values: off]\n";
         assert_eq!(parse_datapaths(short), ["auto", "copy", "splice"]);
         assert!(parse_datapaths("  --ping-interval <DUR>\n").is_empty());
+    }
+
+    #[test]
+    fn echo_tokens_name_one_per_listener() {
+        assert_eq!(echo_token_names(0), ["bench-echo"]);
+        assert_eq!(echo_token_names(1), ["bench-echo"]);
+        assert_eq!(
+            echo_token_names(3),
+            ["bench-echo", "bench-echo-2", "bench-echo-3"]
+        );
     }
 
     #[test]

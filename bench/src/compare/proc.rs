@@ -6,6 +6,7 @@ use std::fs::{self, File};
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -14,19 +15,39 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::procstat;
 
-/// Open files wanted for every child (sessions x 2 sockets, with room).
-const NOFILE: u64 = 65_536;
+/// Open files wanted for every child at least (sessions x 2 sockets, with
+/// room).
+pub const NOFILE: u64 = 65_536;
 
-/// [`NOFILE`], or this process's hard limit if that is lower (raising a
-/// hard limit needs privileges a container may not have).
+/// Open files wanted for every child: [`NOFILE`], or more for a large idle
+/// run (see [`want_nofile`]).
+static WANTED: AtomicU64 = AtomicU64::new(NOFILE);
+
+/// Descriptors a proxy may hold per idle session: two sockets, and room for
+/// a spliced session's pipes while bytes are in flight.
+const FILES_PER_SESSION: u64 = 6;
+
+/// Asks for enough open files for `sessions` held at once (never fewer
+/// than [`NOFILE`]), raising this process's own limits toward it (root may
+/// raise the hard limit up to `fs.nr_open`); returns what children get.
+pub fn want_nofile(sessions: u64) -> u64 {
+    let want = NOFILE.max(sessions.saturating_mul(FILES_PER_SESSION) + 4096);
+    WANTED.store(want, Ordering::Relaxed);
+    crate::scale::raise_nofile_toward(want);
+    nofile()
+}
+
+/// What [`want_nofile`] asked for, or this process's hard limit if that is
+/// lower (raising a hard limit needs privileges a container may not have).
 pub fn nofile() -> u64 {
+    let want = WANTED.load(Ordering::Relaxed);
     let hard = fs::read_to_string("/proc/self/limits")
         .unwrap_or_default()
         .lines()
         .find(|l| l.starts_with("Max open files"))
         .and_then(|l| l.split_whitespace().nth(4).map(str::to_owned))
         .and_then(|v| v.parse::<u64>().ok());
-    hard.map_or(NOFILE, |h| h.min(NOFILE))
+    hard.map_or(want, |h| h.min(want))
 }
 
 /// `program args` under `prlimit --nofile` and `taskset -c cpus` when those
@@ -93,8 +114,9 @@ impl Proc {
     }
 
     /// Starts a loadgen server and waits for its `{"event":"listening"}`
-    /// line; later lines go to `log`.
-    pub fn spawn_server(name: &str, mut cmd: Command, log: &Path) -> Result<(Self, String)> {
+    /// line; later lines go to `log`. Returns its addresses (`addrs`, or
+    /// the one `addr`).
+    pub fn spawn_server(name: &str, mut cmd: Command, log: &Path) -> Result<(Self, Vec<String>)> {
         let mut file = File::create(log).with_context(|| format!("creating {}", log.display()))?;
         let mut child = cmd
             .stdout(Stdio::piped())
@@ -109,7 +131,7 @@ impl Proc {
                 if let Some(t) = tx.take() {
                     let addr = serde_json::from_str::<serde_json::Value>(&line)
                         .ok()
-                        .and_then(|v| v["addr"].as_str().map(str::to_owned));
+                        .and_then(|v| listening_addrs(&v));
                     let _ = t.send(addr);
                 }
                 let _ = writeln!(file, "{line}");
@@ -161,6 +183,22 @@ impl Drop for Proc {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The addresses of a server's "listening" line.
+fn listening_addrs(v: &serde_json::Value) -> Option<Vec<String>> {
+    let all: Vec<String> = v["addrs"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    if !all.is_empty() {
+        return Some(all);
+    }
+    v["addr"].as_str().map(|a| vec![a.to_owned()])
 }
 
 /// The last `n` lines of a text file, joined with " | ".
@@ -262,7 +300,7 @@ mod tests {
     #[test]
     fn nofile_is_at_most_the_hard_limit() {
         let n = nofile();
-        assert!(n > 0 && n <= NOFILE);
+        assert!(n > 0 && n <= WANTED.load(Ordering::Relaxed));
         let mut c = pinned(None, Path::new("sh"), &["-c".into(), "ulimit -n".into()]);
         let out = c.output().unwrap();
         assert!(out.status.success());
