@@ -402,6 +402,9 @@ pub struct Established {
     /// The session's place in the limits and in the session table: held
     /// until the end.
     _slot: crate::limits::Slot,
+    /// The SPICE main channel's registration (secondary channels join
+    /// while it lives), else nothing.
+    _spice: Option<spice::SessionGuard>,
     session: crate::admin::sessions::SessionHandle,
 }
 
@@ -415,7 +418,10 @@ pub struct Parties {
     pub token_id: Option<TokenId>,
     pub console_kind: &'static str,
     pub compute: String,
-    pub security: String,
+    /// What the console handshake negotiated; for a SPICE main channel it
+    /// holds the session registration, which must live as long as the
+    /// session so that its secondary channels can join.
+    pub security: spice::Label,
     pub compute_tls: bool,
 }
 
@@ -425,6 +431,7 @@ impl Established {
         slot: crate::limits::Slot,
         session: crate::admin::sessions::SessionHandle,
     ) -> Self {
+        let (security, spice) = parties.security.into_parts();
         let record = SessionRecord {
             session_id: parties.session_id,
             front: parties.front,
@@ -433,7 +440,7 @@ impl Established {
             token_id: parties.token_id,
             console_kind: parties.console_kind,
             compute: parties.compute,
-            security: parties.security,
+            security,
             datapath: "-",
             started: SystemTime::UNIX_EPOCH,
             duration: Duration::ZERO,
@@ -448,6 +455,7 @@ impl Established {
             chosen: std::sync::OnceLock::new(),
             metrics: std::sync::OnceLock::new(),
             _slot: slot,
+            _spice: spice,
             session,
         }
     }

@@ -191,7 +191,7 @@ async fn handshake(
             token_id,
             console_kind: grant.kind.as_str(),
             compute: admitted.target.to_string(),
-            security: negotiated.to_string(),
+            security: negotiated,
             compute_tls: compute.is_tls(),
         },
         slot,
@@ -210,7 +210,7 @@ async fn handshake(
         est.counters.add_up(prefix.len());
     }
     drop(prefix);
-    tracing::info!(security = %negotiated, "console handshake done");
+    tracing::info!(security = %est.security(), "console handshake done");
     if compute.is_tls()
         && let Err(e) = compute.flush().await
     {

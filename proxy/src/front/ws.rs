@@ -60,7 +60,7 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
             est.chosen(datapath, accepted.elapsed());
             tracing::info!(
                 mode = mode.name(),
-                security = est.security(),
+                security = %est.security(),
                 profile = profile.as_deref().unwrap_or("-"),
                 datapath,
                 "session established"
@@ -222,7 +222,7 @@ async fn handshake(
             token_id: Some(admission.token_id),
             console_kind: grant.kind.as_str(),
             compute: grant.target.to_string(),
-            security: negotiated.to_string(),
+            security: negotiated,
             compute_tls: compute.is_tls(),
         },
         slot,

@@ -140,6 +140,11 @@ impl Label {
             _session: Some(session),
         }
     }
+
+    /// The text, and the registration that must outlive the handshake.
+    pub fn into_parts(self) -> (String, Option<SessionGuard>) {
+        (self.text, self._session)
+    }
 }
 
 impl From<String> for Label {
