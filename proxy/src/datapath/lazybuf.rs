@@ -8,6 +8,14 @@
 //! an await). When bytes arrive there they are copied into a fresh buffer
 //! once, and the session is back on the fast path. The copy happens only
 //! at the first read after an idle spell, never per chunk while data flows.
+//!
+//! The buffer grows with the stream: it starts just big enough for the
+//! first chunk (at least [`MIN_BUF`]) and quadruples, up to its full size,
+//! each time a read fills it. Interactive consoles (keystrokes, small
+//! screen updates) so never take full-size buffers, which matters beyond
+//! the bytes held: a full-size buffer freed after an idle spell stays in
+//! the allocator's heap as a hole, and thousands of sessions' holes keep
+//! the proxy's resident memory as if they were still held.
 
 use std::cell::RefCell;
 use std::future::Future as _;
@@ -22,6 +30,9 @@ use tokio::time::{Instant, Sleep};
 
 /// How long a read waits with its buffer held before freeing it.
 pub const TRIM_AFTER: Duration = Duration::from_millis(250);
+
+/// Smallest buffer a [`LazyBuf`] allocates.
+pub const MIN_BUF: usize = 2 * 1024;
 
 /// Size of the per-thread scratch buffer: the largest read any lazy buffer
 /// asks for.
@@ -99,13 +110,17 @@ impl Trim {
     }
 }
 
-/// A read buffer of `size` bytes behind `head` bytes of room (for a frame
-/// header written in front of the payload), allocated only while needed.
+/// A read buffer of up to `size` bytes behind `head` bytes of room (for a
+/// frame header written in front of the payload), allocated only while
+/// needed and grown only while reads fill it.
 #[derive(Debug)]
 pub struct LazyBuf {
+    /// `head` bytes of room, then the payload space (empty: not allocated).
     buf: Vec<u8>,
     head: usize,
     size: usize,
+    /// The last read filled the buffer: grow it before the next one.
+    grow: bool,
     trim: Trim,
 }
 
@@ -115,6 +130,7 @@ impl LazyBuf {
             buf: Vec::new(),
             head,
             size,
+            grow: false,
             trim: Trim::new(),
         }
     }
@@ -122,6 +138,11 @@ impl LazyBuf {
     /// Whether the buffer is allocated now.
     pub fn is_allocated(&self) -> bool {
         !self.buf.is_empty()
+    }
+
+    /// Payload bytes the buffer holds now (0: not allocated).
+    pub fn capacity(&self) -> usize {
+        self.buf.len().saturating_sub(self.head)
     }
 
     /// Reads once from `r`; the bytes are then in [`LazyBuf::data`]. 0 is
@@ -141,9 +162,17 @@ impl LazyBuf {
     ) -> Poll<io::Result<usize>> {
         let (head, size) = (self.head, self.size);
         if !self.buf.is_empty() {
-            let mut rb = ReadBuf::new(&mut self.buf[head..head + size]);
+            if std::mem::take(&mut self.grow) {
+                let cap = (self.capacity() * 4).min(size);
+                self.buf.resize(head + cap, 0);
+            }
+            let mut rb = ReadBuf::new(&mut self.buf[head..]);
             match r.as_mut().poll_read(cx, &mut rb) {
-                Poll::Ready(Ok(())) => return Poll::Ready(Ok(rb.filled().len())),
+                Poll::Ready(Ok(())) => {
+                    let n = rb.filled().len();
+                    self.grow = n == self.buf.len() - head && n < size;
+                    return Poll::Ready(Ok(n));
+                }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => {}
             }
@@ -158,11 +187,13 @@ impl LazyBuf {
             self.buf = Vec::new();
             self.trim.release();
         }
-        let buf = &mut self.buf;
+        let (buf, grow) = (&mut self.buf, &mut self.grow);
         poll_scratch(r, cx, size, |got| {
             if !got.is_empty() {
-                buf.resize(head + size, 0);
+                let cap = got.len().next_power_of_two().max(MIN_BUF).min(size);
+                buf.resize(head + cap, 0);
                 buf[head..head + got.len()].copy_from_slice(got);
+                *grow = got.len() == cap && cap < size;
             }
             got.len()
         })
@@ -283,6 +314,37 @@ mod tests {
             got.extend_from_slice(buf.data(n));
         }
         assert_eq!(got, payload);
+    }
+
+    /// A keystroke takes a small buffer; a stream grows it, a read that
+    /// fills it at a time, to the full size and no further.
+    #[tokio::test(start_paused = true)]
+    async fn the_buffer_grows_only_while_reads_fill_it() {
+        let (mut w, mut r) = tokio::io::duplex(1 << 20);
+        let mut buf = LazyBuf::new(4, 64 * 1024);
+        w.write_all(b"k").await.unwrap();
+        let n = buf.read(&mut r).await.unwrap();
+        assert_eq!((n, buf.capacity()), (1, MIN_BUF));
+        w.write_all(b"ey").await.unwrap();
+        assert_eq!(buf.read(&mut r).await.unwrap(), 2);
+        assert_eq!(buf.capacity(), MIN_BUF, "small reads do not grow it");
+        let payload: Vec<u8> = (0..500_000u32).map(|i| (i % 241) as u8).collect();
+        w.write_all(&payload).await.unwrap();
+        let (mut got, mut caps) = (Vec::new(), Vec::new());
+        while got.len() < payload.len() {
+            let n = buf.read(&mut r).await.unwrap();
+            assert!(n > 0 && n <= buf.capacity());
+            got.extend_from_slice(buf.data(n));
+            caps.push(buf.capacity());
+        }
+        assert_eq!(got, payload);
+        assert_eq!(caps[..4], [MIN_BUF, 4 * MIN_BUF, 16 * MIN_BUF, 64 * 1024]);
+        assert_eq!(
+            caps.iter().max(),
+            Some(&(64 * 1024)),
+            "never beyond the size"
+        );
+        assert_eq!(buf.frame_mut(0).len(), 4, "the header room stays");
     }
 
     #[tokio::test(start_paused = true)]
