@@ -59,7 +59,7 @@ pub async fn choose_raw<'a>(
     tenant: tokio::net::TcpStream,
     compute: ComputeIo,
     counters: &'a Counters,
-    stop: tokio::sync::watch::Receiver<bool>,
+    stop: crate::datapath::Stop,
 ) -> Rung<'a> {
     let span = tracing::Span::current();
     // kTLS: a TLS compute leg handed to the kernel, then splice.
@@ -160,7 +160,7 @@ async fn try_sockmap(
     tenant: tokio::net::TcpStream,
     compute: ComputeIo,
     counters: &Counters,
-    stop: tokio::sync::watch::Receiver<bool>,
+    stop: crate::datapath::Stop,
 ) -> Result<End, (tokio::net::TcpStream, ComputeIo)> {
     let fallback = |why: &str| {
         tracing::info!(reason = why, "sockmap not used for this session");
@@ -215,7 +215,7 @@ pub async fn choose_ws<'a>(
     compute: ComputeIo,
     settings: crate::datapath::websocket::WsSettings,
     counters: &'a Counters,
-    stop: tokio::sync::watch::Receiver<bool>,
+    stop: crate::datapath::Stop,
     established: impl FnOnce(&'static str),
 ) -> Rung<'a> {
     use crate::front::TenantStream;

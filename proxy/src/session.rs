@@ -461,7 +461,7 @@ impl Established {
     }
 
     /// The signal the data path stops on (admin kill, revocation, shutdown).
-    pub fn stop_signal(&self) -> watch::Receiver<bool> {
+    pub fn stop_signal(&self) -> crate::datapath::Stop {
         self.session.stop_signal()
     }
 

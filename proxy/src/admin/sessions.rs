@@ -14,6 +14,7 @@ use tokio::sync::watch;
 use crate::auth::TokenId;
 use crate::auth::store::Admission;
 use crate::auth::uses::UseClaim;
+use crate::datapath::Stop;
 
 /// What the admin API shows of a session.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -30,16 +31,47 @@ pub struct SessionInfo {
     pub digest: Option<[u8; 32]>,
 }
 
+/// One live session as the table keeps it: compact, because every idle
+/// session holds one (the admin API's [`SessionInfo`] is rendered from it
+/// on demand). Boxed in the map, so the map's slots stay small too.
 #[derive(Debug)]
 struct Entry {
-    info: SessionInfo,
-    stop: watch::Sender<bool>,
+    front: &'static str,
+    kind: &'static str,
+    tenant: SocketAddr,
+    target: Box<str>,
+    started: SystemTime,
+    token: Option<EntryToken>,
+    stop: Stop,
+}
+
+#[derive(Debug)]
+struct EntryToken {
+    id: TokenId,
+    source: &'static str,
+    digest: [u8; 32],
+}
+
+impl Entry {
+    fn info(&self, id: u64) -> SessionInfo {
+        SessionInfo {
+            id,
+            front: self.front,
+            tenant: self.tenant.to_string(),
+            kind: self.kind.to_owned(),
+            target: self.target.to_string(),
+            token_id: self.token.as_ref().map(|t| t.id.to_string()),
+            token_source: self.token.as_ref().map(|t| t.source),
+            started: humantime::format_rfc3339_seconds(self.started).to_string(),
+            digest: self.token.as_ref().map(|t| t.digest),
+        }
+    }
 }
 
 /// The live-session table.
 #[derive(Debug)]
 pub struct SessionTable {
-    by_id: Mutex<HashMap<u64, Entry>>,
+    by_id: Mutex<HashMap<u64, Box<Entry>>>,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -57,14 +89,14 @@ impl SessionTable {
             crate::datapath::shutdown_signalled(&mut rx).await;
             if let Some(t) = weak.upgrade() {
                 for e in t.lock().values() {
-                    let _ = e.stop.send(true);
+                    e.stop.raise();
                 }
             }
         });
         table
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Entry>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Box<Entry>>> {
         self.by_id.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -75,27 +107,32 @@ impl SessionTable {
         id: u64,
         front: &'static str,
         tenant: SocketAddr,
-        kind: &str,
+        kind: &'static str,
         target: String,
         admission: Option<&Admission>,
     ) -> SessionHandle {
-        let (tx, rx) = watch::channel(*self.shutdown.borrow());
-        let info = SessionInfo {
-            id,
+        let stop = Stop::new();
+        if *self.shutdown.borrow() {
+            stop.raise();
+        }
+        let entry = Entry {
             front,
-            tenant: tenant.to_string(),
-            kind: kind.to_owned(),
-            target,
-            token_id: admission.map(|a| a.token_id.to_string()),
-            token_source: admission.map(|a| a.source),
-            started: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
-            digest: admission.map(|a| a.digest),
+            kind,
+            tenant,
+            target: target.into_boxed_str(),
+            started: SystemTime::now(),
+            token: admission.map(|a| EntryToken {
+                id: a.token_id,
+                source: a.source,
+                digest: a.digest,
+            }),
+            stop: stop.clone(),
         };
-        self.lock().insert(id, Entry { info, stop: tx });
+        self.lock().insert(id, Box::new(entry));
         SessionHandle {
             table: Arc::clone(self),
             id,
-            stop: rx,
+            stop,
             uses: admission.and_then(|a| a.uses.clone()).map(Box::new),
             token_id: admission.map(|a| a.token_id),
         }
@@ -103,27 +140,22 @@ impl SessionTable {
 
     /// Live sessions, oldest first.
     pub fn list(&self) -> Vec<SessionInfo> {
-        let mut v: Vec<SessionInfo> = self.lock().values().map(|e| e.info.clone()).collect();
+        let mut v: Vec<SessionInfo> = self.lock().iter().map(|(id, e)| e.info(*id)).collect();
         v.sort_by_key(|i| i.id);
         v
     }
 
     /// Stops one session; false if it is not live.
     pub fn kill(&self, id: u64) -> bool {
-        self.lock()
-            .get(&id)
-            .map(|e| e.stop.send(true).is_ok())
-            .is_some()
+        self.lock().get(&id).map(|e| e.stop.raise()).is_some()
     }
 
     /// Stops every session of a token; returns how many.
     pub fn kill_token(&self, digest: &[u8; 32]) -> usize {
         let map = self.lock();
         map.values()
-            .filter(|e| e.info.digest.as_ref() == Some(digest))
-            .map(|e| {
-                let _ = e.stop.send(true);
-            })
+            .filter(|e| e.token.as_ref().is_some_and(|t| &t.digest == digest))
+            .map(|e| e.stop.raise())
             .count()
     }
 
@@ -143,20 +175,20 @@ impl SessionTable {
 pub struct SessionHandle {
     table: Arc<SessionTable>,
     id: u64,
-    stop: watch::Receiver<bool>,
+    stop: Stop,
     uses: Option<Box<UseClaim>>,
     token_id: Option<TokenId>,
 }
 
 impl SessionHandle {
     /// The signal the data path stops on (admin kill, revocation, shutdown).
-    pub fn stop_signal(&self) -> watch::Receiver<bool> {
+    pub fn stop_signal(&self) -> Stop {
         self.stop.clone()
     }
 
     /// Whether the session was told to stop.
     pub fn stopped(&self) -> bool {
-        *self.stop.borrow()
+        self.stop.is_raised()
     }
 
     /// The token the session was admitted with.
@@ -194,10 +226,9 @@ mod tests {
         drop(a);
         assert_eq!(t.len(), 1);
         tx.send(true).unwrap();
-        let mut s = b.stop_signal();
-        tokio::time::timeout(std::time::Duration::from_secs(5), s.wait_for(|v| *v))
+        let s = b.stop_signal();
+        tokio::time::timeout(std::time::Duration::from_secs(5), s.raised())
             .await
-            .unwrap()
             .unwrap();
         let c = t.register(3, "connect", addr, "vnc", "x:1".into(), None);
         assert!(c.stopped(), "sessions after shutdown start stopped");

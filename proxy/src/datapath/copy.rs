@@ -8,7 +8,6 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::watch;
 
 use super::lazybuf::LazyBuf;
 use super::{Counters, End, idle_watch};
@@ -166,7 +165,7 @@ pub async fn bidirectional<T, C>(
     compute: C,
     counters: &Counters,
     idle: Option<Duration>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: super::Stop,
 ) -> End
 where
     T: AsyncRead + AsyncWrite,
@@ -195,7 +194,7 @@ where
     tokio::select! {
         end = both => end,
         () = idle_watch(counters, idle) => End::IdleTimeout,
-        () = crate::datapath::shutdown_signalled(&mut shutdown) => End::Shutdown,
+        () = shutdown.raised() => End::Shutdown,
     }
 }
 
@@ -216,7 +215,7 @@ mod tests {
     async fn half_close_passes_and_other_direction_continues() {
         let (mut tenant, proxy_t) = pair().await;
         let (proxy_c, mut compute) = pair().await;
-        let (_tx, rx) = watch::channel(false);
+        let rx = crate::datapath::Stop::new();
         let counters = std::sync::Arc::new(Counters::new());
         let c2 = counters.clone();
         let task =
@@ -240,7 +239,7 @@ mod tests {
     async fn idle_timeout_ends_session() {
         let (_tenant, proxy_t) = pair().await;
         let (proxy_c, _compute) = pair().await;
-        let (_tx, rx) = watch::channel(false);
+        let rx = crate::datapath::Stop::new();
         let c = Counters::new();
         let end = bidirectional(proxy_t, proxy_c, &c, Some(Duration::from_millis(100)), rx).await;
         assert_eq!(end, End::IdleTimeout);

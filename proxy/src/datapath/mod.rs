@@ -150,8 +150,83 @@ pub(crate) async fn idle_watch(counters: &Counters, idle: Option<Duration>) {
     }
 }
 
+/// A session's stop signal (admin kill, token revocation, shutdown):
+/// raised once, seen by every clone. Every live session holds one, so it
+/// is an atomic flag and a `Notify` (about 60 bytes) rather than a `watch`
+/// channel (about 350).
+#[derive(Debug, Clone, Default)]
+pub struct Stop(std::sync::Arc<StopInner>);
+
+#[derive(Debug, Default)]
+struct StopInner {
+    raised: std::sync::atomic::AtomicBool,
+    notify: tokio::sync::Notify,
+}
+
+impl Stop {
+    /// A signal not raised yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Raises the signal: every [`Stop::raised`] wait resolves, now and later.
+    pub fn raise(&self) {
+        self.0
+            .raised
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.0.notify.notify_waiters();
+    }
+
+    /// Whether the signal was raised.
+    pub fn is_raised(&self) -> bool {
+        self.0.raised.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Resolves once the signal is raised.
+    pub async fn raised(&self) {
+        loop {
+            let notified = self.0.notify.notified();
+            let mut notified = std::pin::pin!(notified);
+            // Registered before the check, so a raise in between is not lost.
+            notified.as_mut().enable();
+            if self.is_raised() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
 /// Resolves once `shutdown` turns true (or its sender is gone).
 pub async fn shutdown_signalled(shutdown: &mut tokio::sync::watch::Receiver<bool>) {
     // An error means the sender is gone: the proxy is going away too.
     let _ = shutdown.wait_for(|s| *s).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Stop;
+    use std::time::Duration;
+
+    /// A raise reaches waits that started before it, waits that start after
+    /// it, and every clone; a wait on a signal never raised stays pending.
+    #[tokio::test]
+    async fn stop_reaches_every_wait_and_clone() {
+        let stop = Stop::new();
+        let (a, b) = (stop.clone(), stop.clone());
+        assert!(!a.is_raised());
+        let early = tokio::spawn(async move { a.raised().await });
+        tokio::task::yield_now().await;
+        let pending = tokio::time::timeout(Duration::from_millis(50), b.raised()).await;
+        assert!(pending.is_err(), "not raised yet");
+        stop.raise();
+        tokio::time::timeout(Duration::from_secs(5), early)
+            .await
+            .expect("the waiting clone woke")
+            .unwrap();
+        assert!(b.is_raised());
+        tokio::time::timeout(Duration::from_secs(5), b.raised())
+            .await
+            .expect("a wait after the raise resolves at once");
+    }
 }

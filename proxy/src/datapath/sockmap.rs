@@ -37,10 +37,9 @@ use std::time::Duration;
 
 use tokio::io::Interest;
 use tokio::net::TcpStream;
-use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::{Counters, End, idle_watch, shutdown_signalled};
+use super::{Counters, End, idle_watch};
 use crate::sys::pipe::readable_bytes;
 use crate::sys::tcpinfo::{self, TCP_CLOSE_WAIT};
 
@@ -339,13 +338,13 @@ pub async fn run(
     compute: TcpStream,
     counters: &Counters,
     idle: Option<Duration>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: super::Stop,
     established: impl FnOnce(),
 ) -> Result<End, Declined> {
     let settled = tokio::select! {
         r = settle(&tenant, &compute, counters) => r,
         () = idle_watch(counters, idle) => return Ok(End::IdleTimeout),
-        () = shutdown_signalled(&mut shutdown) => return Ok(End::Shutdown),
+        () = shutdown.raised() => return Ok(End::Shutdown),
     };
     let (up, down) = match settled {
         Ok(Some(flows)) => flows,
@@ -430,7 +429,7 @@ async fn pump(
     mut down: Flow,
     counters: &Counters,
     idle: Option<Duration>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: super::Stop,
 ) -> End {
     let sample_every = idle.map_or(SAMPLE_MAX, |i| (i / 4).clamp(POLL_MAX, SAMPLE_MAX));
     // Kick: bytes that arrived between the drain and the insertion go
@@ -470,7 +469,7 @@ async fn pump(
                 r
             }
             () = idle_watch(counters, idle) => Err(End::IdleTimeout),
-            () = shutdown_signalled(&mut shutdown) => Err(End::Shutdown),
+            () = shutdown.raised() => Err(End::Shutdown),
         };
         if let Err(end) = step {
             let _ = up.sample(compute, counters);
@@ -564,7 +563,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         let counters = Arc::new(Counters::new());
-        let (_stop, rx) = watch::channel(false);
+        let rx = crate::datapath::Stop::new();
         let d = run(
             sm.as_ref(),
             proxy_t,

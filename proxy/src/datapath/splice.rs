@@ -21,7 +21,6 @@ use std::time::Duration;
 
 use tokio::io::Interest;
 use tokio::net::{TcpStream, UnixStream};
-use tokio::sync::watch;
 
 use super::pipes::PipeSlot;
 use super::{Counters, End, idle_watch};
@@ -178,7 +177,7 @@ impl Splicer {
         compute: Socket,
         counters: &Counters,
         idle: Option<Duration>,
-        mut shutdown: watch::Receiver<bool>,
+        shutdown: super::Stop,
     ) -> End {
         let (t, c) = (tenant.borrow(), compute.borrow());
         let mut up = match Flow::new(t, c, Dir::Up, self.size, counters) {
@@ -209,7 +208,7 @@ impl Splicer {
         tokio::select! {
             end = both => end,
             () = idle_watch(counters, idle) => End::IdleTimeout,
-            () = crate::datapath::shutdown_signalled(&mut shutdown) => End::Shutdown,
+            () = shutdown.raised() => End::Shutdown,
         }
     }
 }
@@ -578,7 +577,7 @@ mod tests {
         compute: TcpStream,
         counters: Arc<Counters>,
         end: tokio::task::JoinHandle<End>,
-        stop: watch::Sender<bool>,
+        stop: crate::datapath::Stop,
     }
 
     /// tenant <-> [proxy_t | path | proxy_c] <-> compute
@@ -589,7 +588,8 @@ mod tests {
     async fn start_with(path: Path, idle: Option<Duration>, pipe: usize) -> Running {
         let (tenant, proxy_t) = tcp_pair().await;
         let (proxy_c, compute) = tcp_pair().await;
-        let (stop, rx) = watch::channel(false);
+        let stop = crate::datapath::Stop::new();
+        let rx = stop.clone();
         let counters = Arc::new(Counters::new());
         let c = Arc::clone(&counters);
         // Sockmap: the test starts once the sockets are in the maps (a FIN
@@ -949,7 +949,7 @@ mod tests {
             let r = start(path, Some(Duration::from_millis(100))).await;
             assert_eq!(r.end.await.unwrap(), End::IdleTimeout, "{path:?}");
             let r = start(path, None).await;
-            r.stop.send(true).unwrap();
+            r.stop.raise();
             assert_eq!(r.end.await.unwrap(), End::Shutdown, "{path:?}");
             drop((r.tenant, r.compute));
         }
@@ -988,7 +988,7 @@ mod tests {
         let proxy_c = UnixStream::connect(&path).await.unwrap();
         let (compute, _) = l.accept().await.unwrap();
         let (tenant, proxy_t) = tcp_pair().await;
-        let (_stop, rx) = watch::channel(false);
+        let rx = crate::datapath::Stop::new();
         let counters = Arc::new(Counters::new());
         let c = Arc::clone(&counters);
         let end = tokio::spawn(async move {

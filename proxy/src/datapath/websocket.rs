@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
-use tokio::sync::watch;
 
 use super::lazybuf::{LazyBuf, LazyBytes};
 pub(super) use super::ws_control::{Control, ControlQueue};
@@ -47,7 +46,7 @@ pub async fn pump<T, C>(
     compute: C,
     settings: WsSettings,
     counters: &Counters,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: super::Stop,
 ) -> End
 where
     T: AsyncRead + AsyncWrite,
@@ -95,7 +94,7 @@ where
             let _ = tokio::time::timeout(CLOSE_GRACE, &mut down).await;
             End::MaxDuration
         }
-        () = crate::datapath::shutdown_signalled(&mut shutdown) => {
+        () = shutdown.raised() => {
             ctl.try_send(Control::Close(close_code::GOING_AWAY, "proxy shutting down"));
             let _ = tokio::time::timeout(CLOSE_GRACE, &mut down).await;
             End::Shutdown

@@ -24,7 +24,6 @@ use std::task::{Context, Poll};
 use bytes::BytesMut;
 use tokio::io::{AsyncWrite, AsyncWriteExt as _, Interest};
 use tokio::net::{TcpStream, tcp, unix};
-use tokio::sync::watch;
 
 use super::ktls::{HandshakeCarry, KtlsRead, KtlsWrite, Next, RECORD_BUF, read_record};
 use super::pipes::PipeSlot;
@@ -102,7 +101,7 @@ pub async fn pump(
     pipe: PipeSlot,
     settings: WsSettings,
     counters: &Counters,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: super::Stop,
 ) -> End {
     let WsParts {
         inner,
@@ -161,7 +160,7 @@ pub async fn pump(
                 let _ = tokio::time::timeout(CLOSE_GRACE, &mut down).await;
                 End::MaxDuration
             }
-            () = crate::datapath::shutdown_signalled(&mut shutdown) => {
+            () = shutdown.raised() => {
                 ctl.try_send(Control::Close(close_code::GOING_AWAY, "proxy shutting down"));
                 let _ = tokio::time::timeout(CLOSE_GRACE, &mut down).await;
                 End::Shutdown

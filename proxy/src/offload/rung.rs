@@ -24,7 +24,7 @@ pub async fn pump_raw(
     tenant: TcpStream,
     compute: ComputeIo,
     counters: &Counters,
-    stop: tokio::sync::watch::Receiver<bool>,
+    stop: crate::datapath::Stop,
 ) -> Result<(End, &'static str), (TcpStream, ComputeIo)> {
     let ComputeIo::Tls(tls) = compute else {
         return Err((tenant, compute));
@@ -85,7 +85,7 @@ pub async fn pump_ws(
     compute: ComputeIo,
     settings: WsSettings,
     counters: &Counters,
-    stop: tokio::sync::watch::Receiver<bool>,
+    stop: crate::datapath::Stop,
     established: &mut Option<impl FnOnce(&'static str)>,
 ) -> Result<End, (WsParts<TenantStream>, ComputeIo)> {
     let tls_leg =

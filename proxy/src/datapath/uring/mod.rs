@@ -26,12 +26,12 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use tokio::sync::{oneshot, watch};
+use tokio::sync::oneshot;
 
 pub use self::thread::Flavor;
 use self::thread::{Cmd, Driver, Progress, Start};
 use super::splice::{PIPE_SIZE, Socket};
-use super::{Counters, End, idle_watch, shutdown_signalled};
+use super::{Counters, End, idle_watch};
 use crate::sys::pipe::Pipe;
 use crate::sys::uring::{self as ring, Support};
 
@@ -158,7 +158,7 @@ impl Uring {
         compute: Socket,
         counters: &Counters,
         idle: Option<Duration>,
-        mut shutdown: watch::Receiver<bool>,
+        shutdown: crate::datapath::Stop,
     ) -> End {
         let a = match available() {
             Ok(a) => a,
@@ -214,7 +214,7 @@ impl Uring {
                         stopping = true;
                     }
                 }
-                () = shutdown_signalled(&mut shutdown), if !stopping => {
+                () = shutdown.raised(), if !stopping => {
                     guard.stop(End::Shutdown);
                     stopping = true;
                 }
@@ -319,7 +319,8 @@ mod tests {
             let Some(u) = uring(flavor) else { return };
             let (mut tenant, proxy_t) = tcp_pair().await;
             let (proxy_c, mut compute) = UnixStream::pair().unwrap();
-            let (stop, rx) = watch::channel(false);
+            let stop = crate::datapath::Stop::new();
+            let rx = stop.clone();
             let counters = Arc::new(Counters::new());
             let c = Arc::clone(&counters);
             let end = tokio::spawn(async move {
@@ -335,7 +336,7 @@ mod tests {
             tenant.read_exact(&mut back).await.unwrap();
             assert_eq!(&back, b"down");
             // Both reads are now in flight on the ring; stop cancels them.
-            stop.send(true).unwrap();
+            stop.raise();
             assert_eq!(end.await.unwrap(), End::Shutdown, "{flavor:?}");
             assert_eq!((counters.up_bytes(), counters.down_bytes()), (12, 4));
             let mut rest = Vec::new();
@@ -351,7 +352,7 @@ mod tests {
         };
         let (mut tenant, proxy_t) = tcp_pair().await;
         let (proxy_c, mut compute) = tcp_pair().await;
-        let (_stop, rx) = watch::channel(false);
+        let rx = crate::datapath::Stop::new();
         let counters = Counters::new();
         // As the maximum session duration does: the future is dropped.
         let pump = u.run(
