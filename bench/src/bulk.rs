@@ -18,6 +18,9 @@ pub struct Options {
     pub bytes: u64,
     /// Parallel sessions.
     pub connections: u64,
+    /// Discard plaintext payload in the kernel instead of reading it
+    /// ([`crate::tenant::Session::discard_payload`]).
+    pub discard: bool,
 }
 
 /// One run's outcome over all sessions.
@@ -71,7 +74,7 @@ pub fn run(dial: &Dial, opts: &Options) -> Result<Report> {
     let started = Instant::now();
     let results: Vec<(u64, Option<String>, Option<io::Error>)> = thread::scope(|scope| {
         let workers: Vec<_> = (0..opts.connections)
-            .map(|_| scope.spawn(|| read_from(dial, opts.bytes)))
+            .map(|_| scope.spawn(|| read_from(dial, opts.bytes, opts.discard)))
             .collect();
         workers
             .into_iter()
@@ -97,7 +100,7 @@ pub fn run(dial: &Dial, opts: &Options) -> Result<Report> {
 
 /// Reads up to `bytes` of payload on one session: the count, the TLS suite
 /// and the error that stopped it early (an early end is an error too).
-fn read_from(dial: &Dial, bytes: u64) -> (u64, Option<String>, Option<io::Error>) {
+fn read_from(dial: &Dial, bytes: u64, discard: bool) -> (u64, Option<String>, Option<io::Error>) {
     let mut got = 0u64;
     let mut suite = None;
     let result = (|| -> io::Result<()> {
@@ -105,8 +108,13 @@ fn read_from(dial: &Dial, bytes: u64) -> (u64, Option<String>, Option<io::Error>
         suite.clone_from(&session.tls_suite);
         while got < bytes {
             let want = usize::try_from(bytes - got).map_or(CHUNK, |left| left.min(CHUNK));
-            match session.payload(want) {
-                Ok(s) => got += s.len() as u64,
+            let read = if discard {
+                session.discard_payload(want)
+            } else {
+                session.payload(want).map(<[u8]>::len)
+            };
+            match read {
+                Ok(n) => got += n as u64,
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
                     return Err(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
@@ -155,6 +163,7 @@ mod tests {
         let opts = Options {
             bytes: 3 << 20,
             connections: 2,
+            discard: false,
         };
         let report = run(&dial(&addr, Front::Raw), &opts).unwrap();
         assert!(report.complete(), "{report:?}");
@@ -173,6 +182,33 @@ mod tests {
         assert_eq!(json["tls"], false);
     }
 
+    /// Discarding in the kernel counts exactly the bytes served, and a
+    /// short stream is still an error that says how far it got.
+    #[test]
+    fn discarding_client_counts_what_the_flood_server_writes() {
+        let server = server(5 << 20, 2);
+        let addr = server.local_addr().unwrap().to_string();
+        let serving = thread::spawn(move || server.serve(|_| {}));
+        let opts = Options {
+            bytes: 5 << 20,
+            connections: 1,
+            discard: true,
+        };
+        let report = run(&dial(&addr, Front::Raw), &opts).unwrap();
+        assert!(report.complete(), "{report:?}");
+        assert_eq!(report.received, 5 << 20);
+        let more = Options {
+            bytes: 6 << 20,
+            ..opts
+        };
+        let short = run(&dial(&addr, Front::Raw), &more).unwrap();
+        assert!(!short.complete());
+        assert_eq!(short.received, 5 << 20);
+        let err = short.error.expect("a short stream is an error");
+        assert!(err.contains("after 5242880 of 6291456 bytes"), "{err}");
+        serving.join().unwrap().unwrap();
+    }
+
     #[test]
     fn early_close_is_reported_not_hidden() {
         let server = server(1000, 1);
@@ -181,6 +217,7 @@ mod tests {
         let opts = Options {
             bytes: 5000,
             connections: 1,
+            discard: false,
         };
         let report = run(&dial(&addr, Front::Raw), &opts).unwrap();
         serving.join().unwrap().unwrap();
@@ -212,6 +249,7 @@ mod tests {
         let opts = Options {
             bytes: 1 << 20,
             connections: 1,
+            discard: false,
         };
         let report = run(&dial, &opts).unwrap();
         assert!(report.complete(), "{report:?}");
@@ -279,6 +317,7 @@ mod tests {
         let opts = Options {
             bytes: 100_000,
             connections: 1,
+            discard: false,
         };
         let report = run(&dial(&proxy, front), &opts).unwrap();
         let head = handle.join().unwrap();

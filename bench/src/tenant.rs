@@ -397,6 +397,52 @@ impl Session {
         Ok(s)
     }
 
+    /// Like [`Session::payload`], but payload that is not buffered yet is
+    /// discarded in the kernel (`recv` with `MSG_TRUNC`: TCP drops the bytes
+    /// without copying them out) instead of read. Only the count comes
+    /// back. TLS sessions must decrypt, so they read as `payload` does.
+    /// For bulk runs whose client would otherwise spend its CPU on copying
+    /// (on a small machine the client shares CPUs with the backends, and
+    /// its copy would limit every proxy's row, not the proxy).
+    pub fn discard_payload(&mut self, max: usize) -> io::Result<usize> {
+        if self.ws {
+            while self.frame_left == 0 {
+                self.next_frame()?;
+            }
+        }
+        let Io::Plain(tcp) = &self.io else {
+            return self.payload(max).map(<[u8]>::len);
+        };
+        if self.pos < self.len {
+            return self.payload(max).map(<[u8]>::len);
+        }
+        let mut want = max.min(self.buf.len());
+        if self.ws {
+            want = want.min(usize::try_from(self.frame_left).unwrap_or(usize::MAX));
+        }
+        let n = loop {
+            match nix::sys::socket::recv(
+                std::os::fd::AsRawFd::as_raw_fd(tcp),
+                &mut self.buf[..want],
+                nix::sys::socket::MsgFlags::MSG_TRUNC,
+            ) {
+                Ok(n) => break n,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        };
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "peer closed the connection",
+            ));
+        }
+        if self.ws {
+            self.frame_left -= n as u64;
+        }
+        Ok(n)
+    }
+
     /// Reads exactly `out.len()` payload bytes.
     pub fn read_payload_exact(&mut self, out: &mut [u8]) -> io::Result<()> {
         let mut got = 0;

@@ -183,3 +183,43 @@ fn compare_runs_every_scenario_and_writes_a_consistent_report() {
         );
     }
 }
+
+/// `--discard`: the bulk client drops plaintext payload in the kernel; every
+/// consolegate row (raw CONNECT and WebSocket frames, TLS rows decrypting
+/// as before) still counts exactly the bytes asked for.
+#[test]
+fn compare_with_a_discarding_bulk_client_counts_every_byte() {
+    let out = tempfile::tempdir().unwrap();
+    // Not a multiple of any buffer or frame size.
+    let bulk = 3_333_333u64;
+    let run = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args(["compare", "--quick", "--runs", "1", "--scenarios", "bulk"])
+        .args(["--peers", "direct,consolegate", "--discard"])
+        .args(["--bulk-bytes", &bulk.to_string()])
+        .arg("--consolegate")
+        .arg(consolegate())
+        .arg("--out")
+        .arg(out.path())
+        .output()
+        .expect("running loadgen compare");
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "compare failed: {stderr}");
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("report.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        report["settings"]["discard"], true,
+        "{}",
+        report["settings"]
+    );
+    let runs = report["runs"].as_array().unwrap();
+    assert!(
+        runs.iter().any(|r| r["row"] == "consolegate-ws-splice")
+            && runs.iter().any(|r| r["row"] == "consolegate-connect-copy"),
+        "{stderr}"
+    );
+    for r in runs {
+        assert_eq!(r["ok"], true, "{r}");
+        assert_eq!(r["bytes"], bulk, "{r}");
+    }
+}

@@ -168,6 +168,11 @@ enum Mode {
         /// Parallel sessions.
         #[arg(long, value_name = "C", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=10_000))]
         connections: u64,
+        /// Discard plaintext payload in the kernel (recv with MSG_TRUNC)
+        /// instead of copying it out: the client then costs little CPU, so
+        /// the proxy, not the client, limits the run. TLS still decrypts.
+        #[arg(long)]
+        discard: bool,
     },
     /// Ping-pong small messages through an echo backend; HDR percentiles.
     Latency {
@@ -274,8 +279,13 @@ fn exit(ok: bool) -> ExitCode {
     }
 }
 
-fn bulk_report(dial: &Dial, bytes: u64, connections: u64) -> Result<ExitCode> {
-    let report = bulk::run(dial, &bulk::Options { bytes, connections })?;
+fn bulk_report(dial: &Dial, bytes: u64, connections: u64, discard: bool) -> Result<ExitCode> {
+    let opts = bulk::Options {
+        bytes,
+        connections,
+        discard,
+    };
+    let report = bulk::run(dial, &opts)?;
     println!("{}", report.json());
     Ok(exit(report.complete()))
 }
@@ -286,7 +296,8 @@ fn main() -> Result<ExitCode> {
             tenant,
             bytes,
             connections,
-        } => bulk_report(&tenant.dial()?, bytes, connections),
+            discard,
+        } => bulk_report(&tenant.dial()?, bytes, connections, discard),
         Mode::Latency {
             tenant,
             messages,
@@ -332,7 +343,7 @@ fn main() -> Result<ExitCode> {
                 Some(proxy) => Dial::new(&proxy, Front::Connect { target, token }, None, timeout)?,
                 None => Dial::new(&target, Front::Raw, None, timeout)?,
             };
-            bulk_report(&dial, bytes, connections)
+            bulk_report(&dial, bytes, connections, false)
         }
         Mode::Ws {
             proxy,
@@ -347,7 +358,7 @@ fn main() -> Result<ExitCode> {
                 None,
                 Duration::from_secs(timeout),
             )?;
-            bulk_report(&dial, bytes, connections)
+            bulk_report(&dial, bytes, connections, false)
         }
         Mode::FloodServer {
             listen,

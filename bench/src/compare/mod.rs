@@ -85,6 +85,11 @@ pub struct CompareArgs {
     /// Bytes read per bulk run.
     #[arg(long, value_name = "BYTES")]
     bulk_bytes: Option<u64>,
+    /// Bulk clients discard plaintext payload in the kernel (MSG_TRUNC)
+    /// instead of copying it: on a small machine the client's copy
+    /// otherwise saturates the load CPU and limits every row alike.
+    #[arg(long)]
+    discard: bool,
     /// Timed round trips per latency run.
     #[arg(long, value_name = "N")]
     latency_messages: Option<u64>,
@@ -123,6 +128,7 @@ pub struct Settings {
     pub out: PathBuf,
     pub runs: u32,
     pub bulk_bytes: u64,
+    pub discard: bool,
     pub latency_messages: u64,
     pub latency_warmup: u64,
     pub latency_size: u64,
@@ -193,6 +199,7 @@ impl Settings {
             bulk_bytes: a
                 .bulk_bytes
                 .unwrap_or(if full { 2 << 30 } else { 512 << 20 }),
+            discard: a.discard,
             latency_messages: a
                 .latency_messages
                 .unwrap_or(if full { 20_000 } else { 5_000 }),
@@ -216,6 +223,7 @@ impl Settings {
             "mode": self.mode,
             "runs": self.runs,
             "bulk_bytes": self.bulk_bytes,
+            "discard": self.discard,
             "latency_messages": self.latency_messages,
             "latency_warmup": self.latency_warmup,
             "latency_size": self.latency_size,
@@ -688,6 +696,9 @@ impl Probe<'_> {
             Scenario::Bulk => {
                 a.extend(row.to_flood.iter().cloned());
                 a.extend(["--bytes".into(), s.bulk_bytes.to_string()]);
+                if s.discard {
+                    a.push("--discard".into());
+                }
             }
             Scenario::Latency => {
                 a.extend(row.to_echo.iter().cloned());
