@@ -85,9 +85,12 @@ fn ktls_splice_in_a_debian_guest() {
     let initrd = dir.path().join("initramfs.cpio");
     let image = initramfs(&kernel).unwrap();
     eprintln!(
-        "guest: Debian kernel {}, initramfs {} MiB",
+        "guest: Debian kernel {}, initramfs {} MiB, proxy {} (the idle memory the \
+         guest reports is meaningful for a release binary: CONSOLEGATE_BIN=target/release/consolegate)",
         kernel.release,
-        image.len() >> 20
+        image.len() >> 20,
+        consolegate_tests::proxy::binary()
+            .map_or_else(|e| e.to_string(), |p| p.display().to_string())
     );
     std::fs::write(&initrd, image).unwrap();
     let run = guest::boot(&kernel, &initrd, "", DONE, GUEST_LIMIT).unwrap();

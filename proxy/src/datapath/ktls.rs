@@ -206,16 +206,22 @@ impl AsyncRead for KtlsRead {
                 let n = (this.end - this.start).min(out.remaining());
                 out.put_slice(&this.buf[this.start..this.start + n]);
                 this.start += n;
+                if this.start == this.end {
+                    // Drained: an idle session holds no record buffer.
+                    this.buf = Vec::new();
+                }
                 return Poll::Ready(Ok(()));
             }
             if this.eof || out.remaining() == 0 {
                 return Poll::Ready(Ok(()));
             }
+            let sock: &TcpStream = this.inner.as_ref();
+            // The record buffer (16 KiB) exists only while a record is
+            // being read or handed out, never while the session waits.
+            ready!(sock.poll_read_ready(cx))?;
             if this.buf.len() < RECORD_BUF {
                 this.buf.resize(RECORD_BUF, 0);
             }
-            let sock: &TcpStream = this.inner.as_ref();
-            ready!(sock.poll_read_ready(cx))?;
             let buf = &mut this.buf;
             match sock.try_io(Interest::READABLE, || recv_record(sock.as_fd(), buf)) {
                 Ok((APPLICATION_DATA, 0)) => this.eof = true,
@@ -228,6 +234,9 @@ impl AsyncRead for KtlsRead {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Poll::Ready(Err(e)),
+            }
+            if this.start == this.end {
+                this.buf = Vec::new();
             }
         }
     }
@@ -374,6 +383,7 @@ mod tests {
         let mut got = [0u8; 13];
         r.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"console bytes");
+        assert_eq!(r.buf.capacity(), 0, "no record buffer once drained");
         // Shutdown sends the 2-byte close_notify payload (plain TCP takes
         // it as data), then the FIN.
         w.shutdown().await.unwrap();

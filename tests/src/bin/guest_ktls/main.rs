@@ -13,12 +13,16 @@
 //!    guest), and pushes random payloads both ways over a TLS WebSocket and
 //!    a CONNECT tunnel with a half-close, byte for byte (`sessions.rs`);
 //! 3. reads from the proxy's log which data path each session ran on, and
-//!    fails unless it is `ktls+splice`.
+//!    fails unless it is `ktls+splice`;
+//! 4. holds a few hundred idle TLS WebSocket sessions (TLS on the compute
+//!    leg too) through a proxy with kTLS and one without, and reports the
+//!    proxy's memory per session for each (`idle.rs`).
 //!
 //! Every line meant for the test starts with `GUEST-KTLS`; the last one is
 //! `GUEST-KTLS-RESULT: PASS` or `GUEST-KTLS-RESULT: FAIL <reason>`.
 
 mod direct;
+mod idle;
 mod sessions;
 
 use std::process::ExitCode;

@@ -60,13 +60,15 @@ pub async fn through_proxy() -> anyhow::Result<()> {
 
     let server = Arc::new(compute_config(&ca.pem, &compute_cert, &compute_key)?);
     let ws_console = Console::start(Arc::clone(&server), Ending::Counted).await?;
-    let connect_console = Console::start(server, Ending::HalfClose).await?;
-    let (ws_token, connect_token) = (random_token(), random_token());
+    let connect_console = Console::start(Arc::clone(&server), Ending::HalfClose).await?;
+    let echo_console = crate::idle::echo_console(server).await?;
+    let (ws_token, connect_token, echo_token) = (random_token(), random_token(), random_token());
     write_toml_tokens(
         &d.join("tokens.toml"),
         &[
             raw_token(&ws_token, ws_console.addr),
             raw_token(&connect_token, connect_console.addr),
+            raw_token(&echo_token, echo_console),
         ],
     )?;
     let config = d.join("consolegate.toml");
@@ -139,7 +141,8 @@ pub async fn through_proxy() -> anyhow::Result<()> {
         "the proxy ran the sessions on data path(s) {seen:?}, not {EXPECTED:?} \
          (bytes were correct; the kTLS offload is not in this proxy or was not chosen)"
     );
-    Ok(())
+    drop(proxy);
+    crate::idle::tls_sessions(&config, &echo_token, &tenant_tls).await
 }
 
 const CONFIG: &str = r#"
