@@ -3,7 +3,8 @@
 # compute->tenant stream through consolegate with --datapath copy,
 # splice, uring and sockmap (DATAPATHS; uring and sockmap apply to CONNECT
 # only, so they are skipped for the ws front), RUNS times each,
-# interleaved. Prints one line per run:
+# interleaved; DATAPATHS may include "direct" (the client reads the flood
+# server itself: the loopback ceiling, no proxy). Prints one line per run:
 # MB/s, the proxy's own CPU-seconds per GB (/proc/<pid>/stat utime+stime)
 # and the whole system's busy CPU-seconds per GB (/proc/stat, every
 # process and kernel worker; noisy on a shared machine).
@@ -49,8 +50,19 @@ proxy() { # $1 = datapath
 for run in $(seq "$RUNS"); do
     for front in $FRONTS; do
         for dp in $DATAPATHS; do
-            [ "$front" = ws ] && { [ "$dp" = uring ] || [ "$dp" = sockmap ]; } && continue
+            [ "$front" = ws ] && { [ "$dp" = uring ] || [ "$dp" = sockmap ] || [ "$dp" = direct ]; } && continue
             flood
+            if [ "$dp" = direct ]; then
+                s0=$(busy)
+                out=$("$L" raw --target "$ADDR" --bytes "$B")
+                s1=$(busy)
+                wait "$FP" || true
+                mbs=$(sed -n 's/.*"mb_per_s":\([0-9.]*\).*/\1/p' <<< "$out")
+                awk -v r="$run" -v m="$mbs" -v gb="$(awk -v b="$B" 'BEGIN{print b/1e9}')" \
+                    -v sc=$((s1 - s0)) -v t="$TCK" \
+                    'BEGIN{printf "run=%s front=raw     datapath=direct  (no proxy) MB/s=%8.0f proxy_cpu_s_per_GB=-     system_cpu_s_per_GB=%.3f\n", r, m, sc/t/gb}'
+                continue
+            fi
             proxy "$dp"
             s0=$(busy); p0=$(proc_cpu "$PROXY")
             if [ "$front" = connect ]; then
