@@ -357,10 +357,23 @@ pub fn boot(
     done_marker: &str,
     limit: Duration,
 ) -> anyhow::Result<GuestRun> {
+    boot_with_memory(kernel, initrd, append, done_marker, limit, 1024)
+}
+
+/// [`boot`] with `mem_mib` MiB of guest memory.
+pub fn boot_with_memory(
+    kernel: &GuestKernel,
+    initrd: &Path,
+    append: &str,
+    done_marker: &str,
+    limit: Duration,
+    mem_mib: u32,
+) -> anyhow::Result<GuestRun> {
     let qemu = which("qemu-system-x86_64")
         .with_context(|| format!("qemu-system-x86_64 is not on PATH; {SETUP_HINT}"))?;
     let mut cmd = Command::new(qemu);
-    cmd.args(["-accel", "tcg,thread=multi", "-cpu", "max", "-m", "1024"])
+    cmd.args(["-accel", "tcg,thread=multi", "-cpu", "max", "-m"])
+        .arg(mem_mib.to_string())
         .args(["-smp", "2", "-nodefaults", "-no-user-config", "-no-reboot"])
         .args(["-display", "none", "-serial", "stdio", "-monitor", "none"])
         .arg("-kernel")
