@@ -26,15 +26,8 @@ use consolegate_tests::guest::{self, GuestKernel, Initramfs};
 
 const DONE: &str = "SCALE-EXIT";
 
-const INIT: &str = r#"#!/bin/busybox sh
-/bin/busybox mkdir -p /proc /sys /dev /tmp /run /sbin /usr/bin /usr/sbin
-/bin/busybox mount -t proc proc /proc
-/bin/busybox --install -s /bin
-mount -t sysfs sys /sys
-mount -t devtmpfs dev /dev
-mount -t tmpfs tmp /tmp
-ip link set lo up
-export PATH=/bin HOME=/tmp TMPDIR=/tmp LD_LIBRARY_PATH=@LIBS@
+/// The guest's `/init` after [`guest::init_script`]'s start.
+const INIT: &str = r#"export PATH=/bin HOME=/tmp TMPDIR=/tmp LD_LIBRARY_PATH=@LIBS@
 echo 1024 65535 > /proc/sys/net/ipv4/ip_local_port_range
 echo 4096 > /proc/sys/net/core/somaxconn
 ulimit -n 400000
@@ -92,7 +85,7 @@ fn main() -> anyhow::Result<()> {
             libs.push(l);
         }
     }
-    let init = INIT
+    let init = guest::init_script(INIT)
         .replace("@LIBS@", &libs.join(":"))
         .replace("@N@", &sessions.to_string())
         .replace("@N2@", &(sessions + 100).to_string());

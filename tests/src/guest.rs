@@ -335,6 +335,22 @@ fn parse_ldd(text: &str) -> Vec<PathBuf> {
         .collect()
 }
 
+/// The start of every guest's `/init`: busybox installed, /proc, /sys,
+/// /dev and a tmpfs /tmp mounted, loopback up. `body` runs after it.
+pub fn init_script(body: &str) -> String {
+    format!(
+        "#!/bin/busybox sh
+/bin/busybox mkdir -p /proc /sys /dev /tmp /run /sbin /usr/bin /usr/sbin
+/bin/busybox mount -t proc proc /proc
+/bin/busybox --install -s /bin
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mount -t tmpfs tmp /tmp
+ip link set lo up
+{body}"
+    )
+}
+
 /// What a guest printed on its serial console, and how it ended.
 #[derive(Debug)]
 pub struct GuestRun {

@@ -27,15 +27,8 @@ const GUEST_LIMIT: Duration = Duration::from_secs(300);
 
 const DONE: &str = "GUEST-KTLS-EXIT";
 
-const INIT: &str = r#"#!/bin/busybox sh
-/bin/busybox mkdir -p /proc /sys /dev /tmp /run /sbin /usr/bin /usr/sbin
-/bin/busybox mount -t proc proc /proc
-/bin/busybox --install -s /bin
-mount -t sysfs sys /sys
-mount -t devtmpfs dev /dev
-mount -t tmpfs tmp /tmp
-ip link set lo up
-for m in $(cat /modules/order); do
+/// The guest's `/init` after [`guest::init_script`]'s start.
+const INIT: &str = r#"for m in $(cat /modules/order); do
     if ! out=$(insmod /modules/$m 2>&1); then
         echo "GUEST-KTLS: insmod-failed $m: $out"
         dmesg | tail -n 5
@@ -69,7 +62,9 @@ fn initramfs(kernel: &GuestKernel) -> anyhow::Result<Vec<u8>> {
     fs.file(
         "/init",
         0o755,
-        INIT.replace("@LIBS@", &libs.join(":")).as_bytes(),
+        guest::init_script(INIT)
+            .replace("@LIBS@", &libs.join(":"))
+            .as_bytes(),
     );
     fs.dir("/etc");
     Ok(fs.finish())
