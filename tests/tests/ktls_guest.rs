@@ -80,8 +80,7 @@ fn ktls_splice_in_a_debian_guest() {
     let initrd = dir.path().join("initramfs.cpio");
     let image = initramfs(&kernel).unwrap();
     eprintln!(
-        "guest: Debian kernel {}, initramfs {} MiB, proxy {} (the idle memory the \
-         guest reports is meaningful for a release binary: CONSOLEGATE_BIN=target/release/consolegate)",
+        "guest: Debian kernel {}, initramfs {} MiB, proxy {} (CONSOLEGATE_BIN picks another)",
         kernel.release,
         image.len() >> 20,
         consolegate_tests::proxy::binary()
