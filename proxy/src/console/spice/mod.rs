@@ -125,8 +125,9 @@ impl Drop for SessionGuard {
 
 /// What a console handshake negotiated, as a label for the session log,
 /// plus (for a SPICE main channel) the session registration that must live
-/// as long as the data path: the front ends keep this value until the
-/// session ends, and dropping it releases the registration.
+/// as long as the data path: `session::Established` takes it over
+/// ([`Label::into_parts`]) and keeps it until the session ends; dropping
+/// it releases the registration.
 #[derive(Debug)]
 pub struct Label {
     text: String,
