@@ -6,7 +6,8 @@
 //! kernel: the init script raises the limits and widens the ephemeral port
 //! range, then runs the release `consolegate` (CONNECT front, plain HTTP,
 //! the default data path) in front of `loadgen echo-server`, and `loadgen
-//! idle` opens the sessions one after another, proves each with a one-byte
+//! idle` opens the sessions one after another (spread over source
+//! addresses and echo ports, one token each), proves each with a one-byte
 //! round trip, holds them all and reads the proxy's PSS.
 //!
 //! A measurement, not a test (it takes minutes under TCG):
@@ -32,8 +33,11 @@ echo 1024 65535 > /proc/sys/net/ipv4/ip_local_port_range
 echo 4096 > /proc/sys/net/core/somaxconn
 ulimit -n 400000
 echo "SCALE: kernel $(cat /proc/sys/kernel/osrelease) nofile $(ulimit -n) mem $(grep MemTotal /proc/meminfo)"
-loadgen echo-server --listen 127.0.0.1:7000 --timeout 3600 > /tmp/echo.out 2>&1 &
-printf '[[token]]\ntoken = "scale-token"\nkind = "serial"\ntarget = "127.0.0.1:7000"\n' > /tmp/tokens.toml
+loadgen echo-server @LISTEN@ --timeout 3600 > /tmp/echo.out 2>&1 &
+: > /tmp/tokens.toml
+for p in @PORTS@; do
+    printf '[[token]]\ntoken = "scale-%s"\nkind = "serial"\ntarget = "127.0.0.1:%s"\n\n' $p $p >> /tmp/tokens.toml
+done
 consolegate serve --plain-http --connect-listen 127.0.0.1:6081 --ws-listen 127.0.0.1:6080 \
     --token-file /tmp/tokens.toml --ready-file /tmp/ready --state-dir /tmp/state \
     --allowlist off --max-sessions @N2@ --max-sessions-per-token @N2@ \
@@ -41,8 +45,8 @@ consolegate serve --plain-http --connect-listen 127.0.0.1:6081 --ws-listen 127.0
 PROXY=$!
 for i in $(seq 100); do [ -f /tmp/ready ] && break; sleep 0.2; done
 echo "SCALE: proxy $(grep -m1 'open-file limit' /tmp/proxy.log)"
-loadgen idle --connect 127.0.0.1:6081 --front connect --target 127.0.0.1:7000 \
-    --token scale-token --sessions @N@ --hold 5 --proxy-pid $PROXY --timeout 60 > /tmp/idle.json 2> /tmp/idle.err
+loadgen idle --connect 127.0.0.1:6081 --front connect @TARGETS@ --source-addrs @WAYS@ \
+    --sessions @N@ --hold 5 --proxy-pid $PROXY --timeout 60 > /tmp/idle.json 2> /tmp/idle.err
 echo "SCALE: loadgen exit $?"
 echo "SCALE-JSON $(cat /tmp/idle.json)"
 tail -n 3 /tmp/idle.err | sed 's/^/SCALE: loadgen: /'
@@ -85,8 +89,26 @@ fn main() -> anyhow::Result<()> {
             libs.push(l);
         }
     }
+    // Connects to one destination take odd ports first and scan all of
+    // them before an even one: past about 32,000 sessions per (source,
+    // destination) pair each connect scans the whole range. Spread both
+    // legs: tenants over source addresses, the proxy over echo ports.
+    let ways = sessions.div_ceil(12_000).max(1);
+    let ports: Vec<String> = (0..ways).map(|i| (7000 + i).to_string()).collect();
+    let listen: Vec<String> = ports
+        .iter()
+        .map(|p| format!("--listen 127.0.0.1:{p}"))
+        .collect();
+    let targets: Vec<String> = ports
+        .iter()
+        .map(|p| format!("--target 127.0.0.1:{p} --token scale-{p}"))
+        .collect();
     let init = guest::init_script(INIT)
         .replace("@LIBS@", &libs.join(":"))
+        .replace("@LISTEN@", &listen.join(" "))
+        .replace("@PORTS@", &ports.join(" "))
+        .replace("@TARGETS@", &targets.join(" "))
+        .replace("@WAYS@", &ways.to_string())
         .replace("@N@", &sessions.to_string())
         .replace("@N2@", &(sessions + 100).to_string());
     fs.file("/init", 0o755, init.as_bytes());
