@@ -36,6 +36,26 @@ fn f(v: &Value) -> f64 {
     v.as_f64().unwrap_or_else(|| panic!("not a number: {v}"))
 }
 
+/// Runs `loadgen compare --quick --runs 1 <args>` against [`consolegate`],
+/// writing into `out`; asserts it succeeded and returns report.json and
+/// the runner's stderr.
+fn compare(args: &[&str], out: &Path) -> (Value, String) {
+    let run = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args(["compare", "--quick", "--runs", "1"])
+        .args(args)
+        .arg("--consolegate")
+        .arg(consolegate())
+        .arg("--out")
+        .arg(out)
+        .output()
+        .expect("running loadgen compare");
+    let stderr = String::from_utf8_lossy(&run.stderr).into_owned();
+    assert!(run.status.success(), "compare failed: {stderr}");
+    let report =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    (report, stderr)
+}
+
 #[test]
 fn compare_runs_every_scenario_and_writes_a_consistent_report() {
     let out = tempfile::tempdir().unwrap();
@@ -50,23 +70,21 @@ fn compare_runs_every_scenario_and_writes_a_consistent_report() {
         "direct,consolegate"
     };
     let (bulk, messages, sessions) = (3_000_000u64, 60u64, 6u64);
-    let run = Command::new(env!("CARGO_BIN_EXE_loadgen"))
-        .args(["compare", "--quick", "--runs", "1", "--peers", peers])
-        .args(["--bulk-bytes", &bulk.to_string()])
-        .args(["--latency-messages", &messages.to_string()])
-        .args(["--idle-sessions", &sessions.to_string()])
-        .arg("--consolegate")
-        .arg(&bin)
-        .arg("--out")
-        .arg(out.path())
-        .output()
-        .expect("running loadgen compare");
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    assert!(run.status.success(), "compare failed: {stderr}");
-
-    let report: Value =
-        serde_json::from_str(&std::fs::read_to_string(out.path().join("report.json")).unwrap())
-            .unwrap();
+    let (bulk_s, messages_s, sessions_s) =
+        (bulk.to_string(), messages.to_string(), sessions.to_string());
+    let (report, stderr) = compare(
+        &[
+            "--peers",
+            peers,
+            "--bulk-bytes",
+            &bulk_s,
+            "--latency-messages",
+            &messages_s,
+            "--idle-sessions",
+            &sessions_s,
+        ],
+        out.path(),
+    );
     assert_eq!(report["schema"], "consolegate-bench/1");
     assert_eq!(report["failed_runs"], 0, "{stderr}");
     let rows: Vec<&str> = report["rows"]
@@ -192,21 +210,19 @@ fn compare_with_a_discarding_bulk_client_counts_every_byte() {
     let out = tempfile::tempdir().unwrap();
     // Not a multiple of any buffer or frame size.
     let bulk = 3_333_333u64;
-    let run = Command::new(env!("CARGO_BIN_EXE_loadgen"))
-        .args(["compare", "--quick", "--runs", "1", "--scenarios", "bulk"])
-        .args(["--peers", "direct,consolegate", "--discard"])
-        .args(["--bulk-bytes", &bulk.to_string()])
-        .arg("--consolegate")
-        .arg(consolegate())
-        .arg("--out")
-        .arg(out.path())
-        .output()
-        .expect("running loadgen compare");
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    assert!(run.status.success(), "compare failed: {stderr}");
-    let report: Value =
-        serde_json::from_str(&std::fs::read_to_string(out.path().join("report.json")).unwrap())
-            .unwrap();
+    let bulk_s = bulk.to_string();
+    let (report, stderr) = compare(
+        &[
+            "--scenarios",
+            "bulk",
+            "--peers",
+            "direct,consolegate",
+            "--discard",
+            "--bulk-bytes",
+            &bulk_s,
+        ],
+        out.path(),
+    );
     assert_eq!(
         report["settings"]["discard"], true,
         "{}",
