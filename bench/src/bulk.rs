@@ -209,6 +209,33 @@ mod tests {
         serving.join().unwrap().unwrap();
     }
 
+    /// A silent peer ends a discarding read with the same timeout error a
+    /// copying read gives, not a bare EAGAIN.
+    #[test]
+    fn discarding_client_reports_a_silent_peer_as_a_timeout() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let holding = thread::spawn(move || {
+            let (s, _) = l.accept().unwrap();
+            thread::sleep(Duration::from_secs(2));
+            drop(s);
+        });
+        let dial = Dial::new(&addr, Front::Raw, None, Duration::from_millis(200)).unwrap();
+        let opts = Options {
+            bytes: 1 << 20,
+            connections: 1,
+            discard: true,
+        };
+        let report = run(&dial, &opts).unwrap();
+        assert_eq!(report.received, 0);
+        let err = report.error.expect("a silent peer is an error");
+        assert!(
+            err.contains("no data from the proxy within the I/O timeout"),
+            "{err}"
+        );
+        holding.join().unwrap();
+    }
+
     #[test]
     fn early_close_is_reported_not_hidden() {
         let server = server(1000, 1);

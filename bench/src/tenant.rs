@@ -428,6 +428,13 @@ impl Session {
             ) {
                 Ok(n) => break n,
                 Err(nix::errno::Errno::EINTR) => continue,
+                // The socket's read timeout, as `fill` reports it.
+                Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::ETIMEDOUT) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "no data from the proxy within the I/O timeout",
+                    ));
+                }
                 Err(e) => return Err(e.into()),
             }
         };
