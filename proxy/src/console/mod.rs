@@ -306,6 +306,9 @@ impl ComputeIo {
     }
 }
 
+/// Bytes pass through userspace (rustls, or a filtered SPICE channel).
+impl crate::datapath::websocket::WsLeg for ComputeIo {}
+
 impl AsyncRead for ComputeIo {
     fn poll_read(
         self: Pin<&mut Self>,

@@ -14,11 +14,10 @@
 
 use std::io;
 use std::os::fd::AsFd as _;
-use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
-use tokio::net::{TcpStream, tcp};
+use tokio::io::{Interest, ReadBuf};
+use tokio::net::TcpStream;
 
 use crate::sys::ktls::{ALERT, APPLICATION_DATA, recv_record, send_close_notify};
 
@@ -133,22 +132,33 @@ pub async fn read_record(
     buf: &mut [u8],
     carry: &mut HandshakeCarry,
 ) -> io::Result<Next> {
+    std::future::poll_fn(|cx| poll_record(sock, cx, buf, carry)).await
+}
+
+/// [`read_record`] as a poll: waits for the socket to be readable, then
+/// reads one record.
+pub fn poll_record(
+    sock: &TcpStream,
+    cx: &mut Context<'_>,
+    buf: &mut [u8],
+    carry: &mut HandshakeCarry,
+) -> Poll<io::Result<Next>> {
     loop {
-        sock.readable().await?;
+        ready!(sock.poll_read_ready(cx))?;
         let got = sock.try_io(Interest::READABLE, || recv_record(sock.as_fd(), buf));
         match got {
-            Ok((APPLICATION_DATA, 0)) => return Ok(Next::Eof),
+            Ok((APPLICATION_DATA, 0)) => return Poll::Ready(Ok(Next::Eof)),
             Ok((t, n)) => {
-                return match classify(t, &buf[..n], carry) {
+                return Poll::Ready(match classify(t, &buf[..n], carry) {
                     Record::Data => Ok(Next::Data(n)),
                     Record::CloseNotify => Ok(Next::Eof),
                     Record::Ignore => Ok(Next::Ignored),
                     Record::Fail(e) => Err(io::Error::other(e)),
-                };
+                });
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
+            Err(e) => return Poll::Ready(Err(e)),
         }
     }
 }
@@ -156,24 +166,28 @@ pub async fn read_record(
 /// Sends close_notify on a kTLS socket, waiting for room in its send
 /// buffer. Errors are the caller's to ignore: the FIN follows anyway.
 pub async fn close_notify(sock: &TcpStream) -> io::Result<()> {
+    std::future::poll_fn(|cx| poll_close_notify(sock, cx)).await
+}
+
+/// [`close_notify`] as a poll.
+pub fn poll_close_notify(sock: &TcpStream, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
     loop {
-        sock.writable().await?;
+        ready!(sock.poll_write_ready(cx))?;
         match sock.try_io(Interest::WRITABLE, || send_close_notify(sock.as_fd())) {
-            Ok(()) => return Ok(()),
+            Ok(()) => return Poll::Ready(Ok(())),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
+            Err(e) => return Poll::Ready(Err(e)),
         }
     }
 }
 
-/// The read half of a kTLS socket as a byte stream of its application
-/// data: reads with `recvmsg` into a record buffer, skips tickets, ends at
-/// close_notify and fails on other records. For the directions decoded in
-/// userspace (WebSocket frames from the tenant).
-#[derive(Debug)]
-pub struct KtlsRead {
-    inner: tcp::OwnedReadHalf,
+/// The receiving state of a kTLS socket read as a byte stream of its
+/// application data: reads with `recvmsg` into a record buffer, skips
+/// tickets, ends at close_notify and fails on other records. For the
+/// directions decoded in userspace (WebSocket frames from the tenant).
+#[derive(Debug, Default)]
+pub struct KtlsRecv {
     buf: Vec<u8>,
     start: usize,
     end: usize,
@@ -181,53 +195,40 @@ pub struct KtlsRead {
     eof: bool,
 }
 
-impl KtlsRead {
-    pub fn new(inner: tcp::OwnedReadHalf) -> Self {
-        Self {
-            inner,
-            buf: Vec::new(),
-            start: 0,
-            end: 0,
-            carry: HandshakeCarry::default(),
-            eof: false,
-        }
-    }
-}
-
-impl AsyncRead for KtlsRead {
-    fn poll_read(
-        self: Pin<&mut Self>,
+impl KtlsRecv {
+    /// Reads application data of `sock` into `out`, as `AsyncRead` does.
+    pub fn poll_read(
+        &mut self,
+        sock: &TcpStream,
         cx: &mut Context<'_>,
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
         loop {
-            if this.start < this.end {
-                let n = (this.end - this.start).min(out.remaining());
-                out.put_slice(&this.buf[this.start..this.start + n]);
-                this.start += n;
-                if this.start == this.end {
+            if self.start < self.end {
+                let n = (self.end - self.start).min(out.remaining());
+                out.put_slice(&self.buf[self.start..self.start + n]);
+                self.start += n;
+                if self.start == self.end {
                     // Drained: an idle session holds no record buffer.
-                    this.buf = Vec::new();
+                    self.buf = Vec::new();
                 }
                 return Poll::Ready(Ok(()));
             }
-            if this.eof || out.remaining() == 0 {
+            if self.eof || out.remaining() == 0 {
                 return Poll::Ready(Ok(()));
             }
-            let sock: &TcpStream = this.inner.as_ref();
             // The record buffer (16 KiB) exists only while a record is
             // being read or handed out, never while the session waits.
             ready!(sock.poll_read_ready(cx))?;
-            if this.buf.len() < RECORD_BUF {
-                this.buf.resize(RECORD_BUF, 0);
+            if self.buf.len() < RECORD_BUF {
+                self.buf.resize(RECORD_BUF, 0);
             }
-            let buf = &mut this.buf;
+            let buf = &mut self.buf;
             match sock.try_io(Interest::READABLE, || recv_record(sock.as_fd(), buf)) {
-                Ok((APPLICATION_DATA, 0)) => this.eof = true,
-                Ok((t, n)) => match classify(t, &this.buf[..n], &mut this.carry) {
-                    Record::Data => (this.start, this.end) = (0, n),
-                    Record::CloseNotify => this.eof = true,
+                Ok((APPLICATION_DATA, 0)) => self.eof = true,
+                Ok((t, n)) => match classify(t, &self.buf[..n], &mut self.carry) {
+                    Record::Data => (self.start, self.end) = (0, n),
+                    Record::CloseNotify => self.eof = true,
                     Record::Ignore => {}
                     Record::Fail(e) => return Poll::Ready(Err(io::Error::other(e))),
                 },
@@ -235,57 +236,15 @@ impl AsyncRead for KtlsRead {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Poll::Ready(Err(e)),
             }
-            if this.start == this.end {
-                this.buf = Vec::new();
+            if self.start == self.end {
+                self.buf = Vec::new();
             }
         }
     }
-}
 
-/// The write half of a kTLS socket: writes are plain (the kernel makes
-/// records), shutdown sends close_notify before the FIN.
-#[derive(Debug)]
-pub struct KtlsWrite {
-    inner: tcp::OwnedWriteHalf,
-    notified: bool,
-}
-
-impl KtlsWrite {
-    pub fn new(inner: tcp::OwnedWriteHalf) -> Self {
-        Self {
-            inner,
-            notified: false,
-        }
-    }
-}
-
-impl AsyncWrite for KtlsWrite {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        while !this.notified {
-            let sock: &TcpStream = this.inner.as_ref();
-            ready!(sock.poll_write_ready(cx))?;
-            match sock.try_io(Interest::WRITABLE, || send_close_notify(sock.as_fd())) {
-                Ok(()) => this.notified = true,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                // The FIN still tells the peer we are done.
-                Err(_) => this.notified = true,
-            }
-        }
-        Pin::new(&mut this.inner).poll_shutdown(cx)
+    /// Whether a record buffer is held now.
+    pub fn holds_buffer(&self) -> bool {
+        self.buf.capacity() > 0
     }
 }
 
@@ -367,29 +326,36 @@ mod tests {
         );
     }
 
-    /// Over a plain socket (no kTLS here), the reader and writer behave
-    /// as the stream they wrap: data in, FIN as end of stream.
+    /// Over a plain socket (no kTLS here), the receiver reads the stream
+    /// it is given: data in, FIN as end of stream; close_notify goes out
+    /// as a 2-byte record payload (plain TCP takes it as data).
     #[tokio::test]
-    async fn reader_and_writer_on_a_plain_socket() {
-        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    async fn receiver_and_close_notify_on_a_plain_socket() {
+        use tokio::io::AsyncWriteExt as _;
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let mut a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (b, _) = l.accept().await.unwrap();
-        let (ar, aw) = a.into_split();
-        let (br, bw) = b.into_split();
-        let mut w = KtlsWrite::new(aw);
-        let mut r = KtlsRead::new(br);
-        w.write_all(b"console bytes").await.unwrap();
-        let mut got = [0u8; 13];
-        r.read_exact(&mut got).await.unwrap();
-        assert_eq!(&got, b"console bytes");
-        assert_eq!(r.buf.capacity(), 0, "no record buffer once drained");
-        // Shutdown sends the 2-byte close_notify payload (plain TCP takes
-        // it as data), then the FIN.
-        w.shutdown().await.unwrap();
-        let mut rest = Vec::new();
-        r.read_to_end(&mut rest).await.unwrap();
-        assert_eq!(rest, [1, 0]);
-        drop((ar, bw));
+        async fn read(r: &mut KtlsRecv, b: &TcpStream, want: usize) -> Vec<u8> {
+            let mut got = Vec::new();
+            let mut chunk = [0u8; 64];
+            while got.len() < want {
+                let mut rb = ReadBuf::new(&mut chunk);
+                std::future::poll_fn(|cx| r.poll_read(b, cx, &mut rb))
+                    .await
+                    .unwrap();
+                if rb.filled().is_empty() {
+                    break;
+                }
+                got.extend_from_slice(rb.filled());
+            }
+            got
+        }
+        let mut r = KtlsRecv::default();
+        a.write_all(b"console bytes").await.unwrap();
+        assert_eq!(read(&mut r, &b, 13).await, b"console bytes");
+        assert!(!r.holds_buffer(), "no record buffer once drained");
+        close_notify(&a).await.unwrap();
+        a.shutdown().await.unwrap();
+        assert_eq!(read(&mut r, &b, 64).await, [1, 0]);
     }
 }

@@ -238,7 +238,9 @@ impl LazyBytes {
         std::future::poll_fn(|cx| self.poll_read(Pin::new(&mut *r), buf, cx, &mut armed)).await
     }
 
-    fn poll_read<R: AsyncRead + ?Sized>(
+    /// [`LazyBytes::read`] as a poll; `armed` belongs to the read in
+    /// progress (false when it starts).
+    pub fn poll_read<R: AsyncRead + ?Sized>(
         &mut self,
         mut r: Pin<&mut R>,
         buf: &mut BytesMut,

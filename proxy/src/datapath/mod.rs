@@ -20,11 +20,14 @@ pub mod sockmap;
 pub mod splice;
 pub mod uring;
 pub mod websocket;
-mod ws_control;
+pub mod ws_pump;
 pub mod ws_splice;
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// tokio's clock (the system's, except in tests that pause it).
+use tokio::time::Instant;
 
 /// Byte counters and last-activity time of one session, shared by its pumps.
 #[derive(Debug)]

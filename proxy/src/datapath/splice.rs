@@ -40,15 +40,16 @@ pub enum Socket {
     Ktls(TcpStream),
 }
 
+/// A borrowed socket of a spliced leg.
 #[derive(Debug, Clone, Copy)]
-pub(super) enum Sock<'a> {
+pub enum Sock<'a> {
     Tcp(&'a TcpStream),
     Unix(&'a UnixStream),
     Ktls(&'a TcpStream),
 }
 
 impl Socket {
-    fn borrow(&self) -> Sock<'_> {
+    pub(super) fn borrow(&self) -> Sock<'_> {
         match self {
             Socket::Tcp(s) => Sock::Tcp(s),
             Socket::Unix(s) => Sock::Unix(s),

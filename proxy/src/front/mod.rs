@@ -76,6 +76,9 @@ pub async fn read_head<S: AsyncRead + Unpin>(
     }
 }
 
+/// A rustls or plain stream: bytes pass through userspace.
+impl crate::datapath::websocket::WsLeg for TenantStream {}
+
 impl AsyncRead for TenantStream {
     fn poll_read(
         self: Pin<&mut Self>,

@@ -40,16 +40,19 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
     // it is in: an idle session keeps `Established` and the pump's state,
     // not the largest handshake state (a few KiB) for its lifetime.
     async move {
-        let Some(hs) = Box::pin(handshake(&ctx, tcp, peer, guard.id)).await else {
-            return;
-        };
-        let Handshaken {
+        // Bound straight from the temporary: a `Handshaken` local taken
+        // apart field by field would keep its whole storage (632 bytes) in
+        // the task for the session's lifetime.
+        let Some(Handshaken {
             est,
             ws,
             compute,
             mode,
             profile,
-        } = hs;
+        }) = Box::pin(handshake(&ctx, tcp, peer, guard.id)).await
+        else {
+            return;
+        };
         let settings = WsSettings {
             mode,
             idle: ctx.idle_timeout,
