@@ -34,31 +34,24 @@ pub struct WsSettings {
 /// Runs the session until either side ends it; returns why it ended.
 /// `tenant` carries the stream plus what the handshake phase left: raw
 /// bytes not yet decoded, decoded bytes for the compute side, and the
-/// message state.
-pub async fn pump<T: WsLeg, C: WsLeg>(
+/// message state. (A plain function building the state the future then
+/// owns: an async fn would keep its arguments' storage beside it.)
+pub fn pump<'a, T: WsLeg + 'a, C: WsLeg + 'a>(
     tenant: WsParts<T>,
-    mut compute: C,
+    compute: C,
     settings: WsSettings,
-    counters: &Counters,
+    counters: &'a Counters,
     shutdown: super::Stop,
-) -> End {
+) -> impl Future<Output = End> + 'a {
     let WsParts {
-        mut inner,
+        inner,
         raw,
         pending,
         inbound,
     } = tenant;
     let down = DownPath::copy(settings.mode);
-    Pump::new(
-        &mut inner,
-        raw,
-        pending,
-        inbound,
-        &mut compute,
-        down,
-        settings,
-        counters,
-    )
-    .run(&shutdown)
-    .await
+    let mut pump = Pump::new(
+        inner, raw, pending, inbound, compute, down, settings, counters,
+    );
+    async move { pump.run(&shutdown).await }
 }

@@ -148,7 +148,7 @@ impl WsLeg for Compute {
 /// [`super::websocket::pump`] in binary mode, with the compute-to-tenant
 /// payload spliced through `pipe` (held only while a frame is in flight).
 /// `tenant_ktls`: the tenant socket is a kernel TLS socket.
-pub async fn pump(
+pub fn pump(
     tenant: WsParts<TcpStream>,
     tenant_ktls: bool,
     compute: Socket,
@@ -156,7 +156,7 @@ pub async fn pump(
     settings: WsSettings,
     counters: &Counters,
     shutdown: super::Stop,
-) -> End {
+) -> impl Future<Output = End> + '_ {
     let WsParts {
         inner,
         raw,
@@ -164,36 +164,34 @@ pub async fn pump(
         inbound,
     } = tenant;
     let mut pipe = pipe;
-    let chunk = match pipe.get() {
-        Ok(p) => p.capacity().min(FRAME_MAX),
-        Err(e) => return End::ComputeIo(e.to_string()),
-    };
+    let chunk = pipe.get().map(|p| p.capacity().min(FRAME_MAX));
     pipe.release();
-    let mut tenant = Tenant {
+    let tenant = Tenant {
         tcp: inner,
         ktls: tenant_ktls.then(KtlsRecv::default),
     };
-    let mut compute = Compute {
+    let compute = Compute {
         sock: compute,
         notified: false,
     };
-    let down = DownPath::splice(pipe, chunk);
-    let end = Pump::new(
-        &mut tenant,
-        raw,
-        pending,
-        inbound,
-        &mut compute,
-        down,
-        settings,
-        counters,
-    )
-    .run(&shutdown)
-    .await;
-    // Our close frame is out: end the TLS stream properly before the FIN.
-    if tenant_ktls && !matches!(end, End::TenantIo(_)) {
-        let notify = super::ktls::close_notify(&tenant.tcp);
-        let _ = tokio::time::timeout(CLOSE_GRACE, notify).await;
+    // Built here, owned by the future below (see websocket::pump).
+    let mut pump = chunk.map(|chunk| {
+        let down = DownPath::splice(pipe, chunk);
+        Pump::new(
+            tenant, raw, pending, inbound, compute, down, settings, counters,
+        )
+    });
+    async move {
+        let pump = match pump.as_mut() {
+            Ok(p) => p,
+            Err(e) => return End::ComputeIo(e.to_string()),
+        };
+        let end = pump.run(&shutdown).await;
+        // Our close frame is out: end the TLS stream properly before the FIN.
+        if tenant_ktls && !matches!(end, End::TenantIo(_)) {
+            let notify = super::ktls::close_notify(&pump.tenant().tcp);
+            let _ = tokio::time::timeout(CLOSE_GRACE, notify).await;
+        }
+        end
     }
-    end
 }

@@ -149,8 +149,8 @@ enum Tx {
 
 /// The state of one session's pump; see the module docs.
 pub(super) struct Pump<'a, T, C> {
-    tenant: &'a mut T,
-    compute: &'a mut C,
+    tenant: T,
+    compute: C,
     counters: &'a Counters,
     // Tenant to compute.
     rbuf: BytesMut,
@@ -199,11 +199,11 @@ impl<'a, T: WsLeg, C: WsLeg> Pump<'a, T, C> {
     /// the message state) and `compute`.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
-        tenant: &'a mut T,
+        tenant: T,
         raw: BytesMut,
         pending: BytesMut,
         inbound: Inbound,
-        compute: &'a mut C,
+        compute: C,
         down: DownPath,
         settings: WsSettings,
         counters: &'a Counters,
@@ -246,8 +246,9 @@ impl<'a, T: WsLeg, C: WsLeg> Pump<'a, T, C> {
     }
 
     /// Runs the session until either side ends it, it times out or `stop`
-    /// is raised; returns why it ended.
-    pub(super) async fn run(mut self, stop: &Stop) -> End {
+    /// is raised; returns why it ended. The pump is borrowed, not moved,
+    /// so the session's future holds its state once.
+    pub(super) async fn run(&mut self, stop: &Stop) -> End {
         let raised = stop.raised();
         tokio::pin!(raised);
         let mut stopped = false;
@@ -259,6 +260,11 @@ impl<'a, T: WsLeg, C: WsLeg> Pump<'a, T, C> {
             self.poll(cx)
         })
         .await
+    }
+
+    /// The tenant leg.
+    pub(super) fn tenant(&self) -> &T {
+        &self.tenant
     }
 
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<End> {
@@ -415,7 +421,7 @@ impl<'a, T: WsLeg, C: WsLeg> Pump<'a, T, C> {
     fn poll_up(&mut self, cx: &mut Context<'_>) -> Poll<End> {
         loop {
             if self.up_off < self.up_out.len() {
-                let w = Pin::new(&mut *self.compute).poll_write(cx, &self.up_out[self.up_off..]);
+                let w = Pin::new(&mut self.compute).poll_write(cx, &self.up_out[self.up_off..]);
                 match ready!(w) {
                     Ok(0) => {
                         return Poll::Ready(
@@ -432,7 +438,7 @@ impl<'a, T: WsLeg, C: WsLeg> Pump<'a, T, C> {
             }
             if self.up_flush {
                 // A rustls compute leg may hold written bytes back.
-                if let Err(e) = ready!(Pin::new(&mut *self.compute).poll_flush(cx)) {
+                if let Err(e) = ready!(Pin::new(&mut self.compute).poll_flush(cx)) {
                     return Poll::Ready(self.compute_write_failed(e));
                 }
                 self.up_flush = false;
@@ -444,7 +450,7 @@ impl<'a, T: WsLeg, C: WsLeg> Pump<'a, T, C> {
             if self.up_closing.is_some() {
                 // Pass the end of the tenant's stream on; an error changes
                 // nothing now.
-                let _ = ready!(Pin::new(&mut *self.compute).poll_shutdown(cx));
+                let _ = ready!(Pin::new(&mut self.compute).poll_shutdown(cx));
                 return Poll::Ready(self.up_closing.take().unwrap_or(End::TenantClosed));
             }
             if let Some(p) = self.held_pong.take() {
@@ -458,7 +464,7 @@ impl<'a, T: WsLeg, C: WsLeg> Pump<'a, T, C> {
             let frame = match self.decoder.decode(&mut self.rbuf) {
                 Ok(Some(f)) => f,
                 Ok(None) => {
-                    let tenant = Pin::new(&mut *self.tenant);
+                    let tenant = Pin::new(&mut self.tenant);
                     match ready!(self.reader.poll_read(
                         tenant,
                         &mut self.rbuf,
@@ -581,7 +587,7 @@ impl<'a, T: WsLeg, C: WsLeg> Pump<'a, T, C> {
                 Tx::Idle => return Poll::Ready(Ok(None)),
                 Tx::Owned { buf, off, then } => {
                     while *off < buf.len() {
-                        let w = Pin::new(&mut *self.tenant).poll_write(cx, &buf[*off..]);
+                        let w = Pin::new(&mut self.tenant).poll_write(cx, &buf[*off..]);
                         match ready!(w) {
                             Ok(n) if n > 0 => *off += n,
                             r => {
@@ -601,7 +607,7 @@ impl<'a, T: WsLeg, C: WsLeg> Pump<'a, T, C> {
                     };
                     let frame = buf.frame_mut(*n);
                     while *off < frame.len() {
-                        let w = Pin::new(&mut *self.tenant).poll_write(cx, &frame[*off..]);
+                        let w = Pin::new(&mut self.tenant).poll_write(cx, &frame[*off..]);
                         match ready!(w)? {
                             0 => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
                             m => *off += m,
@@ -660,7 +666,7 @@ impl<'a, T: WsLeg, C: WsLeg> Pump<'a, T, C> {
                     Tx::Flush(Then::Count(*n))
                 }
                 Tx::Flush(then) => {
-                    if let Err(e) = ready!(Pin::new(&mut *self.tenant).poll_flush(cx)) {
+                    if let Err(e) = ready!(Pin::new(&mut self.tenant).poll_flush(cx)) {
                         return Poll::Ready(match std::mem::replace(then, Then::Nothing) {
                             Then::End(end) => Ok(Some(end)),
                             _ => Err(e),
@@ -686,7 +692,7 @@ impl<'a, T: WsLeg, C: WsLeg> Pump<'a, T, C> {
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
         match &mut self.down {
             DownPath::Copy { buf, mode, armed } => {
-                let n = ready!(buf.poll_read(Pin::new(&mut *self.compute), cx, armed))?;
+                let n = ready!(buf.poll_read(Pin::new(&mut self.compute), cx, armed))?;
                 *armed = false;
                 if n == 0 {
                     return Poll::Ready(Ok(false));
