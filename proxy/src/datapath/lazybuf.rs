@@ -217,14 +217,22 @@ impl LazyBuf {
 #[derive(Debug)]
 pub struct LazyBytes {
     reserve: usize,
+    /// The last read filled the room it had: give the next one more.
+    grow: bool,
     trim: Trim,
 }
 
 impl LazyBytes {
-    /// Reads grow the buffer by up to `reserve` bytes at a time.
+    /// Reads grow the buffer by up to `reserve` bytes at a time: a fresh
+    /// buffer gets just enough for the first chunk (at least [`MIN_BUF`]),
+    /// and the room quadruples each time a read fills it, as
+    /// [`LazyBuf`] does. (Small first buffers also keep the heap compact:
+    /// a large buffer freed after an idle spell leaves a hole whose
+    /// touched pages stay resident.)
     pub fn new(reserve: usize) -> Self {
         Self {
             reserve,
+            grow: false,
             trim: Trim::new(),
         }
     }
@@ -248,11 +256,18 @@ impl LazyBytes {
         armed: &mut bool,
     ) -> Poll<io::Result<usize>> {
         if buf.capacity() > 0 {
-            if buf.capacity() - buf.len() < 4096 {
-                buf.reserve(self.reserve);
+            let spare = buf.capacity() - buf.len();
+            if spare == 0 || std::mem::take(&mut self.grow) {
+                let room = (buf.capacity() * 4).clamp(MIN_BUF, self.reserve.max(MIN_BUF));
+                buf.reserve(room);
             }
+            let spare = buf.capacity() - buf.len();
             match tokio_util::io::poll_read_buf(r.as_mut(), cx, buf) {
                 Poll::Pending => {}
+                Poll::Ready(Ok(n)) => {
+                    self.grow = n > 0 && n >= spare;
+                    return Poll::Ready(Ok(n));
+                }
                 done => return done,
             }
             if !*armed {
@@ -267,10 +282,17 @@ impl LazyBytes {
             self.trim.release();
         }
         let reserve = self.reserve;
+        let grow = &mut self.grow;
         poll_scratch(r, cx, reserve, |got| {
             if !got.is_empty() {
-                buf.reserve(reserve.max(got.len()));
+                let room = got
+                    .len()
+                    .next_power_of_two()
+                    .max(MIN_BUF)
+                    .min(reserve.max(got.len()));
+                buf.reserve(room);
                 buf.extend_from_slice(got);
+                *grow = got.len() >= room;
             }
             got.len()
         })
@@ -382,5 +404,34 @@ mod tests {
         assert_eq!(&buf[..], b"tial");
         drop(w);
         assert_eq!(lazy.read(&mut r, &mut buf).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn bytes_start_small_and_grow_while_reads_fill_them() {
+        let (mut w, mut r) = tokio::io::duplex(1 << 20);
+        let mut lazy = LazyBytes::new(16 * 1024);
+        let mut buf = BytesMut::new();
+        w.write_all(b"key").await.unwrap();
+        assert_eq!(lazy.read(&mut r, &mut buf).await.unwrap(), 3);
+        assert!(
+            buf.capacity() <= MIN_BUF,
+            "a keystroke takes a small buffer: {}",
+            buf.capacity()
+        );
+        // A flood that is never consumed: reads fill the room and it grows
+        // fourfold each time, every byte kept in order.
+        let flood: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        w.write_all(&flood).await.unwrap();
+        let mut caps = Vec::new();
+        while buf.len() < 3 + flood.len() {
+            lazy.read(&mut r, &mut buf).await.unwrap();
+            caps.push(buf.capacity());
+        }
+        assert_eq!(&buf[..3], b"key");
+        assert!(buf[3..] == flood[..]);
+        assert!(
+            caps.windows(2).any(|c| c[1] >= c[0] * 2),
+            "the buffer grew while reads filled it: {caps:?}"
+        );
     }
 }
