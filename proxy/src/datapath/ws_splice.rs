@@ -36,7 +36,8 @@ const FRAME_MAX: usize = 256 * 1024;
 /// The tenant socket: plain TCP, or kTLS (its frames read as records).
 struct Tenant {
     tcp: TcpStream,
-    ktls: Option<KtlsRecv>,
+    /// Boxed: most tenants are plain, and every byte here is per session.
+    ktls: Option<Box<KtlsRecv>>,
 }
 
 impl AsyncRead for Tenant {
@@ -168,7 +169,7 @@ pub fn pump(
     pipe.release();
     let tenant = Tenant {
         tcp: inner,
-        ktls: tenant_ktls.then(KtlsRecv::default),
+        ktls: tenant_ktls.then(Box::default),
     };
     let compute = Compute {
         sock: compute,

@@ -164,8 +164,8 @@ pub(super) struct Pump<'a, T, C> {
     up_flush: bool,
     held_pong: Option<BytesMut>,
     /// The tenant's stream ended: shut down the compute side's writing,
-    /// then this direction ends so.
-    up_closing: Option<End>,
+    /// then this direction ends ([`End::TenantClosed`]).
+    up_closing: bool,
     // Compute to tenant.
     down: DownPath,
     tx: Tx,
@@ -225,7 +225,7 @@ impl<'a, T: WsLeg, C: WsLeg> Pump<'a, T, C> {
             up_off: 0,
             up_flush: false,
             held_pong: None,
-            up_closing: None,
+            up_closing: false,
             down,
             tx: Tx::Idle,
             ctl: VecDeque::new(),
@@ -447,11 +447,11 @@ impl<'a, T: WsLeg, C: WsLeg> Pump<'a, T, C> {
                 self.up_off = 0;
                 continue;
             }
-            if self.up_closing.is_some() {
+            if self.up_closing {
                 // Pass the end of the tenant's stream on; an error changes
                 // nothing now.
                 let _ = ready!(Pin::new(&mut self.compute).poll_shutdown(cx));
-                return Poll::Ready(self.up_closing.take().unwrap_or(End::TenantClosed));
+                return Poll::Ready(End::TenantClosed);
             }
             if let Some(p) = self.held_pong.take() {
                 if self.ctl.len() >= CONTROL_CAPACITY {
@@ -471,7 +471,7 @@ impl<'a, T: WsLeg, C: WsLeg> Pump<'a, T, C> {
                         cx,
                         &mut self.up_armed
                     )) {
-                        Ok(0) => self.up_closing = Some(End::TenantClosed),
+                        Ok(0) => self.up_closing = true,
                         Ok(_) => self.up_armed = false,
                         Err(e) => return Poll::Ready(End::TenantIo(e.to_string())),
                     }
@@ -502,7 +502,7 @@ impl<'a, T: WsLeg, C: WsLeg> Pump<'a, T, C> {
                         close_code::NORMAL
                     };
                     self.ctl.push_back(Control::Close(echo, ""));
-                    self.up_closing = Some(End::TenantClosed);
+                    self.up_closing = true;
                 }
                 Err(v) => {
                     self.ctl.push_back(Control::Close(v.code, v.reason));
