@@ -209,6 +209,17 @@ pub fn kinds(settings: &Settings) -> Vec<Kind> {
             start: start_consolegate_splice,
         });
     }
+    if datapaths(&settings.consolegate)
+        .iter()
+        .any(|d| d == "sockmap")
+    {
+        v.push(Kind {
+            name: "consolegate-sockmap",
+            program: Some("consolegate"),
+            debian: "",
+            start: start_consolegate_sockmap,
+        });
+    }
     v.push(Kind {
         name: "consolegate-tls",
         program: Some("consolegate"),
@@ -850,6 +861,20 @@ fn start_consolegate_copy(ctx: &Ctx<'_>, program: &Path) -> Result<Started> {
 
 fn start_consolegate_splice(ctx: &Ctx<'_>, program: &Path) -> Result<Started> {
     consolegate(ctx, program, Some("splice"), false, false)
+}
+
+/// sockmap forwards plain TCP only (the CONNECT row): the kernel's sk_skb
+/// verdict moves the bytes, no proxy wake-up per message. Refused when
+/// this kernel or these privileges cannot load it (the proxy would fall
+/// back, and the row would measure something else).
+fn start_consolegate_sockmap(ctx: &Ctx<'_>, program: &Path) -> Result<Started> {
+    let mut started = consolegate(ctx, program, Some("sockmap"), false, false)?;
+    let log = fs::read_to_string(ctx.log("consolegate-sockmap")).unwrap_or_default();
+    if !log.contains("sockmap data path loaded") {
+        bail!("the sockmap data path did not load here (see its log): no sockmap row");
+    }
+    started.rows.retain(|r| r.front == "connect");
+    Ok(started)
 }
 
 fn start_consolegate_tls(ctx: &Ctx<'_>, program: &Path) -> Result<Started> {
