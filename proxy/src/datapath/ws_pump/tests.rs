@@ -9,7 +9,9 @@ use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, Du
 
 use super::*;
 use crate::datapath::websocket::pump as copy_pump;
-use crate::front::websocket::frame::{Frame, apply_mask, parse_close};
+use crate::front::websocket::frame::{
+    self, Frame, MAX_HEADER_LEN, Opcode, apply_mask, close_payload, parse_close,
+};
 use crate::front::websocket::stream::WsParts;
 
 impl WsLeg for DuplexStream {}
