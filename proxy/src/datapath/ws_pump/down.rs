@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use super::{Control, DownPath, Pump, Then, Tx, WsLeg};
 use crate::datapath::End;
 use crate::datapath::ktls::{Next, RECORD_BUF, poll_record};
-use crate::datapath::splice::NO_PIPE_RETRY;
+use crate::datapath::splice::{NO_PIPE_RETRY, Sock};
 use crate::front::websocket::frame::{
     self, MAX_HEADER_LEN, Opcode, close_code, close_payload, encode_frame,
 };
@@ -126,20 +126,10 @@ impl<T: WsLeg, C: WsLeg> Pump<'_, T, C> {
                         return Poll::Ready(Err(io::Error::other("no tenant socket to splice to")));
                     };
                     while *off < *len {
-                        ready!(sock.poll_ready(cx, Interest::WRITABLE))?;
                         let part = &hdr[*off..*len];
-                        let sent = sock.try_io(Interest::WRITABLE, || {
+                        *off += ready!(poll_write_op(sock, cx, || {
                             socket2::SockRef::from(&sock.fd()).send_with_flags(part, libc::MSG_MORE)
-                        });
-                        match sent {
-                            Ok(m) => *off += m,
-                            Err(e)
-                                if matches!(
-                                    e.kind(),
-                                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                                ) => {}
-                            Err(e) => return Poll::Ready(Err(e)),
-                        }
+                        }))?;
                     }
                     Tx::Payload { left: *n, n: *n }
                 }
@@ -150,21 +140,14 @@ impl<T: WsLeg, C: WsLeg> Pump<'_, T, C> {
                         return Poll::Ready(Err(io::Error::other("no pipe to splice from")));
                     };
                     while *left > 0 {
-                        ready!(sock.poll_ready(cx, Interest::WRITABLE))?;
-                        let moved = sock.try_io(Interest::WRITABLE, || {
-                            let pipe = slot.get()?;
-                            splice(pipe.reader(), sock.fd(), *left)
-                        });
-                        match moved {
-                            Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                            Ok(m) => *left -= m,
-                            Err(e)
-                                if matches!(
-                                    e.kind(),
-                                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                                ) => {}
-                            Err(e) => return Poll::Ready(Err(e)),
+                        let want = *left;
+                        let moved = ready!(poll_write_op(sock, cx, || {
+                            splice(slot.get()?.reader(), sock.fd(), want)
+                        }))?;
+                        if moved == 0 {
+                            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                         }
+                        *left -= moved;
                     }
                     // The frame is out: the pipe is empty again.
                     slot.release();
@@ -322,6 +305,26 @@ impl<T: WsLeg, C: WsLeg> Pump<'_, T, C> {
                     }
                 }
             }
+        }
+    }
+}
+
+/// Waits until `sock` is writable and runs `op` on it until it does not
+/// block; returns what `op` returned (bytes moved).
+fn poll_write_op(
+    sock: Sock<'_>,
+    cx: &mut Context<'_>,
+    mut op: impl FnMut() -> io::Result<usize>,
+) -> Poll<io::Result<usize>> {
+    loop {
+        ready!(sock.poll_ready(cx, Interest::WRITABLE))?;
+        match sock.try_io(Interest::WRITABLE, &mut op) {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) => {}
+            done => return Poll::Ready(done),
         }
     }
 }
