@@ -4,7 +4,7 @@
 //! `CAP_SYS_RESOURCE` to raise it, while one proxy holding 50,000 sessions
 //! needs 100,000 descriptors. Inside the guest we are root of our own
 //! kernel: the init script raises the limits and widens the ephemeral port
-//! range, then runs the release `consolegate` (CONNECT front, plain HTTP,
+//! range, then runs the release `consolegate` (CONNECT or WebSocket front, plain HTTP,
 //! the default data path) in front of `loadgen echo-server`, and `loadgen
 //! idle` opens the sessions one after another (spread over source
 //! addresses and echo ports, one token each), proves each with a one-byte
@@ -15,7 +15,11 @@
 //! ```sh
 //! cargo build --release -p consolegate -p consolegate-bench
 //! cargo run --release -p consolegate-tests --example scale_guest -- 50000
+//! cargo run --release -p consolegate-tests --example scale_guest -- 50000 ws
 //! ```
+//!
+//! The second argument picks the front: `connect` (the default) or `ws`
+//! (WebSocket upgrade, binary frames, the spliced WebSocket pump).
 //!
 //! Prints the guest's `SCALE` lines and `loadgen idle`'s JSON report.
 
@@ -45,7 +49,7 @@ consolegate serve --plain-http --connect-listen 127.0.0.1:6081 --ws-listen 127.0
 PROXY=$!
 for i in $(seq 100); do [ -f /tmp/ready ] && break; sleep 0.2; done
 echo "SCALE: proxy $(grep -m1 'open-file limit' /tmp/proxy.log)"
-loadgen idle --connect 127.0.0.1:6081 --front connect @TARGETS@ --source-addrs @WAYS@ \
+loadgen idle @FRONT@ @TARGETS@ --source-addrs @WAYS@ \
     --sessions @N@ --hold 5 --proxy-pid $PROXY --timeout 60 > /tmp/idle.json 2> /tmp/idle.err
 echo "SCALE: loadgen exit $?"
 echo "SCALE-JSON $(cat /tmp/idle.json)"
@@ -76,7 +80,12 @@ fn main() -> anyhow::Result<()> {
     let sessions: u64 = std::env::args()
         .nth(1)
         .map_or(Ok(50_000), |a| a.parse())
-        .context("usage: scale_guest [SESSIONS]")?;
+        .context("usage: scale_guest [SESSIONS] [connect|ws]")?;
+    let ws = match std::env::args().nth(2).as_deref() {
+        None | Some("connect") => false,
+        Some("ws") => true,
+        Some(other) => bail!("unknown front {other}: connect or ws"),
+    };
     let kernel = GuestKernel::locate()?;
     let mut fs = Initramfs::new();
     fs.file("/bin/busybox", 0o755, &std::fs::read(kernel.busybox())?);
@@ -99,14 +108,28 @@ fn main() -> anyhow::Result<()> {
         .iter()
         .map(|p| format!("--listen 127.0.0.1:{p}"))
         .collect();
-    let targets: Vec<String> = ports
-        .iter()
-        .map(|p| format!("--target 127.0.0.1:{p} --token scale-{p}"))
-        .collect();
+    let (front, targets): (&str, Vec<String>) = if ws {
+        (
+            "--connect 127.0.0.1:6080 --front ws",
+            ports
+                .iter()
+                .map(|p| format!("--path '/websockify?token=scale-{p}'"))
+                .collect(),
+        )
+    } else {
+        (
+            "--connect 127.0.0.1:6081 --front connect",
+            ports
+                .iter()
+                .map(|p| format!("--target 127.0.0.1:{p} --token scale-{p}"))
+                .collect(),
+        )
+    };
     let init = guest::init_script(INIT)
         .replace("@LIBS@", &libs.join(":"))
         .replace("@LISTEN@", &listen.join(" "))
         .replace("@PORTS@", &ports.join(" "))
+        .replace("@FRONT@", front)
         .replace("@TARGETS@", &targets.join(" "))
         .replace("@WAYS@", &ways.to_string())
         .replace("@N@", &sessions.to_string())
