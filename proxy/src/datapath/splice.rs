@@ -245,9 +245,12 @@ enum In {
 /// One non-blocking `splice(src -> pipe)` inside `try_io`. EAGAIN is
 /// ambiguous (socket empty, or pipe slots full with partial pages), so
 /// FIONREAD tells them apart: only an empty socket clears tokio's
-/// readiness, otherwise the next wake-up could be lost. The pipe is taken
-/// from the pool only here, when tokio says the socket is readable.
-fn splice_in(src: Sock<'_>, slot: &mut PipeSlot, len: usize) -> io::Result<In> {
+/// readiness, otherwise the next wake-up could be lost. An empty pipe
+/// (`pending` 0) always has a free slot, so there EAGAIN can only mean an
+/// empty socket and the extra system call is spared (one per message of
+/// an interactive session). The pipe is taken from the pool only here,
+/// when tokio says the socket is readable.
+fn splice_in(src: Sock<'_>, slot: &mut PipeSlot, len: usize, pending: usize) -> io::Result<In> {
     src.try_io(Interest::READABLE, || {
         let pipe = match slot.get() {
             Ok(p) => p,
@@ -256,7 +259,7 @@ fn splice_in(src: Sock<'_>, slot: &mut PipeSlot, len: usize) -> io::Result<In> {
         match splice(src.fd(), pipe.writer(), len) {
             Ok(n) => Ok(In::Moved(n)),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if readable_bytes(src.fd()).unwrap_or(0) > 0 {
+                if pending > 0 && readable_bytes(src.fd()).unwrap_or(0) > 0 {
                     Ok(In::PipeFull)
                 } else {
                     Err(e)
@@ -387,7 +390,12 @@ impl<'a> Flow<'a> {
             let mut pipe_full = false;
             let mut progressed = false;
             if !self.eof && !self.at_record && self.pending < self.cap {
-                match splice_in(self.src, &mut self.slot, self.cap - self.pending) {
+                match splice_in(
+                    self.src,
+                    &mut self.slot,
+                    self.cap - self.pending,
+                    self.pending,
+                ) {
                     Ok(In::Moved(0)) => {
                         self.eof = true;
                         progressed = true;
@@ -865,14 +873,14 @@ mod tests {
         a.write_all(b"1234567").await.unwrap();
         arrived(&b, 7).await;
         assert!(matches!(
-            splice_in(sock, &mut slot, 4096).unwrap(),
+            splice_in(sock, &mut slot, 4096, 0).unwrap(),
             In::Moved(7)
         ));
         a.write_all(b"abcdefg").await.unwrap();
         arrived(&b, 7).await;
         // One page, one slot, already holding 7 bytes.
         assert!(matches!(
-            splice_in(sock, &mut slot, 4089).unwrap(),
+            splice_in(sock, &mut slot, 4089, 7).unwrap(),
             In::PipeFull
         ));
         // Readiness was kept: no wait needed to move on once the pipe drains.
@@ -881,14 +889,14 @@ mod tests {
             7
         );
         assert!(matches!(
-            splice_in(sock, &mut slot, 4096).unwrap(),
+            splice_in(sock, &mut slot, 4096, 0).unwrap(),
             In::Moved(7)
         ));
         assert_eq!(
             splice(slot.get().unwrap().reader(), c.as_fd(), 7).unwrap(),
             7
         );
-        let e = splice_in(sock, &mut slot, 4096).err().unwrap();
+        let e = splice_in(sock, &mut slot, 4096, 0).err().unwrap();
         assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
         let mut got = [0u8; 14];
         d.read_exact(&mut got).await.unwrap();
