@@ -20,6 +20,10 @@
 //!
 //! The second argument picks the front: `connect` (the default) or `ws`
 //! (WebSocket upgrade, binary frames, the spliced WebSocket pump).
+//! Keepalive pings are off (`--ping-interval 0`): the idle client does
+//! not read while it holds its sessions, so it never answers them (a
+//! browser does), and opening 50,000 under TCG takes minutes, longer than
+//! the keepalive gives an unanswering tenant.
 //!
 //! Prints the guest's `SCALE` lines and `loadgen idle`'s JSON report.
 
@@ -44,7 +48,7 @@ for p in @PORTS@; do
 done
 consolegate serve --plain-http --connect-listen 127.0.0.1:6081 --ws-listen 127.0.0.1:6080 \
     --token-file /tmp/tokens.toml --ready-file /tmp/ready --state-dir /tmp/state \
-    --allowlist off --max-sessions @N2@ --max-sessions-per-token @N2@ \
+    --allowlist off --ping-interval 0 --max-sessions @N2@ --max-sessions-per-token @N2@ \
     --max-sessions-per-source @N2@ > /tmp/proxy.log 2>&1 &
 PROXY=$!
 for i in $(seq 100); do [ -f /tmp/ready ] && break; sleep 0.2; done
@@ -55,6 +59,7 @@ echo "SCALE: loadgen exit $?"
 echo "SCALE-JSON $(cat /tmp/idle.json)"
 tail -n 3 /tmp/idle.err | sed 's/^/SCALE: loadgen: /'
 grep -c 'session established' /tmp/proxy.log | sed 's/^/SCALE: established /'
+grep -cE 'session closed end=(keepalive_timeout|idle_timeout)' /tmp/proxy.log | sed 's/^/SCALE: timed out while held (must be 0) /'
 grep -m3 -E 'WARN|ERROR' /tmp/proxy.log | sed 's/^/SCALE: proxy: /'
 echo "SCALE-EXIT"
 poweroff -f
