@@ -13,6 +13,7 @@
 
 use std::future::Future;
 use std::io;
+use std::io::Read as _;
 use std::net::Shutdown;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::pin::Pin;
@@ -236,6 +237,16 @@ pub(super) async fn write_all(dst: Sock<'_>, mut data: &[u8]) -> io::Result<()> 
 enum In {
     /// This many bytes are now in the pipe (0: end of stream).
     Moved(usize),
+    /// A small message went by copy ([`Flow::copy_small`]): `sent` bytes
+    /// are at the destination, `piped` more wait in the pipe; `full`: the
+    /// read filled its buffer (more may wait: splice again).
+    Sent {
+        sent: usize,
+        piped: usize,
+        full: bool,
+    },
+    /// Sending the small message failed (the destination's error).
+    SendFailed(io::Error),
     /// The socket has data but the pipe has no free slot.
     PipeFull,
     /// The socket has data but no pipe could be had (descriptors ran out).
@@ -269,6 +280,13 @@ fn splice_in(src: Sock<'_>, slot: &mut PipeSlot, len: usize, pending: usize) -> 
         }
     })
 }
+
+/// Messages up to this size move by copy (recv into a stack buffer, send
+/// on) rather than by two splices: for keystrokes and small screen updates
+/// a splice costs more than the copy it saves, and a short recv also tells
+/// that the socket is drained without one more call that fails with
+/// EAGAIN. A read that fills the buffer switches back to splice.
+const SMALL: usize = 2048;
 
 /// How long a direction waits before trying again when no pipe could be
 /// had; its bytes wait in the socket meanwhile (TCP backpressure).
@@ -313,6 +331,8 @@ struct Flow<'a> {
     /// recvmsg once the pipe is empty (so the order of bytes holds).
     at_record: bool,
     done: bool,
+    /// The last read was small: try the next one by copy ([`SMALL`]).
+    small: bool,
     carry: super::ktls::HandshakeCarry,
     slow: Option<Slow<'a>>,
 }
@@ -339,6 +359,7 @@ impl<'a> Flow<'a> {
             eof: false,
             at_record: false,
             done: false,
+            small: true,
             carry: Default::default(),
             slow: None,
         })
@@ -349,6 +370,68 @@ impl<'a> Flow<'a> {
             Dir::Up => self.counters.add_up(n),
             Dir::Down => self.counters.add_down(n),
         }
+    }
+
+    /// Reads a small message into a stack buffer and sends it on; what the
+    /// destination cannot take now goes into the (empty) pipe, to be
+    /// spliced out as usual, so the order of bytes holds. The pipe is taken
+    /// first: bytes once read must have somewhere to go.
+    fn copy_small(&mut self) -> io::Result<In> {
+        let (src, dst) = (self.src, self.dst);
+        let pipe = match self.slot.get() {
+            Ok(p) => p,
+            Err(e) => return Ok(In::NoPipe(e)),
+        };
+        let mut buf = [0u8; SMALL];
+        let mut got = 0;
+        let read = src.try_io(Interest::READABLE, || {
+            let n = (&*socket2::SockRef::from(&src.fd())).read(&mut buf)?;
+            got = n;
+            // A short read drained the socket (tokio's own reads assume
+            // the same): clear the readiness without asking again.
+            if n > 0 && n < SMALL {
+                Err(io::ErrorKind::WouldBlock.into())
+            } else {
+                Ok(n)
+            }
+        });
+        let n = match read {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => got,
+            Err(e) => return Err(e),
+        };
+        if n == 0 {
+            return Ok(In::Moved(0));
+        }
+        let data = &buf[..n];
+        let sent = match dst.try_io(Interest::WRITABLE, || {
+            socket2::SockRef::from(&dst.fd()).send_with_flags(data, libc::MSG_NOSIGNAL)
+        }) {
+            Ok(m) => m,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) =>
+            {
+                0
+            }
+            Err(e) => return Ok(In::SendFailed(e)),
+        };
+        let rest = &data[sent..];
+        if !rest.is_empty() {
+            // At most SMALL bytes into an empty pipe of at least a page:
+            // they fit whole.
+            let piped = crate::sys::pipe::write(pipe.writer(), rest)?;
+            if piped < rest.len() {
+                return Err(io::Error::other("pipe took a small message in part"));
+            }
+        }
+        Ok(In::Sent {
+            sent,
+            piped: rest.len(),
+            full: n == SMALL,
+        })
     }
 
     /// Moves what can be moved now; `Ready(Ok)` once the direction is done
@@ -390,12 +473,17 @@ impl<'a> Flow<'a> {
             let mut pipe_full = false;
             let mut progressed = false;
             if !self.eof && !self.at_record && self.pending < self.cap {
-                match splice_in(
-                    self.src,
-                    &mut self.slot,
-                    self.cap - self.pending,
-                    self.pending,
-                ) {
+                let moved = if self.small && self.pending == 0 && self.src.ktls().is_none() {
+                    self.copy_small()
+                } else {
+                    splice_in(
+                        self.src,
+                        &mut self.slot,
+                        self.cap - self.pending,
+                        self.pending,
+                    )
+                };
+                match moved {
                     Ok(In::Moved(0)) => {
                         self.eof = true;
                         progressed = true;
@@ -403,8 +491,17 @@ impl<'a> Flow<'a> {
                     Ok(In::Moved(n)) => {
                         tracing::trace!(dir = dir.name(), n, "spliced in");
                         self.pending += n;
+                        self.small = n < SMALL;
                         progressed = true;
                     }
+                    Ok(In::Sent { sent, piped, full }) => {
+                        tracing::trace!(dir = dir.name(), sent, piped, "copied small");
+                        self.count(sent);
+                        self.pending += piped;
+                        self.small = !full;
+                        progressed = true;
+                    }
+                    Ok(In::SendFailed(e)) => return Poll::Ready(Err(dir.write_err(e))),
                     Ok(In::PipeFull) => pipe_full = true,
                     Ok(In::NoPipe(e)) => {
                         tracing::warn!(dir = dir.name(), error = %e, "no pipe for splice: retrying");
@@ -780,6 +877,103 @@ mod tests {
             r.tenant.shutdown().await.unwrap();
             assert_eq!(r.end.await.unwrap(), End::Closed);
         }
+    }
+
+    /// Interactive traffic: messages of every size around the copy/splice
+    /// switch ([`SMALL`]), each answered before the next, then a burst
+    /// both ways: the bytes arrive whole and in order whichever way each
+    /// message took, and the counters add up.
+    #[tokio::test]
+    async fn messages_around_the_small_size_keep_their_order() {
+        for path in PATHS {
+            let mut r = start(path, None).await;
+            r.tenant.set_nodelay(true).unwrap();
+            r.compute.set_nodelay(true).unwrap();
+            let sizes = [
+                1,
+                7,
+                64,
+                SMALL - 1,
+                SMALL,
+                SMALL + 1,
+                3 * SMALL,
+                100_000,
+                5,
+                SMALL,
+                1,
+            ];
+            let (mut up, mut down) = (0u64, 0u64);
+            for (i, &n) in sizes.iter().enumerate() {
+                let msg = random(n);
+                r.tenant.write_all(&msg).await.unwrap();
+                let mut got = vec![0u8; n];
+                r.compute.read_exact(&mut got).await.unwrap();
+                assert!(got == msg, "{path:?}: message {i} ({n} bytes) up");
+                let back = random(n + i);
+                r.compute.write_all(&back).await.unwrap();
+                let mut got = vec![0u8; back.len()];
+                r.tenant.read_exact(&mut got).await.unwrap();
+                assert!(
+                    got == back,
+                    "{path:?}: answer {i} ({} bytes) down",
+                    back.len()
+                );
+                up += n as u64;
+                down += back.len() as u64;
+            }
+            let burst_up = random(2 << 20);
+            let burst_down = random(3 << 20 | 77);
+            let (got_down, got_up) = tokio::join!(
+                exchange(r.tenant, burst_up.clone()),
+                exchange(r.compute, burst_down.clone())
+            );
+            assert!(got_up == burst_up, "{path:?}: burst up");
+            assert!(got_down == burst_down, "{path:?}: burst down");
+            assert_eq!(r.end.await.unwrap(), End::Closed, "{path:?}");
+            assert_eq!(r.counters.up_bytes(), up + burst_up.len() as u64);
+            assert_eq!(r.counters.down_bytes(), down + burst_down.len() as u64);
+        }
+    }
+
+    /// A small message that the tenant cannot take whole (its buffers are
+    /// full: it does not read) goes on through the pipe, ahead of what
+    /// follows: nothing is lost or reordered when the copy meets a full
+    /// destination.
+    #[tokio::test]
+    async fn a_small_message_a_full_tenant_cannot_take_waits_in_the_pipe() {
+        let (mut tenant, proxy_t) = tcp_pair().await;
+        let (proxy_c, mut compute) = tcp_pair().await;
+        socket2::SockRef::from(&tenant)
+            .set_recv_buffer_size(2048)
+            .unwrap();
+        socket2::SockRef::from(&proxy_t)
+            .set_send_buffer_size(2048)
+            .unwrap();
+        compute.set_nodelay(true).unwrap();
+        let counters = Arc::new(Counters::new());
+        let c = Arc::clone(&counters);
+        let stop = crate::datapath::Stop::new();
+        let rx = stop.clone();
+        let end = tokio::spawn(async move {
+            Splicer::new()
+                .unwrap()
+                .run(Socket::Tcp(proxy_t), Socket::Tcp(proxy_c), &c, None, rx)
+                .await
+        });
+        let data = random(40 * 1000);
+        // One message at a time, so each is read on its own (by copy).
+        for m in data.chunks(1000) {
+            compute.write_all(m).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        compute.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        tenant.read_to_end(&mut got).await.unwrap();
+        assert!(got == data, "{} of {} bytes", got.len(), data.len());
+        tenant.shutdown().await.unwrap();
+        assert_eq!(end.await.unwrap(), End::Closed);
+        assert_eq!(counters.down_bytes(), data.len() as u64);
+        drop((compute, stop));
     }
 
     /// With a one-page pipe, a few bytes occupy its only slot long before

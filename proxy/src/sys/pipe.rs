@@ -1,7 +1,7 @@
 //! Pipes and splice(2) for the splice data path.
 #![expect(
     unsafe_code,
-    reason = "pipe2, fcntl, splice and ioctl have no safe std/tokio API"
+    reason = "pipe2, fcntl, splice, ioctl and write on a borrowed pipe have no safe std/tokio API"
 )]
 
 use std::io;
@@ -96,6 +96,16 @@ pub fn readable_bytes(fd: BorrowedFd<'_>) -> io::Result<usize> {
     // int through the pointer, which points at `n` on our stack.
     check(unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n as *mut libc::c_int) })?;
     Ok(usize::try_from(n).unwrap_or(0))
+}
+
+/// Writes `buf` into a pipe (non-blocking like the pipe). A write of at
+/// most one page into an empty pipe always fits whole.
+pub fn write(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
+    // SAFETY: `fd` is borrowed and open for the call; the kernel reads
+    // `buf.len()` bytes from `buf`, which we borrow for the call.
+    check_long(unsafe {
+        libc::write(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len()) as libc::c_long
+    })
 }
 
 #[cfg(test)]
