@@ -375,13 +375,10 @@ impl<'a> Flow<'a> {
     /// Reads a small message into a stack buffer and sends it on; what the
     /// destination cannot take now goes into the (empty) pipe, to be
     /// spliced out as usual, so the order of bytes holds. The pipe is taken
-    /// first: bytes once read must have somewhere to go.
+    /// only then: a message that goes straight through touches no pipe (no
+    /// pool check per message).
     fn copy_small(&mut self) -> io::Result<In> {
         let (src, dst) = (self.src, self.dst);
-        let pipe = match self.slot.get() {
-            Ok(p) => p,
-            Err(e) => return Ok(In::NoPipe(e)),
-        };
         let mut buf = [0u8; SMALL];
         let mut got = 0;
         let read = src.try_io(Interest::READABLE, || {
@@ -420,6 +417,16 @@ impl<'a> Flow<'a> {
         };
         let rest = &data[sent..];
         if !rest.is_empty() {
+            let pipe = match self.slot.get() {
+                Ok(p) => p,
+                // Bytes read must go somewhere: with no descriptor left for
+                // a pipe the session ends (the proxy is out of descriptors).
+                Err(e) => {
+                    return Ok(In::SendFailed(io::Error::other(format!(
+                        "no pipe for the rest of a message (descriptors ran out): {e}"
+                    ))));
+                }
+            };
             // At most SMALL bytes into an empty pipe of at least a page:
             // they fit whole.
             let piped = crate::sys::pipe::write(pipe.writer(), rest)?;
