@@ -286,7 +286,7 @@ fn splice_in(src: Sock<'_>, slot: &mut PipeSlot, len: usize, pending: usize) -> 
 /// a splice costs more than the copy it saves, and a short recv also tells
 /// that the socket is drained without one more call that fails with
 /// EAGAIN. A read that fills the buffer switches back to splice.
-const SMALL: usize = 2048;
+pub(super) const SMALL: usize = 2048;
 
 /// How long a direction waits before trying again when no pipe could be
 /// had; its bytes wait in the socket meanwhile (TCP backpressure).

@@ -2,6 +2,7 @@
 //! and how console bytes are read (copied or spliced).
 
 use std::io;
+use std::io::Read as _;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll, ready};
@@ -13,7 +14,7 @@ use tokio::time::Instant;
 use super::{Control, DownPath, Pump, Then, Tx, WsLeg};
 use crate::datapath::End;
 use crate::datapath::ktls::{Next, RECORD_BUF, poll_record};
-use crate::datapath::splice::{NO_PIPE_RETRY, Sock};
+use crate::datapath::splice::{NO_PIPE_RETRY, SMALL, Sock};
 use crate::front::websocket::frame::{
     self, MAX_HEADER_LEN, Opcode, close_code, close_payload, encode_frame,
 };
@@ -214,6 +215,7 @@ impl<T: WsLeg, C: WsLeg> Pump<'_, T, C> {
                 chunk,
                 retry_at,
                 at_record,
+                small,
                 carry,
             } => {
                 let Some(src) = self.compute.sock() else {
@@ -247,6 +249,54 @@ impl<T: WsLeg, C: WsLeg> Pump<'_, T, C> {
                     }
                     *retry_at = None;
                 }
+                if *small && src.ktls().is_none() {
+                    // Keystroke echoes and small screen updates: one recv
+                    // and the frame written whole, no pipe (two splices
+                    // and a header cost more than this copy saves).
+                    let mut buf = [0u8; MAX_HEADER_LEN + SMALL];
+                    let n = loop {
+                        ready!(src.poll_ready(cx, Interest::READABLE))?;
+                        let mut got = 0;
+                        let r = src.try_io(Interest::READABLE, || {
+                            let into = &mut buf[MAX_HEADER_LEN..];
+                            let n = (&*socket2::SockRef::from(&src.fd())).read(into)?;
+                            got = n;
+                            // A short read drained the socket: clear the
+                            // readiness without asking again.
+                            if n > 0 && n < SMALL {
+                                Err(io::ErrorKind::WouldBlock.into())
+                            } else {
+                                Ok(n)
+                            }
+                        });
+                        match r {
+                            Ok(n) => break n,
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => {
+                                break got;
+                            }
+                            Err(e)
+                                if matches!(
+                                    e.kind(),
+                                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                                ) => {}
+                            Err(e) => return Poll::Ready(Err(e)),
+                        }
+                    };
+                    if n == 0 {
+                        return Poll::Ready(Ok(false));
+                    }
+                    *small = n < SMALL;
+                    let mut hdr = [0u8; MAX_HEADER_LEN];
+                    let h = frame::encode_header(true, Opcode::Binary, None, n as u64, &mut hdr);
+                    let start = MAX_HEADER_LEN - h;
+                    buf[start..MAX_HEADER_LEN].copy_from_slice(&hdr[..h]);
+                    self.tx = Tx::Owned {
+                        buf: BytesMut::from(&buf[start..MAX_HEADER_LEN + n]),
+                        off: 0,
+                        then: Then::Count(n),
+                    };
+                    return Poll::Ready(Ok(true));
+                }
                 loop {
                     ready!(src.poll_ready(cx, Interest::READABLE))?;
                     let mut no_pipe = None;
@@ -274,6 +324,7 @@ impl<T: WsLeg, C: WsLeg> Pump<'_, T, C> {
                             return Poll::Ready(Ok(false));
                         }
                         Ok(n) => {
+                            *small = n < SMALL;
                             // The pipe holds exactly the n bytes just read.
                             let mut hdr = [0u8; MAX_HEADER_LEN];
                             let len = frame::encode_header(

@@ -77,6 +77,9 @@ pub(super) enum DownPath {
         retry_at: Option<Instant>,
         /// A kTLS compute leg stopped the splice at a non-data record.
         at_record: bool,
+        /// The last read was small: read the next one by copy, as the
+        /// splice rung does ([`crate::datapath::splice`]'s `SMALL`).
+        small: bool,
         carry: HandshakeCarry,
     },
 }
@@ -98,6 +101,7 @@ impl DownPath {
             chunk,
             retry_at: None,
             at_record: false,
+            small: true,
             carry: HandshakeCarry::default(),
         }
     }

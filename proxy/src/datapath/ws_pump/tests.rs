@@ -447,3 +447,75 @@ async fn spliced_frames_carry_the_console_bytes() {
     drop(console);
     drop(stop);
 }
+
+/// The spliced pump with interactive traffic: console messages of every
+/// size around the copy/splice switch, each read by the tenant before the
+/// next is written, then a burst; every frame carries its bytes in order.
+#[tokio::test]
+async fn spliced_pump_small_messages_and_a_burst_keep_their_order() {
+    use crate::datapath::splice::{PIPE_SIZE, SMALL, Socket};
+    async fn pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = tokio::net::TcpStream::connect(l.local_addr().unwrap());
+        let (a, b) = tokio::join!(a, l.accept());
+        (a.unwrap(), b.unwrap().0)
+    }
+    let (client, tenant) = pair().await;
+    let (mut console, compute) = pair().await;
+    console.set_nodelay(true).unwrap();
+    let stop = Stop::new();
+    let st = stop.clone();
+    let pump = tokio::spawn(async move {
+        let counters = Counters::new();
+        let p = WsParts {
+            inner: tenant,
+            raw: BytesMut::new(),
+            pending: BytesMut::new(),
+            inbound: Inbound::new(Mode::Binary),
+        };
+        let end = crate::datapath::ws_splice::pump(
+            p,
+            false,
+            Socket::Tcp(compute),
+            PipeSlot::new(PIPE_SIZE),
+            settings(),
+            &counters,
+            st,
+        )
+        .await;
+        (end, counters.down_bytes())
+    });
+    let (r, mut w) = client.into_split();
+    let mut client = Client::new(r);
+    let mut total = 0u64;
+    for (i, n) in [1, 64, SMALL - 1, SMALL, SMALL + 1, 40_000, 3, SMALL, 9]
+        .into_iter()
+        .enumerate()
+    {
+        let msg = payload(n, i as u64 + 11);
+        console.write_all(&msg).await.unwrap();
+        let mut seen = Vec::new();
+        while seen.len() < n {
+            let f = client.frame().await.unwrap();
+            assert_eq!(f.opcode, Opcode::Binary);
+            seen.extend_from_slice(&f.payload);
+        }
+        assert!(seen == msg, "message {i} ({n} bytes)");
+        total += n as u64;
+    }
+    let burst = payload(2_000_000, 99);
+    let (_, (got, code, _)) = tokio::join!(
+        async {
+            console.write_all(&burst).await.unwrap();
+            console.shutdown().await.unwrap();
+        },
+        client.until_close()
+    );
+    assert!(got == burst, "the burst after the small messages");
+    assert_eq!(code, 1000);
+    send(&mut w, Opcode::Close, &close_payload(1000, "")).await;
+    let (end, down) = pump.await.unwrap();
+    assert_eq!(end, End::ComputeClosed);
+    assert_eq!(down, total + burst.len() as u64);
+    drop(stop);
+}
