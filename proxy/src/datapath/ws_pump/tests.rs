@@ -377,10 +377,17 @@ async fn base64_mode_sends_text_frames() {
     assert_eq!(pump.await.unwrap(), End::Shutdown);
 }
 
-/// The spliced pump over loopback sockets: large payloads both ways,
-/// byte for byte, then the console's EOF.
-#[tokio::test]
-async fn spliced_frames_carry_the_console_bytes() {
+/// A spliced pump between loopback sockets: the tenant's client socket,
+/// the console's socket, the stop signal and the pump's task (its end and
+/// counters up and down).
+struct Spliced {
+    client: tokio::net::TcpStream,
+    console: tokio::net::TcpStream,
+    stop: Stop,
+    pump: tokio::task::JoinHandle<(End, u64, u64)>,
+}
+
+async fn spliced() -> Spliced {
     use crate::datapath::splice::{PIPE_SIZE, Socket};
     async fn pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -389,7 +396,8 @@ async fn spliced_frames_carry_the_console_bytes() {
         (a.unwrap(), b.unwrap().0)
     }
     let (client, tenant) = pair().await;
-    let (mut console, compute) = pair().await;
+    let (console, compute) = pair().await;
+    console.set_nodelay(true).unwrap();
     let stop = Stop::new();
     let st = stop.clone();
     let pump = tokio::spawn(async move {
@@ -400,12 +408,11 @@ async fn spliced_frames_carry_the_console_bytes() {
             pending: BytesMut::new(),
             inbound: Inbound::new(Mode::Binary),
         };
-        let pipe = PipeSlot::new(PIPE_SIZE);
         let end = crate::datapath::ws_splice::pump(
             p,
             false,
             Socket::Tcp(compute),
-            pipe,
+            PipeSlot::new(PIPE_SIZE),
             settings(),
             &counters,
             st,
@@ -413,6 +420,24 @@ async fn spliced_frames_carry_the_console_bytes() {
         .await;
         (end, counters.up_bytes(), counters.down_bytes())
     });
+    Spliced {
+        client,
+        console,
+        stop,
+        pump,
+    }
+}
+
+/// The spliced pump over loopback sockets: large payloads both ways,
+/// byte for byte, then the console's EOF.
+#[tokio::test]
+async fn spliced_frames_carry_the_console_bytes() {
+    let Spliced {
+        client,
+        mut console,
+        stop,
+        pump,
+    } = spliced().await;
     let (r, mut w) = client.into_split();
     let mut client = Client::new(r);
     let up = payload(500_000, 3);
@@ -453,38 +478,13 @@ async fn spliced_frames_carry_the_console_bytes() {
 /// next is written, then a burst; every frame carries its bytes in order.
 #[tokio::test]
 async fn spliced_pump_small_messages_and_a_burst_keep_their_order() {
-    use crate::datapath::splice::{PIPE_SIZE, SMALL, Socket};
-    async fn pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let a = tokio::net::TcpStream::connect(l.local_addr().unwrap());
-        let (a, b) = tokio::join!(a, l.accept());
-        (a.unwrap(), b.unwrap().0)
-    }
-    let (client, tenant) = pair().await;
-    let (mut console, compute) = pair().await;
-    console.set_nodelay(true).unwrap();
-    let stop = Stop::new();
-    let st = stop.clone();
-    let pump = tokio::spawn(async move {
-        let counters = Counters::new();
-        let p = WsParts {
-            inner: tenant,
-            raw: BytesMut::new(),
-            pending: BytesMut::new(),
-            inbound: Inbound::new(Mode::Binary),
-        };
-        let end = crate::datapath::ws_splice::pump(
-            p,
-            false,
-            Socket::Tcp(compute),
-            PipeSlot::new(PIPE_SIZE),
-            settings(),
-            &counters,
-            st,
-        )
-        .await;
-        (end, counters.down_bytes())
-    });
+    use crate::datapath::splice::SMALL;
+    let Spliced {
+        client,
+        mut console,
+        stop,
+        pump,
+    } = spliced().await;
     let (r, mut w) = client.into_split();
     let mut client = Client::new(r);
     let mut total = 0u64;
@@ -514,7 +514,7 @@ async fn spliced_pump_small_messages_and_a_burst_keep_their_order() {
     assert!(got == burst, "the burst after the small messages");
     assert_eq!(code, 1000);
     send(&mut w, Opcode::Close, &close_payload(1000, "")).await;
-    let (end, down) = pump.await.unwrap();
+    let (end, _, down) = pump.await.unwrap();
     assert_eq!(end, End::ComputeClosed);
     assert_eq!(down, total + burst.len() as u64);
     drop(stop);
