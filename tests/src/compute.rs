@@ -4,7 +4,6 @@
 //! SASL (a real sasldb). Used by `tests/compute_security.rs` and the
 //! handshake-latency example.
 
-use std::net::{Ipv4Addr, TcpListener};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
@@ -114,16 +113,6 @@ pub struct RunningVnc {
     _dir: tempfile::TempDir,
 }
 
-pub fn free_port() -> u16 {
-    loop {
-        let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
-        let port = l.local_addr().unwrap().port();
-        if port >= 5900 {
-            return port;
-        }
-    }
-}
-
 impl VncServer {
     pub async fn start(&self) -> RunningVnc {
         for attempt in 0..5 {
@@ -155,7 +144,7 @@ impl VncServer {
                 format!("unix:{}", p.display()),
             )
         } else {
-            let port = free_port();
+            let port = crate::net::free_port()?;
             (
                 format!("127.0.0.1:{port}"),
                 format!("127.0.0.1:{}", port - 5900),

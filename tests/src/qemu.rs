@@ -8,7 +8,7 @@
 //! on the serial port, which also means SeaBIOS has finished and the VGA
 //! text mode (and so the VNC framebuffer size) is stable.
 
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -16,7 +16,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use tokio::io::AsyncReadExt as _;
 
-use crate::net::BoxIo;
+use crate::net::{BoxIo, free_port, free_port_on};
 use crate::process::ChildGuard;
 
 pub const SERIAL_BANNER: &[u8] = b"consolegate-serial-ready\r\n";
@@ -166,23 +166,6 @@ pub struct Qemu {
     pub serial: Endpoint,
     pub spice: Option<SocketAddr>,
     dir: tempfile::TempDir,
-}
-
-/// A loopback TCP port that was free a moment ago, and >= 5900 (QEMU takes
-/// VNC ports as display numbers). QEMU may still lose a race for it, so
-/// `start` retries with fresh ports.
-fn free_port() -> anyhow::Result<u16> {
-    free_port_on(Ipv4Addr::LOCALHOST.into())
-}
-
-fn free_port_on(ip: std::net::IpAddr) -> anyhow::Result<u16> {
-    loop {
-        let l = TcpListener::bind((ip, 0))?;
-        let port = l.local_addr()?.port();
-        if port >= 5900 {
-            return Ok(port);
-        }
-    }
 }
 
 impl Qemu {

@@ -5,7 +5,7 @@
 //! RSA-OAEP (SHA-1) ticket, link result, then the main channel's
 //! SPICE_MSG_MAIN_INIT.
 
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -15,6 +15,7 @@ use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, 
 use rsa::pkcs8::DecodePublicKey as _;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
+use crate::net::free_port;
 use crate::process::ChildGuard;
 
 const MAGIC: &[u8; 4] = b"REDQ";
@@ -370,20 +371,26 @@ pub struct SpiceQemu {
     pub command_line: String,
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    loop {
-        let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
-        let port = l.local_addr()?.port();
-        if port >= 5900 {
-            return Ok(port);
-        }
-    }
-}
-
 impl SpiceQemu {
     /// Starts QEMU with SPICE on loopback, TLS from a fresh private CA,
     /// and `ticket` as the SPICE password.
+    /// QEMU binds ports that were free a moment ago; a start that loses
+    /// one to a parallel test is retried with fresh ports.
     pub async fn start(ticket: &str) -> anyhow::Result<Self> {
+        let mut last_err = None;
+        for attempt in 0..5 {
+            match Self::try_start(ticket).await {
+                Ok(q) => return Ok(q),
+                Err(e) => {
+                    eprintln!("QEMU SPICE start attempt {attempt} failed: {e:#}");
+                    last_err = Some(e);
+                }
+            }
+        }
+        Err(last_err.unwrap_or_else(|| anyhow::anyhow!("QEMU SPICE did not start")))
+    }
+
+    async fn try_start(ticket: &str) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("cg-spice-").tempdir()?;
         let pki = SpicePki::generate(dir.path())?;
         let plain = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));

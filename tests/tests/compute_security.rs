@@ -10,7 +10,8 @@
 use std::path::Path;
 use std::process::Command;
 
-use consolegate_tests::compute::{Ca, Pki, VncServer, free_port};
+use consolegate_tests::compute::{Ca, Pki, VncServer};
+use consolegate_tests::net::free_port;
 use consolegate_tests::process::ChildGuard;
 use consolegate_tests::proxy::{Proxy, ProxySpec};
 use consolegate_tests::ws::{self, Mode, WsRequest};
@@ -482,7 +483,7 @@ async fn serial_chardev_over_tls_with_client_certificate() {
     let pki = Pki::new(&ca, &ca, &["127.0.0.1"], false);
     let img = pki.path("boot.img");
     std::fs::write(&img, consolegate_tests::qemu::boot_image()).unwrap();
-    let port = free_port();
+    let port = free_port().unwrap();
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args([
         "-accel",

@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use consolegate_tests::admin;
 use consolegate_tests::http::{connect_tunnel, read_response_head, read_to_close};
+use consolegate_tests::net::free_port;
 use consolegate_tests::net::{Transport, authority};
 use consolegate_tests::proxy::{Proxy, ProxySpec};
 use consolegate_tests::qemu::{Qemu, QemuOptions, Sock};
@@ -20,14 +21,6 @@ use tokio::io::AsyncWriteExt as _;
 
 const KEY: &str = "migration-admin-key-0123456789";
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[tokio::test]
 async fn vnc_tenant_reconnects_to_the_destination_after_live_migration() {
     let opts = QemuOptions {
@@ -36,7 +29,7 @@ async fn vnc_tenant_reconnects_to_the_destination_after_live_migration() {
         ..QemuOptions::default()
     };
     let src = Qemu::start_migratable(opts, None).await.unwrap();
-    let port = free_port();
+    let port = free_port().unwrap();
     let dst = Qemu::start_migratable(opts, Some(port)).await.unwrap();
 
     let dir = tempfile::tempdir().unwrap();
@@ -181,7 +174,7 @@ async fn spice_migration_announcements_never_reach_the_tenant() {
         spice: true,
     };
     let src = Qemu::start_migratable(opts, None).await.unwrap();
-    let port = free_port();
+    let port = free_port().unwrap();
     let dst = Qemu::start_migratable(opts, Some(port)).await.unwrap();
     let dst_spice = dst.spice.unwrap();
 
