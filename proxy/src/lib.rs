@@ -31,6 +31,9 @@
 //!   notifications (ready, reload, stopping, watchdog), the eBPF connect
 //!   allow-list kept in sync with the token table, cgroup v2 handling and
 //!   the `doctor` capability report.
+//! - [`tls_stream`]: the TLS stream of every TLS leg, tenant and compute
+//!   side: rustls's unbuffered connection with buffers that exist only while
+//!   bytes are in flight, so idle sessions hold none.
 //! - [`sys`]: the only module with `unsafe` code: pipes, splice, FIONREAD,
 //!   capability probes.
 //! - [`admin`]: the admin API (tokens, live sessions, metrics) and the
@@ -53,3 +56,4 @@ pub mod limits;
 pub mod offload;
 pub mod session;
 pub mod sys;
+pub mod tls_stream;

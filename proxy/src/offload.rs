@@ -29,6 +29,7 @@ use crate::config::kernel::KtlsMode;
 use crate::console::{ComputeStream, ComputeTls};
 use crate::front::TenantTls;
 use crate::sys::ktls::{Cipher, TlsVersion, probe_cipher};
+use crate::tls_stream::{Side, TlsStream};
 
 /// The data-path label of sessions whose TLS legs run in the kernel.
 pub const LABEL: &str = "ktls+splice";
@@ -199,43 +200,32 @@ pub struct Handed {
     pub peer_closed: bool,
 }
 
-/// Flushes, corks and drains a tenant leg: the transport (at a record
+/// Flushes, corks and drains a TLS leg: the transport (at a record
 /// boundary), the plaintext rustls had decrypted, and the connection.
-pub async fn drain_server<IO: AsyncRead + AsyncWrite + Unpin>(
-    mut s: tokio_rustls::server::TlsStream<Cork<IO>>,
-) -> io::Result<(IO, cork::Drained, rustls::Connection)> {
+pub async fn drain<IO: AsyncRead + AsyncWrite + Unpin, C: Side>(
+    mut s: TlsStream<Cork<IO>, C>,
+) -> io::Result<(IO, cork::Drained, C)> {
     s.flush().await?;
     s.get_mut().0.cork();
     let drained = cork::drain(&mut s).await?;
-    let (cork, conn) = s.into_inner();
-    Ok((cork.io, drained, rustls::Connection::Server(conn)))
-}
-
-/// [`drain_server`] for a compute leg.
-pub async fn drain_client<IO: AsyncRead + AsyncWrite + Unpin>(
-    mut s: tokio_rustls::client::TlsStream<Cork<IO>>,
-) -> io::Result<(IO, cork::Drained, rustls::Connection)> {
-    s.flush().await?;
-    s.get_mut().0.cork();
-    let drained = cork::drain(&mut s).await?;
-    let (cork, conn) = s.into_inner();
-    Ok((cork.io, drained, rustls::Connection::Client(conn)))
+    let (cork, conn) = s.into_inner()?;
+    Ok((cork.io, drained, conn))
 }
 
 /// The kernel's key material for both directions of a drained connection.
-pub fn crypto_info(conn: rustls::Connection) -> io::Result<(ktls::CryptoInfo, ktls::CryptoInfo)> {
+pub fn crypto_info<C: Side>(conn: C) -> io::Result<(ktls::CryptoInfo, ktls::CryptoInfo)> {
     let suite = conn
         .negotiated_cipher_suite()
         .ok_or_else(|| io::Error::other("no negotiated cipher suite"))?;
     let secrets = conn
-        .dangerous_extract_secrets()
+        .extract_secrets()
         .map_err(|e| io::Error::other(format!("extracting the TLS secrets: {e}")))?;
     let tx = ktls::CryptoInfo::from_rustls(suite, secrets.tx).map_err(io::Error::other)?;
     let rx = ktls::CryptoInfo::from_rustls(suite, secrets.rx).map_err(io::Error::other)?;
     Ok((tx, rx))
 }
 
-fn install(leg: &str, socket: &TcpStream, conn: rustls::Connection) -> io::Result<()> {
+fn install<C: Side>(leg: &str, socket: &TcpStream, conn: C) -> io::Result<()> {
     let cipher = conn
         .negotiated_cipher_suite()
         .map(|c| format!("{:?}", c.suite()))
@@ -250,7 +240,7 @@ fn install(leg: &str, socket: &TcpStream, conn: rustls::Connection) -> io::Resul
 /// Hands the tenant leg to the kernel. Call only after
 /// [`Offload::check_tenant`]; on error the connection is lost.
 pub async fn tenant(s: Box<TenantTls>) -> io::Result<Handed> {
-    let (socket, d, conn) = drain_server(*s).await?;
+    let (socket, d, conn) = drain(*s).await?;
     install("tenant", &socket, conn)?;
     tracing::debug!(
         leg = "tenant",
@@ -268,7 +258,7 @@ pub async fn tenant(s: Box<TenantTls>) -> io::Result<Handed> {
 /// Hands the compute leg to the kernel. Call only after
 /// [`Offload::check_compute`]; on error the connection is lost.
 pub async fn compute(s: Box<ComputeTls>) -> io::Result<Handed> {
-    let (stream, d, conn) = drain_client(*s).await?;
+    let (stream, d, conn) = drain(*s).await?;
     let ComputeStream::Tcp(socket) = stream else {
         return Err(io::Error::other("kTLS on a compute leg that is not TCP"));
     };
@@ -345,8 +335,8 @@ mod tests {
             let (s, _) = l.accept().await.unwrap();
             let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
             let (server, client) = tokio::join!(
-                tokio_rustls::TlsAcceptor::from(server_cfg).accept(Cork::new(s)),
-                tokio_rustls::TlsConnector::from(client_cfg).connect(name, Cork::new(c)),
+                crate::tls_stream::ServerTls::accept(server_cfg, Cork::new(s)),
+                crate::tls_stream::ClientTls::connect(client_cfg, name, Cork::new(c)),
             );
             let (mut server, mut client) = (server.unwrap(), client.unwrap());
             // Each write_all + flush is one record.
@@ -366,7 +356,7 @@ mod tests {
             assert_eq!(&four, b"cons");
             // Let the second records arrive before draining.
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            let (mut s_sock, drained, conn) = drain_server(server).await.unwrap();
+            let (mut s_sock, drained, conn) = drain(server).await.unwrap();
             assert_eq!(drained.bytes, b"lo", "{version:?}");
             assert!(!drained.peer_closed);
             assert_eq!(
@@ -376,7 +366,7 @@ mod tests {
             );
             let (tx, rx) = crypto_info(conn).unwrap();
             assert!(tx.size() > 0 && rx.size() > 0);
-            let (mut c_sock, drained, conn) = drain_client(client).await.unwrap();
+            let (mut c_sock, drained, conn) = drain(client).await.unwrap();
             assert_eq!(drained.bytes, b"ole", "{version:?}");
             assert!(!drained.peer_closed);
             assert_eq!(
@@ -401,8 +391,8 @@ mod tests {
             let (s, _) = l.accept().await.unwrap();
             let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
             let (server, client) = tokio::join!(
-                tokio_rustls::TlsAcceptor::from(server_cfg).accept(Cork::new(s)),
-                tokio_rustls::TlsConnector::from(client_cfg).connect(name, Cork::new(c)),
+                crate::tls_stream::ServerTls::accept(server_cfg, Cork::new(s)),
+                crate::tls_stream::ClientTls::connect(client_cfg, name, Cork::new(c)),
             );
             let (mut server, mut client) = (server.unwrap(), client.unwrap());
             client.write_all(b"last words").await.unwrap();
@@ -415,7 +405,7 @@ mod tests {
                 assert_eq!(rest, b"words");
             }
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            let (mut sock, drained, _conn) = drain_server(server).await.unwrap();
+            let (mut sock, drained, _conn) = drain(server).await.unwrap();
             if read_to_end {
                 assert!(drained.bytes.is_empty() && drained.peer_closed);
             } else {

@@ -188,7 +188,7 @@ impl std::os::fd::AsRawFd for ComputeStream {
 /// A TLS connection to the compute host. rustls reads through a
 /// [`crate::offload::Cork`] (never past a record boundary), so the stream can
 /// be handed to kernel TLS after the console handshake ([`crate::offload`]).
-pub type ComputeTls = tokio_rustls::client::TlsStream<crate::offload::Cork<ComputeStream>>;
+pub type ComputeTls = crate::tls_stream::ClientTls<crate::offload::Cork<ComputeStream>>;
 
 /// Dials `target` within `timeout`. TCP streams get TCP_NODELAY (console
 /// traffic is interactive) and keepalive.
@@ -271,8 +271,7 @@ pub async fn tls_connect(
     cfg: std::sync::Arc<rustls::ClientConfig>,
     name: rustls::pki_types::ServerName<'static>,
 ) -> Result<ComputeTls, String> {
-    tokio_rustls::TlsConnector::from(cfg)
-        .connect(name, crate::offload::Cork::for_leg(s))
+    crate::tls_stream::ClientTls::connect(cfg, name, crate::offload::Cork::for_leg(s))
         .await
         .map_err(|e| e.to_string())
 }

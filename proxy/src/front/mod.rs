@@ -24,7 +24,7 @@ use http::{HeadLimits, HttpError, RequestHead, parse_request_head};
 /// A tenant TLS connection. rustls reads through a [`crate::offload::Cork`],
 /// which never hands it bytes past a record boundary, so the stream can be
 /// handed to kernel TLS after the handshake phase ([`crate::offload`]).
-pub type TenantTls = tokio_rustls::server::TlsStream<crate::offload::Cork<TcpStream>>;
+pub type TenantTls = crate::tls_stream::ServerTls<crate::offload::Cork<TcpStream>>;
 
 /// A tenant connection, with or without TLS.
 pub enum TenantStream {

@@ -113,9 +113,9 @@ async fn handshake(
     let deadline = tokio::time::Instant::now() + ctx.handshake_timeout;
     let mut stream = match &ctx.tenant_tls {
         Some(tls) => {
-            let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
             let corked = crate::offload::Cork::for_leg(tcp);
-            match tokio::time::timeout_at(deadline, Box::pin(acceptor.accept(corked))).await {
+            let accept = crate::tls_stream::ServerTls::accept(tls.current(), corked);
+            match tokio::time::timeout_at(deadline, Box::pin(accept)).await {
                 Ok(Ok(s)) => TenantStream::Tls(Box::new(s)),
                 Ok(Err(e)) => {
                     crate::error::count_refusal(Refusal::TlsHandshake.kind());

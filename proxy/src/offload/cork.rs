@@ -194,7 +194,7 @@ pub struct Drained {
 
 /// Reads what rustls has decrypted (or can decrypt from the record it is
 /// in the middle of) until the corked transport reports the boundary.
-/// tokio-rustls tells the two ends apart: an empty read after close_notify,
+/// The TLS stream tells the two ends apart: an empty read after close_notify,
 /// `UnexpectedEof` at our boundary.
 pub async fn drain<S: AsyncRead + Unpin>(s: &mut S) -> io::Result<Drained> {
     use tokio::io::AsyncReadExt as _;

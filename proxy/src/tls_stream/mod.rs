@@ -1,0 +1,522 @@
+//! The TLS stream of every TLS leg (tenant and compute side): rustls's
+//! unbuffered connection API behind `AsyncRead`/`AsyncWrite`, with the
+//! buffers owned here so an idle session holds none of them.
+//!
+//! tokio-rustls drives rustls's buffered connection, which keeps a 4 KiB
+//! receive buffer for the connection's whole life: 4 KiB of every idle
+//! TLS leg. Here the ciphertext buffers exist only while bytes are in
+//! flight:
+//! - received ciphertext: read into a 2 KiB stack buffer while none is
+//!   pending, kept on the heap only for a partial record (or a burst), and
+//!   freed as soon as a read finds the socket drained;
+//! - decrypted plaintext the reader has not taken yet: freed when taken;
+//! - ciphertext the socket has not taken yet: freed once written.
+//!
+//! The semantics follow tokio-rustls, so callers see no difference: a
+//! close_notify reads as end of stream; the transport ending without one is
+//! `UnexpectedEof` (the kTLS hand-over tells its corked record boundary
+//! from a real close by that); writes are accepted while less than
+//! [`MAX_PENDING_OUT`] bytes wait for the socket.
+
+use std::io;
+use std::ops::DerefMut;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use rustls::ExtractedSecrets;
+use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
+use rustls::pki_types::ServerName;
+use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
+use rustls::unbuffered::{
+    ConnectionState, EncodeError, EncryptError, InsufficientSizeError, UnbufferedConnectionCommon,
+    UnbufferedStatus,
+};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+#[cfg(test)]
+mod tests;
+
+/// Bytes read at once into the stack while no ciphertext is pending.
+const STACK_READ: usize = 2048;
+/// One TLS record on the wire at most: header, 2^14 + 2048 payload.
+const MAX_RECORD: usize = 5 + (1 << 14) + 2048;
+/// Ciphertext held while a handshake message spans records: rustls
+/// accepts handshake messages up to 64 KiB.
+const MAX_INCOMING: usize = 0x1_0000 + MAX_RECORD;
+/// Plaintext taken per `poll_write`.
+const MAX_WRITE: usize = 4 << 14;
+/// Writes return `Pending` while this much ciphertext waits for the socket.
+pub const MAX_PENDING_OUT: usize = 64 * 1024;
+
+/// The two sides of rustls's unbuffered connection.
+pub trait Side: DerefMut<Target = UnbufferedConnectionCommon<Self::Data>> + Unpin {
+    type Data;
+    fn process<'c, 'i>(
+        &'c mut self,
+        incoming: &'i mut [u8],
+    ) -> UnbufferedStatus<'c, 'i, Self::Data>;
+    fn extract_secrets(self) -> Result<ExtractedSecrets, rustls::Error>;
+}
+
+impl Side for UnbufferedServerConnection {
+    type Data = ServerConnectionData;
+    fn process<'c, 'i>(
+        &'c mut self,
+        incoming: &'i mut [u8],
+    ) -> UnbufferedStatus<'c, 'i, Self::Data> {
+        self.process_tls_records(incoming)
+    }
+    fn extract_secrets(self) -> Result<ExtractedSecrets, rustls::Error> {
+        self.dangerous_into_kernel_connection().map(|(s, _)| s)
+    }
+}
+
+impl Side for UnbufferedClientConnection {
+    type Data = ClientConnectionData;
+    fn process<'c, 'i>(
+        &'c mut self,
+        incoming: &'i mut [u8],
+    ) -> UnbufferedStatus<'c, 'i, Self::Data> {
+        self.process_tls_records(incoming)
+    }
+    fn extract_secrets(self) -> Result<ExtractedSecrets, rustls::Error> {
+        self.dangerous_into_kernel_connection().map(|(s, _)| s)
+    }
+}
+
+/// A tenant leg: we are the TLS server.
+pub type ServerTls<IO> = TlsStream<IO, UnbufferedServerConnection>;
+/// A compute leg: we are the TLS client.
+pub type ClientTls<IO> = TlsStream<IO, UnbufferedClientConnection>;
+
+/// A TLS connection over `IO` (see the module docs).
+pub struct TlsStream<IO, C> {
+    io: IO,
+    conn: C,
+    /// Ciphertext read and not yet processed (a partial record, mostly):
+    /// `incoming[..in_len]`; the rest is room for reads.
+    incoming: Vec<u8>,
+    in_len: usize,
+    /// Plaintext decrypted and not yet read: `plain[plain_at..]`.
+    plain: Vec<u8>,
+    plain_at: usize,
+    /// Ciphertext not yet written: `outgoing[out_at..]`.
+    outgoing: Vec<u8>,
+    out_at: usize,
+    /// The peer's close_notify has arrived.
+    peer_closed: bool,
+    /// The transport has ended.
+    eof: bool,
+    /// Our close_notify is queued.
+    close_queued: bool,
+}
+
+impl<IO: std::fmt::Debug, C> std::fmt::Debug for TlsStream<IO, C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsStream")
+            .field("io", &self.io)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where processing stopped.
+enum Stop {
+    /// Bytes from the peer are needed (handshake) or welcome (traffic).
+    Read,
+    /// Application data may be written: this many bytes of the write were.
+    Open(usize),
+    /// Both close_notify alerts have passed.
+    Closed,
+}
+
+fn tls_error(e: rustls::Error) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+/// Grows `out` by what `f` writes, retrying with the size it asks for.
+fn append<E>(
+    out: &mut Vec<u8>,
+    mut f: impl FnMut(&mut [u8]) -> Result<usize, E>,
+    needs: impl Fn(&E) -> Option<usize>,
+    what: &str,
+) -> io::Result<()>
+where
+    E: std::fmt::Display,
+{
+    let start = out.len();
+    let mut room = 0;
+    loop {
+        out.resize(start + room, 0);
+        match f(&mut out[start..]) {
+            Ok(n) => {
+                out.truncate(start + n);
+                return Ok(());
+            }
+            Err(e) => match needs(&e) {
+                Some(required) if required > room => room = required,
+                _ => {
+                    out.truncate(start);
+                    return Err(io::Error::other(format!("{what}: {e}")));
+                }
+            },
+        }
+    }
+}
+
+fn encode_needs(e: &EncodeError) -> Option<usize> {
+    match e {
+        EncodeError::InsufficientSize(InsufficientSizeError { required_size }) => {
+            Some(*required_size)
+        }
+        _ => None,
+    }
+}
+
+fn encrypt_needs(e: &EncryptError) -> Option<usize> {
+    match e {
+        EncryptError::InsufficientSize(InsufficientSizeError { required_size }) => {
+            Some(*required_size)
+        }
+        _ => None,
+    }
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> ServerTls<IO> {
+    /// Accepts a TLS connection from a client on `io`.
+    pub async fn accept(config: Arc<rustls::ServerConfig>, io: IO) -> io::Result<Self> {
+        let conn = UnbufferedServerConnection::new(config).map_err(tls_error)?;
+        Self::new(io, conn).handshake().await
+    }
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> ClientTls<IO> {
+    /// Connects as a TLS client to `name` over `io`.
+    pub async fn connect(
+        config: Arc<rustls::ClientConfig>,
+        name: ServerName<'static>,
+        io: IO,
+    ) -> io::Result<Self> {
+        let conn = UnbufferedClientConnection::new(config, name).map_err(tls_error)?;
+        Self::new(io, conn).handshake().await
+    }
+}
+
+impl<IO, C> TlsStream<IO, C> {
+    /// The transport and the connection.
+    pub fn get_ref(&self) -> (&IO, &C) {
+        (&self.io, &self.conn)
+    }
+
+    /// The transport and the connection.
+    pub fn get_mut(&mut self) -> (&mut IO, &mut C) {
+        (&mut self.io, &mut self.conn)
+    }
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin, C: Side> TlsStream<IO, C> {
+    fn new(io: IO, conn: C) -> Self {
+        Self {
+            io,
+            conn,
+            incoming: Vec::new(),
+            in_len: 0,
+            plain: Vec::new(),
+            plain_at: 0,
+            outgoing: Vec::new(),
+            out_at: 0,
+            peer_closed: false,
+            eof: false,
+            close_queued: false,
+        }
+    }
+
+    async fn handshake(mut self) -> io::Result<Self> {
+        std::future::poll_fn(|cx| self.poll_handshake(cx)).await?;
+        Ok(self)
+    }
+
+    fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            match self.process(None, None, false)? {
+                Stop::Open(_) => return self.poll_write_out(cx),
+                Stop::Closed => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "TLS connection closed during the handshake",
+                    )));
+                }
+                Stop::Read => {
+                    ready!(self.poll_write_out(cx))?;
+                    if ready!(self.poll_fill(cx))? == 0 {
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "the peer closed the connection during the TLS handshake",
+                        )));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs rustls over the pending ciphertext until it needs bytes from the
+    /// peer or may send application data. Decrypted plaintext goes to `out`
+    /// while it has room, the rest to `plain`; handshake and alert records
+    /// to `outgoing`. In the traffic state, encrypts `write` and, with
+    /// `close`, a close_notify.
+    fn process(
+        &mut self,
+        mut out: Option<&mut ReadBuf<'_>>,
+        write: Option<&[u8]>,
+        close: bool,
+    ) -> io::Result<Stop> {
+        loop {
+            let UnbufferedStatus { mut discard, state } =
+                self.conn.process(&mut self.incoming[..self.in_len]);
+            let stop = match state.map_err(tls_error)? {
+                ConnectionState::ReadTraffic(mut r) => {
+                    while let Some(record) = r.next_record() {
+                        let record = record.map_err(tls_error)?;
+                        discard += record.discard;
+                        let mut payload = record.payload;
+                        if self.plain.len() == self.plain_at
+                            && let Some(out) = out.as_deref_mut()
+                        {
+                            let n = payload.len().min(out.remaining());
+                            out.put_slice(&payload[..n]);
+                            payload = &payload[n..];
+                        }
+                        self.plain.extend_from_slice(payload);
+                    }
+                    None
+                }
+                ConnectionState::EncodeTlsData(mut e) => {
+                    append(
+                        &mut self.outgoing,
+                        |b| e.encode(b),
+                        encode_needs,
+                        "encoding TLS",
+                    )?;
+                    None
+                }
+                ConnectionState::TransmitTlsData(t) => {
+                    // Everything goes out through `outgoing`, in order.
+                    t.done();
+                    None
+                }
+                ConnectionState::BlockedHandshake => Some(Stop::Read),
+                ConnectionState::PeerClosed => {
+                    self.peer_closed = true;
+                    None
+                }
+                ConnectionState::Closed => Some(Stop::Closed),
+                ConnectionState::WriteTraffic(mut w) => {
+                    let mut n = 0;
+                    if let Some(data) = write {
+                        n = data.len().min(MAX_WRITE);
+                        append(
+                            &mut self.outgoing,
+                            |b| w.encrypt(&data[..n], b),
+                            encrypt_needs,
+                            "encrypting",
+                        )?;
+                    }
+                    if close && !self.close_queued {
+                        append(
+                            &mut self.outgoing,
+                            |b| w.queue_close_notify(b),
+                            encrypt_needs,
+                            "encrypting close_notify",
+                        )?;
+                        self.close_queued = true;
+                    }
+                    Some(Stop::Open(n))
+                }
+                ConnectionState::ReadEarlyData(_) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "TLS early data, which we never accept",
+                    ));
+                }
+                _ => return Err(io::Error::other("TLS connection in an unknown state")),
+            };
+            if discard > 0 {
+                self.incoming.copy_within(discard..self.in_len, 0);
+                self.in_len -= discard;
+            }
+            if let Some(stop) = stop {
+                return Ok(stop);
+            }
+        }
+    }
+
+    /// Reads ciphertext from the transport. Returns the bytes read (0 at the
+    /// end of the stream).
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.incoming.is_empty() {
+            // No buffer: read into the stack, so a drained socket costs
+            // none.
+            let mut stack = [0u8; STACK_READ];
+            let mut rb = ReadBuf::new(&mut stack);
+            match Pin::new(&mut self.io).poll_read(cx, &mut rb) {
+                Poll::Pending => {
+                    self.incoming = Vec::new();
+                    return Poll::Pending;
+                }
+                Poll::Ready(r) => r?,
+            }
+            let n = rb.filled().len();
+            if self.incoming.len() < n {
+                // A burst (a full stack read) gets room for a whole record.
+                let room = if n == STACK_READ { MAX_RECORD } else { n };
+                self.incoming = vec![0; room];
+            }
+            self.incoming[..n].copy_from_slice(rb.filled());
+            self.in_len = n;
+            return Poll::Ready(Ok(n));
+        }
+        if self.in_len >= MAX_INCOMING {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "TLS handshake message larger than 64 KiB",
+            )));
+        }
+        if self.incoming.len() - self.in_len < 4096 {
+            let want = MAX_RECORD.max(self.in_len + 4096).min(MAX_INCOMING);
+            self.incoming.resize(want, 0);
+        }
+        let mut rb = ReadBuf::new(&mut self.incoming[self.in_len..]);
+        if Pin::new(&mut self.io).poll_read(cx, &mut rb)?.is_pending() {
+            if self.in_len == 0 {
+                // Drained: the burst is over.
+                self.incoming = Vec::new();
+            }
+            return Poll::Pending;
+        }
+        let n = rb.filled().len();
+        self.in_len += n;
+        Poll::Ready(Ok(n))
+    }
+
+    /// Writes pending ciphertext to the transport.
+    fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.out_at < self.outgoing.len() {
+            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.outgoing[self.out_at..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.out_at += n;
+        }
+        self.outgoing = Vec::new();
+        self.out_at = 0;
+        Poll::Ready(Ok(()))
+    }
+
+    /// Hands the transport and the connection over (the kTLS hand-over),
+    /// after the caller has flushed and drained the stream. Ciphertext not
+    /// yet processed would be lost, so it is an error.
+    pub fn into_inner(self) -> io::Result<(IO, C)> {
+        if self.in_len > 0 || self.plain_at < self.plain.len() {
+            return Err(io::Error::other(
+                "TLS bytes past the record boundary at the hand-over",
+            ));
+        }
+        Ok((self.io, self.conn))
+    }
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin, C: Side> AsyncRead for TlsStream<IO, C> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if buf.remaining() == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            if this.plain_at < this.plain.len() {
+                let n = (this.plain.len() - this.plain_at).min(buf.remaining());
+                buf.put_slice(&this.plain[this.plain_at..this.plain_at + n]);
+                this.plain_at += n;
+                if this.plain_at == this.plain.len() {
+                    this.plain = Vec::new();
+                    this.plain_at = 0;
+                }
+                return Poll::Ready(Ok(()));
+            }
+            let before = buf.filled().len();
+            let stop = this.process(Some(buf), None, false)?;
+            // A peer's key update is answered here, whether or not anyone
+            // writes; a full socket just keeps it for later.
+            if let Poll::Ready(Err(e)) = this.poll_write_out(cx) {
+                return Poll::Ready(Err(e));
+            }
+            if buf.filled().len() > before || this.plain_at < this.plain.len() {
+                if buf.filled().len() > before {
+                    return Poll::Ready(Ok(()));
+                }
+                continue;
+            }
+            if matches!(stop, Stop::Closed) || this.peer_closed {
+                return Poll::Ready(Ok(()));
+            }
+            if this.eof {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the peer closed the connection without sending TLS close_notify",
+                )));
+            }
+            if ready!(this.poll_fill(cx))? == 0 {
+                this.eof = true;
+            }
+        }
+    }
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin, C: Side> AsyncWrite for TlsStream<IO, C> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        if this.outgoing.len() - this.out_at >= MAX_PENDING_OUT {
+            ready!(this.poll_write_out(cx))?;
+        }
+        match this.process(None, Some(buf), false)? {
+            Stop::Open(n) => {
+                // Start sending; a full socket keeps the rest for later.
+                if let Poll::Ready(Err(e)) = this.poll_write_out(cx) {
+                    return Poll::Ready(Err(e));
+                }
+                Poll::Ready(Ok(n))
+            }
+            Stop::Read | Stop::Closed => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "the TLS connection can no longer carry data",
+            ))),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_write_out(cx))?;
+        Pin::new(&mut this.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.close_queued {
+            // A connection that can no longer write has nothing to close.
+            let _ = this.process(None, None, true);
+            this.close_queued = true;
+        }
+        ready!(this.poll_write_out(cx))?;
+        Pin::new(&mut this.io).poll_shutdown(cx)
+    }
+}
