@@ -238,7 +238,15 @@ impl<IO: AsyncRead + AsyncWrite + Unpin, C: Side> TlsStream<IO, C> {
 
     fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
-            match self.process(None, None, false)? {
+            let stop = match self.process(None, None, false) {
+                Ok(stop) => stop,
+                Err(e) => {
+                    // The alert goes out if the socket takes it now.
+                    let _ = self.poll_write_out(cx);
+                    return Poll::Ready(Err(e));
+                }
+            };
+            match stop {
                 Stop::Open(_) => return self.poll_write_out(cx),
                 Stop::Closed => {
                     return Poll::Ready(Err(io::Error::new(
@@ -273,7 +281,15 @@ impl<IO: AsyncRead + AsyncWrite + Unpin, C: Side> TlsStream<IO, C> {
         loop {
             let UnbufferedStatus { mut discard, state } =
                 self.conn.process(&mut self.incoming[..self.in_len]);
-            let stop = match state.map_err(tls_error)? {
+            let state = match state {
+                Ok(state) => state,
+                Err(e) => {
+                    self.discard(discard);
+                    self.queue_alert();
+                    return Err(tls_error(e));
+                }
+            };
+            let stop = match state {
                 ConnectionState::ReadTraffic(mut r) => {
                     while let Some(record) = r.next_record() {
                         let record = record.map_err(tls_error)?;
@@ -340,13 +356,29 @@ impl<IO: AsyncRead + AsyncWrite + Unpin, C: Side> TlsStream<IO, C> {
                 }
                 _ => return Err(io::Error::other("TLS connection in an unknown state")),
             };
-            if discard > 0 {
-                self.incoming.copy_within(discard..self.in_len, 0);
-                self.in_len -= discard;
-            }
+            self.discard(discard);
             if let Some(stop) = stop {
                 return Ok(stop);
             }
+        }
+    }
+
+    /// Drops `n` processed bytes from the front of `incoming`.
+    fn discard(&mut self, n: usize) {
+        if n > 0 {
+            self.incoming.copy_within(n..self.in_len, 0);
+            self.in_len -= n;
+        }
+    }
+
+    /// After an error rustls still hands out the alert it queued for the
+    /// peer (bad certificate, decrypt error...): into `outgoing`, for a
+    /// last best-effort write. (rustls must see the same buffer as before,
+    /// less what it discarded: it keeps offsets into it.)
+    fn queue_alert(&mut self) {
+        let status = self.conn.process(&mut self.incoming[..self.in_len]);
+        if let Ok(ConnectionState::EncodeTlsData(mut e)) = status.state {
+            let _ = append(&mut self.outgoing, |b| e.encode(b), encode_needs, "alert");
         }
     }
 
@@ -447,7 +479,13 @@ impl<IO: AsyncRead + AsyncWrite + Unpin, C: Side> AsyncRead for TlsStream<IO, C>
                 return Poll::Ready(Ok(()));
             }
             let before = buf.filled().len();
-            let stop = this.process(Some(buf), None, false)?;
+            let stop = match this.process(Some(buf), None, false) {
+                Ok(stop) => stop,
+                Err(e) => {
+                    let _ = this.poll_write_out(cx);
+                    return Poll::Ready(Err(e));
+                }
+            };
             // A peer's key update is answered here, whether or not anyone
             // writes; a full socket just keeps it for later.
             if let Poll::Ready(Err(e)) = this.poll_write_out(cx) {

@@ -275,7 +275,9 @@ async fn untrusted_server_certificate_fails_the_handshake() {
     let e = ours.unwrap_err();
     assert_eq!(e.kind(), io::ErrorKind::InvalidData);
     assert!(e.to_string().contains("invalid peer certificate"), "{e}");
-    assert!(theirs.is_err());
+    // The server hears why: our alert, not a bare close.
+    let theirs = theirs.unwrap_err().to_string();
+    assert!(theirs.contains("received fatal alert"), "{theirs}");
 }
 
 /// Bytes that are not TLS, a header announcing an oversized record, and a
@@ -318,4 +320,25 @@ async fn into_inner_keeps_nothing_back() {
     ours.flush().await.unwrap();
     let (_tcp, conn) = ours.into_inner().unwrap();
     assert!(conn.negotiated_cipher_suite().is_some());
+}
+
+/// A record tampered with on the wire fails the read with rustls's reason,
+/// and the peer is told with a fatal alert (TLS 1.2: a plain alert record).
+#[tokio::test]
+async fn a_tampered_record_is_an_error_and_an_alert() {
+    let (mut ours, theirs) = ours_serving(&rustls::version::TLS12).await;
+    let (mut tcp, mut conn) = theirs.into_inner();
+    std::io::Write::write_all(&mut conn.writer(), b"console bytes").unwrap();
+    let mut wire = Vec::new();
+    conn.write_tls(&mut wire).unwrap();
+    let last = wire.len() - 1;
+    wire[last] ^= 0x55;
+    tcp.write_all(&wire).await.unwrap();
+    let mut buf = [0u8; 64];
+    let e = ours.read(&mut buf).await.unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+    assert!(e.to_string().contains("decrypt"), "{e}");
+    let mut header = [0u8; 5];
+    tcp.read_exact(&mut header).await.unwrap();
+    assert_eq!(header[0], 21, "an alert record: {header:?}");
 }
