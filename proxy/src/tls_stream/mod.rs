@@ -134,9 +134,11 @@ fn tls_error(e: rustls::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
 }
 
-/// Grows `out` by what `f` writes, retrying with the size it asks for.
+/// Grows `out` by what `f` writes into room of `first_guess` bytes, or of
+/// the size it asks for if that was too little.
 fn append<E>(
     out: &mut Vec<u8>,
+    first_guess: usize,
     mut f: impl FnMut(&mut [u8]) -> Result<usize, E>,
     needs: impl Fn(&E) -> Option<usize>,
     what: &str,
@@ -145,7 +147,7 @@ where
     E: std::fmt::Display,
 {
     let start = out.len();
-    let mut room = 0;
+    let mut room = first_guess;
     loop {
         out.resize(start + room, 0);
         match f(&mut out[start..]) {
@@ -162,6 +164,12 @@ where
             },
         }
     }
+}
+
+/// Room for `n` plaintext bytes once sealed: per record of up to 2^14
+/// bytes a header, a tag, an explicit nonce or inner type (and spare).
+fn sealed_len(n: usize) -> usize {
+    n + (n / (1 << 14) + 1) * 64
 }
 
 fn encode_needs(e: &EncodeError) -> Option<usize> {
@@ -309,6 +317,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin, C: Side> TlsStream<IO, C> {
                 ConnectionState::EncodeTlsData(mut e) => {
                     append(
                         &mut self.outgoing,
+                        0,
                         |b| e.encode(b),
                         encode_needs,
                         "encoding TLS",
@@ -332,6 +341,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin, C: Side> TlsStream<IO, C> {
                         n = data.len().min(MAX_WRITE);
                         append(
                             &mut self.outgoing,
+                            sealed_len(n),
                             |b| w.encrypt(&data[..n], b),
                             encrypt_needs,
                             "encrypting",
@@ -340,6 +350,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin, C: Side> TlsStream<IO, C> {
                     if close && !self.close_queued {
                         append(
                             &mut self.outgoing,
+                            sealed_len(2),
                             |b| w.queue_close_notify(b),
                             encrypt_needs,
                             "encrypting close_notify",
@@ -378,7 +389,13 @@ impl<IO: AsyncRead + AsyncWrite + Unpin, C: Side> TlsStream<IO, C> {
     fn queue_alert(&mut self) {
         let status = self.conn.process(&mut self.incoming[..self.in_len]);
         if let Ok(ConnectionState::EncodeTlsData(mut e)) = status.state {
-            let _ = append(&mut self.outgoing, |b| e.encode(b), encode_needs, "alert");
+            let _ = append(
+                &mut self.outgoing,
+                0,
+                |b| e.encode(b),
+                encode_needs,
+                "alert",
+            );
         }
     }
 
