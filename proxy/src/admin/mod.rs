@@ -243,8 +243,7 @@ async fn serve_tcp(
         tokio::spawn(async move {
             match tls {
                 Some(cfg) => {
-                    let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
-                    let accept = acceptor.accept(tcp);
+                    let accept = crate::tls_stream::ServerTls::accept(cfg, tcp);
                     match tokio::time::timeout(std::time::Duration::from_secs(10), accept).await {
                         Ok(Ok(s)) => serve_conn(s, peer.to_string(), state).await,
                         Ok(Err(e)) => {
