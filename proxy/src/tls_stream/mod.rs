@@ -44,6 +44,8 @@ const MAX_RECORD: usize = 5 + (1 << 14) + 2048;
 /// Ciphertext held while a handshake message spans records: rustls
 /// accepts handshake messages up to 64 KiB.
 const MAX_INCOMING: usize = 0x1_0000 + MAX_RECORD;
+/// The receive buffer during a burst: four full records per read.
+const BURST: usize = 4 * MAX_RECORD;
 /// Plaintext taken per `poll_write`.
 const MAX_WRITE: usize = 4 << 14;
 /// Writes return `Pending` while this much ciphertext waits for the socket.
@@ -416,8 +418,8 @@ impl<IO: AsyncRead + AsyncWrite + Unpin, C: Side> TlsStream<IO, C> {
             }
             let n = rb.filled().len();
             if self.incoming.len() < n {
-                // A burst (a full stack read) gets room for a whole record.
-                let room = if n == STACK_READ { MAX_RECORD } else { n };
+                // A burst (a full stack read) gets room for a few records.
+                let room = if n == STACK_READ { BURST } else { n };
                 self.incoming = vec![0; room];
             }
             self.incoming[..n].copy_from_slice(rb.filled());
@@ -431,7 +433,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin, C: Side> TlsStream<IO, C> {
             )));
         }
         if self.incoming.len() - self.in_len < 4096 {
-            let want = MAX_RECORD.max(self.in_len + 4096).min(MAX_INCOMING);
+            let want = BURST.max(self.in_len + 4096).min(MAX_INCOMING);
             self.incoming.resize(want, 0);
         }
         let mut rb = ReadBuf::new(&mut self.incoming[self.in_len..]);
