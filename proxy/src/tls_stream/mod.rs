@@ -97,8 +97,10 @@ pub struct TlsStream<IO, C> {
     io: IO,
     conn: C,
     /// Ciphertext read and not yet processed (a partial record, mostly):
-    /// `incoming[..in_len]`; the rest is room for reads.
+    /// `incoming[in_at..in_len]`; before it what rustls discarded, after it
+    /// room for reads.
     incoming: Vec<u8>,
+    in_at: usize,
     in_len: usize,
     /// Plaintext decrypted and not yet read: `plain[plain_at..]`.
     plain: Vec<u8>,
@@ -230,6 +232,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin, C: Side> TlsStream<IO, C> {
             io,
             conn,
             incoming: Vec::new(),
+            in_at: 0,
             in_len: 0,
             plain: Vec::new(),
             plain_at: 0,
@@ -289,8 +292,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin, C: Side> TlsStream<IO, C> {
         close: bool,
     ) -> io::Result<Stop> {
         loop {
-            let UnbufferedStatus { mut discard, state } =
-                self.conn.process(&mut self.incoming[..self.in_len]);
+            let UnbufferedStatus { mut discard, state } = self
+                .conn
+                .process(&mut self.incoming[self.in_at..self.in_len]);
             let state = match state {
                 Ok(state) => state,
                 Err(e) => {
@@ -376,11 +380,13 @@ impl<IO: AsyncRead + AsyncWrite + Unpin, C: Side> TlsStream<IO, C> {
         }
     }
 
-    /// Drops `n` processed bytes from the front of `incoming`.
+    /// Drops `n` processed bytes from the front of the pending ciphertext
+    /// (moved down only when a read needs the room: see `poll_fill`).
     fn discard(&mut self, n: usize) {
-        if n > 0 {
-            self.incoming.copy_within(n..self.in_len, 0);
-            self.in_len -= n;
+        self.in_at += n;
+        if self.in_at == self.in_len {
+            self.in_at = 0;
+            self.in_len = 0;
         }
     }
 
@@ -389,7 +395,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin, C: Side> TlsStream<IO, C> {
     /// last best-effort write. (rustls must see the same buffer as before,
     /// less what it discarded: it keeps offsets into it.)
     fn queue_alert(&mut self) {
-        let status = self.conn.process(&mut self.incoming[..self.in_len]);
+        let status = self
+            .conn
+            .process(&mut self.incoming[self.in_at..self.in_len]);
         if let Ok(ConnectionState::EncodeTlsData(mut e)) = status.state {
             let _ = append(
                 &mut self.outgoing,
@@ -425,6 +433,11 @@ impl<IO: AsyncRead + AsyncWrite + Unpin, C: Side> TlsStream<IO, C> {
             self.incoming[..n].copy_from_slice(rb.filled());
             self.in_len = n;
             return Poll::Ready(Ok(n));
+        }
+        if self.in_at > 0 {
+            self.incoming.copy_within(self.in_at..self.in_len, 0);
+            self.in_len -= self.in_at;
+            self.in_at = 0;
         }
         if self.in_len >= MAX_INCOMING {
             return Poll::Ready(Err(io::Error::new(
@@ -467,7 +480,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin, C: Side> TlsStream<IO, C> {
     /// after the caller has flushed and drained the stream. Ciphertext not
     /// yet processed would be lost, so it is an error.
     pub fn into_inner(self) -> io::Result<(IO, C)> {
-        if self.in_len > 0 || self.plain_at < self.plain.len() {
+        if self.in_len > self.in_at || self.plain_at < self.plain.len() {
             return Err(io::Error::other(
                 "TLS bytes past the record boundary at the hand-over",
             ));
