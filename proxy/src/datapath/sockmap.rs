@@ -290,25 +290,31 @@ async fn wait_side(sock: &TcpStream, flow: &Flow) -> io::Result<Wake> {
     }
 }
 
+/// One read of what is on `src` after a wake-up (empty at EOF). A plain
+/// function, so its 4 KiB stack buffer is not part of the session's
+/// future (which every idle session would carry).
+fn read_left(src: &TcpStream, wake: &Wake) -> io::Result<Vec<u8>> {
+    let mut buf = [0u8; 4096];
+    let n = match wake {
+        Wake::Ready(_) => src.try_io(Interest::READABLE, || recv_now(src, &mut buf))?,
+        Wake::Timer => recv_now(src, &mut buf)?,
+    };
+    Ok(buf.get(..n).unwrap_or_default().to_vec())
+}
+
 /// Handles a wake-up of `src` (the source of `flow`): EOF, an error, or
 /// bytes the verdict left on the socket (no peer in the map: forwarded
 /// here, which should not happen while both sockets are paired).
 async fn on_wake(src: &TcpStream, dst: &TcpStream, flow: &mut Flow, wake: Wake) -> Result<(), End> {
-    let mut buf = [0u8; 4096];
-    let read = match wake {
-        Wake::Ready(_) => src.try_io(Interest::READABLE, || recv_now(src, &mut buf)),
-        Wake::Timer => recv_now(src, &mut buf),
-    };
-    match read {
-        Ok(0) => flow.at_eof(src),
-        Ok(n) => {
+    match read_left(src, &wake) {
+        Ok(data) if data.is_empty() => flow.at_eof(src),
+        Ok(data) => {
             tracing::debug!(
                 dir = ?flow.dir,
-                n,
+                n = data.len(),
                 "sockmap left bytes on the socket (peer not in the map): forwarding them"
             );
-            let data = buf.get(..n).unwrap_or_default();
-            write_all(dst, data)
+            write_all(dst, &data)
                 .await
                 .map_err(|e| flow.dir.write_err(e))
         }
