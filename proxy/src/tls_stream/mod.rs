@@ -34,6 +34,7 @@ use rustls::unbuffered::{
 };
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+mod blocking;
 #[cfg(test)]
 mod tests;
 
@@ -226,7 +227,7 @@ impl<IO, C> TlsStream<IO, C> {
     }
 }
 
-impl<IO: AsyncRead + AsyncWrite + Unpin, C: Side> TlsStream<IO, C> {
+impl<IO, C: Side> TlsStream<IO, C> {
     fn new(io: IO, conn: C) -> Self {
         Self {
             io,
@@ -241,42 +242,6 @@ impl<IO: AsyncRead + AsyncWrite + Unpin, C: Side> TlsStream<IO, C> {
             peer_closed: false,
             eof: false,
             close_queued: false,
-        }
-    }
-
-    async fn handshake(mut self) -> io::Result<Self> {
-        std::future::poll_fn(|cx| self.poll_handshake(cx)).await?;
-        Ok(self)
-    }
-
-    fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        loop {
-            let stop = match self.process(None, None, false) {
-                Ok(stop) => stop,
-                Err(e) => {
-                    // The alert goes out if the socket takes it now.
-                    let _ = self.poll_write_out(cx);
-                    return Poll::Ready(Err(e));
-                }
-            };
-            match stop {
-                Stop::Open(_) => return self.poll_write_out(cx),
-                Stop::Closed => {
-                    return Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "TLS connection closed during the handshake",
-                    )));
-                }
-                Stop::Read => {
-                    ready!(self.poll_write_out(cx))?;
-                    if ready!(self.poll_fill(cx))? == 0 {
-                        return Poll::Ready(Err(io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            "the peer closed the connection during the TLS handshake",
-                        )));
-                    }
-                }
-            }
         }
     }
 
@@ -409,6 +374,107 @@ impl<IO: AsyncRead + AsyncWrite + Unpin, C: Side> TlsStream<IO, C> {
         }
     }
 
+    /// Makes room for a read after the pending ciphertext (moved to the
+    /// front first, the buffer grown for a burst): `incoming[in_len..]`.
+    fn make_room(&mut self) -> io::Result<()> {
+        if self.in_at > 0 {
+            self.incoming.copy_within(self.in_at..self.in_len, 0);
+            self.in_len -= self.in_at;
+            self.in_at = 0;
+        }
+        if self.in_len >= MAX_INCOMING {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "TLS handshake message larger than 64 KiB",
+            ));
+        }
+        if self.incoming.len() - self.in_len < 4096 {
+            let want = BURST.max(self.in_len + 4096).min(MAX_INCOMING);
+            self.incoming.resize(want, 0);
+        }
+        Ok(())
+    }
+
+    /// Hands the transport and the connection over (the kTLS hand-over),
+    /// after the caller has flushed and drained the stream. Ciphertext not
+    /// yet processed would be lost, so it is an error.
+    pub fn into_inner(self) -> io::Result<(IO, C)> {
+        if self.in_len > self.in_at || self.plain_at < self.plain.len() {
+            return Err(io::Error::other(
+                "TLS bytes past the record boundary at the hand-over",
+            ));
+        }
+        Ok((self.io, self.conn))
+    }
+
+    /// Takes plaintext already decrypted into `buf`; whether there was any.
+    fn take_plain(&mut self, buf: &mut ReadBuf<'_>) -> bool {
+        if self.plain_at == self.plain.len() {
+            return false;
+        }
+        let n = (self.plain.len() - self.plain_at).min(buf.remaining());
+        buf.put_slice(&self.plain[self.plain_at..self.plain_at + n]);
+        self.plain_at += n;
+        if self.plain_at == self.plain.len() {
+            self.plain = Vec::new();
+            self.plain_at = 0;
+        }
+        true
+    }
+
+    /// Ciphertext not yet written.
+    fn pending_out(&self) -> &[u8] {
+        &self.outgoing[self.out_at..]
+    }
+
+    /// Marks `n` more bytes of [`Self::pending_out`] written; frees the
+    /// buffer once all are.
+    fn wrote_out(&mut self, n: usize) {
+        self.out_at += n;
+        if self.out_at == self.outgoing.len() {
+            self.outgoing = Vec::new();
+            self.out_at = 0;
+        }
+    }
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin, C: Side> TlsStream<IO, C> {
+    async fn handshake(mut self) -> io::Result<Self> {
+        std::future::poll_fn(|cx| self.poll_handshake(cx)).await?;
+        Ok(self)
+    }
+
+    fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            let stop = match self.process(None, None, false) {
+                Ok(stop) => stop,
+                Err(e) => {
+                    // The alert goes out if the socket takes it now.
+                    let _ = self.poll_write_out(cx);
+                    return Poll::Ready(Err(e));
+                }
+            };
+            match stop {
+                Stop::Open(_) => return self.poll_write_out(cx),
+                Stop::Closed => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "TLS connection closed during the handshake",
+                    )));
+                }
+                Stop::Read => {
+                    ready!(self.poll_write_out(cx))?;
+                    if ready!(self.poll_fill(cx))? == 0 {
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "the peer closed the connection during the TLS handshake",
+                        )));
+                    }
+                }
+            }
+        }
+    }
+
     /// Reads ciphertext from the transport. Returns the bytes read (0 at the
     /// end of the stream).
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
@@ -434,21 +500,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin, C: Side> TlsStream<IO, C> {
             self.in_len = n;
             return Poll::Ready(Ok(n));
         }
-        if self.in_at > 0 {
-            self.incoming.copy_within(self.in_at..self.in_len, 0);
-            self.in_len -= self.in_at;
-            self.in_at = 0;
-        }
-        if self.in_len >= MAX_INCOMING {
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "TLS handshake message larger than 64 KiB",
-            )));
-        }
-        if self.incoming.len() - self.in_len < 4096 {
-            let want = BURST.max(self.in_len + 4096).min(MAX_INCOMING);
-            self.incoming.resize(want, 0);
-        }
+        self.make_room()?;
         let mut rb = ReadBuf::new(&mut self.incoming[self.in_len..]);
         if Pin::new(&mut self.io).poll_read(cx, &mut rb)?.is_pending() {
             if self.in_len == 0 {
@@ -464,28 +516,14 @@ impl<IO: AsyncRead + AsyncWrite + Unpin, C: Side> TlsStream<IO, C> {
 
     /// Writes pending ciphertext to the transport.
     fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        while self.out_at < self.outgoing.len() {
+        while !self.pending_out().is_empty() {
             let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.outgoing[self.out_at..]))?;
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
-            self.out_at += n;
+            self.wrote_out(n);
         }
-        self.outgoing = Vec::new();
-        self.out_at = 0;
         Poll::Ready(Ok(()))
-    }
-
-    /// Hands the transport and the connection over (the kTLS hand-over),
-    /// after the caller has flushed and drained the stream. Ciphertext not
-    /// yet processed would be lost, so it is an error.
-    pub fn into_inner(self) -> io::Result<(IO, C)> {
-        if self.in_len > self.in_at || self.plain_at < self.plain.len() {
-            return Err(io::Error::other(
-                "TLS bytes past the record boundary at the hand-over",
-            ));
-        }
-        Ok((self.io, self.conn))
     }
 }
 
@@ -500,14 +538,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin, C: Side> AsyncRead for TlsStream<IO, C>
             return Poll::Ready(Ok(()));
         }
         loop {
-            if this.plain_at < this.plain.len() {
-                let n = (this.plain.len() - this.plain_at).min(buf.remaining());
-                buf.put_slice(&this.plain[this.plain_at..this.plain_at + n]);
-                this.plain_at += n;
-                if this.plain_at == this.plain.len() {
-                    this.plain = Vec::new();
-                    this.plain_at = 0;
-                }
+            if this.take_plain(buf) {
                 return Poll::Ready(Ok(()));
             }
             let before = buf.filled().len();

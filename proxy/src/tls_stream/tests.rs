@@ -346,3 +346,39 @@ async fn a_tampered_record_is_an_error_and_an_alert() {
     tcp.read_exact(&mut header).await.unwrap();
     assert_eq!(header[0], 21, "an alert record: {header:?}");
 }
+
+/// The blocking client (the load generator's) against our async server:
+/// both ways byte for byte, then a clean close.
+#[tokio::test]
+async fn blocking_client_both_ways() {
+    for version in VERSIONS {
+        let (server_cfg, client_cfg) = configs(version);
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let data = pattern(300_000, 3);
+        let sent = data.clone();
+        let client = tokio::task::spawn_blocking(move || {
+            use std::io::{Read as _, Write as _};
+            let tcp = std::net::TcpStream::connect(addr).unwrap();
+            let mut tls = ClientTls::connect_blocking(client_cfg, name(), tcp).unwrap();
+            for chunk in sent.chunks(10_000) {
+                tls.write_all(chunk).unwrap();
+            }
+            tls.flush().unwrap();
+            let mut back = vec![0u8; sent.len()];
+            tls.read_exact(&mut back).unwrap();
+            let mut rest = Vec::new();
+            tls.read_to_end(&mut rest).unwrap();
+            (back, rest)
+        });
+        let (s, _) = l.accept().await.unwrap();
+        let mut ours = ServerTls::accept(server_cfg, s).await.unwrap();
+        let mut got = vec![0u8; data.len()];
+        ours.read_exact(&mut got).await.unwrap();
+        assert!(got == data, "{version:?}");
+        ours.write_all(&got).await.unwrap();
+        ours.shutdown().await.unwrap();
+        let (back, rest) = client.await.unwrap();
+        assert!(back == data && rest.is_empty(), "{version:?}");
+    }
+}
