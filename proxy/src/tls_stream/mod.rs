@@ -7,8 +7,9 @@
 //! TLS leg. Here the ciphertext buffers exist only while bytes are in
 //! flight:
 //! - received ciphertext: read into a 2 KiB stack buffer while none is
-//!   pending, kept on the heap only for a partial record (or a burst), and
-//!   freed as soon as a read finds the socket drained;
+//!   pending, kept on the heap only for a partial record or a burst (then
+//!   up to four records per read), and freed as soon as a read finds the
+//!   socket drained;
 //! - decrypted plaintext the reader has not taken yet: freed when taken;
 //! - ciphertext the socket has not taken yet: freed once written.
 //!
@@ -17,6 +18,9 @@
 //! `UnexpectedEof` (the kTLS hand-over tells its corked record boundary
 //! from a real close by that); writes are accepted while less than
 //! [`MAX_PENDING_OUT`] bytes wait for the socket.
+//!
+//! `blocking` gives the same stream over a blocking transport
+//! (`std::io::Read + Write`, client side), for the load generator.
 
 use std::io;
 use std::ops::DerefMut;
