@@ -225,7 +225,14 @@ pub fn crypto_info<C: Side>(conn: C) -> io::Result<(ktls::CryptoInfo, ktls::Cryp
     Ok((tx, rx))
 }
 
-fn install<C: Side>(leg: &str, socket: &TcpStream, conn: C) -> io::Result<()> {
+/// Gives a drained leg's keys to the kernel: the socket is a kTLS socket
+/// from here on, and what rustls had decrypted goes on with it.
+fn install<C: Side>(
+    leg: &str,
+    socket: TcpStream,
+    conn: C,
+    drained: cork::Drained,
+) -> io::Result<Handed> {
     let cipher = conn
         .negotiated_cipher_suite()
         .map(|c| format!("{:?}", c.suite()))
@@ -234,79 +241,40 @@ fn install<C: Side>(leg: &str, socket: &TcpStream, conn: C) -> io::Result<()> {
         .and_then(|(tx, rx)| crate::sys::ktls::install(socket.as_fd(), &tx, &rx))
         .map_err(|e| io::Error::other(format!("kTLS set-up of the {leg} leg failed: {e}")))?;
     tracing::info!(leg, cipher = %cipher, "ktls enabled");
-    Ok(())
+    tracing::debug!(
+        leg,
+        drained = drained.bytes.len(),
+        drained.peer_closed,
+        "rustls drained"
+    );
+    Ok(Handed {
+        socket,
+        drained: drained.bytes,
+        peer_closed: drained.peer_closed,
+    })
 }
 
 /// Hands the tenant leg to the kernel. Call only after
 /// [`Offload::check_tenant`]; on error the connection is lost.
 pub async fn tenant(s: Box<TenantTls>) -> io::Result<Handed> {
-    let (socket, d, conn) = drain(*s).await?;
-    install("tenant", &socket, conn)?;
-    tracing::debug!(
-        leg = "tenant",
-        drained = d.bytes.len(),
-        d.peer_closed,
-        "rustls drained"
-    );
-    Ok(Handed {
-        socket,
-        drained: d.bytes,
-        peer_closed: d.peer_closed,
-    })
+    let (socket, drained, conn) = drain(*s).await?;
+    install("tenant", socket, conn, drained)
 }
 
 /// Hands the compute leg to the kernel. Call only after
 /// [`Offload::check_compute`]; on error the connection is lost.
 pub async fn compute(s: Box<ComputeTls>) -> io::Result<Handed> {
-    let (stream, d, conn) = drain(*s).await?;
+    let (stream, drained, conn) = drain(*s).await?;
     let ComputeStream::Tcp(socket) = stream else {
         return Err(io::Error::other("kTLS on a compute leg that is not TCP"));
     };
-    install("compute", &socket, conn)?;
-    tracing::debug!(
-        leg = "compute",
-        drained = d.bytes.len(),
-        d.peer_closed,
-        "rustls drained"
-    );
-    Ok(Handed {
-        socket,
-        drained: d.bytes,
-        peer_closed: d.peer_closed,
-    })
+    install("compute", socket, conn, drained)
 }
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
-
-    fn configs(
-        version: &'static rustls::SupportedProtocolVersion,
-    ) -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
-        let certified = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
-        let cert = certified.cert.der().clone();
-        let key = rustls::pki_types::PrivateKeyDer::try_from(certified.signing_key.serialize_der())
-            .unwrap();
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut server = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
-            .with_protocol_versions(&[version])
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(vec![cert.clone()], key)
-            .unwrap();
-        server.enable_secret_extraction = true;
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(cert).unwrap();
-        let mut client = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[version])
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        client.enable_secret_extraction = true;
-        (Arc::new(server), Arc::new(client))
-    }
+    use crate::tls_stream::tests::configs;
 
     /// Reads one whole TLS record from a raw socket; returns its type.
     async fn raw_record(s: &mut TcpStream) -> (u8, usize) {

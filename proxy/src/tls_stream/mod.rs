@@ -40,7 +40,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 mod blocking;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 /// Bytes read at once into the stack while no ciphertext is pending.
 const STACK_READ: usize = 2048;

@@ -13,7 +13,9 @@ use super::*;
 const VERSIONS: [&rustls::SupportedProtocolVersion; 2] =
     [&rustls::version::TLS13, &rustls::version::TLS12];
 
-fn configs(
+/// A fresh self-signed server and a client trusting it, for `version`
+/// only; secret extraction on (the kTLS hand-over tests use them too).
+pub(crate) fn configs(
     version: &'static rustls::SupportedProtocolVersion,
 ) -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
     let certified = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
@@ -21,19 +23,21 @@ fn configs(
     let key =
         rustls::pki_types::PrivateKeyDer::try_from(certified.signing_key.serialize_der()).unwrap();
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let server = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+    let mut server = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_protocol_versions(&[version])
         .unwrap()
         .with_no_client_auth()
         .with_single_cert(vec![cert.clone()], key)
         .unwrap();
+    server.enable_secret_extraction = true;
     let mut roots = rustls::RootCertStore::empty();
     roots.add(cert).unwrap();
-    let client = rustls::ClientConfig::builder_with_provider(provider)
+    let mut client = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[version])
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
+    client.enable_secret_extraction = true;
     (Arc::new(server), Arc::new(client))
 }
 
