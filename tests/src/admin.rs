@@ -9,6 +9,7 @@ use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
 use crate::net::Transport;
+use crate::proxy::Proxy;
 
 /// One admin API answer.
 #[derive(Debug)]
@@ -105,4 +106,42 @@ pub async fn request_unix(
 ) -> anyhow::Result<Answer> {
     let s = tokio::net::UnixStream::connect(socket).await?;
     exchange(s, &head(method, path, key, body)).await
+}
+
+/// The bearer key the token and admin API tests give their proxies.
+pub const TEST_KEY: &str = "admin-key-0123456789abcdef";
+
+/// A call to `p`'s plain-HTTP admin listener with [`TEST_KEY`].
+pub async fn call(p: &Proxy, method: &str, path: &str, body: Option<&Value>) -> Answer {
+    request(
+        p.admin.expect("admin listener"),
+        &Transport::Plain,
+        method,
+        path,
+        Some(TEST_KEY),
+        body,
+    )
+    .await
+    .unwrap()
+}
+
+/// Creates a token through the admin API; returns (secret, digest).
+pub async fn create_token(p: &Proxy, body: Value) -> (String, String) {
+    let a = call(p, "POST", "/v1/tokens", Some(&body)).await;
+    assert_eq!(a.status, 201, "{}", a.body);
+    let v = a.json().unwrap();
+    (
+        v["token"].as_str().unwrap().to_owned(),
+        v["digest"].as_str().unwrap().to_owned(),
+    )
+}
+
+/// `consolegate_refusals_total{reason}` in a metrics page (0 if absent).
+pub fn refusals(metrics: &str, reason: &str) -> u64 {
+    let want = format!("consolegate_refusals_total{{reason=\"{reason}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&want))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
 }

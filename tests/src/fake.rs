@@ -149,3 +149,15 @@ impl Drop for ResetAfterRead {
         self.task.abort();
     }
 }
+
+/// One round trip through a tunnel to an [`EchoServer`].
+pub async fn echo_ok<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(s: &mut S) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    s.write_all(b"ping").await.unwrap();
+    let mut b = [0u8; 4];
+    crate::within("echo", s.read_exact(&mut b))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&b, b"ping");
+}

@@ -280,3 +280,20 @@ pub async fn connect_tunnel_from(
         ConnectOutcome::Refused(resp)
     })
 }
+
+/// `CONNECT target` with a bearer `token` from `src`: the status and, on
+/// 200, the tunnel.
+pub async fn connect_bearer_from(
+    src: std::net::IpAddr,
+    proxy: SocketAddr,
+    target: &str,
+    token: &str,
+) -> (u16, Option<BoxIo>) {
+    match connect_tunnel_from(src, proxy, target, Some(&bearer(token)))
+        .await
+        .unwrap()
+    {
+        ConnectOutcome::Tunnel(io, r) => (r.status, Some(io)),
+        ConnectOutcome::Refused(r) => (r.status, None),
+    }
+}

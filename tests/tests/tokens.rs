@@ -1,5 +1,5 @@
 //! Token lifecycle against real peers: a real `redis-server` shared by two
-//! consolegate processes, the authenticated admin API, signed stateless
+//! consolegate processes, signed stateless
 //! tokens and an external HTTP resolver (a tiny HTTP server in the test).
 //! Consoles are the scripted echo server behind `serial` tokens: what is
 //! tested here is admission, not a console protocol.
@@ -10,17 +10,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
-use consolegate_tests::admin::{self, Answer};
-use consolegate_tests::fake::EchoServer;
-use consolegate_tests::http::{bearer, read_response_head, read_to_close};
-use consolegate_tests::net::{Transport, authority};
+use consolegate_tests::admin::{TEST_KEY, call, create_token, refusals};
+use consolegate_tests::fake::{EchoServer, echo_ok};
+use consolegate_tests::http::{connect_bearer_from, read_to_close};
+use consolegate_tests::net::authority;
 use consolegate_tests::proxy::{Proxy, ProxySpec};
 use consolegate_tests::redis::RedisServer;
 use consolegate_tests::{random_token, within};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-
-const KEY: &str = "admin-key-0123456789abcdef";
 
 /// A proxy with a CONNECT listener, an admin API on loopback (plain HTTP,
 /// bearer key) and `tokens_toml` appended to its config file.
@@ -29,7 +27,7 @@ async fn proxy_with(tokens_toml: &str) -> (Proxy, tempfile::TempDir) {
         .prefix("cg-tok-")
         .tempdir()
         .unwrap();
-    std::fs::write(dir.path().join("admin.key"), KEY).unwrap();
+    std::fs::write(dir.path().join("admin.key"), TEST_KEY).unwrap();
     let cfg = dir.path().join("consolegate.toml");
     std::fs::write(
         &cfg,
@@ -53,71 +51,6 @@ fn redis_toml(r: &RedisServer, prefix: &str) -> String {
     )
 }
 
-async fn call(p: &Proxy, method: &str, path: &str, body: Option<&Value>) -> Answer {
-    admin::request(
-        p.admin.expect("admin listener"),
-        &Transport::Plain,
-        method,
-        path,
-        Some(KEY),
-        body,
-    )
-    .await
-    .unwrap()
-}
-
-/// Creates a token through the admin API; returns (secret, digest).
-async fn create(p: &Proxy, body: Value) -> (String, String) {
-    let a = call(p, "POST", "/v1/tokens", Some(&body)).await;
-    assert_eq!(a.status, 201, "{}", a.body);
-    let v = a.json().unwrap();
-    (
-        v["token"].as_str().unwrap().to_owned(),
-        v["digest"].as_str().unwrap().to_owned(),
-    )
-}
-
-/// `CONNECT target` with a bearer token from a chosen loopback source
-/// address; returns the status and, on 200, the tunnel.
-async fn connect_from(
-    src: IpAddr,
-    proxy: SocketAddr,
-    target: &str,
-    token: &str,
-) -> (u16, Option<tokio::net::TcpStream>) {
-    let sock = tokio::net::TcpSocket::new_v4().unwrap();
-    sock.bind(SocketAddr::new(src, 0)).unwrap();
-    let mut s = within("connect", sock.connect(proxy))
-        .await
-        .unwrap()
-        .unwrap();
-    let head = format!(
-        "CONNECT {target} HTTP/1.1\r\nHost: {target}\r\nProxy-Authorization: {}\r\n\r\n",
-        bearer(token)
-    );
-    s.write_all(head.as_bytes()).await.unwrap();
-    let r = within("CONNECT answer", read_response_head(&mut s))
-        .await
-        .unwrap()
-        .unwrap();
-    (r.status, (r.status == 200).then_some(s))
-}
-
-async fn echo_ok(s: &mut tokio::net::TcpStream) {
-    s.write_all(b"ping").await.unwrap();
-    let mut b = [0u8; 4];
-    within("echo", s.read_exact(&mut b)).await.unwrap().unwrap();
-    assert_eq!(&b, b"ping");
-}
-
-fn metric(text: &str, reason: &str) -> u64 {
-    let want = format!("consolegate_refusals_total{{reason=\"{reason}\"}} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&want))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
-}
-
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
@@ -133,7 +66,7 @@ async fn single_use_token_race_between_two_proxies_sharing_redis() {
     let (mut wins_a, mut wins_b) = (0, 0);
     for round in 0..rounds {
         let creator = if round % 2 == 0 { &a } else { &b };
-        let (token, _) = create(
+        let (token, _) = create_token(
             creator,
             json!({"kind": "serial", "target": target, "max_uses": 1}),
         )
@@ -141,8 +74,8 @@ async fn single_use_token_race_between_two_proxies_sharing_redis() {
         // Two tenants (different addresses, so neither is inside the
         // other's reconnect window) race through different proxies.
         let (ra, rb) = tokio::join!(
-            connect_from(ip("127.0.0.2"), a.connect_addr(), &target, &token),
-            connect_from(ip("127.0.0.3"), b.connect_addr(), &target, &token),
+            connect_bearer_from(ip("127.0.0.2"), a.connect_addr(), &target, &token),
+            connect_bearer_from(ip("127.0.0.3"), b.connect_addr(), &target, &token),
         );
         let statuses = (ra.0, rb.0);
         assert!(
@@ -159,10 +92,10 @@ async fn single_use_token_race_between_two_proxies_sharing_redis() {
         echo_ok(&mut winner).await;
     }
     println!("single-use race: {rounds} rounds, proxy A won {wins_a}, proxy B won {wins_b}");
-    let consumed: u64 = metric(
+    let consumed: u64 = refusals(
         &call(&a, "GET", "/metrics", None).await.body,
         "token_consumed",
-    ) + metric(
+    ) + refusals(
         &call(&b, "GET", "/metrics", None).await.body,
         "token_consumed",
     );
@@ -180,31 +113,31 @@ async fn single_use_reconnect_window_and_source_restriction() {
     let (p, _d) = proxy_with("[tokens]\nreconnect_window = \"30s\"\n").await;
     let echo = EchoServer::start().await.unwrap();
     let target = authority(echo.addr);
-    let (token, _) = create(
+    let (token, _) = create_token(
         &p,
         json!({"kind": "serial", "target": target, "max_uses": 1,
                "source": ["127.0.0.0/30"]}),
     )
     .await;
-    let (st, s1) = connect_from(ip("127.0.0.2"), p.connect_addr(), &target, &token).await;
+    let (st, s1) = connect_bearer_from(ip("127.0.0.2"), p.connect_addr(), &target, &token).await;
     assert_eq!(st, 200);
     let mut s1 = s1.unwrap();
     echo_ok(&mut s1).await;
     // Another tenant: the use is gone.
-    let (st, _) = connect_from(ip("127.0.0.3"), p.connect_addr(), &target, &token).await;
+    let (st, _) = connect_bearer_from(ip("127.0.0.3"), p.connect_addr(), &target, &token).await;
     assert_eq!(st, 403);
     // Outside the allowed prefix.
-    let (st, _) = connect_from(ip("127.0.0.9"), p.connect_addr(), &target, &token).await;
+    let (st, _) = connect_bearer_from(ip("127.0.0.9"), p.connect_addr(), &target, &token).await;
     assert_eq!(st, 403);
     p.wait_log(&["reason=source_not_allowed"]).await.unwrap();
     // The same tenant reconnects after its session drops (VM migration).
     drop(s1);
-    let (st, s2) = connect_from(ip("127.0.0.2"), p.connect_addr(), &target, &token).await;
+    let (st, s2) = connect_bearer_from(ip("127.0.0.2"), p.connect_addr(), &target, &token).await;
     assert_eq!(st, 200, "reconnect inside the window");
     echo_ok(&mut s2.unwrap()).await;
     let m = call(&p, "GET", "/metrics", None).await.body;
-    assert_eq!(metric(&m, "token_consumed"), 1, "{m}");
-    assert_eq!(metric(&m, "source_not_allowed"), 1, "{m}");
+    assert_eq!(refusals(&m, "token_consumed"), 1, "{m}");
+    assert_eq!(refusals(&m, "source_not_allowed"), 1, "{m}");
     p.assert_secrets_not_logged(&[&token]);
 }
 
@@ -219,7 +152,7 @@ async fn redis_expiry_revocation_across_the_fleet_and_repoint() {
 
     // Expiry is a Redis TTL on the token key.
     let soon = SystemTime::now() + Duration::from_secs(3);
-    let (token, digest) = create(
+    let (token, digest) = create_token(
         &a,
         json!({"kind": "serial", "target": target,
                "not_after": humantime_rfc3339(soon)}),
@@ -234,16 +167,16 @@ async fn redis_expiry_revocation_across_the_fleet_and_repoint() {
         !redis.cmd(&["GET", &key]).await.unwrap().contains(&token),
         "keys and values hold digests, never the secret"
     );
-    let (st, _) = connect_from(lo, b.connect_addr(), &target, &token).await;
+    let (st, _) = connect_bearer_from(lo, b.connect_addr(), &target, &token).await;
     assert_eq!(st, 200, "B resolves a token A created");
     tokio::time::sleep(Duration::from_millis(3300)).await;
     assert_eq!(redis.cmd(&["EXISTS", &key]).await.unwrap(), ":0");
-    let (st, _) = connect_from(lo, b.connect_addr(), &target, &token).await;
+    let (st, _) = connect_bearer_from(lo, b.connect_addr(), &target, &token).await;
     assert_eq!(st, 403, "expired");
 
     // Revoking through A stops a live session on B.
-    let (token, digest) = create(&a, json!({"kind": "serial", "target": target})).await;
-    let (st, s) = connect_from(lo, b.connect_addr(), &target, &token).await;
+    let (token, digest) = create_token(&a, json!({"kind": "serial", "target": target})).await;
+    let (st, s) = connect_bearer_from(lo, b.connect_addr(), &target, &token).await;
     assert_eq!(st, 200);
     let mut s = s.unwrap();
     echo_ok(&mut s).await;
@@ -255,14 +188,14 @@ async fn redis_expiry_revocation_across_the_fleet_and_repoint() {
     b.wait_log(&["token revoked in the fleet", "sessions_killed=1"])
         .await
         .unwrap();
-    let (st, _) = connect_from(lo, a.connect_addr(), &target, &token).await;
+    let (st, _) = connect_bearer_from(lo, a.connect_addr(), &target, &token).await;
     assert_eq!(st, 403);
     let r = call(&a, "DELETE", &format!("/v1/tokens/{digest}"), None).await;
     assert_eq!(r.status, 404);
 
     // Re-pointing (migration) is atomic and keeps the TTL.
     let echo2 = EchoServer::start().await.unwrap();
-    let (token, digest) = create(
+    let (token, digest) = create_token(
         &a,
         json!({"kind": "serial", "target": target, "not_after": "2999-01-01T00:00:00Z"}),
     )
@@ -282,7 +215,7 @@ async fn redis_expiry_revocation_across_the_fleet_and_repoint() {
         .parse()
         .unwrap();
     assert!(pttl > 0, "TTL kept: {pttl}");
-    let (st, s) = connect_from(lo, a.connect_addr(), &authority(echo2.addr), &token).await;
+    let (st, s) = connect_bearer_from(lo, a.connect_addr(), &authority(echo2.addr), &token).await;
     assert_eq!(st, 200);
     echo_ok(&mut s.unwrap()).await;
     assert_eq!(echo2.accepted(), 1);
@@ -318,205 +251,6 @@ fn humantime_rfc3339(t: SystemTime) -> String {
     )
 }
 
-#[tokio::test]
-async fn admin_api_refuses_unauthenticated_calls_and_kills_sessions() {
-    let dir = tempfile::Builder::new()
-        .prefix("cg-adm-")
-        .tempdir()
-        .unwrap();
-    std::fs::write(dir.path().join("admin.key"), KEY).unwrap();
-    let sock = dir.path().join("admin.sock");
-    let cfg = dir.path().join("c.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[admin]\nlisten = \"127.0.0.1:0\"\nunix = \"{}\"\nkey_file = \"admin.key\"\n",
-            sock.display()
-        ),
-    )
-    .unwrap();
-    // TLS on the admin listener with the tenant certificate.
-    let p = Proxy::start(ProxySpec {
-        connect_listen: vec!["127.0.0.1:0".into()],
-        ws_listen: vec!["127.0.0.1:0".into()],
-        tls: true,
-        extra: vec!["--config".into(), cfg.display().to_string()],
-        ..ProxySpec::default()
-    })
-    .await
-    .unwrap();
-    let tls = Transport::Tls(p.pki.as_ref().unwrap().client_config().unwrap());
-    let addr = p.admin.unwrap();
-    for key in [None, Some("wrong-key-wrong-key-wrong")] {
-        let r = admin::request(addr, &tls, "GET", "/v1/tokens", key, None)
-            .await
-            .unwrap();
-        assert_eq!(r.status, 401, "{r:?}");
-        assert!(r.headers.contains("Bearer"));
-        let r = admin::request(
-            addr,
-            &tls,
-            "POST",
-            "/v1/tokens",
-            key,
-            Some(&json!({"target": "127.0.0.1:1"})),
-        )
-        .await
-        .unwrap();
-        assert_eq!(r.status, 401);
-    }
-    // Plain HTTP to a TLS admin listener gets nowhere.
-    assert!(
-        admin::request(
-            addr,
-            &Transport::Plain,
-            "GET",
-            "/v1/tokens",
-            Some(KEY),
-            None
-        )
-        .await
-        .map_or(true, |r| r.status != 200)
-    );
-    let r = admin::request_unix(&sock, "GET", "/v1/sessions", None, None)
-        .await
-        .unwrap();
-    assert_eq!(r.status, 401, "the UNIX socket needs the key too");
-    let mode =
-        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&sock).unwrap().permissions());
-    assert_eq!(mode & 0o777, 0o600);
-
-    // Authenticated: create, open a session, list and kill it.
-    let echo = EchoServer::start().await.unwrap();
-    let target = authority(echo.addr);
-    let r = admin::request_unix(
-        &sock,
-        "POST",
-        "/v1/tokens",
-        Some(KEY),
-        Some(&json!({"kind": "serial", "target": target})),
-    )
-    .await
-    .unwrap();
-    assert_eq!(r.status, 201, "{}", r.body);
-    let token = r.json().unwrap()["token"].as_str().unwrap().to_owned();
-    // Bad requests name the problem, never echo a secret.
-    let r = admin::request_unix(
-        &sock,
-        "POST",
-        "/v1/tokens",
-        Some(KEY),
-        Some(&json!({"target": "127.0.0.1:1", "password": "pw-secret-1", "bogus": 1})),
-    )
-    .await
-    .unwrap();
-    assert_eq!(r.status, 400, "{}", r.body);
-    assert!(
-        r.body.contains("bogus") && !r.body.contains("pw-secret-1"),
-        "{}",
-        r.body
-    );
-    let r = admin::request_unix(
-        &sock,
-        "POST",
-        "/v1/tokens",
-        Some(KEY),
-        Some(&json!({"token": "short", "target": "127.0.0.1:1"})),
-    )
-    .await
-    .unwrap();
-    assert_eq!(r.status, 400, "{}", r.body);
-    let r = admin::request_unix(&sock, "DELETE", "/v1/tokens/not-hex", Some(KEY), None)
-        .await
-        .unwrap();
-    assert_eq!(r.status, 400);
-    let (st, s) = connect_from(ip("127.0.0.1"), p.connect_addr(), &target, &token).await;
-    assert_eq!(st, 200);
-    let mut s = s.unwrap();
-    echo_ok(&mut s).await;
-    let r = admin::request(addr, &tls, "GET", "/v1/sessions", Some(KEY), None)
-        .await
-        .unwrap();
-    let v = r.json().unwrap();
-    let sessions = v["sessions"].as_array().unwrap();
-    assert_eq!(sessions.len(), 1, "{v}");
-    let id = sessions[0]["id"].as_u64().unwrap();
-    assert_eq!(sessions[0]["kind"], "serial");
-    let r = admin::request(
-        addr,
-        &tls,
-        "DELETE",
-        &format!("/v1/sessions/{id}"),
-        Some(KEY),
-        None,
-    )
-    .await
-    .unwrap();
-    assert_eq!(r.status, 200, "{}", r.body);
-    within("killed session closes", read_to_close(&mut s))
-        .await
-        .unwrap();
-    let m = admin::request(addr, &tls, "GET", "/metrics", Some(KEY), None)
-        .await
-        .unwrap();
-    assert_eq!(metric(&m.body, "admin_unauthorized"), 5, "{}", m.body);
-    p.assert_secrets_not_logged(&[&token, KEY]);
-}
-
-#[test]
-fn admin_api_without_authentication_needs_an_explicit_setting() {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("c.toml");
-    std::fs::write(
-        &cfg,
-        "[connect]\nlisten = [\"127.0.0.1:0\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n",
-    )
-    .unwrap();
-    let out = std::process::Command::new(consolegate_tests::proxy::binary().unwrap())
-        .args(["check-config", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(64), "{err}");
-    assert!(
-        err.contains("admin.auth = \\\"none\\\"") || err.contains("admin.auth"),
-        "{err}"
-    );
-}
-
-#[tokio::test]
-async fn admin_api_auth_none_is_loudly_logged() {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("c.toml");
-    std::fs::write(
-        &cfg,
-        "[admin]\nlisten = \"127.0.0.1:0\"\nplain_http = true\nauth = \"none\"\n",
-    )
-    .unwrap();
-    let p = Proxy::start(ProxySpec {
-        connect_listen: vec!["127.0.0.1:0".into()],
-        extra: vec!["--config".into(), cfg.display().to_string()],
-        ..ProxySpec::default()
-    })
-    .await
-    .unwrap();
-    p.wait_log(&["WARN", "ADMIN API AUTHENTICATION IS DISABLED"])
-        .await
-        .unwrap();
-    let r = admin::request(
-        p.admin.unwrap(),
-        &Transport::Plain,
-        "GET",
-        "/v1/tokens",
-        None,
-        None,
-    )
-    .await
-    .unwrap();
-    assert_eq!(r.status, 200);
-}
-
 /// Mints `cg1.` tokens the way a control plane would (independently of
 /// the proxy's code).
 fn sign(claims: &Value, key: &[u8]) -> String {
@@ -545,7 +279,7 @@ async fn signed_stateless_tokens() {
     let lo = ip("127.0.0.1");
     let claims = |nb: &str, na: &str| json!({"kind": "serial", "target": target, "not_before": nb, "not_after": na});
     let good = sign(&claims("2000-01-01T00:00:00Z", "2999-01-01T00:00:00Z"), key);
-    let (st, s) = connect_from(lo, p.connect_addr(), &target, &good).await;
+    let (st, s) = connect_bearer_from(lo, p.connect_addr(), &target, &good).await;
     assert_eq!(st, 200);
     echo_ok(&mut s.unwrap()).await;
 
@@ -559,12 +293,12 @@ async fn signed_stateless_tokens() {
     let expired = sign(&claims("2000-01-01T00:00:00Z", "2001-01-01T00:00:00Z"), key);
     let not_yet = sign(&claims("2998-01-01T00:00:00Z", "2999-01-01T00:00:00Z"), key);
     for t in [&forged, &tampered, &expired, &not_yet] {
-        let (st, _) = connect_from(lo, p.connect_addr(), &target, t).await;
+        let (st, _) = connect_bearer_from(lo, p.connect_addr(), &target, t).await;
         assert_eq!(st, 403);
     }
     let m = call(&p, "GET", "/metrics", None).await.body;
-    assert_eq!(metric(&m, "token_invalid"), 2, "{m}");
-    assert_eq!(metric(&m, "token_expired"), 2, "{m}");
+    assert_eq!(refusals(&m, "token_invalid"), 2, "{m}");
+    assert_eq!(refusals(&m, "token_expired"), 2, "{m}");
     p.wait_log(&["signed token rejected", "reason=bad_signature"])
         .await
         .unwrap();
@@ -573,9 +307,9 @@ async fn signed_stateless_tokens() {
     let mut once = claims("2000-01-01T00:00:00Z", "2999-01-01T00:00:00Z");
     once["max_uses"] = json!(1);
     let once = sign(&once, key);
-    let (st, _) = connect_from(ip("127.0.0.2"), p.connect_addr(), &target, &once).await;
+    let (st, _) = connect_bearer_from(ip("127.0.0.2"), p.connect_addr(), &target, &once).await;
     assert_eq!(st, 200);
-    let (st, _) = connect_from(ip("127.0.0.3"), p.connect_addr(), &target, &once).await;
+    let (st, _) = connect_bearer_from(ip("127.0.0.3"), p.connect_addr(), &target, &once).await;
     assert_eq!(st, 403);
     p.assert_secrets_not_logged(&[&good, &once]);
 }
@@ -663,99 +397,35 @@ async fn external_http_resolver_cache_and_circuit_breaker() {
     ))
     .await;
     let lo = ip("127.0.0.1");
-    let (st, s) = connect_from(lo, p.connect_addr(), &target, &known).await;
+    let (st, s) = connect_bearer_from(lo, p.connect_addr(), &target, &known).await;
     assert_eq!(st, 200);
     echo_ok(&mut s.unwrap()).await;
-    let (st, _) = connect_from(lo, p.connect_addr(), &target, &known).await;
+    let (st, _) = connect_bearer_from(lo, p.connect_addr(), &target, &known).await;
     assert_eq!(st, 200);
     assert_eq!(
         resolver.hits.load(Ordering::SeqCst),
         1,
         "second lookup from the cache"
     );
-    let (st, _) = connect_from(lo, p.connect_addr(), &target, &random_token()).await;
+    let (st, _) = connect_bearer_from(lo, p.connect_addr(), &target, &random_token()).await;
     assert_eq!(st, 403, "unknown to the resolver");
 
     // The resolver goes away: 503s, then the circuit opens.
     resolver.task.abort();
     let _ = resolver.task.await;
     for _ in 0..3 {
-        let (st, _) = connect_from(lo, p.connect_addr(), &target, &random_token()).await;
+        let (st, _) = connect_bearer_from(lo, p.connect_addr(), &target, &random_token()).await;
         assert_eq!(st, 503);
     }
     p.wait_log(&["HTTP resolver failing: circuit open"])
         .await
         .unwrap();
     // Cached answers still work while the circuit is open.
-    let (st, _) = connect_from(lo, p.connect_addr(), &target, &known).await;
+    let (st, _) = connect_bearer_from(lo, p.connect_addr(), &target, &known).await;
     assert_eq!(st, 200);
     let m = call(&p, "GET", "/metrics", None).await.body;
-    assert_eq!(metric(&m, "resolver_unavailable"), 3, "{m}");
+    assert_eq!(refusals(&m, "resolver_unavailable"), 3, "{m}");
     p.assert_secrets_not_logged(&[&known]);
-}
-
-/// `admin.client_ca` without a bearer key: TLS client certificates from
-/// that CA are the authentication; without one the handshake fails.
-#[tokio::test]
-async fn admin_api_with_client_certificates() {
-    use rustls::pki_types::pem::PemObject as _;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-
-    let dir = tempfile::tempdir().unwrap();
-    let clients =
-        consolegate_tests::spice::SpicePki::generate(&dir.path().join("clients")).unwrap();
-    let cfg = dir.path().join("c.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[admin]\nlisten = \"127.0.0.1:0\"\nclient_ca = \"{}\"\n",
-            clients.ca_path.display()
-        ),
-    )
-    .unwrap();
-    let p = Proxy::start(ProxySpec {
-        connect_listen: vec!["127.0.0.1:0".into()],
-        tls: true,
-        extra: vec!["--config".into(), cfg.display().to_string()],
-        ..ProxySpec::default()
-    })
-    .await
-    .unwrap();
-    let pki = p.pki.as_ref().unwrap();
-    let addr = p.admin.unwrap();
-
-    // No client certificate: the TLS handshake is refused.
-    let anonymous = Transport::Tls(pki.client_config().unwrap());
-    let r = admin::request(addr, &anonymous, "GET", "/v1/tokens", None, None).await;
-    assert!(
-        r.is_err() || r.as_ref().is_ok_and(|a| a.status != 200),
-        "{r:?}"
-    );
-    p.wait_log(&["admin TLS handshake failed"]).await.unwrap();
-
-    // With one from the configured CA: admitted, no bearer key needed.
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(CertificateDer::from_pem_slice(pki.ca_pem.as_bytes()).unwrap())
-        .unwrap();
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&clients.client_cert)
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
-    let key = PrivateKeyDer::from_pem_file(&clients.client_key).unwrap();
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_client_auth_cert(certs, key)
-    .unwrap();
-    let with_cert = Transport::Tls(Arc::new(cfg));
-    let r = admin::request(addr, &with_cert, "GET", "/v1/tokens", None, None)
-        .await
-        .unwrap();
-    assert_eq!(r.status, 200, "{r:?}");
 }
 
 /// With `connect.auth = "none"` a CONNECT target is validated by the
@@ -821,13 +491,13 @@ async fn redis_down_gives_503_and_token_files_keep_working() {
     ))
     .await;
     let lo = ip("127.0.0.1");
-    let (redis_token, _) = create(&p, json!({"kind": "serial", "target": target})).await;
-    let (st, _) = connect_from(lo, p.connect_addr(), &target, &redis_token).await;
+    let (redis_token, _) = create_token(&p, json!({"kind": "serial", "target": target})).await;
+    let (st, _) = connect_bearer_from(lo, p.connect_addr(), &target, &redis_token).await;
     assert_eq!(st, 200);
     drop(redis);
-    let (st, _) = connect_from(lo, p.connect_addr(), &target, &redis_token).await;
+    let (st, _) = connect_bearer_from(lo, p.connect_addr(), &target, &redis_token).await;
     assert_eq!(st, 503, "Redis is down");
-    let (st, s) = connect_from(lo, p.connect_addr(), &target, &file_token).await;
+    let (st, s) = connect_bearer_from(lo, p.connect_addr(), &target, &file_token).await;
     assert_eq!(st, 200, "token files do not need Redis");
     echo_ok(&mut s.unwrap()).await;
     p.wait_log(&["session refused", "reason=resolver_unavailable"])
