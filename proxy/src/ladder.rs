@@ -267,7 +267,7 @@ pub async fn choose_ws<'a>(
                         inbound,
                     };
                     let run = crate::datapath::ws_splice::pump(
-                        parts, false, compute, pipe, settings, counters, stop,
+                        parts, None, compute, pipe, settings, counters, stop,
                     );
                     return Rung::Run(Box::pin(run), "splice");
                 }

@@ -14,21 +14,24 @@
 //! reason logged once for the session.
 
 mod cork;
+mod rekey;
 mod rung;
 
 use std::io;
 use std::os::fd::AsFd as _;
 
 pub use cork::Cork;
+pub use rekey::Rekey;
 pub use rung::{pump_raw, pump_ws};
 use rustls::CipherSuite;
+use rustls::kernel::KernelConnection;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
 use crate::config::kernel::KtlsMode;
 use crate::console::{ComputeStream, ComputeTls};
 use crate::front::TenantTls;
-use crate::sys::ktls::{Cipher, TlsVersion, probe_cipher};
+use crate::sys::ktls::{Cipher, TlsVersion, probe_cipher, probe_rekey};
 use crate::tls_stream::{Side, TlsStream};
 
 /// The data-path label of sessions whose TLS legs run in the kernel.
@@ -40,6 +43,9 @@ pub struct Offload {
     /// `[TLS 1.2, TLS 1.3] x [AES-128-GCM, AES-256-GCM, ChaCha20-Poly1305]`;
     /// all false when kTLS is off or absent.
     table: [[bool; 3]; 2],
+    /// The kernel takes new TLS 1.3 keys (Linux 6.14+): a peer's KeyUpdate
+    /// is followed rather than ending the session.
+    rekey: bool,
 }
 
 fn vi(v: TlsVersion) -> usize {
@@ -82,6 +88,7 @@ impl Offload {
     /// Nothing is offloaded.
     pub const NONE: Offload = Offload {
         table: [[false; 3]; 2],
+        rekey: false,
     };
 
     /// Probes the kernel (unless `mode` is off) and logs once what the
@@ -92,7 +99,13 @@ impl Offload {
         match why_not {
             None => tracing::info!(
                 ciphers = %offload.ciphers().join(","),
-                "kTLS available: TLS legs are handed to the kernel after the handshake"
+                rekey = offload.rekey,
+                "kTLS available: TLS legs are handed to the kernel after the handshake{}",
+                if offload.rekey {
+                    ""
+                } else {
+                    " (this kernel cannot renew kTLS keys: a TLS 1.3 KeyUpdate ends the session)"
+                }
             ),
             Some(reason) => tracing::info!(
                 reason = %reason,
@@ -120,8 +133,9 @@ impl Offload {
                 }
             }
         }
-        let offload = Offload { table };
-        if offload == Self::NONE {
+        let rekey = table[vi(TlsVersion::Tls13)][ci(Cipher::AesGcm128)] && probe_rekey().is_ok();
+        let offload = Offload { table, rekey };
+        if !offload.enabled() {
             let reason = match first_err {
                 Some(e) if e.raw_os_error() == Some(libc::ENOENT) => {
                     "the kernel lacks kTLS (TCP_ULP \"tls\": ENOENT, the tls module is absent)"
@@ -137,7 +151,13 @@ impl Offload {
 
     /// Whether any leg could be offloaded.
     pub fn enabled(&self) -> bool {
-        *self != Self::NONE
+        self.table != Self::NONE.table
+    }
+
+    /// Whether the kernel takes new TLS 1.3 keys (a peer's KeyUpdate is
+    /// followed on kTLS legs).
+    pub fn rekey(&self) -> bool {
+        self.rekey
     }
 
     /// What the kernel offloads, as `TLS1.3/AES-128-GCM` names.
@@ -198,6 +218,9 @@ pub struct Handed {
     pub drained: Vec<u8>,
     /// The peer had already sent close_notify (rustls read it).
     pub peer_closed: bool,
+    /// What follows a KeyUpdate on this leg (TLS 1.3 on a kernel that
+    /// takes new keys).
+    pub keys: Option<Box<Rekey>>,
 }
 
 /// Flushes, corks and drains a TLS leg: the transport (at a record
@@ -212,17 +235,26 @@ pub async fn drain<IO: AsyncRead + AsyncWrite + Unpin, C: Side>(
     Ok((cork.io, drained, conn))
 }
 
-/// The kernel's key material for both directions of a drained connection.
-pub fn crypto_info<C: Side>(conn: C) -> io::Result<(ktls::CryptoInfo, ktls::CryptoInfo)> {
+/// The kernel's key material for both directions of a drained connection,
+/// and (with `rekey`, for TLS 1.3) what computes the keys after them.
+pub fn crypto_info<C: Side>(
+    conn: C,
+    rekey: bool,
+) -> io::Result<(ktls::CryptoInfo, ktls::CryptoInfo, Option<Box<Rekey>>)>
+where
+    KernelConnection<C::Data>: Send + Sync + 'static,
+{
     let suite = conn
         .negotiated_cipher_suite()
         .ok_or_else(|| io::Error::other("no negotiated cipher suite"))?;
-    let secrets = conn
-        .extract_secrets()
+    let tls13 = conn.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3);
+    let (secrets, kernel) = conn
+        .into_kernel()
         .map_err(|e| io::Error::other(format!("extracting the TLS secrets: {e}")))?;
     let tx = ktls::CryptoInfo::from_rustls(suite, secrets.tx).map_err(io::Error::other)?;
     let rx = ktls::CryptoInfo::from_rustls(suite, secrets.rx).map_err(io::Error::other)?;
-    Ok((tx, rx))
+    let keys = (rekey && tls13).then(|| Box::new(Rekey::new(kernel, suite)));
+    Ok((tx, rx, keys))
 }
 
 /// Gives a drained leg's keys to the kernel: the socket is a kTLS socket
@@ -232,15 +264,22 @@ fn install<C: Side>(
     socket: TcpStream,
     conn: C,
     drained: cork::Drained,
-) -> io::Result<Handed> {
+    rekey: bool,
+) -> io::Result<Handed>
+where
+    KernelConnection<C::Data>: Send + Sync + 'static,
+{
     let cipher = conn
         .negotiated_cipher_suite()
         .map(|c| format!("{:?}", c.suite()))
         .unwrap_or_default();
-    crypto_info(conn)
-        .and_then(|(tx, rx)| crate::sys::ktls::install(socket.as_fd(), &tx, &rx))
+    let keys = crypto_info(conn, rekey)
+        .and_then(|(tx, rx, keys)| {
+            crate::sys::ktls::install(socket.as_fd(), &tx, &rx)?;
+            Ok(keys)
+        })
         .map_err(|e| io::Error::other(format!("kTLS set-up of the {leg} leg failed: {e}")))?;
-    tracing::info!(leg, cipher = %cipher, "ktls enabled");
+    tracing::info!(leg, cipher = %cipher, rekey = keys.is_some(), "ktls enabled");
     tracing::debug!(
         leg,
         drained = drained.bytes.len(),
@@ -251,24 +290,25 @@ fn install<C: Side>(
         socket,
         drained: drained.bytes,
         peer_closed: drained.peer_closed,
+        keys,
     })
 }
 
 /// Hands the tenant leg to the kernel. Call only after
 /// [`Offload::check_tenant`]; on error the connection is lost.
-pub async fn tenant(s: Box<TenantTls>) -> io::Result<Handed> {
+pub async fn tenant(s: Box<TenantTls>, rekey: bool) -> io::Result<Handed> {
     let (socket, drained, conn) = drain(*s).await?;
-    install("tenant", socket, conn, drained)
+    install("tenant", socket, conn, drained, rekey)
 }
 
 /// Hands the compute leg to the kernel. Call only after
 /// [`Offload::check_compute`]; on error the connection is lost.
-pub async fn compute(s: Box<ComputeTls>) -> io::Result<Handed> {
+pub async fn compute(s: Box<ComputeTls>, rekey: bool) -> io::Result<Handed> {
     let (stream, drained, conn) = drain(*s).await?;
     let ComputeStream::Tcp(socket) = stream else {
         return Err(io::Error::other("kTLS on a compute leg that is not TCP"));
     };
-    install("compute", socket, conn, drained)
+    install("compute", socket, conn, drained, rekey)
 }
 
 #[cfg(test)]
@@ -332,8 +372,10 @@ mod tests {
                 (23, raw_len(version, 5)),
                 "{version:?}"
             );
-            let (tx, rx) = crypto_info(conn).unwrap();
+            let (tx, rx, keys) = crypto_info(conn, true).unwrap();
             assert!(tx.size() > 0 && rx.size() > 0);
+            let tls13 = version.version == rustls::ProtocolVersion::TLSv1_3;
+            assert_eq!(keys.is_some(), tls13, "successor keys for TLS 1.3 only");
             let (mut c_sock, drained, conn) = drain(client).await.unwrap();
             assert_eq!(drained.bytes, b"ole", "{version:?}");
             assert!(!drained.peer_closed);
@@ -342,7 +384,11 @@ mod tests {
                 (23, raw_len(version, 4)),
                 "{version:?}"
             );
-            crypto_info(conn).unwrap();
+            let (_, _, keys) = crypto_info(conn, false).unwrap();
+            assert!(
+                keys.is_none(),
+                "no successor keys where the kernel cannot rekey"
+            );
         }
     }
 

@@ -34,6 +34,9 @@ pub struct GuestKernel {
     pub root: PathBuf,
 }
 
+/// A module to load: its file name and uncompressed bytes.
+pub type Module = (String, Vec<u8>);
+
 impl GuestKernel {
     /// `$CONSOLEGATE_GUEST_DIR`, else `<workspace>/target/guest-kernel`.
     pub fn dir() -> PathBuf {
@@ -43,9 +46,25 @@ impl GuestKernel {
         }
     }
 
-    /// The unpacked kernel, or an error that says to run `cargo xtask setup`.
+    /// Where `cargo xtask setup` unpacks Debian 13 backports' newest
+    /// kernel (one that renews kTLS keys).
+    pub fn backports_dir() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/guest-kernel-backports")
+    }
+
+    /// The unpacked Debian 12 kernel, or an error that says to run `cargo
+    /// xtask setup`.
     pub fn locate() -> anyhow::Result<Self> {
-        let dir = Self::dir();
+        Self::locate_in(&Self::dir())
+    }
+
+    /// The unpacked backports kernel, or an error that says to run `cargo
+    /// xtask setup`.
+    pub fn locate_backports() -> anyhow::Result<Self> {
+        Self::locate_in(&Self::backports_dir())
+    }
+
+    fn locate_in(dir: &Path) -> anyhow::Result<Self> {
         let release = std::fs::read_to_string(dir.join("release")).with_context(|| {
             format!(
                 "no guest kernel in {} (reading its `release` file); {SETUP_HINT}",
@@ -62,8 +81,23 @@ impl GuestKernel {
         Ok(k)
     }
 
+    /// Debian 12's packages put the image in `boot/`; newer ones beside
+    /// the modules in `usr/lib/modules/<release>/`.
     pub fn vmlinuz(&self) -> PathBuf {
-        self.root.join(format!("boot/vmlinuz-{}", self.release))
+        let old = self.root.join(format!("boot/vmlinuz-{}", self.release));
+        if old.exists() {
+            return old;
+        }
+        self.modules_root().join("vmlinuz")
+    }
+
+    /// `lib/modules/<release>` (Debian 12) or `usr/lib/modules/<release>`.
+    fn modules_root(&self) -> PathBuf {
+        let old = self.root.join(format!("lib/modules/{}", self.release));
+        if old.exists() {
+            return old;
+        }
+        self.root.join(format!("usr/lib/modules/{}", self.release))
     }
 
     pub fn busybox(&self) -> PathBuf {
@@ -71,8 +105,7 @@ impl GuestKernel {
     }
 
     fn module_dir(&self) -> PathBuf {
-        self.root
-            .join(format!("lib/modules/{}/kernel", self.release))
+        self.modules_root().join("kernel")
     }
 
     /// Every module file of the package by module name (`-` read as `_`,
@@ -103,15 +136,24 @@ impl GuestKernel {
     /// `wanted` and every module they depend on (the `depends=` field of each
     /// module's `.modinfo`; the package has no modules.dep, depmod makes it
     /// at install time), dependencies first, each once, as
-    /// (file name, uncompressed bytes).
-    pub fn modules(&self, wanted: &[&str]) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+    /// (file name, uncompressed bytes). A wanted name that is no module of
+    /// this kernel (built in, or merged into another in a newer release)
+    /// is left out and named in the second value; what the guest then
+    /// lacks shows in its own checks. A missing dependency is an error.
+    pub fn modules(&self, wanted: &[&str]) -> anyhow::Result<(Vec<Module>, Vec<String>)> {
         let index = self.module_index()?;
         let mut order = Vec::new();
         let mut seen = HashSet::new();
+        let mut absent = Vec::new();
         for w in wanted {
-            self.visit(&index, &w.replace('-', "_"), &mut seen, &mut order, 0)?;
+            let name = w.replace('-', "_");
+            if !index.contains_key(&name) {
+                absent.push(name);
+                continue;
+            }
+            self.visit(&index, &name, &mut seen, &mut order, 0)?;
         }
-        Ok(order)
+        Ok((order, absent))
     }
 
     fn visit(

@@ -95,14 +95,25 @@ pub async fn connect(
     req: &WsRequest,
 ) -> anyhow::Result<WsOutcome> {
     let io = crate::net::connect(addr, transport).await?;
-    let host = req
-        .host
-        .clone()
-        .unwrap_or_else(|| crate::net::authority(addr));
     let scheme = match transport {
         Transport::Plain => "ws",
         _ => "wss",
     };
+    upgrade(io, addr, scheme, req).await
+}
+
+/// The WebSocket upgrade over a connection the caller opened (`scheme`:
+/// `ws` or `wss`, for the request URI).
+pub async fn upgrade(
+    io: BoxIo,
+    addr: SocketAddr,
+    scheme: &str,
+    req: &WsRequest,
+) -> anyhow::Result<WsOutcome> {
+    let host = req
+        .host
+        .clone()
+        .unwrap_or_else(|| crate::net::authority(addr));
     let mut builder = tungstenite::http::Request::builder()
         .method("GET")
         .uri(format!("{scheme}://{host}{}", req.path))

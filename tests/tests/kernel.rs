@@ -445,6 +445,7 @@ fn doctor_reports_every_acceleration_and_the_configured_use() {
         "io_uring",
         "uring splice",
         "kTLS",
+        "kTLS rekey",
         "splice",
     ] {
         let line = text
@@ -470,6 +471,14 @@ fn doctor_reports_every_acceleration_and_the_configured_use() {
             .any(|l| l.contains("kTLS") && (l.contains("offloads ") || l.contains("TCP_ULP"))),
         "{text}"
     );
+    // Key renewal is probed only where kTLS is (the guest test sees it).
+    let rekey = text
+        .lines()
+        .find(|l| l.contains("kTLS rekey"))
+        .unwrap_or_default();
+    if text.contains("TCP_ULP \"tls\": ENOENT") {
+        assert!(rekey.contains("no kTLS here"), "{text}");
+    }
     let out = Command::new(binary().unwrap())
         .args(["doctor", "--datapath", "uring"])
         .output()

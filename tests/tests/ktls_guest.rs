@@ -1,16 +1,20 @@
-//! The kTLS data path, end to end, in a QEMU guest running Debian's kernel.
+//! The kTLS data path, end to end, in QEMU guests running Debian's kernels.
 //!
 //! This machine's kernel has no kTLS (`TCP_ULP "tls"` gives ENOENT), so the
-//! proxy's `ktls+splice` path cannot run here. Debian's 6.1 kernel has kTLS
-//! as a module: `cargo xtask setup` unpacks its package (and busybox-static)
-//! into `target/guest-kernel/`, and this test builds an initramfs with
-//! busybox, the `tls` and AES-GCM modules, the `consolegate` binary cargo
-//! built and the `guest_ktls` driver (plus the glibc they link), boots it
-//! under TCG and reads the driver's verdict from the serial console. What
-//! the driver checks: `tests/src/bin/guest_ktls/main.rs`.
+//! proxy's `ktls+splice` path cannot run here. Debian's kernels have kTLS
+//! as a module: `cargo xtask setup` unpacks two of them (and
+//! busybox-static) under `target/`, Debian 12's 6.1 (kTLS that cannot take
+//! new keys) and the newest of Debian 13's backports (which can). Each
+//! test builds an initramfs with busybox, the `tls` and AES-GCM modules,
+//! the `consolegate` binary cargo built and the `guest_ktls` driver (plus
+//! the glibc they link), boots it under TCG and reads the driver's verdict
+//! from the serial console. What the driver checks:
+//! `tests/src/bin/guest_ktls/main.rs`; it tells from the guest's kernel
+//! release whether a TLS 1.3 KeyUpdate must be followed or must end the
+//! session, and checks that the proxy's probe agrees.
 //!
-//! Without the guest kernel or QEMU this test fails (it does not skip):
-//! CI always runs `cargo xtask setup`, so a skip would hide a broken test.
+//! Without a guest kernel or QEMU these tests fail (they do not skip): CI
+//! always runs `cargo xtask setup`, so a skip would hide a broken test.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -46,7 +50,15 @@ fn initramfs(kernel: &GuestKernel) -> anyhow::Result<Vec<u8>> {
     let mut fs = Initramfs::new();
     fs.file("/bin/busybox", 0o755, &std::fs::read(kernel.busybox())?);
     let mut order = String::new();
-    for (name, bytes) in kernel.modules(MODULES)? {
+    let (modules, absent) = kernel.modules(MODULES)?;
+    if !absent.is_empty() {
+        eprintln!(
+            "guest: no module {} in kernel {} (built in there, or merged)",
+            absent.join(", "),
+            kernel.release
+        );
+    }
+    for (name, bytes) in modules {
         fs.file(&format!("/modules/{name}"), 0o644, &bytes);
         order.push_str(&name);
         order.push('\n');
@@ -70,9 +82,20 @@ fn initramfs(kernel: &GuestKernel) -> anyhow::Result<Vec<u8>> {
     Ok(fs.finish())
 }
 
+/// Debian 12's kernel: kTLS without key renewal.
 #[test]
-fn ktls_splice_in_a_debian_guest() {
-    let kernel = GuestKernel::locate().unwrap_or_else(|e| panic!("{e:#}"));
+fn ktls_splice_in_a_debian_12_guest() {
+    run(GuestKernel::locate());
+}
+
+/// Debian 13 backports' kernel: kTLS that follows KeyUpdates.
+#[test]
+fn ktls_splice_and_rekey_in_a_debian_13_backports_guest() {
+    run(GuestKernel::locate_backports());
+}
+
+fn run(kernel: anyhow::Result<GuestKernel>) {
+    let kernel = kernel.unwrap_or_else(|e| panic!("{e:#}"));
     let dir = tempfile::Builder::new()
         .prefix("cg-guest-")
         .tempdir()

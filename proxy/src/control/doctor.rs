@@ -117,6 +117,22 @@ pub fn run(datapath: DatapathMode, allowlist: AllowListMode, ktls: KtlsMode) -> 
                 _ => format!("TCP_ULP \"tls\": {e}"),
             }),
     ));
+    checks.push(check(
+        "kTLS rekey",
+        if !offload.enabled() {
+            Err("no kTLS here".to_owned())
+        } else if offload.rekey() {
+            Ok("takes new TLS 1.3 keys: a peer's KeyUpdate is followed in the kernel".to_owned())
+        } else {
+            Err(match crate::sys::ktls::probe_rekey() {
+                Ok(()) => "no TLS 1.3 AES-128-GCM offload to renew keys of".to_owned(),
+                Err(e) => format!(
+                    "a second TLS_TX key: {e}: a TLS 1.3 KeyUpdate ends a kTLS session \
+                     (Linux 6.14 and later renew keys)"
+                ),
+            })
+        },
+    ));
     checks.push(check("splice", splice_probe()));
     Report {
         checks,

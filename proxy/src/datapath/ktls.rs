@@ -7,10 +7,21 @@
 //! close_notify for us. The record is then read with `recvmsg` and its
 //! type ([`crate::sys::ktls::recv_record`]) and judged by [`classify`], a
 //! sans-io function: close_notify is the end of that side's stream,
-//! TLS 1.3 NewSessionTicket is ignored, any other alert, a KeyUpdate (a
-//! 6.1 kernel cannot rekey) or a renegotiation ends the session with an
-//! error of that side. At end of stream towards a kTLS peer we send
-//! close_notify before `shutdown(SHUT_WR)` ([`close_notify`]).
+//! TLS 1.3 NewSessionTicket is ignored, a KeyUpdate is followed (below),
+//! any other alert or a renegotiation ends the session with an error of
+//! that side. At end of stream towards a kTLS peer we send close_notify
+//! before `shutdown(SHUT_WR)` ([`close_notify`]).
+//!
+//! A peer's TLS 1.3 KeyUpdate: the kernel hands the message up and stops
+//! decrypting until it has the next receive key (Linux 6.14 and later).
+//! The direction reading the socket owns its [`RecvState`], with the
+//! [`Rekey`] kept from the hand-over: it gives the socket the next receive
+//! key at once and, if the peer asked for one, sends our KeyUpdate and
+//! moves to the next transmit key before it reads on. Both directions of
+//! a session run in one task, so no write of the other direction falls
+//! between our KeyUpdate and the new transmit key. Without a [`Rekey`]
+//! (a kernel that cannot take new keys, or TLS 1.2) a KeyUpdate ends the
+//! session with an error saying so.
 
 use std::io;
 use std::os::fd::AsFd as _;
@@ -19,10 +30,12 @@ use std::task::{Context, Poll, ready};
 use tokio::io::{Interest, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::sys::ktls::{ALERT, APPLICATION_DATA, recv_record, send_close_notify};
+use crate::offload::Rekey;
+use crate::sys::ktls::{
+    ALERT, APPLICATION_DATA, HANDSHAKE, KeyDir, recv_record, send_close_notify, send_key_update,
+};
 
 const CHANGE_CIPHER_SPEC: u8 = 20;
-const HANDSHAKE: u8 = 22;
 /// Handshake message types that may follow the handshake.
 const NEW_SESSION_TICKET: u8 = 4;
 const KEY_UPDATE: u8 = 24;
@@ -44,6 +57,9 @@ pub enum Record {
     CloseNotify,
     /// Nothing to forward (a session ticket, a part of a handshake message).
     Ignore,
+    /// TLS 1.3 KeyUpdate, the last message of its record: the peer's next
+    /// records use its next key; `requested`: it asks for ours too.
+    KeyUpdate { requested: bool },
     /// The session cannot go on.
     Fail(RecordError),
 }
@@ -56,10 +72,15 @@ pub enum RecordError {
     #[error("malformed TLS alert record ({0} bytes)")]
     BadAlert(usize),
     #[error(
-        "TLS 1.3 KeyUpdate from the peer: kernel TLS cannot take new keys on this kernel, \
-         the session ends (set kernel.ktls = \"off\" if peers rekey)"
+        "TLS 1.3 KeyUpdate from the peer, but this leg's kernel TLS keys cannot be renewed \
+         (kTLS rekey needs Linux 6.14 or later): the session ends (set kernel.ktls = \"off\" \
+         if peers rekey on such kernels)"
     )]
     KeyUpdate,
+    #[error("malformed TLS KeyUpdate ({0} bytes, request byte {1:?})")]
+    BadKeyUpdate(usize, Option<u8>),
+    #[error("TLS KeyUpdate not at the end of its record (RFC 8446, 5.1)")]
+    KeyUpdateNotLast,
     #[error("unexpected TLS handshake message (type {0}) after the handshake")]
     Handshake(u8),
     #[error("TLS handshake message of {0} bytes after the handshake")]
@@ -98,18 +119,88 @@ pub fn classify(record_type: u8, payload: &[u8], carry: &mut HandshakeCarry) -> 
                     return Record::Fail(RecordError::HandshakeTooLarge(len));
                 }
                 match kind {
-                    NEW_SESSION_TICKET => {}
-                    KEY_UPDATE => return Record::Fail(RecordError::KeyUpdate),
+                    NEW_SESSION_TICKET | KEY_UPDATE => {}
                     other => return Record::Fail(RecordError::Handshake(other)),
                 }
                 if carry.buf.len() < 4 + len {
                     return Record::Ignore;
+                }
+                if kind == KEY_UPDATE {
+                    let request = carry.buf.get(4).copied();
+                    let update = match (len, request) {
+                        (1, Some(r @ (0 | 1))) if carry.buf.len() == 5 => {
+                            Record::KeyUpdate { requested: r == 1 }
+                        }
+                        (1, Some(0 | 1)) => Record::Fail(RecordError::KeyUpdateNotLast),
+                        _ => Record::Fail(RecordError::BadKeyUpdate(len, request)),
+                    };
+                    carry.buf = Vec::new();
+                    return update;
                 }
                 carry.buf.drain(..4 + len);
             }
         }
         CHANGE_CIPHER_SPEC => Record::Fail(RecordError::RecordType(record_type)),
         other => Record::Fail(RecordError::RecordType(other)),
+    }
+}
+
+/// What the direction reading a kTLS socket keeps between records.
+#[derive(Debug, Default)]
+pub struct RecvState {
+    carry: HandshakeCarry,
+    /// The next keys after a KeyUpdate; none: a KeyUpdate ends the session.
+    keys: Option<Box<Rekey>>,
+    /// The peer asked for our KeyUpdate: it goes out before we read on.
+    owed: bool,
+    /// A KeyUpdate was followed: [`poll_record`] reports it once our own
+    /// (if owed) is out.
+    followed: bool,
+}
+
+impl RecvState {
+    /// The state of a socket just handed over, with its keys' successor.
+    pub fn new(keys: Option<Box<Rekey>>) -> Self {
+        Self {
+            keys,
+            ..Self::default()
+        }
+    }
+
+    /// After [`classify`] found a KeyUpdate: the socket gets the peer's
+    /// next key now (the kernel decrypts nothing until it has it).
+    fn follow(&mut self, sock: &TcpStream, requested: bool) -> io::Result<()> {
+        let Some(keys) = self.keys.as_mut() else {
+            return Err(io::Error::other(RecordError::KeyUpdate));
+        };
+        keys.renew(sock.as_fd(), KeyDir::Rx)
+            .map_err(|e| io::Error::other(format!("following the peer's TLS KeyUpdate: {e}")))?;
+        self.owed |= requested;
+        self.followed = true;
+        Ok(())
+    }
+
+    /// Sends the KeyUpdate the peer asked for (under the current transmit
+    /// key), then moves the socket to the next transmit key.
+    fn poll_owed(&mut self, sock: &TcpStream, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.owed {
+            let Some(keys) = self.keys.as_mut() else {
+                return Poll::Ready(Err(io::Error::other(RecordError::KeyUpdate)));
+            };
+            ready!(sock.poll_write_ready(cx))?;
+            match sock.try_io(Interest::WRITABLE, || send_key_update(sock.as_fd())) {
+                Ok(()) => {
+                    keys.renew(sock.as_fd(), KeyDir::Tx).map_err(|e| {
+                        io::Error::other(format!("answering the peer's TLS KeyUpdate: {e}"))
+                    })?;
+                    self.owed = false;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -120,7 +211,8 @@ pub enum Next {
     Data(usize),
     /// End of that side's stream (close_notify or FIN).
     Eof,
-    /// A record with nothing to forward was consumed.
+    /// A record with nothing to forward was consumed (a ticket, or a
+    /// KeyUpdate now followed).
     Ignored,
 }
 
@@ -130,29 +222,38 @@ pub enum Next {
 pub async fn read_record(
     sock: &TcpStream,
     buf: &mut [u8],
-    carry: &mut HandshakeCarry,
+    state: &mut RecvState,
 ) -> io::Result<Next> {
-    std::future::poll_fn(|cx| poll_record(sock, cx, buf, carry)).await
+    std::future::poll_fn(|cx| poll_record(sock, cx, buf, state)).await
 }
 
 /// [`read_record`] as a poll: waits for the socket to be readable, then
-/// reads one record.
+/// reads one record. A KeyUpdate is reported (as `Ignored`) only once it
+/// is followed both ways.
 pub fn poll_record(
     sock: &TcpStream,
     cx: &mut Context<'_>,
     buf: &mut [u8],
-    carry: &mut HandshakeCarry,
+    state: &mut RecvState,
 ) -> Poll<io::Result<Next>> {
     loop {
+        ready!(state.poll_owed(sock, cx))?;
+        if std::mem::take(&mut state.followed) {
+            return Poll::Ready(Ok(Next::Ignored));
+        }
         ready!(sock.poll_read_ready(cx))?;
         let got = sock.try_io(Interest::READABLE, || recv_record(sock.as_fd(), buf));
         match got {
             Ok((APPLICATION_DATA, 0)) => return Poll::Ready(Ok(Next::Eof)),
             Ok((t, n)) => {
-                return Poll::Ready(match classify(t, &buf[..n], carry) {
+                return Poll::Ready(match classify(t, &buf[..n], &mut state.carry) {
                     Record::Data => Ok(Next::Data(n)),
                     Record::CloseNotify => Ok(Next::Eof),
                     Record::Ignore => Ok(Next::Ignored),
+                    Record::KeyUpdate { requested } => {
+                        state.follow(sock, requested)?;
+                        continue;
+                    }
                     Record::Fail(e) => Err(io::Error::other(e)),
                 });
             }
@@ -191,11 +292,19 @@ pub struct KtlsRecv {
     buf: Vec<u8>,
     start: usize,
     end: usize,
-    carry: HandshakeCarry,
+    state: RecvState,
     eof: bool,
 }
 
 impl KtlsRecv {
+    /// The receiver of a socket just handed over.
+    pub fn new(state: RecvState) -> Self {
+        Self {
+            state,
+            ..Self::default()
+        }
+    }
+
     /// Reads application data of `sock` into `out`, as `AsyncRead` does.
     pub fn poll_read(
         &mut self,
@@ -217,6 +326,9 @@ impl KtlsRecv {
             if self.eof || out.remaining() == 0 {
                 return Poll::Ready(Ok(()));
             }
+            // Our KeyUpdate, if the peer asked for one, before we read on.
+            ready!(self.state.poll_owed(sock, cx))?;
+            self.state.followed = false;
             // The record buffer (16 KiB) exists only while a record is
             // being read or handed out, never while the session waits.
             ready!(sock.poll_read_ready(cx))?;
@@ -226,10 +338,15 @@ impl KtlsRecv {
             let buf = &mut self.buf;
             match sock.try_io(Interest::READABLE, || recv_record(sock.as_fd(), buf)) {
                 Ok((APPLICATION_DATA, 0)) => self.eof = true,
-                Ok((t, n)) => match classify(t, &self.buf[..n], &mut self.carry) {
+                Ok((t, n)) => match classify(t, &self.buf[..n], &mut self.state.carry) {
                     Record::Data => (self.start, self.end) = (0, n),
                     Record::CloseNotify => self.eof = true,
                     Record::Ignore => {}
+                    Record::KeyUpdate { requested } => {
+                        if let Err(e) = self.state.follow(sock, requested) {
+                            return Poll::Ready(Err(e));
+                        }
+                    }
                     Record::Fail(e) => return Poll::Ready(Err(io::Error::other(e))),
                 },
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -298,11 +415,16 @@ mod tests {
     }
 
     #[test]
-    fn key_update_and_renegotiation_end_the_session() {
+    fn key_updates_are_followed_and_renegotiation_ends_the_session() {
         assert_eq!(
             one(22, &msg(24, &[0])),
-            Record::Fail(RecordError::KeyUpdate)
+            Record::KeyUpdate { requested: false }
         );
+        assert_eq!(
+            one(22, &msg(24, &[1])),
+            Record::KeyUpdate { requested: true }
+        );
+        // After a ticket in the same record, and split across records.
         let mut carry = HandshakeCarry::default();
         assert_eq!(classify(22, &msg(4, &[1; 10]), &mut carry), Record::Ignore);
         assert_eq!(
@@ -312,9 +434,35 @@ mod tests {
         );
         assert_eq!(
             classify(22, &[1, 1], &mut carry),
-            Record::Fail(RecordError::KeyUpdate)
+            Record::KeyUpdate { requested: true }
         );
-        assert!(RecordError::KeyUpdate.to_string().contains("KeyUpdate"));
+        assert!(carry.buf.is_empty());
+        let mut ticket_then_update = msg(4, &[3; 20]);
+        ticket_then_update.extend(msg(24, &[0]));
+        assert_eq!(
+            one(22, &ticket_then_update),
+            Record::KeyUpdate { requested: false }
+        );
+        // A key change must end its record.
+        let mut update_then_ticket = msg(24, &[0]);
+        update_then_ticket.extend(msg(4, &[3; 20]));
+        assert_eq!(
+            one(22, &update_then_ticket),
+            Record::Fail(RecordError::KeyUpdateNotLast)
+        );
+        assert_eq!(
+            one(22, &msg(24, &[2])),
+            Record::Fail(RecordError::BadKeyUpdate(1, Some(2)))
+        );
+        assert_eq!(
+            one(22, &msg(24, &[])),
+            Record::Fail(RecordError::BadKeyUpdate(0, None))
+        );
+        assert_eq!(
+            one(22, &msg(24, &[0, 0])),
+            Record::Fail(RecordError::BadKeyUpdate(2, Some(0)))
+        );
+        assert!(RecordError::KeyUpdate.to_string().contains("6.14"));
         // HelloRequest (TLS 1.2 renegotiation).
         assert_eq!(
             one(22, &msg(0, &[])),

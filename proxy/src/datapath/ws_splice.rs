@@ -22,7 +22,7 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use super::ktls::{KtlsRecv, poll_close_notify};
+use super::ktls::{KtlsRecv, RecvState, poll_close_notify};
 use super::pipes::PipeSlot;
 use super::splice::{Sock, Socket};
 use super::websocket::{CLOSE_GRACE, WsSettings};
@@ -97,7 +97,7 @@ impl AsyncRead for Compute {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         match &mut self.get_mut().sock {
-            Socket::Tcp(s) | Socket::Ktls(s) => Pin::new(s).poll_read(cx, buf),
+            Socket::Tcp(s) | Socket::Ktls(s, _) => Pin::new(s).poll_read(cx, buf),
             Socket::Unix(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
@@ -110,14 +110,14 @@ impl AsyncWrite for Compute {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         match &mut self.get_mut().sock {
-            Socket::Tcp(s) | Socket::Ktls(s) => Pin::new(s).poll_write(cx, buf),
+            Socket::Tcp(s) | Socket::Ktls(s, _) => Pin::new(s).poll_write(cx, buf),
             Socket::Unix(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match &mut self.get_mut().sock {
-            Socket::Tcp(s) | Socket::Ktls(s) => Pin::new(s).poll_flush(cx),
+            Socket::Tcp(s) | Socket::Ktls(s, _) => Pin::new(s).poll_flush(cx),
             Socket::Unix(s) => Pin::new(s).poll_flush(cx),
         }
     }
@@ -125,7 +125,7 @@ impl AsyncWrite for Compute {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         match &mut this.sock {
-            Socket::Ktls(s) => {
+            Socket::Ktls(s, _) => {
                 if !this.notified {
                     // The FIN still tells the peer we are done if this fails.
                     let _ = std::task::ready!(poll_close_notify(s, cx));
@@ -148,10 +148,11 @@ impl WsLeg for Compute {
 /// Runs the session until either side ends it, like
 /// [`super::websocket::pump`] in binary mode, with the compute-to-tenant
 /// payload spliced through `pipe` (held only while a frame is in flight).
-/// `tenant_ktls`: the tenant socket is a kernel TLS socket.
+/// `tenant_ktls`: the tenant socket is a kernel TLS socket, read with
+/// this receive state.
 pub fn pump(
     tenant: WsParts<TcpStream>,
-    tenant_ktls: bool,
+    tenant_ktls: Option<RecvState>,
     compute: Socket,
     pipe: PipeSlot,
     settings: WsSettings,
@@ -167,17 +168,20 @@ pub fn pump(
     let mut pipe = pipe;
     let chunk = pipe.get().map(|p| p.capacity().min(FRAME_MAX));
     pipe.release();
+    let tenant_is_ktls = tenant_ktls.is_some();
     let tenant = Tenant {
         tcp: inner,
-        ktls: tenant_ktls.then(Box::default),
+        ktls: tenant_ktls.map(|state| Box::new(KtlsRecv::new(state))),
     };
+    let mut compute = compute;
+    let compute_recv = compute.take_recv_state();
     let compute = Compute {
         sock: compute,
         notified: false,
     };
     // Built here, owned by the future below (see websocket::pump).
     let mut pump = chunk.map(|chunk| {
-        let down = DownPath::splice(pipe, chunk);
+        let down = DownPath::splice(pipe, chunk, compute_recv);
         Pump::new(
             tenant, raw, pending, inbound, compute, down, settings, counters,
         )
@@ -189,7 +193,7 @@ pub fn pump(
         };
         let end = pump.run(&shutdown).await;
         // Our close frame is out: end the TLS stream properly before the FIN.
-        if tenant_ktls && !matches!(end, End::TenantIo(_)) {
+        if tenant_is_ktls && !matches!(end, End::TenantIo(_)) {
             let notify = super::ktls::close_notify(&pump.tenant().tcp);
             let _ = tokio::time::timeout(CLOSE_GRACE, notify).await;
         }

@@ -7,6 +7,7 @@ use tokio::net::TcpStream;
 use super::LABEL;
 use crate::config::kernel::DatapathMode;
 use crate::console::{ComputeIo, ComputeStream};
+use crate::datapath::ktls::RecvState;
 use crate::datapath::splice::{Socket, Splicer};
 use crate::datapath::websocket::WsSettings;
 use crate::datapath::{Counters, End};
@@ -43,11 +44,14 @@ pub async fn pump_raw(
             return Err((tenant, ComputeIo::Tls(tls)));
         }
     };
-    let handed = match tokio::time::timeout(ctx.handshake_timeout, super::compute(tls)).await {
-        Ok(Ok(h)) => h,
-        Ok(Err(e)) => return Ok((End::ComputeIo(e.to_string()), "-")),
-        Err(_) => return Ok((End::ComputeIo("kTLS hand-over timed out".into()), "-")),
-    };
+    let handed =
+        match tokio::time::timeout(ctx.handshake_timeout, super::compute(tls, ctx.ktls.rekey()))
+            .await
+        {
+            Ok(Ok(h)) => h,
+            Ok(Err(e)) => return Ok((End::ComputeIo(e.to_string()), "-")),
+            Err(_) => return Ok((End::ComputeIo("kTLS hand-over timed out".into()), "-")),
+        };
     tracing::Span::current().record("datapath", LABEL);
     tracing::info!(datapath = LABEL, "session established");
     let mut tenant = tenant;
@@ -65,7 +69,7 @@ pub async fn pump_raw(
     let end = splicer
         .run(
             Socket::Tcp(tenant),
-            Socket::Ktls(handed.socket),
+            Socket::Ktls(handed.socket, handed.keys),
             counters,
             ctx.idle_timeout,
             stop,
@@ -126,11 +130,12 @@ pub async fn pump_ws(
         pending,
         inbound,
     } = tenant;
+    let rekey = ctx.ktls.rekey();
     let hand_over = async {
         let (tenant, tenant_ktls) = match inner {
-            TenantStream::Plain(s) => (s, false),
+            TenantStream::Plain(s) => (s, None),
             TenantStream::Tls(t) => {
-                let h = super::tenant(t)
+                let h = super::tenant(t, rekey)
                     .await
                     .map_err(|e| End::TenantIo(e.to_string()))?;
                 if h.peer_closed {
@@ -138,20 +143,20 @@ pub async fn pump_ws(
                 }
                 // Frames rustls had decrypted come before the kernel's.
                 raw.extend_from_slice(&h.drained);
-                (h.socket, true)
+                (h.socket, Some(RecvState::new(h.keys)))
             }
         };
         let (compute, down_first) = match compute {
             ComputeIo::Plain(ComputeStream::Tcp(s)) => (Socket::Tcp(s), Vec::new()),
             ComputeIo::Plain(ComputeStream::Unix(s)) => (Socket::Unix(s), Vec::new()),
             ComputeIo::Tls(c) => {
-                let h = super::compute(c)
+                let h = super::compute(c, rekey)
                     .await
                     .map_err(|e| End::ComputeIo(e.to_string()))?;
                 if h.peer_closed {
                     return Err(End::ComputeClosed);
                 }
-                (Socket::Ktls(h.socket), h.drained)
+                (Socket::Ktls(h.socket, h.keys), h.drained)
             }
             ComputeIo::SpiceMain(_) => {
                 return Err(End::ComputeIo("SPICE main channel on the kTLS rung".into()));

@@ -102,9 +102,47 @@ impl Cipher {
 /// kernel offloads that combination. ENOENT from `TCP_ULP` means the `tls`
 /// module is absent.
 pub fn probe_cipher(version: TlsVersion, cipher: Cipher) -> io::Result<()> {
+    zero_key_socket(version, cipher).map(drop)
+}
+
+/// Whether this kernel takes new TLS 1.3 keys on a kTLS socket (Linux
+/// 6.14 and later: a peer's KeyUpdate can be followed). Gives a second
+/// all-zero transmit key to a probe socket; older kernels refuse it with
+/// EBUSY.
+pub fn probe_rekey() -> io::Result<()> {
+    let (c, _server) = zero_key_socket(TlsVersion::Tls13, Cipher::AesGcm128)?;
+    let info = zero_info(TlsVersion::Tls13, Cipher::AesGcm128);
+    // SAFETY: `c` is open; `info` holds `info_len` initialised bytes laid
+    // out as `struct tls12_crypto_info_aes_gcm_128`; the kernel copies them.
+    check(unsafe {
+        libc::setsockopt(
+            c.as_raw_fd(),
+            SOL_TLS,
+            TLS_TX,
+            info.as_ptr().cast(),
+            Cipher::AesGcm128.info_len() as libc::socklen_t,
+        )
+    })
+    .map(drop)
+}
+
+/// `struct tls12_crypto_info_*` of `cipher` with all-zero key material.
+fn zero_info(version: TlsVersion, cipher: Cipher) -> [u8; 56] {
+    let mut info = [0u8; 56];
+    info[..2].copy_from_slice(&version.wire().to_ne_bytes());
+    info[2..4].copy_from_slice(&cipher.kernel_id().to_ne_bytes());
+    info
+}
+
+/// A connected loopback socket with kTLS transmit on an all-zero key (and
+/// its peer, to be kept open while it is used).
+fn zero_key_socket(
+    version: TlsVersion,
+    cipher: Cipher,
+) -> io::Result<(std::net::TcpStream, std::net::TcpStream)> {
     let l = std::net::TcpListener::bind("127.0.0.1:0")?;
     let c = std::net::TcpStream::connect(l.local_addr()?)?;
-    let _server = l.accept()?;
+    let (server, _) = l.accept()?;
     let ulp = b"tls";
     // SAFETY: `c` is open for the whole call; the value points at 3 valid
     // bytes whose length we pass; the kernel copies them.
@@ -117,9 +155,7 @@ pub fn probe_cipher(version: TlsVersion, cipher: Cipher) -> io::Result<()> {
             ulp.len() as libc::socklen_t,
         )
     })?;
-    let mut info = [0u8; 56];
-    info[..2].copy_from_slice(&version.wire().to_ne_bytes());
-    info[2..4].copy_from_slice(&cipher.kernel_id().to_ne_bytes());
+    let info = zero_info(version, cipher);
     // SAFETY: `c` is open; `info` holds at least `info_len` initialised
     // bytes laid out as `struct tls12_crypto_info_*` (u16 version, u16
     // cipher type, then byte arrays); the kernel copies them.
@@ -132,7 +168,7 @@ pub fn probe_cipher(version: TlsVersion, cipher: Cipher) -> io::Result<()> {
             cipher.info_len() as libc::socklen_t,
         )
     })?;
-    Ok(())
+    Ok((c, server))
 }
 
 /// `TLS_RX` option of `SOL_TLS`.
@@ -154,22 +190,39 @@ pub fn install(fd: BorrowedFd<'_>, tx: &ktls::CryptoInfo, rx: &ktls::CryptoInfo)
             ulp.len() as libc::socklen_t,
         )
     })?;
-    for (opt, info) in [(TLS_TX, tx), (TLS_RX, rx)] {
-        // SAFETY: the descriptor is borrowed for the call; `info.as_ptr()`
-        // points at the `struct tls12_crypto_info_*` that `info` owns and
-        // `info.size()` is that struct's size; `info` outlives the call and
-        // the kernel copies the bytes.
-        check(unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                SOL_TLS,
-                opt,
-                info.as_ptr(),
-                info.size() as libc::socklen_t,
-            )
-        })?;
-    }
-    Ok(())
+    set_key(fd, KeyDir::Tx, tx)?;
+    set_key(fd, KeyDir::Rx, rx)
+}
+
+/// Which direction of a kTLS socket a key is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyDir {
+    Tx,
+    Rx,
+}
+
+/// Gives a kTLS socket the key of one direction (`TLS_TX` or `TLS_RX`):
+/// the first one at the hand-over, a new one after a TLS 1.3 KeyUpdate
+/// (Linux 6.14 and later; older kernels answer EBUSY).
+pub fn set_key(fd: BorrowedFd<'_>, dir: KeyDir, info: &ktls::CryptoInfo) -> io::Result<()> {
+    let opt = match dir {
+        KeyDir::Tx => TLS_TX,
+        KeyDir::Rx => TLS_RX,
+    };
+    // SAFETY: the descriptor is borrowed for the call; `info.as_ptr()`
+    // points at the `struct tls12_crypto_info_*` that `info` owns and
+    // `info.size()` is that struct's size; `info` outlives the call and
+    // the kernel copies the bytes.
+    check(unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            SOL_TLS,
+            opt,
+            info.as_ptr(),
+            info.size() as libc::socklen_t,
+        )
+    })
+    .map(drop)
 }
 
 /// Control buffer for one `cmsghdr` with a 1-byte payload, aligned as
@@ -254,6 +307,25 @@ pub fn send_record(fd: BorrowedFd<'_>, record_type: u8, payload: &[u8]) -> io::R
             libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
         )
     } as libc::c_long)
+}
+
+/// The record type of handshake messages.
+pub const HANDSHAKE: u8 = 22;
+
+/// Our TLS 1.3 KeyUpdate, `update_not_requested` (RFC 8446, 4.6.3):
+/// message type 24, a 3-byte length of 1, the request byte.
+const KEY_UPDATE_NOT_REQUESTED: [u8; 5] = [24, 0, 0, 1, 0];
+
+/// Sends our KeyUpdate (not requesting one back) as a handshake record,
+/// under the transmit key still in use; the caller gives the socket the
+/// next key right after. `WouldBlock` when the send buffer is full.
+pub fn send_key_update(fd: BorrowedFd<'_>) -> io::Result<()> {
+    match send_record(fd, HANDSHAKE, &KEY_UPDATE_NOT_REQUESTED)? {
+        n if n == KEY_UPDATE_NOT_REQUESTED.len() => Ok(()),
+        n => Err(io::Error::other(format!(
+            "the kernel took {n} of the 5 bytes of our TLS KeyUpdate"
+        ))),
+    }
 }
 
 /// Sends the close_notify alert (warning level 1, description 0): the

@@ -30,6 +30,7 @@ use std::task::{Context, Poll, ready};
 
 use rustls::ExtractedSecrets;
 use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
+use rustls::kernel::KernelConnection;
 use rustls::pki_types::ServerName;
 use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
 use rustls::unbuffered::{
@@ -63,7 +64,10 @@ pub trait Side: DerefMut<Target = UnbufferedConnectionCommon<Self::Data>> + Unpi
         &'c mut self,
         incoming: &'i mut [u8],
     ) -> UnbufferedStatus<'c, 'i, Self::Data>;
-    fn extract_secrets(self) -> Result<ExtractedSecrets, rustls::Error>;
+    /// Gives up the connection for kernel TLS: the traffic secrets now,
+    /// and what computes the next ones after a TLS 1.3 KeyUpdate.
+    fn into_kernel(self)
+    -> Result<(ExtractedSecrets, KernelConnection<Self::Data>), rustls::Error>;
 }
 
 impl Side for UnbufferedServerConnection {
@@ -74,8 +78,10 @@ impl Side for UnbufferedServerConnection {
     ) -> UnbufferedStatus<'c, 'i, Self::Data> {
         self.process_tls_records(incoming)
     }
-    fn extract_secrets(self) -> Result<ExtractedSecrets, rustls::Error> {
-        self.dangerous_into_kernel_connection().map(|(s, _)| s)
+    fn into_kernel(
+        self,
+    ) -> Result<(ExtractedSecrets, KernelConnection<Self::Data>), rustls::Error> {
+        self.dangerous_into_kernel_connection()
     }
 }
 
@@ -87,8 +93,10 @@ impl Side for UnbufferedClientConnection {
     ) -> UnbufferedStatus<'c, 'i, Self::Data> {
         self.process_tls_records(incoming)
     }
-    fn extract_secrets(self) -> Result<ExtractedSecrets, rustls::Error> {
-        self.dangerous_into_kernel_connection().map(|(s, _)| s)
+    fn into_kernel(
+        self,
+    ) -> Result<(ExtractedSecrets, KernelConnection<Self::Data>), rustls::Error> {
+        self.dangerous_into_kernel_connection()
     }
 }
 

@@ -23,8 +23,10 @@ use std::time::Duration;
 use tokio::io::Interest;
 use tokio::net::{TcpStream, UnixStream};
 
+use super::ktls::RecvState;
 use super::pipes::PipeSlot;
 use super::{Counters, End, idle_watch};
+use crate::offload::Rekey;
 use crate::sys::pipe::{readable_bytes, splice};
 
 /// Capacity asked for each pipe. Pages are allocated only when used;
@@ -38,7 +40,8 @@ pub enum Socket {
     Unix(UnixStream),
     /// A TCP socket with kernel TLS in both directions: the kernel
     /// decrypts what we splice out of it and encrypts what we splice in.
-    Ktls(TcpStream),
+    /// With what follows a peer's KeyUpdate, for the direction reading it.
+    Ktls(TcpStream, Option<Box<Rekey>>),
 }
 
 /// A borrowed socket of a spliced leg.
@@ -54,7 +57,16 @@ impl Socket {
         match self {
             Socket::Tcp(s) => Sock::Tcp(s),
             Socket::Unix(s) => Sock::Unix(s),
-            Socket::Ktls(s) => Sock::Ktls(s),
+            Socket::Ktls(s, _) => Sock::Ktls(s),
+        }
+    }
+
+    /// The receive state of the direction reading this socket: a kTLS
+    /// socket's successor keys move into it.
+    pub(super) fn take_recv_state(&mut self) -> RecvState {
+        match self {
+            Socket::Ktls(_, keys) => RecvState::new(keys.take()),
+            Socket::Tcp(_) | Socket::Unix(_) => RecvState::default(),
         }
     }
 }
@@ -175,18 +187,19 @@ impl Splicer {
     /// the session idles out or shutdown is signalled.
     pub async fn run(
         self,
-        tenant: Socket,
-        compute: Socket,
+        mut tenant: Socket,
+        mut compute: Socket,
         counters: &Counters,
         idle: Option<Duration>,
         shutdown: super::Stop,
     ) -> End {
+        let (up_state, down_state) = (tenant.take_recv_state(), compute.take_recv_state());
         let (t, c) = (tenant.borrow(), compute.borrow());
-        let mut up = match Flow::new(t, c, Dir::Up, self.size, counters) {
+        let mut up = match Flow::new(t, c, Dir::Up, self.size, counters, up_state) {
             Ok(f) => f,
             Err(end) => return end,
         };
-        let mut down = match Flow::new(c, t, Dir::Down, self.size, counters) {
+        let mut down = match Flow::new(c, t, Dir::Down, self.size, counters, down_state) {
             Ok(f) => f,
             Err(end) => return end,
         };
@@ -300,11 +313,8 @@ type Slow<'a> = Pin<Box<dyn Future<Output = Result<Slowed, End>> + Send + 'a>>;
 /// How a [`Slow`] step ended.
 enum Slowed {
     /// A kTLS record was consumed (`eof`: it ended that side's stream);
-    /// the handshake carry comes back.
-    Record {
-        carry: super::ktls::HandshakeCarry,
-        eof: bool,
-    },
+    /// the receive state comes back.
+    Record { state: RecvState, eof: bool },
     /// Try again (a pipe may be had now).
     Retry,
     /// The half-close went out: the direction is done.
@@ -333,7 +343,8 @@ struct Flow<'a> {
     done: bool,
     /// The last read was small: try the next one by copy ([`SMALL`]).
     small: bool,
-    carry: super::ktls::HandshakeCarry,
+    /// kTLS source: tickets spanning records, KeyUpdates.
+    recv: RecvState,
     slow: Option<Slow<'a>>,
 }
 
@@ -344,6 +355,7 @@ impl<'a> Flow<'a> {
         dir: Dir,
         size: usize,
         counters: &'a Counters,
+        recv: RecvState,
     ) -> Result<Self, End> {
         let mut slot = PipeSlot::new(size);
         let cap = slot.get().map_err(|e| dir.read_err(e))?.capacity();
@@ -360,7 +372,7 @@ impl<'a> Flow<'a> {
             at_record: false,
             done: false,
             small: true,
-            carry: Default::default(),
+            recv,
             slow: None,
         })
     }
@@ -453,8 +465,8 @@ impl<'a> Flow<'a> {
                 let r = std::task::ready!(slow.as_mut().poll(cx));
                 self.slow = None;
                 match r? {
-                    Slowed::Record { carry, eof } => {
-                        self.carry = carry;
+                    Slowed::Record { state, eof } => {
+                        self.recv = state;
                         self.eof |= eof;
                     }
                     Slowed::Retry => {}
@@ -467,12 +479,12 @@ impl<'a> Flow<'a> {
                 && let Some(s) = self.src.ktls()
             {
                 self.at_record = false;
-                let carry = std::mem::take(&mut self.carry);
+                let state = std::mem::take(&mut self.recv);
                 self.slow = Some(Box::pin(forward_record(
                     s,
                     self.dst,
                     dir,
-                    carry,
+                    state,
                     self.counters,
                 )));
                 continue;
@@ -607,11 +619,11 @@ async fn forward_record(
     src: &TcpStream,
     dst: Sock<'_>,
     dir: Dir,
-    mut carry: super::ktls::HandshakeCarry,
+    mut state: RecvState,
     counters: &Counters,
 ) -> Result<Slowed, End> {
     let mut buf = vec![0u8; super::ktls::RECORD_BUF];
-    match super::ktls::read_record(src, &mut buf, &mut carry).await {
+    match super::ktls::read_record(src, &mut buf, &mut state).await {
         Ok(super::ktls::Next::Data(n)) => {
             write_all(dst, &buf[..n])
                 .await
@@ -620,10 +632,10 @@ async fn forward_record(
                 Dir::Up => counters.add_up(n),
                 Dir::Down => counters.add_down(n),
             }
-            Ok(Slowed::Record { carry, eof: false })
+            Ok(Slowed::Record { state, eof: false })
         }
-        Ok(super::ktls::Next::Eof) => Ok(Slowed::Record { carry, eof: true }),
-        Ok(super::ktls::Next::Ignored) => Ok(Slowed::Record { carry, eof: false }),
+        Ok(super::ktls::Next::Eof) => Ok(Slowed::Record { state, eof: true }),
+        Ok(super::ktls::Next::Ignored) => Ok(Slowed::Record { state, eof: false }),
         Err(e) => Err(dir.read_err(e)),
     }
 }

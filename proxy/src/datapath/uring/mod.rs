@@ -251,7 +251,7 @@ fn into_fd(s: Socket) -> io::Result<OwnedFd> {
         Socket::Unix(s) => OwnedFd::from(s.into_std()?),
         // The ladder never hands a kTLS socket here: its non-data records
         // need the splice rung's recvmsg handling.
-        Socket::Ktls(_) => {
+        Socket::Ktls(..) => {
             return Err(io::Error::new(
                 io::ErrorKind::Unsupported,
                 "kTLS sockets do not run on the io_uring rung",

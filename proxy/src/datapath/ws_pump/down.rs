@@ -216,16 +216,16 @@ impl<T: WsLeg, C: WsLeg> Pump<'_, T, C> {
                 retry_at,
                 at_record,
                 small,
-                carry,
+                recv,
             } => {
                 let Some(src) = self.compute.sock() else {
                     return Poll::Ready(Err(io::Error::other("no console socket to splice from")));
                 };
                 if *at_record && let Some(sock) = src.ktls() {
-                    // A non-data record: read it with its type.
-                    ready!(sock.poll_read_ready(cx))?;
+                    // A non-data record (splice stopped at it, so it is
+                    // there): read it with its type.
                     let mut rec = vec![0u8; RECORD_BUF];
-                    let next = ready!(poll_record(sock, cx, &mut rec, carry))?;
+                    let next = ready!(poll_record(sock, cx, &mut rec, recv))?;
                     *at_record = false;
                     match next {
                         Next::Data(n) => {

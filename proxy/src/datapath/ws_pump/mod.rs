@@ -26,7 +26,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{Instant, Sleep};
 
-use super::ktls::HandshakeCarry;
+use super::ktls::RecvState;
 use super::lazybuf::{LazyBuf, LazyBytes};
 use super::pipes::PipeSlot;
 use super::splice::Sock;
@@ -80,7 +80,8 @@ pub(super) enum DownPath {
         /// The last read was small: read the next one by copy, as the
         /// splice rung does ([`crate::datapath::splice`]'s `SMALL`).
         small: bool,
-        carry: HandshakeCarry,
+        /// A kTLS compute leg: tickets spanning records, KeyUpdates.
+        recv: RecvState,
     },
 }
 
@@ -94,15 +95,16 @@ impl DownPath {
         }
     }
 
-    /// The spliced path, frames of at most `chunk` bytes.
-    pub(super) fn splice(slot: PipeSlot, chunk: usize) -> Self {
+    /// The spliced path, frames of at most `chunk` bytes; `recv`: the
+    /// receive state of a kTLS compute socket.
+    pub(super) fn splice(slot: PipeSlot, chunk: usize, recv: RecvState) -> Self {
         DownPath::Splice {
             slot,
             chunk,
             retry_at: None,
             at_record: false,
             small: true,
-            carry: HandshakeCarry::default(),
+            recv,
         }
     }
 }

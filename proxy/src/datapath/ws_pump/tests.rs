@@ -410,7 +410,7 @@ async fn spliced() -> Spliced {
         };
         let end = crate::datapath::ws_splice::pump(
             p,
-            false,
+            None,
             Socket::Tcp(compute),
             PipeSlot::new(PIPE_SIZE),
             settings(),

@@ -14,7 +14,10 @@
 //!    a CONNECT tunnel with a half-close, byte for byte (`sessions.rs`);
 //! 3. reads from the proxy's log which data path each session ran on, and
 //!    fails unless it is `ktls+splice`;
-//! 4. holds a few hundred idle TLS WebSocket sessions (TLS on the compute
+//! 4. runs two sessions in which the tenant and the console send TLS 1.3
+//!    KeyUpdates (`rekey.rs`): followed on a kernel that renews kTLS keys
+//!    (6.14 and later), ending just that session on one that cannot;
+//! 5. holds a few hundred idle TLS WebSocket sessions (TLS on the compute
 //!    leg too) through a proxy with kTLS and one without, and reports the
 //!    proxy's memory per session for each (`idle.rs`).
 //!
@@ -23,6 +26,7 @@
 
 mod direct;
 mod idle;
+mod rekey;
 mod sessions;
 
 use std::process::ExitCode;
@@ -66,7 +70,45 @@ async fn run() -> anyhow::Result<()> {
         std::path::Path::new("/sys/module/tls").exists(),
         "the tls module is not loaded (no /sys/module/tls): see the insmod lines above"
     );
+    let renews = renews_keys(release.trim())?;
+    report(
+        "kernel-rekey",
+        if renews {
+            "expected (6.14 or later): KeyUpdates must be followed"
+        } else {
+            "not expected (before 6.14): a KeyUpdate must end the session"
+        },
+    );
+    doctor()?;
     direct::probe().await?;
     direct::transfer().await?;
-    sessions::through_proxy().await
+    sessions::through_proxy(renews).await
+}
+
+/// Whether a kernel of this release renews kTLS keys (TLS 1.3 KeyUpdate
+/// support came in Linux 6.14).
+fn renews_keys(release: &str) -> anyhow::Result<bool> {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    let mut next = || -> anyhow::Result<u32> {
+        parts
+            .next()
+            .and_then(|p| p.parse().ok())
+            .with_context(|| format!("kernel release {release:?} is not MAJOR.MINOR..."))
+    };
+    let (major, minor) = (next()?, next()?);
+    Ok((major, minor) >= (6, 14))
+}
+
+/// `consolegate doctor` in the guest: its kTLS lines, for the record.
+fn doctor() -> anyhow::Result<()> {
+    let bin = std::env::var_os("CONSOLEGATE_BIN").context("CONSOLEGATE_BIN is not set")?;
+    let out = std::process::Command::new(bin)
+        .arg("doctor")
+        .output()
+        .context("running consolegate doctor")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    for line in text.lines().filter(|l| l.contains("kTLS")) {
+        report("doctor", line.trim());
+    }
+    Ok(())
 }

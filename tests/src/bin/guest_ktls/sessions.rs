@@ -45,7 +45,8 @@ enum Ending {
     HalfClose,
 }
 
-pub async fn through_proxy() -> anyhow::Result<()> {
+/// `renews`: this kernel takes new kTLS keys (a KeyUpdate is followed).
+pub async fn through_proxy(renews: bool) -> anyhow::Result<()> {
     let dir = tempfile::Builder::new().prefix("cg-guest-").tempdir()?;
     let ca = Ca::new("guest compute and tenant CA");
     let (compute_cert, compute_key) = ca.leaf("compute", &["127.0.0.1"], false);
@@ -61,14 +62,18 @@ pub async fn through_proxy() -> anyhow::Result<()> {
     let server = Arc::new(compute_config(&ca.pem, &compute_cert, &compute_key)?);
     let ws_console = Console::start(Arc::clone(&server), Ending::Counted).await?;
     let connect_console = Console::start(Arc::clone(&server), Ending::HalfClose).await?;
+    let rekey_consoles = crate::rekey::Consoles::bind(&server).await?;
     let echo_console = crate::idle::echo_console(server).await?;
     let (ws_token, connect_token, echo_token) = (random_token(), random_token(), random_token());
+    let (rekey_ws_token, rekey_connect_token) = (random_token(), random_token());
     write_toml_tokens(
         &d.join("tokens.toml"),
         &[
             raw_token(&ws_token, ws_console.addr),
             raw_token(&connect_token, connect_console.addr),
             raw_token(&echo_token, echo_console),
+            raw_token(&rekey_ws_token, rekey_consoles.websocket.addr),
+            raw_token(&rekey_connect_token, rekey_consoles.connect.addr),
         ],
     )?;
     let config = d.join("consolegate.toml");
@@ -79,7 +84,15 @@ pub async fn through_proxy() -> anyhow::Result<()> {
     let proxy = Proxy::start_args(proxy_dir, &args).await?;
     let ktls_line = proxy.wait_log(&["kTLS ", "available"]).await;
     match &ktls_line {
-        Ok(l) => report("proxy-ktls-probe", l.trim()),
+        Ok(l) => {
+            report("proxy-ktls-probe", l.trim());
+            let probed = l.contains("rekey=true");
+            anyhow::ensure!(
+                probed == renews,
+                "the proxy's probe says rekey={probed}, but this kernel {} kTLS keys",
+                if renews { "renews" } else { "cannot renew" }
+            );
+        }
         Err(_) => report(
             "proxy-ktls-probe",
             "no `kTLS available/unavailable` line: this proxy has no kTLS support",
@@ -140,6 +153,25 @@ pub async fn through_proxy() -> anyhow::Result<()> {
         seen.len() == 2 && seen.iter().all(|d| d == EXPECTED),
         "the proxy ran the sessions on data path(s) {seen:?}, not {EXPECTED:?} \
          (bytes were correct; the kTLS offload is not in this proxy or was not chosen)"
+    );
+    crate::rekey::sessions(
+        &proxy,
+        rekey_consoles,
+        certs::client_config_trusting(ca.pem.as_bytes())?,
+        (&rekey_ws_token, &rekey_connect_token),
+        renews,
+    )
+    .await?;
+    let rekey_paths: Vec<String> = proxy
+        .logs()
+        .lines()
+        .filter(|l| l.contains("session established"))
+        .skip(2)
+        .map(|l| datapath_of(l).unwrap_or("<none>").to_owned())
+        .collect();
+    anyhow::ensure!(
+        rekey_paths.len() == 2 && rekey_paths.iter().all(|d| d == EXPECTED),
+        "the KeyUpdate sessions ran on data path(s) {rekey_paths:?}, not {EXPECTED:?}"
     );
     drop(proxy);
     crate::idle::tls_sessions(&config, &echo_token, &tenant_tls).await
