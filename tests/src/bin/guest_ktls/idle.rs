@@ -24,8 +24,16 @@ use tokio::net::TcpListener;
 use crate::report;
 
 /// Sessions held per run: enough that allocator granularity averages out
-/// (about 1 KiB per session at 100), few enough for TCG.
+/// (about 1 KiB per session at 100), few enough for TCG. The test passes
+/// `CONSOLEGATE_GUEST_IDLE_SESSIONS` on for runs by hand with more.
 const SESSIONS: usize = 300;
+
+fn sessions() -> usize {
+    std::env::var("CONSOLEGATE_GUEST_IDLE_SESSIONS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(SESSIONS)
+}
 
 /// Upper bound for opening one session under TCG (never a performance
 /// assertion).
@@ -40,8 +48,9 @@ pub async fn tls_sessions(config: &Path, token: &str, tenant: &Transport) -> any
     report(
         "idle-wss-tls2-kib-per-session",
         format!(
-            "ktls+splice {with_ktls:.1} rustls-copy {without:.1} ({SESSIONS} sessions, \
-             tenant and compute TLS)"
+            "ktls+splice {with_ktls:.1} rustls-copy {without:.1} ({} sessions, \
+             tenant and compute TLS)",
+            sessions()
         ),
     );
     Ok(())
@@ -72,23 +81,24 @@ async fn run(
     .to_vec();
     let proxy = Proxy::start_args(dir, &args).await?;
     let req = ws::WsRequest::path(format!("/websockify?token={token}")).protocol("binary");
-    let mut held = Vec::with_capacity(SESSIONS + 1);
+    let n = sessions();
+    let mut held = Vec::with_capacity(n + 1);
     // One session first, so the proxy's one-time allocations (TLS session
     // caches, per-thread pools) are in the baseline.
     held.push(open(proxy.ws_addr(), tenant, &req).await?);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = pss_kib(proxy.pid())?;
-    for i in 0..SESSIONS {
+    for i in 0..n {
         let s = open(proxy.ws_addr(), tenant, &req)
             .await
-            .with_context(|| format!("session {} of {SESSIONS} (--ktls {ktls})", i + 1))?;
+            .with_context(|| format!("session {} of {n} (--ktls {ktls})", i + 1))?;
         held.push(s);
     }
     // Idle buffers are freed after a quiet spell: read after it.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after = pss_kib(proxy.pid())?;
     proxy
-        .wait_log_count(&["session established"], SESSIONS + 1)
+        .wait_log_count(&["session established"], n + 1)
         .await
         .context("every session should be established")?;
     let logs = proxy.logs();
@@ -103,7 +113,7 @@ async fn run(
         "with --ktls {ktls} every session should run on {datapath}: {wrong:?}"
     );
     drop(held);
-    Ok((after - before) / SESSIONS as f64)
+    Ok((after - before) / n as f64)
 }
 
 /// A TLS WebSocket session proven by a one-byte round trip, kept open.
