@@ -33,6 +33,7 @@
 use std::io;
 use std::net::Shutdown;
 use std::os::fd::{AsFd, BorrowedFd};
+use std::task::Poll;
 use std::time::Duration;
 
 use tokio::io::Interest;
@@ -211,9 +212,10 @@ struct Flow {
     target: Option<u64>,
     /// dst got `shutdown(SHUT_WR)`.
     done: bool,
-    /// Polling src for EOF on a timer (after an EAGAIN with epoll's
-    /// read-closed readiness set), with this delay.
+    /// Polling src for EOF on a timer (after an EAGAIN once src's FIN
+    /// had arrived), with this delay, next at `poll_at`.
     poll: Option<Duration>,
+    poll_at: Option<Instant>,
     /// Last `tcpi_bytes_received` of src (activity for the idle timeout).
     seen: u64,
 }
@@ -228,6 +230,7 @@ impl Flow {
             target: None,
             done: false,
             poll: None,
+            poll_at: None,
             seen: 0,
         }
     }
@@ -247,8 +250,14 @@ impl Flow {
     fn at_eof(&mut self, src: &TcpStream) -> Result<(), End> {
         let info = tcpinfo::tcp_info(src.as_fd()).map_err(|e| self.dir.read_err(e))?;
         self.target = Some(data_received(info, true).saturating_sub(self.consumed_base));
-        self.poll = None;
+        self.set_poll(None);
         Ok(())
+    }
+
+    /// Polls src for EOF every `delay` from now on, or not at all.
+    fn set_poll(&mut self, delay: Option<Duration>) {
+        self.poll = delay;
+        self.poll_at = delay.map(|d| Instant::now() + d);
     }
 
     /// While src is at EOF: once dst has taken everything, pass the
@@ -273,21 +282,10 @@ impl Flow {
 
 /// What woke one side.
 enum Wake {
-    Ready(tokio::io::Ready),
+    /// epoll said src is readable.
+    Ready,
+    /// Its EOF poll (or the kick after the maps) is due.
     Timer,
-}
-
-async fn wait_side(sock: &TcpStream, flow: &Flow) -> io::Result<Wake> {
-    if flow.target.is_some() {
-        return std::future::pending().await;
-    }
-    match flow.poll {
-        Some(d) => {
-            tokio::time::sleep(d).await;
-            Ok(Wake::Timer)
-        }
-        None => sock.ready(Interest::READABLE).await.map(Wake::Ready),
-    }
 }
 
 /// One read of what is on `src` after a wake-up (empty at EOF). A plain
@@ -296,7 +294,7 @@ async fn wait_side(sock: &TcpStream, flow: &Flow) -> io::Result<Wake> {
 fn read_left(src: &TcpStream, wake: &Wake) -> io::Result<Vec<u8>> {
     let mut buf = [0u8; 4096];
     let n = match wake {
-        Wake::Ready(_) => src.try_io(Interest::READABLE, || recv_now(src, &mut buf))?,
+        Wake::Ready => src.try_io(Interest::READABLE, || recv_now(src, &mut buf))?,
         Wake::Timer => recv_now(src, &mut buf)?,
     };
     Ok(buf.get(..n).unwrap_or_default().to_vec())
@@ -319,18 +317,35 @@ async fn on_wake(src: &TcpStream, dst: &TcpStream, flow: &mut Flow, wake: Wake) 
                 .map_err(|e| flow.dir.write_err(e))
         }
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-            let closed = matches!(wake, Wake::Ready(r) if r.is_read_closed());
-            flow.poll = match (flow.poll, closed) {
+            // Woken with nothing to read: once src's FIN has arrived epoll
+            // keeps saying readable, so poll for the EOF on a timer.
+            let closed = matches!(wake, Wake::Ready)
+                && fin_received(src).map_err(|e| flow.dir.read_err(e))?;
+            flow.set_poll(match (flow.poll, closed) {
                 (Some(d), _) => Some((d * 2).min(POLL_MAX)),
                 (None, true) => Some(POLL_MIN),
                 // Readiness cleared by try_io: epoll wakes us again.
                 (None, false) => None,
-            };
+            });
             Ok(())
         }
         Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(()),
         Err(e) => Err(flow.dir.read_err(e)),
     }
+}
+
+/// Whether the peer's FIN has reached `sock` (its TCP state is one that
+/// follows a received FIN): what epoll's read-closed readiness says.
+fn fin_received(sock: &TcpStream) -> io::Result<bool> {
+    let state = tcpinfo::tcp_info(sock.as_fd())?.state;
+    Ok(matches!(
+        state,
+        TCP_CLOSE_WAIT
+            | tcpinfo::TCP_LAST_ACK
+            | tcpinfo::TCP_CLOSING
+            | tcpinfo::TCP_TIME_WAIT
+            | tcpinfo::TCP_CLOSE
+    ))
 }
 
 /// Runs the session on the sockmap path until both directions reached
@@ -428,6 +443,23 @@ async fn settle(
     Ok(None)
 }
 
+/// What ended one wait of a paired session.
+enum Event {
+    /// epoll says this direction's source is readable (EOF, an error, or
+    /// bytes the verdict left on it).
+    Readable(Dir),
+    /// Waiting for readiness failed.
+    Failed(Dir, io::Error),
+    /// The one timer: a sample, a drain check, an EOF poll or the idle
+    /// deadline is due.
+    Timer,
+    Shutdown,
+}
+
+/// The paired session until it ends. Hand-polled around one timer (the
+/// counter samples, the drain checks, both EOF polls and the idle
+/// timeout), so an idle session's future is small: it is held for the
+/// session's life.
 async fn pump(
     tenant: &TcpStream,
     compute: &TcpStream,
@@ -446,36 +478,76 @@ async fn pump(
     if let Err(end) = on_wake(compute, tenant, &mut down, Wake::Timer).await {
         return end;
     }
-    up.poll = None;
-    down.poll = None;
+    up.set_poll(None);
+    down.set_poll(None);
     let mut next_sample = Instant::now();
     let mut drain_poll = POLL_MIN;
+    let timer = tokio::time::sleep_until(next_sample);
+    let stop = shutdown.raised();
+    tokio::pin!(timer, stop);
     loop {
+        let now = Instant::now();
         let draining = (up.target.is_some() && !up.done) || (down.target.is_some() && !down.done);
         let tick = if draining {
-            Instant::now() + drain_poll
+            now + drain_poll
         } else {
             next_sample
         };
-        let step = tokio::select! {
-            w = wait_side(tenant, &up) => match w {
-                Ok(w) => on_wake(tenant, compute, &mut up, w).await,
-                Err(e) => Err(Dir::Up.read_err(e)),
-            },
-            w = wait_side(compute, &down) => match w {
-                Ok(w) => on_wake(compute, tenant, &mut down, w).await,
-                Err(e) => Err(Dir::Down.read_err(e)),
-            },
-            () = tokio::time::sleep_until(tick) => {
-                let r = on_tick(tenant, compute, &mut up, &mut down, counters);
-                if Instant::now() >= next_sample {
-                    next_sample = Instant::now() + sample_every;
+        let idle_at = idle.map(|i| now + i.saturating_sub(counters.idle_for()));
+        let due = [up.poll_at, down.poll_at, idle_at]
+            .into_iter()
+            .flatten()
+            .fold(tick, Instant::min);
+        timer.as_mut().reset(due);
+        let event = std::future::poll_fn(|cx| {
+            if stop.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Event::Shutdown);
+            }
+            for (sock, flow) in [(tenant, &up), (compute, &down)] {
+                // A source at EOF has nothing more to say; one polled for
+                // its EOF waits for the timer.
+                if flow.target.is_some() || flow.poll.is_some() {
+                    continue;
                 }
-                drain_poll = if draining { (drain_poll * 2).min(POLL_MAX) } else { POLL_MIN };
+                match sock.poll_read_ready(cx) {
+                    Poll::Ready(Ok(())) => return Poll::Ready(Event::Readable(flow.dir)),
+                    Poll::Ready(Err(e)) => return Poll::Ready(Event::Failed(flow.dir, e)),
+                    Poll::Pending => {}
+                }
+            }
+            timer.as_mut().poll(cx).map(|()| Event::Timer)
+        })
+        .await;
+        let step = match event {
+            Event::Shutdown => Err(End::Shutdown),
+            Event::Failed(dir, e) => Err(dir.read_err(e)),
+            Event::Readable(Dir::Up) => on_wake(tenant, compute, &mut up, Wake::Ready).await,
+            Event::Readable(Dir::Down) => on_wake(compute, tenant, &mut down, Wake::Ready).await,
+            Event::Timer => {
+                let now = Instant::now();
+                let mut r = Ok(());
+                if up.poll_at.is_some_and(|at| at <= now) {
+                    r = on_wake(tenant, compute, &mut up, Wake::Timer).await;
+                }
+                if r.is_ok() && down.poll_at.is_some_and(|at| at <= now) {
+                    r = on_wake(compute, tenant, &mut down, Wake::Timer).await;
+                }
+                if r.is_ok() && now >= tick {
+                    r = on_tick(tenant, compute, &mut up, &mut down, counters);
+                    if now >= next_sample {
+                        next_sample = now + sample_every;
+                    }
+                    drain_poll = if draining {
+                        (drain_poll * 2).min(POLL_MAX)
+                    } else {
+                        POLL_MIN
+                    };
+                }
+                if r.is_ok() && idle.is_some_and(|i| counters.idle_for() >= i) {
+                    r = Err(End::IdleTimeout);
+                }
                 r
             }
-            () = idle_watch(counters, idle) => Err(End::IdleTimeout),
-            () = shutdown.raised() => Err(End::Shutdown),
         };
         if let Err(end) = step {
             let _ = up.sample(compute, counters);

@@ -34,6 +34,11 @@ struct RawTcpInfo {
 /// `tcpi_state` values (include/net/tcp_states.h).
 pub const TCP_ESTABLISHED: u8 = 1;
 pub const TCP_CLOSE_WAIT: u8 = 8;
+/// The states after a received FIN, besides `TCP_CLOSE_WAIT`.
+pub const TCP_TIME_WAIT: u8 = 6;
+pub const TCP_CLOSE: u8 = 7;
+pub const TCP_LAST_ACK: u8 = 9;
+pub const TCP_CLOSING: u8 = 11;
 
 /// The fields of `TCP_INFO` the sockmap path uses, read in one snapshot
 /// (the kernel takes the socket lock for it).
