@@ -304,17 +304,27 @@ fn read_left(src: &TcpStream, wake: &Wake) -> io::Result<Vec<u8>> {
 /// bytes the verdict left on the socket (no peer in the map: forwarded
 /// here, which should not happen while both sockets are paired).
 async fn on_wake(src: &TcpStream, dst: &TcpStream, flow: &mut Flow, wake: Wake) -> Result<(), End> {
+    match wake_read(src, flow, wake)? {
+        None => Ok(()),
+        // Boxed: this rare await would otherwise size every idle session.
+        Some(data) => Box::pin(write_all(dst, &data))
+            .await
+            .map_err(|e| flow.dir.write_err(e)),
+    }
+}
+
+/// The synchronous part of [`on_wake`]: EOF, an error or a timer change
+/// are handled here; bytes to forward are returned.
+fn wake_read(src: &TcpStream, flow: &mut Flow, wake: Wake) -> Result<Option<Vec<u8>>, End> {
     match read_left(src, &wake) {
-        Ok(data) if data.is_empty() => flow.at_eof(src),
+        Ok(data) if data.is_empty() => flow.at_eof(src).map(|()| None),
         Ok(data) => {
             tracing::debug!(
                 dir = ?flow.dir,
                 n = data.len(),
                 "sockmap left bytes on the socket (peer not in the map): forwarding them"
             );
-            write_all(dst, &data)
-                .await
-                .map_err(|e| flow.dir.write_err(e))
+            Ok(Some(data))
         }
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
             // Woken with nothing to read: once src's FIN has arrived epoll
@@ -327,9 +337,9 @@ async fn on_wake(src: &TcpStream, dst: &TcpStream, flow: &mut Flow, wake: Wake) 
                 // Readiness cleared by try_io: epoll wakes us again.
                 (None, false) => None,
             });
-            Ok(())
+            Ok(None)
         }
-        Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(None),
         Err(e) => Err(flow.dir.read_err(e)),
     }
 }
@@ -362,31 +372,28 @@ pub async fn run(
     shutdown: super::Stop,
     established: impl FnOnce(),
 ) -> Result<End, Declined> {
-    let settled = tokio::select! {
-        r = settle(&tenant, &compute, counters) => r,
-        () = idle_watch(counters, idle) => return Ok(End::IdleTimeout),
-        () = shutdown.raised() => return Ok(End::Shutdown),
-    };
-    let (up, down) = match settled {
-        Ok(Some(flows)) => flows,
-        Ok(None) => {
-            return Err(Declined {
-                tenant,
-                compute,
-                reason: "the stream never paused long enough to count it exactly".to_owned(),
-            });
+    // In blocks, here and below: what is only needed before the pump must
+    // not stay in this future (and so in every idle session) during it.
+    let (mut up, mut down) = {
+        let settled = tokio::select! {
+            r = settle(&tenant, &compute, counters) => r,
+            () = idle_watch(counters, idle) => return Ok(End::IdleTimeout),
+            () = shutdown.raised() => return Ok(End::Shutdown),
+        };
+        match settled {
+            Ok(Some(flows)) => flows,
+            Ok(None) => {
+                return Err(Declined {
+                    tenant,
+                    compute,
+                    reason: "the stream never paused long enough to count it exactly".to_owned(),
+                });
+            }
+            Err(end) => return Ok(end),
         }
-        Err(end) => return Ok(end),
     };
     // The kernel takes only established TCP sockets into a SOCKHASH.
-    let not_established = [("tenant", &tenant), ("compute", &compute)]
-        .into_iter()
-        .find_map(|(side, s)| match tcpinfo::tcp_info(s.as_fd()) {
-            Ok(i) if i.state == tcpinfo::TCP_ESTABLISHED => None,
-            Ok(_) => Some(format!("the {side} side closed its half before the maps")),
-            Err(e) => Some(format!("TCP_INFO of the {side} side: {e}")),
-        });
-    if let Some(reason) = not_established {
+    if let Some(reason) = not_established(&tenant, &compute) {
         return Err(Declined {
             tenant,
             compute,
@@ -405,7 +412,23 @@ pub async fn run(
     };
     let _unpair = Unpair { redirect, pair };
     established();
-    Ok(pump(&tenant, &compute, up, down, counters, idle, shutdown).await)
+    // The flows by reference: an async fn keeps a second copy of what it
+    // takes by value, for the session's life.
+    Ok(pump(
+        &tenant, &compute, &mut up, &mut down, counters, idle, shutdown,
+    )
+    .await)
+}
+
+/// Why a socket cannot enter the maps: it is no longer established.
+fn not_established(tenant: &TcpStream, compute: &TcpStream) -> Option<String> {
+    [("tenant", tenant), ("compute", compute)]
+        .into_iter()
+        .find_map(|(side, s)| match tcpinfo::tcp_info(s.as_fd()) {
+            Ok(i) if i.state == tcpinfo::TCP_ESTABLISHED => None,
+            Ok(_) => Some(format!("the {side} side closed its half before the maps")),
+            Err(e) => Some(format!("TCP_INFO of the {side} side: {e}")),
+        })
 }
 
 /// Takes the sockets out of the maps when the session ends, however it ends.
@@ -463,8 +486,8 @@ enum Event {
 async fn pump(
     tenant: &TcpStream,
     compute: &TcpStream,
-    mut up: Flow,
-    mut down: Flow,
+    up: &mut Flow,
+    down: &mut Flow,
     counters: &Counters,
     idle: Option<Duration>,
     shutdown: super::Stop,
@@ -472,10 +495,10 @@ async fn pump(
     let sample_every = idle.map_or(SAMPLE_MAX, |i| (i / 4).clamp(POLL_MAX, SAMPLE_MAX));
     // Kick: bytes that arrived between the drain and the insertion go
     // through the verdict now, and an early EOF is seen.
-    if let Err(end) = on_wake(tenant, compute, &mut up, Wake::Timer).await {
+    if let Err(end) = on_wake(tenant, compute, up, Wake::Timer).await {
         return end;
     }
-    if let Err(end) = on_wake(compute, tenant, &mut down, Wake::Timer).await {
+    if let Err(end) = on_wake(compute, tenant, down, Wake::Timer).await {
         return end;
     }
     up.set_poll(None);
@@ -503,7 +526,7 @@ async fn pump(
             if stop.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Event::Shutdown);
             }
-            for (sock, flow) in [(tenant, &up), (compute, &down)] {
+            for (sock, flow) in [(tenant, &*up), (compute, &*down)] {
                 // A source at EOF has nothing more to say; one polled for
                 // its EOF waits for the timer.
                 if flow.target.is_some() || flow.poll.is_some() {
@@ -521,19 +544,19 @@ async fn pump(
         let step = match event {
             Event::Shutdown => Err(End::Shutdown),
             Event::Failed(dir, e) => Err(dir.read_err(e)),
-            Event::Readable(Dir::Up) => on_wake(tenant, compute, &mut up, Wake::Ready).await,
-            Event::Readable(Dir::Down) => on_wake(compute, tenant, &mut down, Wake::Ready).await,
+            Event::Readable(Dir::Up) => on_wake(tenant, compute, up, Wake::Ready).await,
+            Event::Readable(Dir::Down) => on_wake(compute, tenant, down, Wake::Ready).await,
             Event::Timer => {
                 let now = Instant::now();
                 let mut r = Ok(());
                 if up.poll_at.is_some_and(|at| at <= now) {
-                    r = on_wake(tenant, compute, &mut up, Wake::Timer).await;
+                    r = on_wake(tenant, compute, up, Wake::Timer).await;
                 }
                 if r.is_ok() && down.poll_at.is_some_and(|at| at <= now) {
-                    r = on_wake(compute, tenant, &mut down, Wake::Timer).await;
+                    r = on_wake(compute, tenant, down, Wake::Timer).await;
                 }
                 if r.is_ok() && now >= tick {
-                    r = on_tick(tenant, compute, &mut up, &mut down, counters);
+                    r = on_tick(tenant, compute, up, down, counters);
                     if now >= next_sample {
                         next_sample = now + sample_every;
                     }
