@@ -111,27 +111,7 @@ pub fn probe_cipher(version: TlsVersion, cipher: Cipher) -> io::Result<()> {
 /// EBUSY.
 pub fn probe_rekey() -> io::Result<()> {
     let (c, _server) = zero_key_socket(TlsVersion::Tls13, Cipher::AesGcm128)?;
-    let info = zero_info(TlsVersion::Tls13, Cipher::AesGcm128);
-    // SAFETY: `c` is open; `info` holds `info_len` initialised bytes laid
-    // out as `struct tls12_crypto_info_aes_gcm_128`; the kernel copies them.
-    check(unsafe {
-        libc::setsockopt(
-            c.as_raw_fd(),
-            SOL_TLS,
-            TLS_TX,
-            info.as_ptr().cast(),
-            Cipher::AesGcm128.info_len() as libc::socklen_t,
-        )
-    })
-    .map(drop)
-}
-
-/// `struct tls12_crypto_info_*` of `cipher` with all-zero key material.
-fn zero_info(version: TlsVersion, cipher: Cipher) -> [u8; 56] {
-    let mut info = [0u8; 56];
-    info[..2].copy_from_slice(&version.wire().to_ne_bytes());
-    info[2..4].copy_from_slice(&cipher.kernel_id().to_ne_bytes());
-    info
+    set_zero_tx(&c, TlsVersion::Tls13, Cipher::AesGcm128)
 }
 
 /// A connected loopback socket with kTLS transmit on an all-zero key (and
@@ -155,7 +135,15 @@ fn zero_key_socket(
             ulp.len() as libc::socklen_t,
         )
     })?;
-    let info = zero_info(version, cipher);
+    set_zero_tx(&c, version, cipher)?;
+    Ok((c, server))
+}
+
+/// Gives a kTLS socket an all-zero transmit key of `cipher` for `version`.
+fn set_zero_tx(c: &std::net::TcpStream, version: TlsVersion, cipher: Cipher) -> io::Result<()> {
+    let mut info = [0u8; 56];
+    info[..2].copy_from_slice(&version.wire().to_ne_bytes());
+    info[2..4].copy_from_slice(&cipher.kernel_id().to_ne_bytes());
     // SAFETY: `c` is open; `info` holds at least `info_len` initialised
     // bytes laid out as `struct tls12_crypto_info_*` (u16 version, u16
     // cipher type, then byte arrays); the kernel copies them.
@@ -167,8 +155,8 @@ fn zero_key_socket(
             info.as_ptr().cast(),
             cipher.info_len() as libc::socklen_t,
         )
-    })?;
-    Ok((c, server))
+    })
+    .map(drop)
 }
 
 /// `TLS_RX` option of `SOL_TLS`.
