@@ -10,11 +10,17 @@
 //! - a CONNECT session, the compute leg on kTLS: the console before
 //!   rounds 1 and 2 (the splice rung's record path).
 //!
-//! On a kernel that renews kTLS keys, every round must carry its bytes and
-//! the proxy must log each key it renewed (receive and send, per
-//! KeyUpdate: 12 in all). On one that cannot, the first KeyUpdate of each
-//! session must end that session (and only it) with the proxy's error
-//! naming the cause.
+//! A third session, a TLS WebSocket again, has the KeyUpdates arrive in
+//! the middle of a stream: the console sends 4 MiB without pause and
+//! refreshes its keys halfway; the tenant, 1 MiB in, refreshes its own and
+//! sends 64 KiB up. The proxy then answers each KeyUpdate on a socket the
+//! other direction is splicing into at that moment.
+//!
+//! On a kernel that renews kTLS keys, every byte must arrive and the
+//! proxy must log each key it renewed (receive and send, per KeyUpdate:
+//! 16 in all). On one that cannot, the first KeyUpdate of each session
+//! must end that session (and only it) with the proxy's error naming the
+//! cause.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -37,8 +43,13 @@ use crate::report;
 /// Upper bound for one session under TCG (never a performance assertion).
 const SESSION_LIMIT: Duration = Duration::from_secs(120);
 /// Keys the proxy renews when every KeyUpdate is followed: receive and
-/// send for each of the 6 KeyUpdates below.
-const RENEWALS: usize = 12;
+/// send for each of the 8 KeyUpdates below.
+const RENEWALS: usize = 16;
+/// The streaming session: console to tenant, tenant to console, and how
+/// far into the stream the tenant refreshes its keys.
+const STREAM_DOWN: usize = 4 << 20;
+const STREAM_UP: usize = 64 << 10;
+const STREAM_TENANT_REKEY_AT: usize = 1 << 20;
 
 /// One exchange: the tenant's chunk up, the console's down, and who
 /// refreshes its keys first.
@@ -127,6 +138,46 @@ impl Console {
     }
 }
 
+impl Console {
+    /// The streaming session's console: `down` without pause (its keys
+    /// refreshed halfway), then `up` checked, then the close.
+    fn serve_stream(
+        self,
+        down: Vec<u8>,
+        up: Vec<u8>,
+    ) -> tokio::task::JoinHandle<anyhow::Result<usize>> {
+        tokio::spawn(async move {
+            let (tcp, _) = self.listener.accept().await?;
+            tcp.set_nodelay(true)?;
+            let mut tls = self
+                .acceptor
+                .accept(tcp)
+                .await
+                .context("console TLS handshake")?;
+            let chunks = down.chunks(64 << 10);
+            let half = chunks.len() / 2;
+            for (i, chunk) in chunks.enumerate() {
+                if i == half {
+                    tls.get_mut().1.refresh_traffic_keys()?;
+                }
+                tls.write_all(chunk).await.context("console streaming")?;
+            }
+            tls.flush().await?;
+            let mut got = vec![0u8; up.len()];
+            tls.read_exact(&mut got)
+                .await
+                .context("console reading the tenant's bytes")?;
+            anyhow::ensure!(got == up, "console: the tenant's bytes arrived altered");
+            tls.shutdown().await.context("console close_notify")?;
+            let mut rest = Vec::new();
+            tls.read_to_end(&mut rest)
+                .await
+                .context("console reading to the end")?;
+            Ok(1)
+        })
+    }
+}
+
 /// The tenant's TLS stream, which refreshes its keys before the next
 /// write once asked to.
 #[derive(Debug)]
@@ -194,12 +245,13 @@ async fn tenant_rounds(
     Ok(rounds.len())
 }
 
-async fn websocket_session(
+/// A TLS WebSocket (binary) whose TLS stream refreshes its keys when the
+/// flag returned is set.
+async fn wss(
     addr: SocketAddr,
     tenant_tls: Arc<rustls::ClientConfig>,
     token: &str,
-    rounds: &[Round],
-) -> anyhow::Result<usize> {
+) -> anyhow::Result<(ws::WsBytes, Arc<AtomicBool>)> {
     let tcp = consolegate_tests::net::tcp(addr).await?;
     let tls = tokio_rustls::TlsConnector::from(tenant_tls)
         .connect(ServerName::IpAddress(addr.ip().into()), tcp)
@@ -212,7 +264,16 @@ async fn websocket_session(
     });
     let req = ws::WsRequest::path(format!("/websockify?token={token}")).protocol("binary");
     let (sock, _) = ws::upgrade(io, addr, "wss", &req).await?.upgraded()?;
-    let mut bytes = ws::into_bytes(sock, ws::Mode::Binary);
+    Ok((ws::into_bytes(sock, ws::Mode::Binary), now))
+}
+
+async fn websocket_session(
+    addr: SocketAddr,
+    tenant_tls: Arc<rustls::ClientConfig>,
+    token: &str,
+    rounds: &[Round],
+) -> anyhow::Result<usize> {
+    let (mut bytes, now) = wss(addr, tenant_tls, token).await?;
     let done = tenant_rounds(&mut bytes.io, rounds, Some(&now)).await?;
     let closed = bytes.closed.await??;
     anyhow::ensure!(
@@ -220,6 +281,43 @@ async fn websocket_session(
         "WebSocket closed with {closed:?}, expected 1000 when the console closed"
     );
     Ok(done)
+}
+
+/// The streaming session's tenant: reads `down`, and 1 MiB in refreshes
+/// its keys and sends `up`.
+async fn websocket_stream_session(
+    addr: SocketAddr,
+    tenant_tls: Arc<rustls::ClientConfig>,
+    token: &str,
+    down: &[u8],
+    up: &[u8],
+) -> anyhow::Result<usize> {
+    let (mut bytes, now) = wss(addr, tenant_tls, token).await?;
+    let mut got = Vec::with_capacity(down.len());
+    let mut buf = vec![0u8; 64 << 10];
+    let mut sent = false;
+    while got.len() < down.len() {
+        let n = bytes
+            .io
+            .read(&mut buf)
+            .await
+            .context("tenant reading the stream")?;
+        anyhow::ensure!(n > 0, "tenant: the stream ended after {} bytes", got.len());
+        got.extend_from_slice(&buf[..n]);
+        if !sent && got.len() >= STREAM_TENANT_REKEY_AT {
+            now.store(true, Ordering::SeqCst);
+            bytes.io.write_all(up).await?;
+            bytes.io.flush().await?;
+            sent = true;
+        }
+    }
+    anyhow::ensure!(got == down, "tenant: the stream arrived altered");
+    let closed = bytes.closed.await??;
+    anyhow::ensure!(
+        closed.code == Some(1000),
+        "WebSocket closed with {closed:?}, expected 1000 when the console closed"
+    );
+    Ok(1)
 }
 
 async fn connect_session(
@@ -234,10 +332,11 @@ async fn connect_session(
     tenant_rounds(&mut tunnel, rounds, None).await
 }
 
-/// The two consoles, bound before the proxy's token file is written.
+/// The three consoles, bound before the proxy's token file is written.
 pub struct Consoles {
     pub websocket: Console,
     pub connect: Console,
+    pub stream: Console,
 }
 
 impl Consoles {
@@ -245,6 +344,7 @@ impl Consoles {
         Ok(Self {
             websocket: Console::bind(Arc::clone(config)).await?,
             connect: Console::bind(Arc::clone(config)).await?,
+            stream: Console::bind(Arc::clone(config)).await?,
         })
     }
 }
@@ -255,7 +355,7 @@ pub async fn sessions(
     proxy: &Proxy,
     consoles: Consoles,
     tenant_tls: Arc<rustls::ClientConfig>,
-    (ws_token, connect_token): (&str, &str),
+    (ws_token, connect_token, stream_token): (&str, &str, &str),
     renews: bool,
 ) -> anyhow::Result<()> {
     let connect_console = consoles.connect.addr;
@@ -264,7 +364,12 @@ pub async fn sessions(
     let ws_tenant = within_for(
         SESSION_LIMIT,
         "KeyUpdate WebSocket session",
-        websocket_session(proxy.ws_addr(), tenant_tls, ws_token, &ws_rounds),
+        websocket_session(
+            proxy.ws_addr(),
+            Arc::clone(&tenant_tls),
+            ws_token,
+            &ws_rounds,
+        ),
     )
     .await?;
     let ws_console = within_for(SESSION_LIMIT, "KeyUpdate WebSocket console", ws_console).await??;
@@ -286,11 +391,23 @@ pub async fn sessions(
         connect_console_run,
     )
     .await??;
+    let (down, up) = (random(STREAM_DOWN), random(STREAM_UP));
+    let stream_console = consoles.stream.serve_stream(down.clone(), up.clone());
+    let stream_tenant = within_for(
+        SESSION_LIMIT,
+        "KeyUpdate streaming session",
+        websocket_stream_session(proxy.ws_addr(), tenant_tls, stream_token, &down, &up),
+    )
+    .await?;
+    let stream_console =
+        within_for(SESSION_LIMIT, "KeyUpdate streaming console", stream_console).await??;
     if renews {
         ws_tenant.context("KeyUpdate WebSocket session, tenant")?;
         ws_console.context("KeyUpdate WebSocket session, console")?;
         connect_tenant.context("KeyUpdate CONNECT session, tenant")?;
         connect_console_run.context("KeyUpdate CONNECT session, console")?;
+        stream_tenant.context("KeyUpdate streaming session, tenant")?;
+        stream_console.context("KeyUpdate streaming session, console")?;
         proxy
             .wait_log_count(&["kTLS key renewed"], RENEWALS)
             .await
@@ -307,9 +424,10 @@ pub async fn sessions(
         report(
             "rekey",
             format!(
-                "followed: {} + {} rounds with 6 KeyUpdates (tenant and console) carried byte for byte, {renewed} kTLS keys renewed",
+                "followed: {} + {} rounds with 6 KeyUpdates (tenant and console) and a {} MiB stream with 2 more in mid-stream carried byte for byte, {renewed} kTLS keys renewed",
                 ws_rounds.len(),
-                connect_rounds.len()
+                connect_rounds.len(),
+                STREAM_DOWN >> 20
             ),
         );
     } else {
@@ -319,6 +437,8 @@ pub async fn sessions(
             ("WebSocket console", &ws_console),
             ("CONNECT tenant", &connect_tenant),
             ("CONNECT console", &connect_console_run),
+            ("streaming tenant", &stream_tenant),
+            ("streaming console", &stream_console),
         ] {
             if let Ok(n) = got {
                 anyhow::bail!(
@@ -327,12 +447,12 @@ pub async fn sessions(
             }
         }
         proxy
-            .wait_log_count(&["KeyUpdate from the peer", "cannot be renewed"], 2)
+            .wait_log_count(&["KeyUpdate from the peer", "cannot be renewed"], 3)
             .await
             .context("the proxy should end both sessions naming the KeyUpdate")?;
         report(
             "rekey",
-            "not followed (kernel cannot renew kTLS keys): each session ended at its first KeyUpdate with the proxy's error",
+            "not followed (kernel cannot renew kTLS keys): each of the 3 sessions ended at its first KeyUpdate with the proxy's error",
         );
     }
     Ok(())

@@ -65,7 +65,8 @@ pub async fn through_proxy(renews: bool) -> anyhow::Result<()> {
     let rekey_consoles = crate::rekey::Consoles::bind(&server).await?;
     let echo_console = crate::idle::echo_console(server).await?;
     let (ws_token, connect_token, echo_token) = (random_token(), random_token(), random_token());
-    let (rekey_ws_token, rekey_connect_token) = (random_token(), random_token());
+    let (rekey_ws_token, rekey_connect_token, rekey_stream_token) =
+        (random_token(), random_token(), random_token());
     write_toml_tokens(
         &d.join("tokens.toml"),
         &[
@@ -74,6 +75,7 @@ pub async fn through_proxy(renews: bool) -> anyhow::Result<()> {
             raw_token(&echo_token, echo_console),
             raw_token(&rekey_ws_token, rekey_consoles.websocket.addr),
             raw_token(&rekey_connect_token, rekey_consoles.connect.addr),
+            raw_token(&rekey_stream_token, rekey_consoles.stream.addr),
         ],
     )?;
     let config = d.join("consolegate.toml");
@@ -158,7 +160,7 @@ pub async fn through_proxy(renews: bool) -> anyhow::Result<()> {
         &proxy,
         rekey_consoles,
         certs::client_config_trusting(ca.pem.as_bytes())?,
-        (&rekey_ws_token, &rekey_connect_token),
+        (&rekey_ws_token, &rekey_connect_token, &rekey_stream_token),
         renews,
     )
     .await?;
@@ -170,7 +172,7 @@ pub async fn through_proxy(renews: bool) -> anyhow::Result<()> {
         .map(|l| datapath_of(l).unwrap_or("<none>").to_owned())
         .collect();
     anyhow::ensure!(
-        rekey_paths.len() == 2 && rekey_paths.iter().all(|d| d == EXPECTED),
+        rekey_paths.len() == 3 && rekey_paths.iter().all(|d| d == EXPECTED),
         "the KeyUpdate sessions ran on data path(s) {rekey_paths:?}, not {EXPECTED:?}"
     );
     drop(proxy);
