@@ -32,6 +32,7 @@ pub mod redis;
 pub mod rfb;
 pub mod scenario;
 pub mod spice;
+pub mod vnc_matrix;
 pub mod ws;
 
 use std::future::Future;
