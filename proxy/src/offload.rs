@@ -197,7 +197,22 @@ impl Offload {
     /// Whether the tenant leg can be offloaded.
     pub fn check_tenant(&self, s: &TenantTls) -> Result<(), String> {
         self.check(s.get_ref().1.negotiated_cipher_suite())
+            .and_then(|()| self.check_owed(s.may_owe_key_update()))
             .map_err(|r| format!("tenant leg: {r}"))
+    }
+
+    /// A KeyUpdate answer rustls still holds can be sent at the hand-over
+    /// only with a KeyUpdate of ours, whose answer the kernel must then
+    /// follow.
+    fn check_owed(&self, owed: bool) -> Result<(), String> {
+        if owed && !self.rekey {
+            return Err(
+                "the peer's TLS 1.3 KeyUpdate is not answered yet and this kernel \
+                 cannot renew kTLS keys"
+                    .to_owned(),
+            );
+        }
+        Ok(())
     }
 
     /// Whether the compute leg can be offloaded (TCP only).
@@ -206,6 +221,7 @@ impl Offload {
             return Err("compute leg: kTLS needs a TCP socket".to_owned());
         }
         self.check(s.get_ref().1.negotiated_cipher_suite())
+            .and_then(|()| self.check_owed(s.may_owe_key_update()))
             .map_err(|r| format!("compute leg: {r}"))
     }
 }
@@ -225,12 +241,27 @@ pub struct Handed {
 
 /// Flushes, corks and drains a TLS leg: the transport (at a record
 /// boundary), the plaintext rustls had decrypted, and the connection.
+/// `rekey`: the kernel renews keys, so a KeyUpdate answer rustls still
+/// holds can go out with a KeyUpdate of ours (the peer's answer to that
+/// is followed in the kernel); otherwise such a leg is refused.
 pub async fn drain<IO: AsyncRead + AsyncWrite + Unpin, C: Side>(
     mut s: TlsStream<Cork<IO>, C>,
+    rekey: bool,
 ) -> io::Result<(IO, cork::Drained, C)> {
     s.flush().await?;
     s.get_mut().0.cork();
     let drained = cork::drain(&mut s).await?;
+    if s.may_owe_key_update() {
+        if !rekey {
+            return Err(io::Error::other(
+                "a TLS 1.3 KeyUpdate arrived during the hand-over and this kernel cannot \
+                 renew kTLS keys",
+            ));
+        }
+        tracing::debug!("answering a KeyUpdate at the kTLS hand-over with one of ours");
+        s.refresh_keys().await?;
+    }
+    s.flush().await?;
     let (cork, conn) = s.into_inner()?;
     Ok((cork.io, drained, conn))
 }
@@ -297,14 +328,14 @@ where
 /// Hands the tenant leg to the kernel. Call only after
 /// [`Offload::check_tenant`]; on error the connection is lost.
 pub async fn tenant(s: Box<TenantTls>, rekey: bool) -> io::Result<Handed> {
-    let (socket, drained, conn) = drain(*s).await?;
+    let (socket, drained, conn) = drain(*s, rekey).await?;
     install("tenant", socket, conn, drained, rekey)
 }
 
 /// Hands the compute leg to the kernel. Call only after
 /// [`Offload::check_compute`]; on error the connection is lost.
 pub async fn compute(s: Box<ComputeTls>, rekey: bool) -> io::Result<Handed> {
-    let (stream, drained, conn) = drain(*s).await?;
+    let (stream, drained, conn) = drain(*s, rekey).await?;
     let ComputeStream::Tcp(socket) = stream else {
         return Err(io::Error::other("kTLS on a compute leg that is not TCP"));
     };
@@ -364,7 +395,7 @@ mod tests {
             assert_eq!(&four, b"cons");
             // Let the second records arrive before draining.
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            let (mut s_sock, drained, conn) = drain(server).await.unwrap();
+            let (mut s_sock, drained, conn) = drain(server, true).await.unwrap();
             assert_eq!(drained.bytes, b"lo", "{version:?}");
             assert!(!drained.peer_closed);
             assert_eq!(
@@ -376,7 +407,7 @@ mod tests {
             assert!(tx.size() > 0 && rx.size() > 0);
             let tls13 = version.version == rustls::ProtocolVersion::TLSv1_3;
             assert_eq!(keys.is_some(), tls13, "successor keys for TLS 1.3 only");
-            let (mut c_sock, drained, conn) = drain(client).await.unwrap();
+            let (mut c_sock, drained, conn) = drain(client, true).await.unwrap();
             assert_eq!(drained.bytes, b"ole", "{version:?}");
             assert!(!drained.peer_closed);
             assert_eq!(
@@ -419,7 +450,7 @@ mod tests {
                 assert_eq!(rest, b"words");
             }
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            let (mut sock, drained, _conn) = drain(server).await.unwrap();
+            let (mut sock, drained, _conn) = drain(server, true).await.unwrap();
             if read_to_end {
                 assert!(drained.bytes.is_empty() && drained.peer_closed);
             } else {
@@ -429,6 +460,78 @@ mod tests {
                 assert_eq!(raw_record(&mut sock).await, (23, 2 + 1 + 16));
             }
         }
+    }
+
+    /// A KeyUpdate asking for ours, arriving as the hand-over begins: the
+    /// drain completes its record and rustls takes it, but rustls sends
+    /// its answer only ahead of our next application data, while the
+    /// secrets it gives up already count that answer as sent. Where the
+    /// kernel renews keys the answer goes out with a KeyUpdate of ours
+    /// (two 22-byte records), whose answer the kernel then follows; where
+    /// it cannot, the hand-over is refused with the reason.
+    #[tokio::test]
+    async fn a_key_update_taken_by_the_drain_is_answered_before_the_hand_over() {
+        for rekey in [true, false] {
+            let (server, mut tcp) = server_taking_a_key_update_in_the_drain().await;
+            let drained =
+                tokio::time::timeout(std::time::Duration::from_secs(5), drain(server, rekey))
+                    .await
+                    .expect("drain hangs");
+            if !rekey {
+                let e = drained.map(|_| ()).unwrap_err();
+                assert!(e.to_string().contains("cannot renew"), "{e}");
+                continue;
+            }
+            let (_sock, drained, conn) = drained.unwrap();
+            assert!(drained.bytes.is_empty() && !drained.peer_closed);
+            let (_, _, keys) = crypto_info(conn, true).unwrap();
+            assert!(keys.is_some());
+            for which in ["the owed answer", "our own KeyUpdate"] {
+                let got =
+                    tokio::time::timeout(std::time::Duration::from_secs(5), raw_record(&mut tcp))
+                        .await
+                        .unwrap_or_else(|_| panic!("{which} never came"));
+                assert_eq!(got, (23, 5 + 1 + 16), "{which}");
+            }
+        }
+    }
+
+    /// A TLS 1.3 server leg (ours) and the peer's socket, with the peer's
+    /// KeyUpdate (asking for ours) cut inside its header: the first three
+    /// bytes read before the hand-over, the rest left for the drain.
+    async fn server_taking_a_key_update_in_the_drain()
+    -> (crate::tls_stream::ServerTls<Cork<TcpStream>>, TcpStream) {
+        use tokio::io::AsyncReadExt as _;
+        let (server_cfg, client_cfg) = configs(&rustls::version::TLS13);
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let (server, client) = tokio::join!(
+            crate::tls_stream::ServerTls::accept(server_cfg, Cork::new(s)),
+            tokio_rustls::TlsConnector::from(client_cfg).connect(name, c),
+        );
+        let (mut server, client) = (server.unwrap(), client.unwrap());
+        let (mut tcp, mut conn) = client.into_inner();
+        // The session tickets of the handshake, out of the way first.
+        while tokio::time::timeout(std::time::Duration::from_millis(100), raw_record(&mut tcp))
+            .await
+            .is_ok()
+        {}
+        conn.refresh_traffic_keys().unwrap();
+        let mut wire = Vec::new();
+        conn.write_tls(&mut wire).unwrap();
+        assert_eq!(wire.len(), 5 + 22, "one KeyUpdate record");
+        tcp.write_all(&wire[..3]).await.unwrap();
+        let mut buf = [0u8; 16];
+        let read =
+            tokio::time::timeout(std::time::Duration::from_millis(200), server.read(&mut buf))
+                .await;
+        assert!(read.is_err(), "no application data yet");
+        assert!(!server.may_owe_key_update());
+        tcp.write_all(&wire[3..]).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        (server, tcp)
     }
 
     /// The size of an application-data record with `n` plaintext bytes

@@ -7,10 +7,16 @@
 //! suite) beside the socket, only for TLS 1.3 legs and only when the
 //! kernel takes new keys (probed at start): elsewhere a KeyUpdate ends the
 //! session, and the session holds nothing for it.
+//!
+//! A peer may not make us renew keys without bound (each costs two
+//! derivations and a system call): more than [`MAX_PEER_UPDATES`]
+//! KeyUpdates within [`UPDATE_WINDOW`] end the session, as rustls caps
+//! them on its own connections.
 
 use std::fmt;
 use std::io;
 use std::os::fd::BorrowedFd;
+use std::time::{Duration, Instant};
 
 use rustls::kernel::KernelConnection;
 use rustls::{ConnectionTrafficSecrets, SupportedCipherSuite};
@@ -34,12 +40,35 @@ where
     }
 }
 
+/// Peer KeyUpdates allowed within [`UPDATE_WINDOW`].
+pub const MAX_PEER_UPDATES: u32 = 8;
+pub const UPDATE_WINDOW: Duration = Duration::from_secs(1);
+
+/// Counts the peer's KeyUpdates in fixed windows.
+#[derive(Debug, Default)]
+struct UpdateRate {
+    window: Option<Instant>,
+    seen: u32,
+}
+
+impl UpdateRate {
+    /// Whether one more KeyUpdate at `now` is within the allowance.
+    fn admit(&mut self, now: Instant) -> bool {
+        match self.window {
+            Some(start) if now.duration_since(start) < UPDATE_WINDOW => self.seen += 1,
+            _ => (self.window, self.seen) = (Some(now), 1),
+        }
+        self.seen <= MAX_PEER_UPDATES
+    }
+}
+
 /// Computes and installs the next key of a kTLS socket, per direction.
 pub struct Rekey {
     next: Box<dyn NextSecrets>,
     suite: SupportedCipherSuite,
     /// Keys renewed so far (both directions): for the log.
     renewed: u32,
+    rate: UpdateRate,
 }
 
 impl fmt::Debug for Rekey {
@@ -61,6 +90,7 @@ impl Rekey {
             next: Box::new(conn),
             suite,
             renewed: 0,
+            rate: UpdateRate::default(),
         }
     }
 
@@ -68,6 +98,12 @@ impl Rekey {
     /// (record sequence 0). For receiving: right after the peer's
     /// KeyUpdate; for sending: right after ours went out.
     pub fn renew(&mut self, fd: BorrowedFd<'_>, dir: KeyDir) -> io::Result<()> {
+        if dir == KeyDir::Rx && !self.rate.admit(Instant::now()) {
+            return Err(io::Error::other(format!(
+                "the peer sent more than {MAX_PEER_UPDATES} TLS KeyUpdates within {} s",
+                UPDATE_WINDOW.as_secs()
+            )));
+        }
         let secrets = self.next.next(dir).map_err(io::Error::other)?;
         let info = ktls::CryptoInfo::from_rustls(self.suite, secrets).map_err(io::Error::other)?;
         set_key(fd, dir, &info)?;
@@ -81,5 +117,30 @@ impl Rekey {
             "kTLS key renewed after a TLS 1.3 KeyUpdate"
         );
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_key_updates_are_capped_per_window() {
+        let mut rate = UpdateRate::default();
+        let t0 = Instant::now();
+        for i in 0..MAX_PEER_UPDATES {
+            assert!(
+                rate.admit(t0 + Duration::from_millis(u64::from(i))),
+                "update {i}"
+            );
+        }
+        assert!(!rate.admit(t0 + Duration::from_millis(500)), "one too many");
+        // A new window starts afresh.
+        assert!(rate.admit(t0 + UPDATE_WINDOW + Duration::from_millis(1)));
+        // Spread out, any number is fine.
+        let mut rate = UpdateRate::default();
+        for i in 0..100u64 {
+            assert!(rate.admit(t0 + Duration::from_millis(300 * i)));
+        }
     }
 }

@@ -127,6 +127,12 @@ pub struct TlsStream<IO, C> {
     eof: bool,
     /// Our close_notify is queued.
     close_queued: bool,
+    /// rustls may hold an answer to a peer's TLS 1.3 KeyUpdate that it
+    /// sends only with our next application data (see
+    /// [`TlsStream::may_owe_key_update`]).
+    owes_key_update: bool,
+    /// We asked rustls to send a KeyUpdate of ours (at the hand-over).
+    refresh_pending: bool,
 }
 
 impl<IO: std::fmt::Debug, C> std::fmt::Debug for TlsStream<IO, C> {
@@ -185,6 +191,25 @@ where
 
 /// Room for `n` plaintext bytes once sealed: per record of up to 2^14
 /// bytes a header, a tag, an explicit nonce or inner type (and spare).
+/// Whether these whole TLS records (as rustls consumed them) include one
+/// of a TLS 1.3 KeyUpdate's size: an application-data record (TLS 1.3
+/// hides the real type) of 22 bytes, the 4-byte message header and its
+/// request byte, the inner type byte and a 16-byte AEAD tag.
+fn key_update_among(mut records: &[u8]) -> bool {
+    const KEY_UPDATE_RECORD: usize = 4 + 1 + 1 + 16;
+    while let [kind, _, _, hi, lo, rest @ ..] = records {
+        let len = usize::from(u16::from_be_bytes([*hi, *lo]));
+        if *kind == 23 && len == KEY_UPDATE_RECORD {
+            return true;
+        }
+        let Some(next) = rest.get(len..) else {
+            return false;
+        };
+        records = next;
+    }
+    false
+}
+
 fn sealed_len(n: usize) -> usize {
     n + (n / (1 << 14) + 1) * 64
 }
@@ -254,6 +279,8 @@ impl<IO, C: Side> TlsStream<IO, C> {
             peer_closed: false,
             eof: false,
             close_queued: false,
+            owes_key_update: false,
+            refresh_pending: false,
         }
     }
 
@@ -280,6 +307,10 @@ impl<IO, C: Side> TlsStream<IO, C> {
                     return Err(tls_error(e));
                 }
             };
+            // Records rustls took on its own before this state (the
+            // records of application data it hands out come after): after
+            // the handshake, tickets, alerts or a KeyUpdate.
+            let took = discard;
             let stop = match state {
                 ConnectionState::ReadTraffic(mut r) => {
                     while let Some(record) = r.next_record() {
@@ -318,6 +349,14 @@ impl<IO, C: Side> TlsStream<IO, C> {
                     None
                 }
                 ConnectionState::Closed => Some(Stop::Closed),
+                ConnectionState::WriteTraffic(w) if self.refresh_pending => {
+                    // Sent with what rustls still holds (an owed answer)
+                    // on the next turn, as EncodeTlsData.
+                    self.refresh_pending = false;
+                    w.refresh_traffic_keys().map_err(tls_error)?;
+                    self.owes_key_update = false;
+                    None
+                }
                 ConnectionState::WriteTraffic(mut w) => {
                     let mut n = 0;
                     if let Some(data) = write {
@@ -329,6 +368,8 @@ impl<IO, C: Side> TlsStream<IO, C> {
                             encrypt_needs,
                             "encrypting",
                         )?;
+                        // Any owed KeyUpdate answer went out ahead of it.
+                        self.owes_key_update &= n == 0;
                     }
                     if close && !self.close_queued {
                         append(
@@ -350,6 +391,10 @@ impl<IO, C: Side> TlsStream<IO, C> {
                 }
                 _ => return Err(io::Error::other("TLS connection in an unknown state")),
             };
+            if took > 0 && !self.conn.is_handshaking() {
+                self.owes_key_update |=
+                    key_update_among(&self.incoming[self.in_at..self.in_at + took]);
+            }
             self.discard(discard);
             if let Some(stop) = stop {
                 return Ok(stop);
@@ -410,11 +455,27 @@ impl<IO, C: Side> TlsStream<IO, C> {
     /// Hands the transport and the connection over (the kTLS hand-over),
     /// after the caller has flushed and drained the stream. Ciphertext not
     /// yet processed would be lost, so it is an error.
+    /// Whether rustls may be holding an answer to a peer's TLS 1.3
+    /// KeyUpdate (one that asked for ours). rustls sends that answer only
+    /// ahead of our next application data, and giving the connection up
+    /// for kernel TLS would lose it while the secrets it gives count it
+    /// as sent. The stream cannot see inside records; it flags a
+    /// post-handshake record of a KeyUpdate's size (22 bytes of payload
+    /// under a 16-byte AEAD tag, unpadded) that yielded no data.
+    pub fn may_owe_key_update(&self) -> bool {
+        self.owes_key_update
+    }
+
     pub fn into_inner(self) -> io::Result<(IO, C)> {
         if self.in_len > self.in_at || self.plain_at < self.plain.len() {
             return Err(io::Error::other(
                 "TLS bytes past the record boundary at the hand-over",
             ));
+        }
+        if !self.pending_out().is_empty() {
+            // Say a KeyUpdate answer: the secrets rustls gives up already
+            // count it as sent.
+            return Err(io::Error::other("TLS bytes not yet sent at the hand-over"));
         }
         Ok((self.io, self.conn))
     }
@@ -451,6 +512,20 @@ impl<IO, C: Side> TlsStream<IO, C> {
 }
 
 impl<IO: AsyncRead + AsyncWrite + Unpin, C: Side> TlsStream<IO, C> {
+    /// Sends a KeyUpdate of ours (asking for the peer's), and with it
+    /// whatever answer rustls held: after this the connection owes
+    /// nothing, and the peer will answer with a KeyUpdate of its own.
+    pub async fn refresh_keys(&mut self) -> io::Result<()> {
+        self.refresh_pending = true;
+        self.process(None, None, false)?;
+        if self.refresh_pending {
+            return Err(io::Error::other(
+                "TLS connection not ready to update its keys",
+            ));
+        }
+        std::future::poll_fn(|cx| self.poll_write_out(cx)).await
+    }
+
     async fn handshake(mut self) -> io::Result<Self> {
         std::future::poll_fn(|cx| self.poll_handshake(cx)).await?;
         Ok(self)

@@ -269,6 +269,36 @@ async fn peer_key_update_is_followed() {
     }
 }
 
+/// A peer's KeyUpdate asking for ours leaves rustls owing an answer until
+/// our next application data (what the kTLS hand-over must not lose); one
+/// not asking, or our data after it, leaves nothing owed.
+#[tokio::test]
+async fn an_owed_key_update_answer_is_seen_until_we_write() {
+    let (mut ours, mut theirs) = ours_serving(&rustls::version::TLS13).await;
+    let data = pattern(1000, 1);
+    assert_eq!(through(&mut theirs, &mut ours, &data).await, data);
+    assert!(!ours.may_owe_key_update(), "tickets and data owe nothing");
+    theirs.get_mut().1.refresh_traffic_keys().unwrap();
+    assert_eq!(through(&mut theirs, &mut ours, &data).await, data);
+    assert!(ours.may_owe_key_update());
+    assert_eq!(through(&mut ours, &mut theirs, &data).await, data);
+    assert!(
+        !ours.may_owe_key_update(),
+        "the answer went out with our data"
+    );
+    // Our own KeyUpdate also sends what is owed.
+    theirs.get_mut().1.refresh_traffic_keys().unwrap();
+    assert_eq!(through(&mut theirs, &mut ours, &data).await, data);
+    assert!(ours.may_owe_key_update());
+    ours.refresh_keys().await.unwrap();
+    assert!(!ours.may_owe_key_update());
+    for round in 0..2u8 {
+        let data = pattern(5000, round);
+        assert_eq!(through(&mut ours, &mut theirs, &data).await, data);
+        assert_eq!(through(&mut theirs, &mut ours, &data).await, data);
+    }
+}
+
 /// A server certificate that does not chain to our roots fails our client's
 /// handshake with rustls's reason.
 #[tokio::test]
@@ -328,6 +358,25 @@ async fn into_inner_keeps_nothing_back() {
     ours.flush().await.unwrap();
     let (_tcp, conn) = ours.into_inner().unwrap();
     assert!(conn.negotiated_cipher_suite().is_some());
+    // Nor ciphertext not yet written: a peer that does not read fills the
+    // socket, then our buffer.
+    let (mut ours, _theirs) = ours_serving(&rustls::version::TLS13).await;
+    let chunk = vec![7u8; 64 * 1024];
+    loop {
+        let wrote = tokio::time::timeout(
+            std::time::Duration::from_millis(200),
+            ours.write_all(&chunk),
+        )
+        .await;
+        if wrote.is_err() {
+            break;
+        }
+    }
+    assert!(!ours.pending_out().is_empty());
+    let Err(e) = ours.into_inner() else {
+        panic!("into_inner dropped unsent ciphertext");
+    };
+    assert!(e.to_string().contains("not yet sent"), "{e}");
 }
 
 /// A record tampered with on the wire fails the read with rustls's reason,
