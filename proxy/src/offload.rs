@@ -347,6 +347,33 @@ mod tests {
     use super::*;
     use crate::tls_stream::tests::configs;
 
+    async fn tcp_pair() -> (TcpStream, TcpStream) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        (s, c)
+    }
+
+    fn localhost() -> rustls::pki_types::ServerName<'static> {
+        rustls::pki_types::ServerName::try_from("localhost").unwrap()
+    }
+
+    /// Both our TLS legs over loopback, each on a cork: (server, client).
+    async fn corked_pair(
+        server_cfg: std::sync::Arc<rustls::ServerConfig>,
+        client_cfg: std::sync::Arc<rustls::ClientConfig>,
+    ) -> (
+        crate::tls_stream::ServerTls<Cork<TcpStream>>,
+        crate::tls_stream::ClientTls<Cork<TcpStream>>,
+    ) {
+        let (s, c) = tcp_pair().await;
+        let (server, client) = tokio::join!(
+            crate::tls_stream::ServerTls::accept(server_cfg, Cork::new(s)),
+            crate::tls_stream::ClientTls::connect(client_cfg, localhost(), Cork::new(c)),
+        );
+        (server.unwrap(), client.unwrap())
+    }
+
     /// Reads one whole TLS record from a raw socket; returns its type.
     async fn raw_record(s: &mut TcpStream) -> (u8, usize) {
         use tokio::io::AsyncReadExt as _;
@@ -369,15 +396,7 @@ mod tests {
         use tokio::io::AsyncReadExt as _;
         for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
             let (server_cfg, client_cfg) = configs(version);
-            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-            let (s, _) = l.accept().await.unwrap();
-            let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-            let (server, client) = tokio::join!(
-                crate::tls_stream::ServerTls::accept(server_cfg, Cork::new(s)),
-                crate::tls_stream::ClientTls::connect(client_cfg, name, Cork::new(c)),
-            );
-            let (mut server, mut client) = (server.unwrap(), client.unwrap());
+            let (mut server, mut client) = corked_pair(server_cfg, client_cfg).await;
             // Each write_all + flush is one record.
             for data in [&b"hello"[..], b"world"] {
                 client.write_all(data).await.unwrap();
@@ -431,15 +450,7 @@ mod tests {
         use tokio::io::AsyncReadExt as _;
         for read_to_end in [false, true] {
             let (server_cfg, client_cfg) = configs(&rustls::version::TLS13);
-            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-            let (s, _) = l.accept().await.unwrap();
-            let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-            let (server, client) = tokio::join!(
-                crate::tls_stream::ServerTls::accept(server_cfg, Cork::new(s)),
-                crate::tls_stream::ClientTls::connect(client_cfg, name, Cork::new(c)),
-            );
-            let (mut server, mut client) = (server.unwrap(), client.unwrap());
+            let (mut server, mut client) = corked_pair(server_cfg, client_cfg).await;
             client.write_all(b"last words").await.unwrap();
             client.shutdown().await.unwrap();
             let mut five = [0u8; 5];
@@ -503,13 +514,10 @@ mod tests {
     -> (crate::tls_stream::ServerTls<Cork<TcpStream>>, TcpStream) {
         use tokio::io::AsyncReadExt as _;
         let (server_cfg, client_cfg) = configs(&rustls::version::TLS13);
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let (s, _) = l.accept().await.unwrap();
-        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let (s, c) = tcp_pair().await;
         let (server, client) = tokio::join!(
             crate::tls_stream::ServerTls::accept(server_cfg, Cork::new(s)),
-            tokio_rustls::TlsConnector::from(client_cfg).connect(name, c),
+            tokio_rustls::TlsConnector::from(client_cfg).connect(localhost(), c),
         );
         let (mut server, client) = (server.unwrap(), client.unwrap());
         let (mut tcp, mut conn) = client.into_inner();

@@ -99,15 +99,18 @@ impl Console {
         })
     }
 
+    async fn accept(&self) -> anyhow::Result<tokio_rustls::server::TlsStream<TcpStream>> {
+        let (tcp, _) = self.listener.accept().await?;
+        tcp.set_nodelay(true)?;
+        self.acceptor
+            .accept(tcp)
+            .await
+            .context("console TLS handshake")
+    }
+
     fn serve(self, rounds: Vec<Round>) -> tokio::task::JoinHandle<anyhow::Result<usize>> {
         tokio::spawn(async move {
-            let (tcp, _) = self.listener.accept().await?;
-            tcp.set_nodelay(true)?;
-            let mut tls = self
-                .acceptor
-                .accept(tcp)
-                .await
-                .context("console TLS handshake")?;
+            let mut tls = self.accept().await?;
             for (i, r) in rounds.iter().enumerate() {
                 let mut got = vec![0u8; r.up.len()];
                 tls.read_exact(&mut got)
@@ -120,19 +123,7 @@ impl Console {
                 tls.write_all(&r.down).await?;
                 tls.flush().await?;
             }
-            tls.shutdown().await.context("console close_notify")?;
-            // Read on to the proxy's end: its answer to our last KeyUpdate
-            // may still be on the way, and closing with it unread would
-            // reset the connection under the last round's bytes.
-            let mut rest = Vec::new();
-            tls.read_to_end(&mut rest)
-                .await
-                .context("console reading to the end")?;
-            anyhow::ensure!(
-                rest.is_empty(),
-                "console: {} bytes after the rounds",
-                rest.len()
-            );
+            close(tls).await?;
             Ok(rounds.len())
         })
     }
@@ -147,13 +138,7 @@ impl Console {
         up: Vec<u8>,
     ) -> tokio::task::JoinHandle<anyhow::Result<usize>> {
         tokio::spawn(async move {
-            let (tcp, _) = self.listener.accept().await?;
-            tcp.set_nodelay(true)?;
-            let mut tls = self
-                .acceptor
-                .accept(tcp)
-                .await
-                .context("console TLS handshake")?;
+            let mut tls = self.accept().await?;
             let chunks = down.chunks(64 << 10);
             let half = chunks.len() / 2;
             for (i, chunk) in chunks.enumerate() {
@@ -168,14 +153,27 @@ impl Console {
                 .await
                 .context("console reading the tenant's bytes")?;
             anyhow::ensure!(got == up, "console: the tenant's bytes arrived altered");
-            tls.shutdown().await.context("console close_notify")?;
-            let mut rest = Vec::new();
-            tls.read_to_end(&mut rest)
-                .await
-                .context("console reading to the end")?;
+            close(tls).await?;
             Ok(1)
         })
     }
+}
+
+/// A console's end: close_notify, then reading on to the proxy's end (its
+/// answer to our last KeyUpdate may still be on the way, and closing with
+/// it unread would reset the connection under the last bytes).
+async fn close(mut tls: tokio_rustls::server::TlsStream<TcpStream>) -> anyhow::Result<()> {
+    tls.shutdown().await.context("console close_notify")?;
+    let mut rest = Vec::new();
+    tls.read_to_end(&mut rest)
+        .await
+        .context("console reading to the end")?;
+    anyhow::ensure!(
+        rest.is_empty(),
+        "console: {} bytes after its end",
+        rest.len()
+    );
+    Ok(())
 }
 
 /// The tenant's TLS stream, which refreshes its keys before the next
