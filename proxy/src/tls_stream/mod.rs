@@ -33,13 +33,12 @@ use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
 use rustls::kernel::KernelConnection;
 use rustls::pki_types::ServerName;
 use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
-use rustls::unbuffered::{
-    ConnectionState, EncodeError, EncryptError, InsufficientSizeError, UnbufferedConnectionCommon,
-    UnbufferedStatus,
-};
+use rustls::unbuffered::{ConnectionState, UnbufferedConnectionCommon, UnbufferedStatus};
+use seal::{append, encode_needs, encrypt_needs, key_update_among, sealed_len, tls_error};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 mod blocking;
+mod seal;
 #[cfg(test)]
 pub(crate) mod tests;
 
@@ -151,85 +150,6 @@ enum Stop {
     Open(usize),
     /// Both close_notify alerts have passed.
     Closed,
-}
-
-fn tls_error(e: rustls::Error) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, e)
-}
-
-/// Grows `out` by what `f` writes into room of `first_guess` bytes, or of
-/// the size it asks for if that was too little.
-fn append<E>(
-    out: &mut Vec<u8>,
-    first_guess: usize,
-    mut f: impl FnMut(&mut [u8]) -> Result<usize, E>,
-    needs: impl Fn(&E) -> Option<usize>,
-    what: &str,
-) -> io::Result<()>
-where
-    E: std::fmt::Display,
-{
-    let start = out.len();
-    let mut room = first_guess;
-    loop {
-        out.resize(start + room, 0);
-        match f(&mut out[start..]) {
-            Ok(n) => {
-                out.truncate(start + n);
-                return Ok(());
-            }
-            Err(e) => match needs(&e) {
-                Some(required) if required > room => room = required,
-                _ => {
-                    out.truncate(start);
-                    return Err(io::Error::other(format!("{what}: {e}")));
-                }
-            },
-        }
-    }
-}
-
-/// Room for `n` plaintext bytes once sealed: per record of up to 2^14
-/// bytes a header, a tag, an explicit nonce or inner type (and spare).
-/// Whether these whole TLS records (as rustls consumed them) include one
-/// of a TLS 1.3 KeyUpdate's size: an application-data record (TLS 1.3
-/// hides the real type) of 22 bytes, the 4-byte message header and its
-/// request byte, the inner type byte and a 16-byte AEAD tag.
-fn key_update_among(mut records: &[u8]) -> bool {
-    const KEY_UPDATE_RECORD: usize = 4 + 1 + 1 + 16;
-    while let [kind, _, _, hi, lo, rest @ ..] = records {
-        let len = usize::from(u16::from_be_bytes([*hi, *lo]));
-        if *kind == 23 && len == KEY_UPDATE_RECORD {
-            return true;
-        }
-        let Some(next) = rest.get(len..) else {
-            return false;
-        };
-        records = next;
-    }
-    false
-}
-
-fn sealed_len(n: usize) -> usize {
-    n + (n / (1 << 14) + 1) * 64
-}
-
-fn encode_needs(e: &EncodeError) -> Option<usize> {
-    match e {
-        EncodeError::InsufficientSize(InsufficientSizeError { required_size }) => {
-            Some(*required_size)
-        }
-        _ => None,
-    }
-}
-
-fn encrypt_needs(e: &EncryptError) -> Option<usize> {
-    match e {
-        EncryptError::InsufficientSize(InsufficientSizeError { required_size }) => {
-            Some(*required_size)
-        }
-        _ => None,
-    }
 }
 
 impl<IO: AsyncRead + AsyncWrite + Unpin> ServerTls<IO> {
