@@ -105,7 +105,10 @@ mod tests {
         assert!(key_update_among(&two));
         assert!(!key_update_among(&record(23, 19)), "an alert");
         assert!(!key_update_among(&record(23, 180)), "a ticket");
-        assert!(!key_update_among(&record(22, 22)), "a plaintext handshake record");
+        assert!(
+            !key_update_among(&record(22, 22)),
+            "a plaintext handshake record"
+        );
         // Short or inconsistent input is no KeyUpdate and no panic.
         assert!(!key_update_among(&[]));
         assert!(!key_update_among(&[23, 3, 3, 0]));
