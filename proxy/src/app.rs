@@ -134,7 +134,8 @@ pub async fn run_reloadable(
     }
     let tokens = Arc::new(TokenStore::load(cfg.token_sources.clone())?);
     // Before the allow-list: the probes connect over loopback.
-    let ktls = crate::offload::Offload::start(cfg.ktls);
+    let ktls =
+        crate::offload::Offload::start(cfg.ktls).with_records_per_key(cfg.ktls_records_per_key);
     let ktls_available = crate::sys::probe::ktls().is_ok();
     let allowlist =
         crate::control::allowlist::start_configured(cfg.allowlist, cfg.cgroup, &tokens)?;

@@ -19,9 +19,10 @@ mod rung;
 
 use std::io;
 use std::os::fd::AsFd as _;
+use std::sync::{Arc, Mutex};
 
 pub use cork::Cork;
-pub use rekey::Rekey;
+pub use rekey::{LIMIT_MARGIN, Rekey, SharedRekey, TxLimit, Why, lock};
 pub use rung::{pump_raw, pump_ws};
 use rustls::CipherSuite;
 use rustls::kernel::KernelConnection;
@@ -46,6 +47,9 @@ pub struct Offload {
     /// The kernel takes new TLS 1.3 keys (Linux 6.14+): a peer's KeyUpdate
     /// is followed rather than ending the session.
     rekey: bool,
+    /// `kernel.ktls_records_per_key`: renew a kTLS transmit key after at
+    /// most this many records (default: its cipher's limit).
+    records_per_key: Option<u64>,
 }
 
 fn vi(v: TlsVersion) -> usize {
@@ -89,6 +93,7 @@ impl Offload {
     pub const NONE: Offload = Offload {
         table: [[false; 3]; 2],
         rekey: false,
+        records_per_key: None,
     };
 
     /// Probes the kernel (unless `mode` is off) and logs once what the
@@ -134,7 +139,11 @@ impl Offload {
             }
         }
         let rekey = table[vi(TlsVersion::Tls13)][ci(Cipher::AesGcm128)] && probe_rekey().is_ok();
-        let offload = Offload { table, rekey };
+        let offload = Offload {
+            table,
+            rekey,
+            records_per_key: None,
+        };
         if !offload.enabled() {
             let reason = match first_err {
                 Some(e) if e.raw_os_error() == Some(libc::ENOENT) => {
@@ -158,6 +167,15 @@ impl Offload {
     /// followed on kTLS legs).
     pub fn rekey(&self) -> bool {
         self.rekey
+    }
+
+    /// With a configured number of records after which a kTLS transmit
+    /// key is renewed (`kernel.ktls_records_per_key`).
+    pub fn with_records_per_key(self, records_per_key: Option<u64>) -> Self {
+        Self {
+            records_per_key,
+            ..self
+        }
     }
 
     /// What the kernel offloads, as `TLS1.3/AES-128-GCM` names.
@@ -234,9 +252,20 @@ pub struct Handed {
     pub drained: Vec<u8>,
     /// The peer had already sent close_notify (rustls read it).
     pub peer_closed: bool,
-    /// What follows a KeyUpdate on this leg (TLS 1.3 on a kernel that
-    /// takes new keys).
-    pub keys: Option<Box<Rekey>>,
+    /// What the directions of the socket keep beside it.
+    pub keys: KtlsKeys,
+}
+
+/// What the directions of a kTLS socket keep beside it.
+#[derive(Debug, Default)]
+pub struct KtlsKeys {
+    /// What follows a KeyUpdate (TLS 1.3 on a kernel that takes new
+    /// keys), shared by the direction reading the socket and the one
+    /// writing it.
+    pub rekey: Option<SharedRekey>,
+    /// The transmit key's record limit, for the direction writing it
+    /// (`None`: the cipher has none and none is configured).
+    pub tx: Option<Box<TxLimit>>,
 }
 
 /// Flushes, corks and drains a TLS leg: the transport (at a record
@@ -267,11 +296,15 @@ pub async fn drain<IO: AsyncRead + AsyncWrite + Unpin, C: Side>(
 }
 
 /// The kernel's key material for both directions of a drained connection,
-/// and (with `rekey`, for TLS 1.3) what computes the keys after them.
+/// and what the socket's directions keep beside it: (with `rekey`, for
+/// TLS 1.3) what computes the keys after them, and the transmit key's
+/// record limit (the suite's, or `per_key` if lower).
 pub fn crypto_info<C: Side>(
     conn: C,
+    leg: &'static str,
     rekey: bool,
-) -> io::Result<(ktls::CryptoInfo, ktls::CryptoInfo, Option<Box<Rekey>>)>
+    per_key: Option<u64>,
+) -> io::Result<(ktls::CryptoInfo, ktls::CryptoInfo, KtlsKeys)>
 where
     KernelConnection<C::Data>: Send + Sync + 'static,
 {
@@ -282,20 +315,41 @@ where
     let (secrets, kernel) = conn
         .into_kernel()
         .map_err(|e| io::Error::other(format!("extracting the TLS secrets: {e}")))?;
+    let (cipher, suite_limit) = match kernel_cipher(suite.suite()) {
+        Some((_, c)) => (c, confidentiality_limit(suite)),
+        None => return Err(io::Error::other("the suite has no kernel cipher")),
+    };
+    let sealed = secrets.tx.0;
     let tx = ktls::CryptoInfo::from_rustls(suite, secrets.tx).map_err(io::Error::other)?;
     let rx = ktls::CryptoInfo::from_rustls(suite, secrets.rx).map_err(io::Error::other)?;
-    let keys = (rekey && tls13).then(|| Box::new(Rekey::new(kernel, suite)));
-    Ok((tx, rx, keys))
+    let rekey = (rekey && tls13).then(|| Arc::new(Mutex::new(Rekey::new(kernel, suite, leg))));
+    let limit = TxLimit::new(rekey.clone(), cipher, suite_limit, per_key, sealed);
+    Ok((
+        tx,
+        rx,
+        KtlsKeys {
+            rekey,
+            tx: limit.map(Box::new),
+        },
+    ))
+}
+
+/// How many records one key of `suite` may seal.
+fn confidentiality_limit(suite: rustls::SupportedCipherSuite) -> u64 {
+    match suite {
+        rustls::SupportedCipherSuite::Tls13(s) => s.common.confidentiality_limit,
+        rustls::SupportedCipherSuite::Tls12(s) => s.common.confidentiality_limit,
+    }
 }
 
 /// Gives a drained leg's keys to the kernel: the socket is a kTLS socket
 /// from here on, and what rustls had decrypted goes on with it.
 fn install<C: Side>(
-    leg: &str,
+    leg: &'static str,
     socket: TcpStream,
     conn: C,
     drained: cork::Drained,
-    rekey: bool,
+    offload: &Offload,
 ) -> io::Result<Handed>
 where
     KernelConnection<C::Data>: Send + Sync + 'static,
@@ -304,13 +358,19 @@ where
         .negotiated_cipher_suite()
         .map(|c| format!("{:?}", c.suite()))
         .unwrap_or_default();
-    let keys = crypto_info(conn, rekey)
+    let keys = crypto_info(conn, leg, offload.rekey, offload.records_per_key)
         .and_then(|(tx, rx, keys)| {
             crate::sys::ktls::install(socket.as_fd(), &tx, &rx)?;
             Ok(keys)
         })
         .map_err(|e| io::Error::other(format!("kTLS set-up of the {leg} leg failed: {e}")))?;
-    tracing::info!(leg, cipher = %cipher, rekey = keys.is_some(), "ktls enabled");
+    tracing::info!(
+        leg,
+        cipher = %cipher,
+        rekey = keys.rekey.is_some(),
+        records_per_key = keys.tx.as_ref().map(|t| t.at()),
+        "ktls enabled"
+    );
     tracing::debug!(
         leg,
         drained = drained.bytes.len(),
@@ -327,19 +387,19 @@ where
 
 /// Hands the tenant leg to the kernel. Call only after
 /// [`Offload::check_tenant`]; on error the connection is lost.
-pub async fn tenant(s: Box<TenantTls>, rekey: bool) -> io::Result<Handed> {
-    let (socket, drained, conn) = drain(*s, rekey).await?;
-    install("tenant", socket, conn, drained, rekey)
+pub async fn tenant(s: Box<TenantTls>, offload: &Offload) -> io::Result<Handed> {
+    let (socket, drained, conn) = drain(*s, offload.rekey).await?;
+    install("tenant", socket, conn, drained, offload)
 }
 
 /// Hands the compute leg to the kernel. Call only after
 /// [`Offload::check_compute`]; on error the connection is lost.
-pub async fn compute(s: Box<ComputeTls>, rekey: bool) -> io::Result<Handed> {
-    let (stream, drained, conn) = drain(*s, rekey).await?;
+pub async fn compute(s: Box<ComputeTls>, offload: &Offload) -> io::Result<Handed> {
+    let (stream, drained, conn) = drain(*s, offload.rekey).await?;
     let ComputeStream::Tcp(socket) = stream else {
         return Err(io::Error::other("kTLS on a compute leg that is not TCP"));
     };
-    install("compute", socket, conn, drained, rekey)
+    install("compute", socket, conn, drained, offload)
 }
 
 #[cfg(test)]
@@ -422,10 +482,18 @@ mod tests {
                 (23, raw_len(version, 5)),
                 "{version:?}"
             );
-            let (tx, rx, keys) = crypto_info(conn, true).unwrap();
+            let (tx, rx, keys) = crypto_info(conn, "tenant", true, None).unwrap();
             assert!(tx.size() > 0 && rx.size() > 0);
             let tls13 = version.version == rustls::ProtocolVersion::TLSv1_3;
-            assert_eq!(keys.is_some(), tls13, "successor keys for TLS 1.3 only");
+            assert_eq!(
+                keys.rekey.is_some(),
+                tls13,
+                "successor keys for TLS 1.3 only"
+            );
+            // AES-GCM: renewed (or the session ended) just under 2^24
+            // records (TLS 1.3 and 1.2 alike in rustls's providers).
+            let limit = keys.tx.as_ref().expect("AES-GCM keys have a record limit");
+            assert_eq!(limit.at(), (1 << 24) - LIMIT_MARGIN, "{version:?}");
             let (mut c_sock, drained, conn) = drain(client, true).await.unwrap();
             assert_eq!(drained.bytes, b"ole", "{version:?}");
             assert!(!drained.peer_closed);
@@ -434,11 +502,13 @@ mod tests {
                 (23, raw_len(version, 4)),
                 "{version:?}"
             );
-            let (_, _, keys) = crypto_info(conn, false).unwrap();
+            let (_, _, keys) = crypto_info(conn, "compute", false, Some(1000)).unwrap();
             assert!(
-                keys.is_none(),
+                keys.rekey.is_none(),
                 "no successor keys where the kernel cannot rekey"
             );
+            let limit = keys.tx.as_ref().expect("a configured limit");
+            assert_eq!(limit.at(), 1000, "a configured limit lowers the suite's");
         }
     }
 
@@ -495,8 +565,8 @@ mod tests {
             }
             let (_sock, drained, conn) = drained.unwrap();
             assert!(drained.bytes.is_empty() && !drained.peer_closed);
-            let (_, _, keys) = crypto_info(conn, true).unwrap();
-            assert!(keys.is_some());
+            let (_, _, keys) = crypto_info(conn, "tenant", true, None).unwrap();
+            assert!(keys.rekey.is_some());
             for which in ["the owed answer", "our own KeyUpdate"] {
                 let got =
                     tokio::time::timeout(std::time::Duration::from_secs(5), raw_record(&mut tcp))

@@ -94,4 +94,8 @@ pub struct KernelSection {
     pub allowlist: Option<AllowListMode>,
     pub cgroup: Option<CgroupMode>,
     pub ktls: Option<KtlsMode>,
+    /// Most records a kTLS leg sends under one key before it renews the
+    /// key (TLS 1.3, Linux 6.14+) or ends the session; default and
+    /// ceiling: the cipher's confidentiality limit less a margin.
+    pub ktls_records_per_key: Option<std::num::NonZeroU64>,
 }

@@ -246,6 +246,9 @@ pub struct Config {
     pub cgroup: kernel::CgroupMode,
     /// Kernel TLS offload of TLS legs.
     pub ktls: kernel::KtlsMode,
+    /// Records after which a kTLS transmit key is renewed, if lower than
+    /// its cipher's limit.
+    pub ktls_records_per_key: Option<u64>,
     /// Resolvers besides token files, reconnect window.
     pub resolvers: tokens::ResolverConfig,
     /// The admin API, if configured.
@@ -636,6 +639,10 @@ impl Config {
             allowlist: args.allowlist.or(fc.kernel.allowlist).unwrap_or_default(),
             cgroup: fc.kernel.cgroup.unwrap_or_default(),
             ktls: args.ktls.or(fc.kernel.ktls).unwrap_or_default(),
+            ktls_records_per_key: fc
+                .kernel
+                .ktls_records_per_key
+                .map(std::num::NonZeroU64::get),
             web,
         })
     }

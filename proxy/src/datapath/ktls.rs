@@ -30,7 +30,7 @@ use std::task::{Context, Poll, ready};
 use tokio::io::{Interest, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::offload::Rekey;
+use crate::offload::{SharedRekey, Why, lock};
 use crate::sys::ktls::{
     ALERT, APPLICATION_DATA, HANDSHAKE, KeyDir, recv_record, send_close_notify, send_key_update,
 };
@@ -150,7 +150,7 @@ pub fn classify(record_type: u8, payload: &[u8], carry: &mut HandshakeCarry) -> 
 pub struct RecvState {
     carry: HandshakeCarry,
     /// The next keys after a KeyUpdate; none: a KeyUpdate ends the session.
-    keys: Option<Box<Rekey>>,
+    keys: Option<SharedRekey>,
     /// The peer asked for our KeyUpdate: it goes out before we read on.
     owed: bool,
     /// A KeyUpdate was followed: [`poll_record`] reports it once our own
@@ -160,7 +160,7 @@ pub struct RecvState {
 
 impl RecvState {
     /// The state of a socket just handed over, with its keys' successor.
-    pub fn new(keys: Option<Box<Rekey>>) -> Self {
+    pub fn new(keys: Option<SharedRekey>) -> Self {
         Self {
             keys,
             ..Self::default()
@@ -170,10 +170,11 @@ impl RecvState {
     /// After [`classify`] found a KeyUpdate: the socket gets the peer's
     /// next key now (the kernel decrypts nothing until it has it).
     fn follow(&mut self, sock: &TcpStream, requested: bool) -> io::Result<()> {
-        let Some(keys) = self.keys.as_mut() else {
+        let Some(keys) = self.keys.as_ref() else {
             return Err(io::Error::other(RecordError::KeyUpdate));
         };
-        keys.renew(sock.as_fd(), KeyDir::Rx)
+        lock(keys)
+            .renew(sock.as_fd(), KeyDir::Rx, Why::PeerUpdate)
             .map_err(|e| io::Error::other(format!("following the peer's TLS KeyUpdate: {e}")))?;
         self.owed |= requested;
         self.followed = true;
@@ -184,15 +185,17 @@ impl RecvState {
     /// key), then moves the socket to the next transmit key.
     fn poll_owed(&mut self, sock: &TcpStream, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.owed {
-            let Some(keys) = self.keys.as_mut() else {
+            let Some(keys) = self.keys.as_ref() else {
                 return Poll::Ready(Err(io::Error::other(RecordError::KeyUpdate)));
             };
             ready!(sock.poll_write_ready(cx))?;
             match sock.try_io(Interest::WRITABLE, || send_key_update(sock.as_fd())) {
                 Ok(()) => {
-                    keys.renew(sock.as_fd(), KeyDir::Tx).map_err(|e| {
-                        io::Error::other(format!("answering the peer's TLS KeyUpdate: {e}"))
-                    })?;
+                    lock(keys)
+                        .renew(sock.as_fd(), KeyDir::Tx, Why::PeerUpdate)
+                        .map_err(|e| {
+                            io::Error::other(format!("answering the peer's TLS KeyUpdate: {e}"))
+                        })?;
                     self.owed = false;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}

@@ -29,6 +29,7 @@ use super::websocket::{CLOSE_GRACE, WsSettings};
 use super::ws_pump::{DownPath, Pump, WsLeg};
 use super::{Counters, End};
 use crate::front::websocket::stream::WsParts;
+use crate::offload::{KtlsKeys, TxLimit};
 
 /// Largest payload of one spliced compute-to-tenant frame.
 const FRAME_MAX: usize = 256 * 1024;
@@ -37,7 +38,14 @@ const FRAME_MAX: usize = 256 * 1024;
 struct Tenant {
     tcp: TcpStream,
     /// Boxed: most tenants are plain, and every byte here is per session.
-    ktls: Option<Box<KtlsRecv>>,
+    ktls: Option<Box<TenantKtls>>,
+}
+
+/// What a kTLS tenant socket needs: its receiver, and its transmit key's
+/// record limit.
+struct TenantKtls {
+    recv: KtlsRecv,
+    tx: Option<Box<TxLimit>>,
 }
 
 impl AsyncRead for Tenant {
@@ -48,7 +56,7 @@ impl AsyncRead for Tenant {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         match &mut this.ktls {
-            Some(recv) => recv.poll_read(&this.tcp, cx, buf),
+            Some(k) => k.recv.poll_read(&this.tcp, cx, buf),
             None => Pin::new(&mut this.tcp).poll_read(cx, buf),
         }
     }
@@ -61,7 +69,11 @@ impl AsyncWrite for Tenant {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().tcp).poll_write(cx, buf)
+        let this = self.get_mut();
+        std::task::ready!(this.poll_keys(cx))?;
+        let n = std::task::ready!(Pin::new(&mut this.tcp).poll_write(cx, buf))?;
+        this.wrote(n);
+        Poll::Ready(Ok(n))
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -80,6 +92,19 @@ impl WsLeg for Tenant {
             None => Sock::Tcp(&self.tcp),
         })
     }
+
+    fn poll_keys(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.ktls.as_mut().and_then(|k| k.tx.as_mut()) {
+            Some(tx) => tx.poll_ready(&self.tcp, cx),
+            None => Poll::Ready(Ok(())),
+        }
+    }
+
+    fn wrote(&mut self, n: usize) {
+        if let Some(tx) = self.ktls.as_mut().and_then(|k| k.tx.as_mut()) {
+            tx.wrote(n);
+        }
+    }
 }
 
 /// The compute socket. Its bytes are spliced, never read through here;
@@ -87,6 +112,8 @@ impl WsLeg for Tenant {
 /// sends close_notify first on kTLS.
 struct Compute {
     sock: Socket,
+    /// kTLS: the transmit key's record limit.
+    tx: Option<Box<TxLimit>>,
     notified: bool,
 }
 
@@ -109,10 +136,14 @@ impl AsyncWrite for Compute {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match &mut self.get_mut().sock {
+        let this = self.get_mut();
+        std::task::ready!(this.poll_keys(cx))?;
+        let n = std::task::ready!(match &mut this.sock {
             Socket::Tcp(s) | Socket::Ktls(s, _) => Pin::new(s).poll_write(cx, buf),
             Socket::Unix(s) => Pin::new(s).poll_write(cx, buf),
-        }
+        })?;
+        this.wrote(n);
+        Poll::Ready(Ok(n))
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -143,16 +174,29 @@ impl WsLeg for Compute {
     fn sock(&self) -> Option<Sock<'_>> {
         Some(self.sock.borrow())
     }
+
+    fn poll_keys(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match (&self.sock, self.tx.as_mut()) {
+            (Socket::Ktls(s, _), Some(tx)) => tx.poll_ready(s, cx),
+            _ => Poll::Ready(Ok(())),
+        }
+    }
+
+    fn wrote(&mut self, n: usize) {
+        if let Some(tx) = self.tx.as_mut() {
+            tx.wrote(n);
+        }
+    }
 }
 
 /// Runs the session until either side ends it, like
 /// [`super::websocket::pump`] in binary mode, with the compute-to-tenant
 /// payload spliced through `pipe` (held only while a frame is in flight).
-/// `tenant_ktls`: the tenant socket is a kernel TLS socket, read with
-/// this receive state.
+/// `tenant_ktls`: the tenant socket is a kernel TLS socket with these
+/// keys.
 pub fn pump(
     tenant: WsParts<TcpStream>,
-    tenant_ktls: Option<RecvState>,
+    tenant_ktls: Option<KtlsKeys>,
     compute: Socket,
     pipe: PipeSlot,
     settings: WsSettings,
@@ -171,12 +215,19 @@ pub fn pump(
     let tenant_is_ktls = tenant_ktls.is_some();
     let tenant = Tenant {
         tcp: inner,
-        ktls: tenant_ktls.map(|state| Box::new(KtlsRecv::new(state))),
+        ktls: tenant_ktls.map(|keys| {
+            Box::new(TenantKtls {
+                recv: KtlsRecv::new(RecvState::new(keys.rekey)),
+                tx: keys.tx,
+            })
+        }),
     };
     let mut compute = compute;
     let compute_recv = compute.take_recv_state();
+    let tx = compute.take_tx_limit();
     let compute = Compute {
         sock: compute,
+        tx,
         notified: false,
     };
     // Built here, owned by the future below (see websocket::pump).

@@ -7,7 +7,6 @@ use tokio::net::TcpStream;
 use super::LABEL;
 use crate::config::kernel::DatapathMode;
 use crate::console::{ComputeIo, ComputeStream};
-use crate::datapath::ktls::RecvState;
 use crate::datapath::splice::{Socket, Splicer};
 use crate::datapath::websocket::WsSettings;
 use crate::datapath::{Counters, End};
@@ -46,8 +45,7 @@ pub async fn pump_raw(
     };
     // Boxed: the hand-over's state (about 2.5 KB) would otherwise stay in
     // this future, and so in every idle session, for the session's life.
-    let hand_over =
-        tokio::time::timeout(ctx.handshake_timeout, super::compute(tls, ctx.ktls.rekey()));
+    let hand_over = tokio::time::timeout(ctx.handshake_timeout, super::compute(tls, &ctx.ktls));
     let handed = match Box::pin(hand_over).await {
         Ok(Ok(h)) => h,
         Ok(Err(e)) => return Ok((End::ComputeIo(e.to_string()), "-")),
@@ -131,12 +129,12 @@ pub async fn pump_ws(
         pending,
         inbound,
     } = tenant;
-    let rekey = ctx.ktls.rekey();
+    let offload = &ctx.ktls;
     let hand_over = async {
         let (tenant, tenant_ktls) = match inner {
             TenantStream::Plain(s) => (s, None),
             TenantStream::Tls(t) => {
-                let h = super::tenant(t, rekey)
+                let h = super::tenant(t, offload)
                     .await
                     .map_err(|e| End::TenantIo(e.to_string()))?;
                 if h.peer_closed {
@@ -144,14 +142,14 @@ pub async fn pump_ws(
                 }
                 // Frames rustls had decrypted come before the kernel's.
                 raw.extend_from_slice(&h.drained);
-                (h.socket, Some(RecvState::new(h.keys)))
+                (h.socket, Some(h.keys))
             }
         };
         let (compute, down_first) = match compute {
             ComputeIo::Plain(ComputeStream::Tcp(s)) => (Socket::Tcp(s), Vec::new()),
             ComputeIo::Plain(ComputeStream::Unix(s)) => (Socket::Unix(s), Vec::new()),
             ComputeIo::Tls(c) => {
-                let h = super::compute(c, rekey)
+                let h = super::compute(c, offload)
                     .await
                     .map_err(|e| End::ComputeIo(e.to_string()))?;
                 if h.peer_closed {

@@ -213,6 +213,43 @@ pub fn set_key(fd: BorrowedFd<'_>, dir: KeyDir, info: &ktls::CryptoInfo) -> io::
     .map(drop)
 }
 
+/// The records a kTLS socket has sealed under its current transmit key
+/// (the record sequence number the kernel keeps, `getsockopt(TLS_TX)`),
+/// for the cipher the key is of. The key material the kernel copies out
+/// with it is wiped before returning.
+pub fn tx_records(fd: BorrowedFd<'_>, cipher: Cipher) -> io::Result<u64> {
+    let mut info = [0u8; 56];
+    let want = cipher.info_len();
+    let mut len = want as libc::socklen_t;
+    // SAFETY: the descriptor is borrowed for the call; `info` is 56
+    // writable bytes, at least `len` (the cipher's struct size, which the
+    // kernel requires exactly); the kernel writes at most `len` bytes and
+    // updates `len`.
+    let r = check(unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            SOL_TLS,
+            TLS_TX,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    });
+    // The record sequence is the struct's last 8 bytes, big-endian.
+    let seq = info
+        .get(want - 8..want)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(u64::from_be_bytes);
+    info.fill(0);
+    std::hint::black_box(&info);
+    r?;
+    match seq {
+        Some(seq) if len as usize == want => Ok(seq),
+        _ => Err(io::Error::other(format!(
+            "getsockopt(TLS_TX) returned {len} bytes, expected {want}"
+        ))),
+    }
+}
+
 /// Control buffer for one `cmsghdr` with a 1-byte payload, aligned as
 /// `cmsghdr` must be.
 #[repr(C, align(8))]
@@ -337,6 +374,17 @@ mod tests {
                     assert!(e.raw_os_error().is_some(), "{e}");
                 }
             }
+        }
+    }
+
+    /// A socket without kTLS has no transmit record count: an error.
+    #[test]
+    fn tx_records_of_a_plain_socket_is_an_error() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        for c in Cipher::ALL {
+            let e = tx_records(a.as_fd(), c).unwrap_err();
+            assert!(e.raw_os_error().is_some(), "{e}");
         }
     }
 

@@ -26,7 +26,7 @@ use tokio::net::{TcpStream, UnixStream};
 use super::ktls::RecvState;
 use super::pipes::PipeSlot;
 use super::{Counters, End, idle_watch};
-use crate::offload::Rekey;
+use crate::offload::{KtlsKeys, TxLimit};
 use crate::sys::pipe::{readable_bytes, splice};
 
 /// Capacity asked for each pipe. Pages are allocated only when used;
@@ -40,8 +40,8 @@ pub enum Socket {
     Unix(UnixStream),
     /// A TCP socket with kernel TLS in both directions: the kernel
     /// decrypts what we splice out of it and encrypts what we splice in.
-    /// With what follows a peer's KeyUpdate, for the direction reading it.
-    Ktls(TcpStream, Option<Box<Rekey>>),
+    /// With what follows a KeyUpdate and the transmit key's record limit.
+    Ktls(TcpStream, KtlsKeys),
 }
 
 /// A borrowed socket of a spliced leg.
@@ -62,11 +62,20 @@ impl Socket {
     }
 
     /// The receive state of the direction reading this socket: a kTLS
-    /// socket's successor keys move into it.
+    /// socket's successor keys go into it.
     pub(super) fn take_recv_state(&mut self) -> RecvState {
         match self {
-            Socket::Ktls(_, keys) => RecvState::new(keys.take()),
+            Socket::Ktls(_, keys) => RecvState::new(keys.rekey.take()),
             Socket::Tcp(_) | Socket::Unix(_) => RecvState::default(),
+        }
+    }
+
+    /// The transmit-key record limit of a kTLS socket, for the direction
+    /// writing it.
+    pub(super) fn take_tx_limit(&mut self) -> Option<Box<TxLimit>> {
+        match self {
+            Socket::Ktls(_, keys) => keys.tx.take(),
+            Socket::Tcp(_) | Socket::Unix(_) => None,
         }
     }
 }
@@ -193,13 +202,14 @@ impl Splicer {
         idle: Option<Duration>,
         shutdown: super::Stop,
     ) -> End {
-        let (up_state, down_state) = (tenant.take_recv_state(), compute.take_recv_state());
+        let up_keys = (tenant.take_recv_state(), compute.take_tx_limit());
+        let down_keys = (compute.take_recv_state(), tenant.take_tx_limit());
         let (t, c) = (tenant.borrow(), compute.borrow());
-        let mut up = match Flow::new(t, c, Dir::Up, self.size, counters, up_state) {
+        let mut up = match Flow::new(t, c, Dir::Up, self.size, counters, up_keys) {
             Ok(f) => f,
             Err(end) => return end,
         };
-        let mut down = match Flow::new(c, t, Dir::Down, self.size, counters, down_state) {
+        let mut down = match Flow::new(c, t, Dir::Down, self.size, counters, down_keys) {
             Ok(f) => f,
             Err(end) => return end,
         };
@@ -312,9 +322,13 @@ type Slow<'a> = Pin<Box<dyn Future<Output = Result<Slowed, End>> + Send + 'a>>;
 
 /// How a [`Slow`] step ended.
 enum Slowed {
-    /// A kTLS record was consumed (`eof`: it ended that side's stream);
-    /// the receive state comes back.
-    Record { state: RecvState, eof: bool },
+    /// A kTLS record was consumed (`eof`: it ended that side's stream)
+    /// and `wrote` bytes of it forwarded; the receive state comes back.
+    Record {
+        state: RecvState,
+        eof: bool,
+        wrote: usize,
+    },
     /// Try again (a pipe may be had now).
     Retry,
     /// The half-close went out: the direction is done.
@@ -345,6 +359,8 @@ struct Flow<'a> {
     small: bool,
     /// kTLS source: tickets spanning records, KeyUpdates.
     recv: RecvState,
+    /// kTLS destination: its transmit key's record limit.
+    tx: Option<Box<TxLimit>>,
     slow: Option<Slow<'a>>,
 }
 
@@ -355,7 +371,7 @@ impl<'a> Flow<'a> {
         dir: Dir,
         size: usize,
         counters: &'a Counters,
-        recv: RecvState,
+        (recv, tx): (RecvState, Option<Box<TxLimit>>),
     ) -> Result<Self, End> {
         let mut slot = PipeSlot::new(size);
         let cap = slot.get().map_err(|e| dir.read_err(e))?.capacity();
@@ -373,11 +389,16 @@ impl<'a> Flow<'a> {
             done: false,
             small: true,
             recv,
+            tx,
             slow: None,
         })
     }
 
-    fn count(&self, n: usize) {
+    /// `n` bytes went to the destination.
+    fn count(&mut self, n: usize) {
+        if let Some(tx) = self.tx.as_mut() {
+            tx.wrote(n);
+        }
         match self.dir {
             Dir::Up => self.counters.add_up(n),
             Dir::Down => self.counters.add_down(n),
@@ -465,9 +486,12 @@ impl<'a> Flow<'a> {
                 let r = std::task::ready!(slow.as_mut().poll(cx));
                 self.slow = None;
                 match r? {
-                    Slowed::Record { state, eof } => {
+                    Slowed::Record { state, eof, wrote } => {
                         self.recv = state;
                         self.eof |= eof;
+                        if let Some(tx) = self.tx.as_mut() {
+                            tx.wrote(wrote);
+                        }
                     }
                     Slowed::Retry => {}
                     Slowed::Finished => self.done = true,
@@ -488,6 +512,13 @@ impl<'a> Flow<'a> {
                     self.counters,
                 )));
                 continue;
+            }
+            // A kTLS destination's key is renewed at its record limit
+            // before anything more is written to it.
+            if let (Some(tx), Some(s)) = (self.tx.as_mut(), self.dst.ktls())
+                && let Err(e) = std::task::ready!(tx.poll_ready(s, cx))
+            {
+                return Poll::Ready(Err(dir.write_err(e)));
             }
             let mut pipe_full = false;
             let mut progressed = false;
@@ -632,10 +663,22 @@ async fn forward_record(
                 Dir::Up => counters.add_up(n),
                 Dir::Down => counters.add_down(n),
             }
-            Ok(Slowed::Record { state, eof: false })
+            Ok(Slowed::Record {
+                state,
+                eof: false,
+                wrote: n,
+            })
         }
-        Ok(super::ktls::Next::Eof) => Ok(Slowed::Record { state, eof: true }),
-        Ok(super::ktls::Next::Ignored) => Ok(Slowed::Record { state, eof: false }),
+        Ok(super::ktls::Next::Eof) => Ok(Slowed::Record {
+            state,
+            eof: true,
+            wrote: 0,
+        }),
+        Ok(super::ktls::Next::Ignored) => Ok(Slowed::Record {
+            state,
+            eof: false,
+            wrote: 0,
+        }),
         Err(e) => Err(dir.read_err(e)),
     }
 }

@@ -123,24 +123,33 @@ impl<T: WsLeg, C: WsLeg> Pump<'_, T, C> {
                     Tx::Flush(Then::Count(*n))
                 }
                 Tx::Header { hdr, off, len, n } => {
-                    let Some(sock) = self.tenant.sock() else {
-                        return Poll::Ready(Err(io::Error::other("no tenant socket to splice to")));
-                    };
                     while *off < *len {
+                        ready!(self.tenant.poll_keys(cx))?;
+                        let Some(sock) = self.tenant.sock() else {
+                            return Poll::Ready(Err(io::Error::other(
+                                "no tenant socket to splice to",
+                            )));
+                        };
                         let part = &hdr[*off..*len];
-                        *off += ready!(poll_write_op(sock, cx, || {
+                        let m = ready!(poll_write_op(sock, cx, || {
                             socket2::SockRef::from(&sock.fd()).send_with_flags(part, libc::MSG_MORE)
                         }))?;
+                        *off += m;
+                        self.tenant.wrote(m);
                     }
                     Tx::Payload { left: *n, n: *n }
                 }
                 Tx::Payload { left, n } => {
-                    let (Some(sock), DownPath::Splice { slot, .. }) =
-                        (self.tenant.sock(), &mut self.down)
-                    else {
+                    let DownPath::Splice { slot, .. } = &mut self.down else {
                         return Poll::Ready(Err(io::Error::other("no pipe to splice from")));
                     };
                     while *left > 0 {
+                        ready!(self.tenant.poll_keys(cx))?;
+                        let Some(sock) = self.tenant.sock() else {
+                            return Poll::Ready(Err(io::Error::other(
+                                "no tenant socket to splice to",
+                            )));
+                        };
                         let want = *left;
                         let moved = ready!(poll_write_op(sock, cx, || {
                             splice(slot.get()?.reader(), sock.fd(), want)
@@ -149,6 +158,7 @@ impl<T: WsLeg, C: WsLeg> Pump<'_, T, C> {
                             return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                         }
                         *left -= moved;
+                        self.tenant.wrote(moved);
                     }
                     // The frame is out: the pipe is empty again.
                     slot.release();

@@ -43,6 +43,16 @@ pub trait WsLeg: AsyncRead + AsyncWrite + Unpin {
     fn sock(&self) -> Option<Sock<'_>> {
         None
     }
+
+    /// Before a write to [`Self::sock`] made outside `poll_write` (a
+    /// frame header, a splice): a kTLS socket's transmit key is renewed
+    /// here when it reached its record limit.
+    fn poll_keys(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    /// After such a write of `n` bytes.
+    fn wrote(&mut self, _n: usize) {}
 }
 
 /// Control frames the tenant side queued for the tenant writer.

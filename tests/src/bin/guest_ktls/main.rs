@@ -17,7 +17,10 @@
 //! 4. runs two sessions in which the tenant and the console send TLS 1.3
 //!    KeyUpdates (`rekey.rs`): followed on a kernel that renews kTLS keys
 //!    (6.14 and later), ending just that session on one that cannot;
-//! 5. holds a few hundred idle TLS WebSocket sessions (TLS on the compute
+//! 5. runs two sessions through a proxy that renews kTLS transmit keys
+//!    every few dozen records (`limit.rs`): renewed where the kernel takes
+//!    new keys, each session ended at the limit where it cannot;
+//! 6. holds a few hundred idle TLS WebSocket sessions (TLS on the compute
 //!    leg too) through a proxy with kTLS and one without, and reports the
 //!    proxy's memory per session for each (`idle.rs`).
 //!
@@ -26,6 +29,7 @@
 
 mod direct;
 mod idle;
+mod limit;
 mod rekey;
 mod sessions;
 

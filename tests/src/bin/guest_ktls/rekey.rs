@@ -45,6 +45,8 @@ const SESSION_LIMIT: Duration = Duration::from_secs(120);
 /// Keys the proxy renews when every KeyUpdate is followed: receive and
 /// send for each of the 8 KeyUpdates below.
 const RENEWALS: usize = 16;
+/// The proxy's log line of a key renewed after a KeyUpdate.
+const FOLLOWED: &str = "kTLS key renewed after a TLS 1.3 KeyUpdate";
 /// The streaming session: console to tenant, tenant to console, and how
 /// far into the stream the tenant refreshes its keys.
 const STREAM_DOWN: usize = 4 << 20;
@@ -54,11 +56,11 @@ const STREAM_TENANT_REKEY_AT: usize = 1 << 20;
 /// One exchange: the tenant's chunk up, the console's down, and who
 /// refreshes its keys first.
 #[derive(Clone)]
-struct Round {
-    up: Vec<u8>,
-    down: Vec<u8>,
-    tenant_rekeys: bool,
-    console_rekeys: bool,
+pub struct Round {
+    pub up: Vec<u8>,
+    pub down: Vec<u8>,
+    pub tenant_rekeys: bool,
+    pub console_rekeys: bool,
 }
 
 fn rounds(who: &[(bool, bool)]) -> Vec<Round> {
@@ -108,7 +110,7 @@ impl Console {
             .context("console TLS handshake")
     }
 
-    fn serve(self, rounds: Vec<Round>) -> tokio::task::JoinHandle<anyhow::Result<usize>> {
+    pub fn serve(self, rounds: Vec<Round>) -> tokio::task::JoinHandle<anyhow::Result<usize>> {
         tokio::spawn(async move {
             let mut tls = self.accept().await?;
             for (i, r) in rounds.iter().enumerate() {
@@ -221,7 +223,7 @@ impl AsyncWrite for Rekeying {
 
 /// The tenant's side of the rounds over any byte stream; `rekey` asks the
 /// TLS stream under it for a KeyUpdate. Returns the rounds completed.
-async fn tenant_rounds(
+pub async fn tenant_rounds(
     io: &mut (impl AsyncRead + AsyncWrite + Unpin),
     rounds: &[Round],
     rekey: Option<&AtomicBool>,
@@ -245,7 +247,7 @@ async fn tenant_rounds(
 
 /// A TLS WebSocket (binary) whose TLS stream refreshes its keys when the
 /// flag returned is set.
-async fn wss(
+pub async fn wss(
     addr: SocketAddr,
     tenant_tls: Arc<rustls::ClientConfig>,
     token: &str,
@@ -318,7 +320,7 @@ async fn websocket_stream_session(
     Ok(1)
 }
 
-async fn connect_session(
+pub async fn connect_session(
     addr: SocketAddr,
     token: &str,
     console: SocketAddr,
@@ -407,13 +409,13 @@ pub async fn sessions(
         stream_tenant.context("KeyUpdate streaming session, tenant")?;
         stream_console.context("KeyUpdate streaming session, console")?;
         proxy
-            .wait_log_count(&["kTLS key renewed"], RENEWALS)
+            .wait_log_count(&[FOLLOWED], RENEWALS)
             .await
             .context("the proxy should log every key it renewed")?;
         let renewed = proxy
             .logs()
             .lines()
-            .filter(|l| l.contains("kTLS key renewed"))
+            .filter(|l| l.contains(FOLLOWED))
             .count();
         anyhow::ensure!(
             renewed == RENEWALS,

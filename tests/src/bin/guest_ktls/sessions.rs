@@ -63,10 +63,12 @@ pub async fn through_proxy(renews: bool) -> anyhow::Result<()> {
     let ws_console = Console::start(Arc::clone(&server), Ending::Counted).await?;
     let connect_console = Console::start(Arc::clone(&server), Ending::HalfClose).await?;
     let rekey_consoles = crate::rekey::Consoles::bind(&server).await?;
+    let limit_consoles = crate::limit::Consoles::bind(&server).await?;
     let echo_console = crate::idle::echo_console(server).await?;
     let (ws_token, connect_token, echo_token) = (random_token(), random_token(), random_token());
     let (rekey_ws_token, rekey_connect_token, rekey_stream_token) =
         (random_token(), random_token(), random_token());
+    let (limit_ws_token, limit_connect_token) = (random_token(), random_token());
     write_toml_tokens(
         &d.join("tokens.toml"),
         &[
@@ -76,6 +78,8 @@ pub async fn through_proxy(renews: bool) -> anyhow::Result<()> {
             raw_token(&rekey_ws_token, rekey_consoles.websocket.addr),
             raw_token(&rekey_connect_token, rekey_consoles.connect.addr),
             raw_token(&rekey_stream_token, rekey_consoles.stream.addr),
+            raw_token(&limit_ws_token, limit_consoles.websocket.addr),
+            raw_token(&limit_connect_token, limit_consoles.connect.addr),
         ],
     )?;
     let config = d.join("consolegate.toml");
@@ -176,6 +180,14 @@ pub async fn through_proxy(renews: bool) -> anyhow::Result<()> {
         "the KeyUpdate sessions ran on data path(s) {rekey_paths:?}, not {EXPECTED:?}"
     );
     drop(proxy);
+    crate::limit::sessions(
+        &config,
+        limit_consoles,
+        certs::client_config_trusting(ca.pem.as_bytes())?,
+        (&limit_ws_token, &limit_connect_token),
+        renews,
+    )
+    .await?;
     crate::idle::tls_sessions(&config, &echo_token, &tenant_tls).await
 }
 
