@@ -163,7 +163,7 @@ pub async fn pump_ws(
         };
         Ok::<_, End>((tenant, tenant_ktls, compute, down_first))
     };
-    let (mut tenant, tenant_ktls, compute, down_first) =
+    let (mut tenant, mut tenant_ktls, compute, down_first) =
         // Boxed, as in `pump_raw`: the hand-over's state is dead weight after it.
         match Box::pin(tokio::time::timeout(ctx.handshake_timeout, hand_over)).await {
             Ok(Ok(v)) => v,
@@ -180,6 +180,10 @@ pub async fn pump_ws(
         encode_frame(Opcode::Binary, &down_first, &mut out);
         if let Err(e) = tenant.write_all(&out).await {
             return Ok(End::TenantIo(e.to_string()));
+        }
+        // A few records far below any limit, but counted all the same.
+        if let Some(tx) = tenant_ktls.as_mut().and_then(|k| k.tx.as_mut()) {
+            tx.wrote(out.len());
         }
         counters.add_down(down_first.len());
     }
