@@ -1,6 +1,10 @@
 //! Userspace bidirectional copy with TCP half-close, backpressure (a read
 //! waits for the previous write to finish) and an idle timeout. Each
-//! direction's buffer exists only while bytes move ([`super::lazybuf`]).
+//! direction's buffer exists only while bytes move ([`super::lazybuf`]);
+//! a direction holding none reads into the thread's scratch buffer and
+//! writes straight on, keeping (in a buffer of its own) only what the
+//! writer cannot take now. Keystrokes and small screen updates, and
+//! streams whose reader keeps up, so never allocate a buffer at all.
 
 use std::time::Duration;
 
@@ -9,7 +13,7 @@ use std::task::{Context, Poll, ready};
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::lazybuf::LazyBuf;
+use super::lazybuf::{LazyBuf, poll_scratch};
 use super::{Counters, End, idle_watch};
 
 const BUF: usize = 32 * 1024;
@@ -49,6 +53,14 @@ enum St {
     Done,
 }
 
+/// What a read through the scratch buffer did.
+enum Through {
+    /// `n` bytes read (0: end of stream), `taken` of them written on.
+    Read { n: usize, taken: usize },
+    /// Writing them on failed.
+    WriteFailed(std::io::Error),
+}
+
 /// One direction, polled by hand (no nested futures): an idle direction
 /// is its state and an unallocated [`LazyBuf`].
 struct Half {
@@ -83,6 +95,64 @@ impl Half {
         }
     }
 
+    /// A read error, or the end of stream it stands for: a TLS compute
+    /// peer that closes without close_notify (QEMU does) after the console
+    /// ran ends normally; before any byte it is a failure (e.g. QEMU
+    /// refusing our client certificate).
+    fn eof_or_err(&self, e: std::io::Error, counters: &Counters) -> Result<(), End> {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof
+            && matches!(self.dir, Dir::Down)
+            && counters.down_bytes() > 0
+        {
+            Ok(())
+        } else {
+            Err(self.read_err(e))
+        }
+    }
+
+    fn count(&self, counters: &Counters, n: usize) {
+        match self.dir {
+            Dir::Up => counters.add_up(n),
+            Dir::Down => counters.add_down(n),
+        }
+    }
+
+    /// With no buffer held: one read into the thread's scratch buffer,
+    /// written on at once as far as `w` takes it; what it does not take
+    /// goes into a buffer of this direction's own.
+    fn poll_through<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: Pin<&mut R>,
+        mut w: Pin<&mut W>,
+    ) -> Poll<std::io::Result<Through>>
+    where
+        R: AsyncRead + ?Sized,
+        W: AsyncWrite + ?Sized,
+    {
+        let buf = &mut self.buf;
+        poll_scratch(r, cx, BUF, |got, cx| {
+            let mut taken = 0;
+            while taken < got.len() {
+                match w.as_mut().poll_write(cx, &got[taken..]) {
+                    Poll::Ready(Ok(0)) => {
+                        return Through::WriteFailed(std::io::ErrorKind::WriteZero.into());
+                    }
+                    Poll::Ready(Ok(m)) => taken += m,
+                    Poll::Ready(Err(e)) => return Through::WriteFailed(e),
+                    Poll::Pending => break,
+                }
+            }
+            if taken < got.len() {
+                buf.keep(&got[taken..]);
+            }
+            Through::Read {
+                n: got.len(),
+                taken,
+            }
+        })
+    }
+
     /// Moves bytes from `r` to `w` until one of them is not ready;
     /// `Ready(Ok)` once the direction is done (and on every poll after).
     fn poll<R, W>(
@@ -98,6 +168,30 @@ impl Half {
     {
         loop {
             match self.st {
+                St::Read if !self.buf.is_allocated() => {
+                    let read = ready!(self.poll_through(cx, r.as_mut(), w.as_mut()));
+                    let (n, taken) = match read {
+                        Ok(Through::Read { n, taken }) => (n, taken),
+                        Ok(Through::WriteFailed(e)) => return Poll::Ready(Err(self.write_err(e))),
+                        Err(e) => match self.eof_or_err(e, counters) {
+                            Ok(()) => (0, 0),
+                            Err(end) => return Poll::Ready(Err(end)),
+                        },
+                    };
+                    tracing::trace!(dir = self.dir.name(), n, taken, "read and written");
+                    self.st = if n == 0 {
+                        St::Shutdown
+                    } else if taken == n {
+                        St::Flush { n }
+                    } else {
+                        // The rest waits in a buffer of its own.
+                        self.count(counters, taken);
+                        St::Write {
+                            n: n - taken,
+                            off: 0,
+                        }
+                    };
+                }
                 St::Read => {
                     let n = match ready!(self.buf.poll_read(r.as_mut(), cx, &mut self.armed)) {
                         Ok(n) => n,
@@ -105,14 +199,10 @@ impl Half {
                         // (QEMU does) after the console ran: an ordinary end.
                         // Before any byte it is a failure (e.g. QEMU refusing
                         // our client certificate).
-                        Err(e)
-                            if e.kind() == std::io::ErrorKind::UnexpectedEof
-                                && matches!(self.dir, Dir::Down)
-                                && counters.down_bytes() > 0 =>
-                        {
-                            0
-                        }
-                        Err(e) => return Poll::Ready(Err(self.read_err(e))),
+                        Err(e) => match self.eof_or_err(e, counters) {
+                            Ok(()) => 0,
+                            Err(end) => return Poll::Ready(Err(end)),
+                        },
                     };
                     self.armed = false;
                     tracing::trace!(dir = self.dir.name(), n, "read");
@@ -140,10 +230,7 @@ impl Half {
                         return Poll::Ready(Err(self.write_err(e)));
                     }
                     tracing::trace!(dir = self.dir.name(), n, "written");
-                    match self.dir {
-                        Dir::Up => counters.add_up(n),
-                        Dir::Down => counters.add_down(n),
-                    }
+                    self.count(counters, n);
                     self.st = St::Read;
                 }
                 St::Shutdown => {
@@ -233,6 +320,78 @@ mod tests {
         assert_eq!(back, b"world");
         assert_eq!(task.await.unwrap(), End::Closed);
         assert_eq!((counters.up_bytes(), counters.down_bytes()), (5, 5));
+    }
+
+    /// A writer that takes at most `room` bytes until opened, then all.
+    struct Narrow {
+        got: Vec<u8>,
+        room: usize,
+        waker: Option<std::task::Waker>,
+    }
+
+    impl AsyncWrite for Narrow {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            if self.room == 0 {
+                self.waker = Some(cx.waker().clone());
+                return Poll::Pending;
+            }
+            let n = buf.len().min(self.room);
+            self.room -= n;
+            self.got.extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// Bytes the writer takes at once never enter a buffer of the
+    /// direction's own; what it cannot take waits in one, in order, and
+    /// the counters see every byte once.
+    #[tokio::test]
+    async fn bytes_go_straight_through_and_only_the_rest_is_kept() {
+        use tokio::io::AsyncWriteExt as _;
+        let (mut src, mut r) = tokio::io::duplex(1 << 16);
+        let mut w = Narrow {
+            got: Vec::new(),
+            room: usize::MAX,
+            waker: None,
+        };
+        let counters = Counters::new();
+        let mut half = Half::new(Dir::Up);
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        src.write_all(b"keystroke").await.unwrap();
+        let polled = half.poll(&mut cx, Pin::new(&mut r), Pin::new(&mut w), &counters);
+        assert!(polled.is_pending(), "waiting for the next read");
+        assert_eq!(w.got, b"keystroke");
+        assert!(
+            !half.buf.is_allocated(),
+            "no buffer for what went straight through"
+        );
+        assert_eq!(counters.up_bytes(), 9);
+        // A writer that takes 4 bytes, then nothing for now.
+        w.room = 4;
+        src.write_all(b"screen update").await.unwrap();
+        let polled = half.poll(&mut cx, Pin::new(&mut r), Pin::new(&mut w), &counters);
+        assert!(polled.is_pending());
+        assert_eq!(w.got, b"keystrokescre");
+        assert!(half.buf.is_allocated(), "the rest waits in a buffer");
+        assert_eq!(counters.up_bytes(), 13, "what was written is counted");
+        w.room = usize::MAX;
+        src.write_all(b"!").await.unwrap();
+        drop(src);
+        let polled = half.poll(&mut cx, Pin::new(&mut r), Pin::new(&mut w), &counters);
+        assert!(matches!(polled, Poll::Ready(Ok(()))), "ends at EOF");
+        assert_eq!(w.got, b"keystrokescreen update!");
+        assert_eq!(counters.up_bytes(), 23);
     }
 
     #[tokio::test]

@@ -43,12 +43,12 @@ thread_local! {
 }
 
 /// Polls `r` once with the thread's scratch buffer (at most `max` bytes)
-/// and hands what was read to `take`.
-fn poll_scratch<R, T>(
+/// and hands what was read to `take` (with the context, to write it on).
+pub fn poll_scratch<R, T>(
     r: Pin<&mut R>,
     cx: &mut Context<'_>,
     max: usize,
-    take: impl FnOnce(&[u8]) -> T,
+    take: impl FnOnce(&[u8], &mut Context<'_>) -> T,
 ) -> Poll<io::Result<T>>
 where
     R: AsyncRead + ?Sized,
@@ -70,7 +70,7 @@ where
         }
         let mut rb = ReadBuf::new(&mut scratch[..max.min(SCRATCH)]);
         match r.poll_read(cx, &mut rb) {
-            Poll::Ready(Ok(())) => Poll::Ready(Ok(take(rb.filled()))),
+            Poll::Ready(Ok(())) => Poll::Ready(Ok(take(rb.filled(), cx))),
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Pending => Poll::Pending,
         }
@@ -188,7 +188,7 @@ impl LazyBuf {
             self.trim.release();
         }
         let (buf, grow) = (&mut self.buf, &mut self.grow);
-        poll_scratch(r, cx, size, |got| {
+        poll_scratch(r, cx, size, |got, _| {
             if !got.is_empty() {
                 let cap = got.len().next_power_of_two().max(MIN_BUF).min(size);
                 buf.resize(head + cap, 0);
@@ -197,6 +197,18 @@ impl LazyBuf {
             }
             got.len()
         })
+    }
+
+    /// Takes `rest` into a fresh buffer (none may be held), as the first
+    /// read after an idle spell does: afterwards [`LazyBuf::data`] of
+    /// `rest.len()` bytes is `rest`, and reads use the buffer.
+    pub fn keep(&mut self, rest: &[u8]) {
+        let cap = rest.len().next_power_of_two().max(MIN_BUF).min(self.size);
+        let cap = cap.max(rest.len());
+        self.buf.clear();
+        self.buf.resize(self.head + cap, 0);
+        self.buf[self.head..self.head + rest.len()].copy_from_slice(rest);
+        self.grow = rest.len() == cap && cap < self.size;
     }
 
     /// The bytes the last read returned (`n` of them).
@@ -283,7 +295,7 @@ impl LazyBytes {
         }
         let reserve = self.reserve;
         let grow = &mut self.grow;
-        poll_scratch(r, cx, reserve, |got| {
+        poll_scratch(r, cx, reserve, |got, _| {
             if !got.is_empty() {
                 let room = got
                     .len()
