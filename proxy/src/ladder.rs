@@ -77,7 +77,7 @@ pub async fn choose_raw<'a>(
     };
     let (tenant, compute) = if ctx.datapath == DatapathMode::Sockmap {
         match Box::pin(try_sockmap(ctx, tenant, compute, counters, stop.clone())).await {
-            Ok(end) => return Rung::Ended(end, "sockmap"),
+            Ok(rung) => return rung,
             Err(legs) => legs,
         }
     } else {
@@ -155,13 +155,13 @@ pub async fn choose_raw<'a>(
 /// The opt-in sockmap rung (`kernel.datapath = "sockmap"`): both legs plain
 /// TCP and the program loaded, else the legs come back for splice/copy with
 /// the reason logged.
-async fn try_sockmap(
-    ctx: &Context,
+async fn try_sockmap<'a>(
+    ctx: &'a Context,
     tenant: tokio::net::TcpStream,
     compute: ComputeIo,
-    counters: &Counters,
+    counters: &'a Counters,
     stop: crate::datapath::Stop,
-) -> Result<End, (tokio::net::TcpStream, ComputeIo)> {
+) -> Result<Rung<'a>, (tokio::net::TcpStream, ComputeIo)> {
     let fallback = |why: &str| {
         tracing::info!(reason = why, "sockmap not used for this session");
     };
@@ -185,7 +185,7 @@ async fn try_sockmap(
         span.record("datapath", "sockmap");
         tracing::info!(datapath = "sockmap", "session established");
     };
-    match crate::datapath::sockmap::run(
+    let started = crate::datapath::sockmap::start(
         sm.as_ref(),
         tenant,
         c,
@@ -193,10 +193,10 @@ async fn try_sockmap(
         ctx.idle_timeout,
         stop,
         established,
-    )
-    .await
-    {
-        Ok(end) => Ok(end),
+    );
+    match started.await {
+        Ok(crate::datapath::sockmap::Started::Ended(end)) => Ok(Rung::Ended(end, "sockmap")),
+        Ok(crate::datapath::sockmap::Started::Run(pump)) => Ok(Rung::Run(pump, "sockmap")),
         Err(d) => {
             tracing::warn!(reason = %d.reason, "sockmap declined the session");
             Err((d.tenant, ComputeIo::Plain(ComputeStream::Tcp(d.compute))))

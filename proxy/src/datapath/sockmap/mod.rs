@@ -30,9 +30,11 @@
 //! The byte counters come from `TCP_INFO` too (sampled on a timer, and
 //! exact at each half-close); the idle timeout sees them.
 
+use std::future::Future;
 use std::io;
 use std::net::Shutdown;
 use std::os::fd::{AsFd, BorrowedFd};
+use std::pin::Pin;
 use std::task::Poll;
 use std::time::Duration;
 
@@ -372,25 +374,66 @@ pub async fn run(
     shutdown: super::Stop,
     established: impl FnOnce(),
 ) -> Result<End, Declined> {
-    // In blocks, here and below: what is only needed before the pump must
-    // not stay in this future (and so in every idle session) during it.
-    let (mut up, mut down) = {
-        let settled = tokio::select! {
-            r = settle(&tenant, &compute, counters) => r,
-            () = idle_watch(counters, idle) => return Ok(End::IdleTimeout),
-            () = shutdown.raised() => return Ok(End::Shutdown),
-        };
-        match settled {
-            Ok(Some(flows)) => flows,
-            Ok(None) => {
-                return Err(Declined {
-                    tenant,
-                    compute,
-                    reason: "the stream never paused long enough to count it exactly".to_owned(),
-                });
-            }
-            Err(end) => return Ok(end),
+    match start(
+        redirect,
+        tenant,
+        compute,
+        counters,
+        idle,
+        shutdown,
+        established,
+    )
+    .await?
+    {
+        Started::Ended(end) => Ok(end),
+        Started::Run(pump) => Ok(pump.await),
+    }
+}
+
+/// A session set up on the sockmap path.
+pub enum Started<'a> {
+    /// It ended during the set-up (idle, shutdown, an error).
+    Ended(End),
+    /// Both sockets are in the maps: this runs the session to its end
+    /// (and takes them out). Boxed on its own, so the session holds only
+    /// the pump's state while it runs, not the set-up's.
+    Run(Pin<Box<dyn Future<Output = End> + Send + 'a>>),
+}
+
+impl std::fmt::Debug for Started<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Started::Ended(end) => write!(f, "Ended({end:?})"),
+            Started::Run(_) => f.write_str("Run"),
         }
+    }
+}
+
+/// [`run`] up to the pump, which it returns to be awaited.
+pub async fn start<'a>(
+    redirect: &'a dyn Redirect,
+    tenant: TcpStream,
+    compute: TcpStream,
+    counters: &'a Counters,
+    idle: Option<Duration>,
+    shutdown: super::Stop,
+    established: impl FnOnce(),
+) -> Result<Started<'a>, Declined> {
+    let settled = tokio::select! {
+        r = settle(&tenant, &compute, counters) => r,
+        () = idle_watch(counters, idle) => return Ok(Started::Ended(End::IdleTimeout)),
+        () = shutdown.raised() => return Ok(Started::Ended(End::Shutdown)),
+    };
+    let (mut up, mut down) = match settled {
+        Ok(Some(flows)) => flows,
+        Ok(None) => {
+            return Err(Declined {
+                tenant,
+                compute,
+                reason: "the stream never paused long enough to count it exactly".to_owned(),
+            });
+        }
+        Err(end) => return Ok(Started::Ended(end)),
     };
     // The kernel takes only established TCP sockets into a SOCKHASH.
     if let Some(reason) = not_established(&tenant, &compute) {
@@ -410,14 +453,18 @@ pub async fn run(
             });
         }
     };
-    let _unpair = Unpair { redirect, pair };
+    // Made now: a pump dropped before its first poll still unpairs.
+    let unpair = Unpair { redirect, pair };
     established();
-    // The flows by reference: an async fn keeps a second copy of what it
-    // takes by value, for the session's life.
-    Ok(pump(
-        &tenant, &compute, &mut up, &mut down, counters, idle, shutdown,
-    )
-    .await)
+    Ok(Started::Run(Box::pin(async move {
+        let _unpair = unpair;
+        // The flows by reference: an async fn keeps a second copy of what
+        // it takes by value, for the session's life.
+        pump(
+            &tenant, &compute, &mut up, &mut down, counters, idle, shutdown,
+        )
+        .await
+    })))
 }
 
 /// Why a socket cannot enter the maps: it is no longer established.
