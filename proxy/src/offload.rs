@@ -22,7 +22,7 @@ use std::os::fd::AsFd as _;
 use std::sync::{Arc, Mutex};
 
 pub use cork::Cork;
-pub use rekey::{LIMIT_MARGIN, Rekey, SharedRekey, TxLimit, Why, lock};
+pub use rekey::{LIMIT_MARGIN, Rekey, SharedRekey, TxLimit, Why, lock, poll_key_update};
 pub use rung::{pump_raw, pump_ws};
 use rustls::CipherSuite;
 use rustls::kernel::KernelConnection;

@@ -30,9 +30,9 @@ use std::task::{Context, Poll, ready};
 use tokio::io::{Interest, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::offload::{SharedRekey, Why, lock};
+use crate::offload::{SharedRekey, Why, lock, poll_key_update};
 use crate::sys::ktls::{
-    ALERT, APPLICATION_DATA, HANDSHAKE, KeyDir, recv_record, send_close_notify, send_key_update,
+    ALERT, APPLICATION_DATA, HANDSHAKE, KeyDir, recv_record, send_close_notify,
 };
 
 const CHANGE_CIPHER_SPEC: u8 = 20;
@@ -184,24 +184,14 @@ impl RecvState {
     /// Sends the KeyUpdate the peer asked for (under the current transmit
     /// key), then moves the socket to the next transmit key.
     fn poll_owed(&mut self, sock: &TcpStream, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        while self.owed {
+        if self.owed {
             let Some(keys) = self.keys.as_ref() else {
                 return Poll::Ready(Err(io::Error::other(RecordError::KeyUpdate)));
             };
-            ready!(sock.poll_write_ready(cx))?;
-            match sock.try_io(Interest::WRITABLE, || send_key_update(sock.as_fd())) {
-                Ok(()) => {
-                    lock(keys)
-                        .renew(sock.as_fd(), KeyDir::Tx, Why::PeerUpdate)
-                        .map_err(|e| {
-                            io::Error::other(format!("answering the peer's TLS KeyUpdate: {e}"))
-                        })?;
-                    self.owed = false;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Poll::Ready(Err(e)),
-            }
+            ready!(poll_key_update(sock, cx, keys, Why::PeerUpdate)).map_err(|e| {
+                io::Error::other(format!("answering the peer's TLS KeyUpdate: {e}"))
+            })?;
+            self.owed = false;
         }
         Poll::Ready(Ok(()))
     }

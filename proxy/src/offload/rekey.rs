@@ -160,6 +160,29 @@ impl Rekey {
     }
 }
 
+/// Sends our KeyUpdate (`update_not_requested`) on a kTLS socket under its
+/// current transmit key, waiting for room in its send buffer, then moves
+/// the socket to the next transmit key.
+pub fn poll_key_update(
+    sock: &TcpStream,
+    cx: &mut Context<'_>,
+    keys: &SharedRekey,
+    why: Why,
+) -> Poll<io::Result<()>> {
+    loop {
+        ready!(sock.poll_write_ready(cx))?;
+        match sock.try_io(Interest::WRITABLE, || send_key_update(sock.as_fd())) {
+            Ok(()) => return Poll::Ready(lock(keys).renew(sock.as_fd(), KeyDir::Tx, why)),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => return Poll::Ready(Err(e)),
+        }
+    }
+}
+
 /// A leg's [`Rekey`], shared by the direction reading its socket and the
 /// one writing it (one task: never contended).
 pub type SharedRekey = Arc<Mutex<Rekey>>;
@@ -248,23 +271,9 @@ impl TxLimit {
                  session ends"
             ))));
         };
-        loop {
-            ready!(sock.poll_write_ready(cx))?;
-            match sock.try_io(Interest::WRITABLE, || send_key_update(sock.as_fd())) {
-                Ok(()) => break,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                    ) => {}
-                Err(e) => return Poll::Ready(Err(e)),
-            }
-        }
-        lock(keys)
-            .renew(sock.as_fd(), KeyDir::Tx, Why::RecordLimit)
-            .map_err(|e| {
-                io::Error::other(format!("renewing a kTLS key at its record limit: {e}"))
-            })?;
+        ready!(poll_key_update(sock, cx, keys, Why::RecordLimit)).map_err(|e| {
+            io::Error::other(format!("renewing a kTLS key at its record limit: {e}"))
+        })?;
         self.bound = 0;
         Poll::Ready(Ok(()))
     }
