@@ -361,12 +361,18 @@ fn machine() -> Value {
         .take(3)
         .collect::<Vec<_>>()
         .join(" ");
+    let read = |p: &str| fs::read_to_string(p).ok().map(|v| v.trim().to_owned());
     json!({
         "loadavg": loadavg,
         "cpus": cpu_count(),
         "cpu_model": cpu_model,
         "kernel": kernel,
         "mem_total_kib": mem_kib,
+        // How an idle CPU waits: on a VM guest without halt-polling every
+        // wake-up of an idle vCPU is a VM exit (tens of microseconds).
+        "cpuidle_driver": read("/sys/devices/system/cpu/cpuidle/current_driver"),
+        "guest_halt_poll_ns": read("/sys/module/haltpoll/parameters/guest_halt_poll_ns")
+            .and_then(|v| v.parse::<u64>().ok()),
     })
 }
 

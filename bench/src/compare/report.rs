@@ -237,6 +237,22 @@ fn has(report: &Value, scenario: &str) -> bool {
 }
 
 /// The Markdown report.
+/// How idle CPUs wait, when the machine says: it decides what a wake-up
+/// across CPUs costs, and so every proxied round trip.
+fn cpuidle_line(m: &Value) -> Option<String> {
+    let driver = m["cpuidle_driver"].as_str()?;
+    Some(match m["guest_halt_poll_ns"].as_u64() {
+        Some(0) => format!(
+            "CPU idle driver: {driver}, guest halt-polling off (guest_halt_poll_ns = 0): an \
+             idle vCPU halts at once, so waking it costs a VM exit; latency across CPUs \
+             and throughput limited by wake-ups are a property of this VM as much as of \
+             the proxies."
+        ),
+        Some(ns) => format!("CPU idle driver: {driver}, guest halt-polling up to {ns} ns."),
+        None => format!("CPU idle driver: {driver}."),
+    })
+}
+
 pub fn markdown(report: &Value, plots: &[&str]) -> String {
     let mut md = String::new();
     let set = &report["settings"];
@@ -261,6 +277,9 @@ pub fn markdown(report: &Value, plots: &[&str]) -> String {
         report["took_s"].as_f64().unwrap_or(0.0),
         report["failed_runs"],
     );
+    if let Some(line) = cpuidle_line(m) {
+        let _ = writeln!(md, "{line}\n");
+    }
     md.push_str("Peers:\n\n");
     for s in report["services"].as_array().into_iter().flatten() {
         let name = s["name"].as_str().unwrap_or("?");
@@ -534,5 +553,23 @@ mod tests {
         assert!(md.contains("| 6.00x | 2.00x |"), "{md}");
         assert!(md.contains("cg: 3/4 runs ok; first error: boom"), "{md}");
         assert!(md.contains("![bulk.svg](bulk.svg)"), "{md}");
+        assert!(!md.contains("CPU idle driver"), "not known: not said");
+    }
+
+    #[test]
+    fn the_cpu_idle_line_says_when_halt_polling_is_off() {
+        let line = |m: Value| cpuidle_line(&m);
+        assert_eq!(line(json!({"cpus": 2})), None);
+        let off = line(json!({"cpuidle_driver": "haltpoll", "guest_halt_poll_ns": 0})).unwrap();
+        assert!(
+            off.contains("halt-polling off") && off.contains("VM exit"),
+            "{off}"
+        );
+        let on = line(json!({"cpuidle_driver": "haltpoll", "guest_halt_poll_ns": 200000})).unwrap();
+        assert!(on.contains("up to 200000 ns"), "{on}");
+        assert_eq!(
+            line(json!({"cpuidle_driver": "intel_idle"})).as_deref(),
+            Some("CPU idle driver: intel_idle.")
+        );
     }
 }
