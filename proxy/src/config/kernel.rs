@@ -97,5 +97,23 @@ pub struct KernelSection {
     /// Most records a kTLS leg sends under one key before it renews the
     /// key (TLS 1.3, Linux 6.14+) or ends the session; default and
     /// ceiling: the cipher's confidentiality limit less a margin.
+    #[serde(default, deserialize_with = "records_per_key")]
     pub ktls_records_per_key: Option<std::num::NonZeroU64>,
+}
+
+/// `ktls_records_per_key`: a count of at least 1, the key named if not.
+fn records_per_key<'de, D>(d: D) -> Result<Option<std::num::NonZeroU64>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    let v = <i64 as Deserialize>::deserialize(d).map_err(|e| {
+        serde::de::Error::custom(format!("ktls_records_per_key must be a whole number: {e}"))
+    })?;
+    u64::try_from(v)
+        .ok()
+        .and_then(std::num::NonZeroU64::new)
+        .map(Some)
+        .ok_or_else(|| {
+            serde::de::Error::custom(format!("ktls_records_per_key must be at least 1, not {v}"))
+        })
 }

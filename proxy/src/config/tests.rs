@@ -51,6 +51,37 @@ fn flags_override_file_and_paths_are_relative_to_file() {
     assert_eq!(msg.lines().count(), 1);
 }
 
+/// `kernel.ktls_records_per_key`: a positive count; 0 and other types
+/// are refused with the key named.
+#[test]
+fn ktls_records_per_key_is_a_positive_count() {
+    let parse = |v: &str| {
+        FileConfig::parse(
+            &format!("[kernel]\nktls_records_per_key = {v}\n"),
+            Path::new("x"),
+        )
+    };
+    assert_eq!(
+        parse("48")
+            .unwrap()
+            .kernel
+            .ktls_records_per_key
+            .map(std::num::NonZeroU64::get),
+        Some(48)
+    );
+    for bad in ["0", "-1", "'many'", "1.5"] {
+        let e = parse(bad).unwrap_err().to_string();
+        assert!(e.contains("ktls_records_per_key"), "{bad}: {e}");
+    }
+    assert_eq!(
+        FileConfig::parse("", Path::new("x"))
+            .unwrap()
+            .kernel
+            .ktls_records_per_key,
+        None
+    );
+}
+
 #[test]
 fn kernel_settings_flags_override_file() {
     let fc = FileConfig::parse(
