@@ -37,6 +37,7 @@ struct Metrics {
     connections: Gauge,
     resolvers: Family<Labels, Gauge>,
     resolver_up: Family<Labels, Gauge>,
+    ktls_renewals: Family<Labels, Counter>,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
@@ -109,8 +110,15 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "Token store health: 1 if the resolver answered its last request, 0 if it was unreachable",
         resolver_up.clone(),
     );
+    let ktls_renewals = Family::<Labels, Counter>::default();
+    registry.register(
+        "ktls_key_renewals",
+        "kTLS keys renewed, by leg, direction and reason (a TLS 1.3 KeyUpdate of the peer, or our send key at its record limit)",
+        ktls_renewals.clone(),
+    );
     Metrics {
         registry,
+        ktls_renewals,
         resolver_up,
         available,
         connections,
@@ -190,6 +198,19 @@ pub fn resolver_up(resolver: &'static str, up: bool) {
         .set(i64::from(up));
 }
 
+/// Counts a kTLS key renewed: `leg` tenant or compute, `direction` send or
+/// receive, `reason` peer_key_update or record_limit.
+pub fn ktls_key_renewed(leg: &'static str, direction: &'static str, reason: &'static str) {
+    METRICS
+        .ktls_renewals
+        .get_or_create(&vec![
+            ("leg", leg.to_owned()),
+            ("direction", direction.to_owned()),
+            ("reason", reason.to_owned()),
+        ])
+        .inc();
+}
+
 /// Sets whether a kernel feature is in use.
 pub fn kernel_feature(feature: &'static str, on: bool) {
     METRICS
@@ -261,6 +282,7 @@ mod tests {
         refusal("token_unknown");
         resolved("websocket", true, Duration::from_millis(1));
         kernel_feature("splice", true);
+        ktls_key_renewed("tenant", "send", "record_limit");
         {
             let s = SessionMetrics::established("connect", "vnc", Duration::from_millis(3));
             assert!(
@@ -277,6 +299,7 @@ mod tests {
             r#"consolegate_resolve_seconds_bucket{"#,
             r#"consolegate_kernel_feature{feature="splice"} 1"#,
             r#"consolegate_sessions_active{front="connect",kind="vnc"} 0"#,
+            r#"consolegate_ktls_key_renewals_total{leg="tenant",direction="send",reason="record_limit"} 1"#,
         ] {
             assert!(text.contains(want), "missing {want} in\n{text}");
         }

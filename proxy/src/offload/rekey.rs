@@ -156,6 +156,11 @@ impl Rekey {
                 "kTLS key renewed at the record limit"
             ),
         }
+        let reason = match why {
+            Why::PeerUpdate => "peer_key_update",
+            Why::RecordLimit => "record_limit",
+        };
+        crate::control::metrics::ktls_key_renewed(self.leg, direction, reason);
         Ok(())
     }
 }

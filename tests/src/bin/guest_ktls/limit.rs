@@ -22,6 +22,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use consolegate_tests::admin;
+use consolegate_tests::net::Transport;
 use consolegate_tests::proxy::Proxy;
 use consolegate_tests::within_for;
 
@@ -89,6 +91,33 @@ fn renewals(proxy: &Proxy) -> (usize, usize) {
     (at("tenant"), at("compute"))
 }
 
+/// The proxy's count of keys renewed at the record limit, per leg, from
+/// its metrics: (tenant, compute).
+async fn metric_renewals(proxy: &Proxy) -> anyhow::Result<(usize, usize)> {
+    let addr = proxy.admin.context("the proxy has no admin listener")?;
+    let got = admin::request(
+        addr,
+        &Transport::Plain,
+        "GET",
+        "/metrics",
+        Some(admin::TEST_KEY),
+        None,
+    )
+    .await?;
+    anyhow::ensure!(got.status == 200, "GET /metrics: {}", got.status);
+    let count = |leg: &str| -> usize {
+        let prefix = format!(
+            "consolegate_ktls_key_renewals_total{{leg=\"{leg}\",direction=\"send\",reason=\"record_limit\"}} "
+        );
+        got.body
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    Ok((count("tenant"), count("compute")))
+}
+
 /// Starts the proxy with `config` plus the limit, runs both sessions and
 /// checks the outcome the kernel calls for (`renews`).
 pub async fn sessions(
@@ -100,9 +129,15 @@ pub async fn sessions(
 ) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(config)?;
     let limited = config.with_file_name("consolegate-limit.toml");
+    std::fs::write(config.with_file_name("admin.key"), admin::TEST_KEY)?;
+    // The limit goes at the end of the `[kernel]` table the file ends with;
+    // an admin listener serves the metrics.
     std::fs::write(
         &limited,
-        format!("{text}ktls_records_per_key = {RECORDS}\n"),
+        format!(
+            "{text}ktls_records_per_key = {RECORDS}\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+             plain_http = true\nkey_file = \"admin.key\"\n"
+        ),
     )?;
     let proxy_dir = tempfile::Builder::new().prefix("cg-proxy-").tempdir()?;
     let args = [
@@ -161,6 +196,11 @@ pub async fn sessions(
             .context("record-limit CONNECT session, console")?;
         let total = renewals(&proxy);
         let connect_compute = total.1 - after_ws.1;
+        let metrics = metric_renewals(&proxy).await?;
+        anyhow::ensure!(
+            metrics == total,
+            "the metrics count {metrics:?} renewals at the limit (tenant, compute), the log {total:?}"
+        );
         anyhow::ensure!(
             after_ws.0 >= MIN_RENEWALS && after_ws.1 >= MIN_RENEWALS,
             "WebSocket session: the proxy renewed the tenant leg's key {} and the compute \
@@ -183,8 +223,8 @@ pub async fn sessions(
             "record-limit",
             format!(
                 "renewed at {RECORDS} records per key: WebSocket tenant leg {} and compute \
-                 leg {} times, CONNECT compute leg {connect_compute} times; {} rounds each \
-                 carried byte for byte",
+                 leg {} times, CONNECT compute leg {connect_compute} times (log and metrics \
+                 agree); {} rounds each carried byte for byte",
                 after_ws.0,
                 after_ws.1,
                 SMALL_ROUNDS + 1
