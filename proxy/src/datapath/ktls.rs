@@ -30,6 +30,7 @@ use std::task::{Context, Poll, ready};
 use tokio::io::{Interest, ReadBuf};
 use tokio::net::TcpStream;
 
+use super::splice::Sock;
 use crate::offload::{SharedRekey, Why, lock, poll_key_update};
 use crate::sys::ktls::{
     ALERT, APPLICATION_DATA, HANDSHAKE, KeyDir, recv_record, send_close_notify,
@@ -265,15 +266,7 @@ pub async fn close_notify(sock: &TcpStream) -> io::Result<()> {
 
 /// [`close_notify`] as a poll.
 pub fn poll_close_notify(sock: &TcpStream, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-    loop {
-        ready!(sock.poll_write_ready(cx))?;
-        match sock.try_io(Interest::WRITABLE, || send_close_notify(sock.as_fd())) {
-            Ok(()) => return Poll::Ready(Ok(())),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Poll::Ready(Err(e)),
-        }
-    }
+    Sock::Ktls(sock).poll_write_op(cx, || send_close_notify(sock.as_fd()))
 }
 
 /// The receiving state of a kTLS socket read as a byte stream of its

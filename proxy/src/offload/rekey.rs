@@ -35,9 +35,9 @@ use std::time::{Duration, Instant};
 
 use rustls::kernel::KernelConnection;
 use rustls::{ConnectionTrafficSecrets, SupportedCipherSuite};
-use tokio::io::Interest;
 use tokio::net::TcpStream;
 
+use crate::datapath::splice::Sock;
 use crate::sys::ktls::{Cipher, KeyDir, send_key_update, set_key, tx_records};
 
 /// The next traffic secrets of one direction (either side's connection).
@@ -174,18 +174,8 @@ pub fn poll_key_update(
     keys: &SharedRekey,
     why: Why,
 ) -> Poll<io::Result<()>> {
-    loop {
-        ready!(sock.poll_write_ready(cx))?;
-        match sock.try_io(Interest::WRITABLE, || send_key_update(sock.as_fd())) {
-            Ok(()) => return Poll::Ready(lock(keys).renew(sock.as_fd(), KeyDir::Tx, why)),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                ) => {}
-            Err(e) => return Poll::Ready(Err(e)),
-        }
-    }
+    ready!(Sock::Ktls(sock).poll_write_op(cx, || send_key_update(sock.as_fd())))?;
+    Poll::Ready(lock(keys).renew(sock.as_fd(), KeyDir::Tx, why))
 }
 
 /// A leg's [`Rekey`], shared by the direction reading its socket and the

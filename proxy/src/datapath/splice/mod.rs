@@ -123,6 +123,26 @@ impl<'a> Sock<'a> {
         }
     }
 
+    /// Waits until the socket is writable and runs `op` on it until it
+    /// does not block; returns what `op` returned.
+    pub(crate) fn poll_write_op<R>(
+        self,
+        cx: &mut std::task::Context<'_>,
+        mut op: impl FnMut() -> io::Result<R>,
+    ) -> Poll<io::Result<R>> {
+        loop {
+            std::task::ready!(self.poll_ready(cx, Interest::WRITABLE))?;
+            match self.try_io(Interest::WRITABLE, &mut op) {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                    ) => {}
+                done => return Poll::Ready(done),
+            }
+        }
+    }
+
     /// The kTLS socket, if this is one.
     pub(super) fn ktls(self) -> Option<&'a TcpStream> {
         match self {

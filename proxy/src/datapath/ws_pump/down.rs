@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use super::{Control, DownPath, Pump, Then, Tx, WsLeg};
 use crate::datapath::End;
 use crate::datapath::ktls::{Next, RECORD_BUF, poll_record};
-use crate::datapath::splice::{NO_PIPE_RETRY, SMALL, Sock};
+use crate::datapath::splice::{NO_PIPE_RETRY, SMALL};
 use crate::front::websocket::frame::{
     self, MAX_HEADER_LEN, Opcode, close_code, close_payload, encode_frame,
 };
@@ -131,7 +131,7 @@ impl<T: WsLeg, C: WsLeg> Pump<'_, T, C> {
                             )));
                         };
                         let part = &hdr[*off..*len];
-                        let m = ready!(poll_write_op(sock, cx, || {
+                        let m = ready!(sock.poll_write_op(cx, || {
                             socket2::SockRef::from(&sock.fd()).send_with_flags(part, libc::MSG_MORE)
                         }))?;
                         *off += m;
@@ -151,7 +151,7 @@ impl<T: WsLeg, C: WsLeg> Pump<'_, T, C> {
                             )));
                         };
                         let want = *left;
-                        let moved = ready!(poll_write_op(sock, cx, || {
+                        let moved = ready!(sock.poll_write_op(cx, || {
                             splice(slot.get()?.reader(), sock.fd(), want)
                         }))?;
                         if moved == 0 {
@@ -366,26 +366,6 @@ impl<T: WsLeg, C: WsLeg> Pump<'_, T, C> {
                     }
                 }
             }
-        }
-    }
-}
-
-/// Waits until `sock` is writable and runs `op` on it until it does not
-/// block; returns what `op` returned (bytes moved).
-fn poll_write_op(
-    sock: Sock<'_>,
-    cx: &mut Context<'_>,
-    mut op: impl FnMut() -> io::Result<usize>,
-) -> Poll<io::Result<usize>> {
-    loop {
-        ready!(sock.poll_ready(cx, Interest::WRITABLE))?;
-        match sock.try_io(Interest::WRITABLE, &mut op) {
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                ) => {}
-            done => return Poll::Ready(done),
         }
     }
 }
