@@ -207,6 +207,9 @@ pub struct Session {
     ws: bool,
     /// Payload bytes still to come in the current WebSocket data frame.
     frame_left: u64,
+    /// Discarding payload in the kernel: frame headers are read exactly,
+    /// so no payload is copied out behind them.
+    exact: bool,
     out: Vec<u8>,
     /// The negotiated TLS cipher suite, if TLS.
     pub tls_suite: Option<String>,
@@ -260,6 +263,7 @@ impl Session {
             len: 0,
             ws: false,
             frame_left: 0,
+            exact: false,
             out: Vec::with_capacity(1024),
             tls_suite,
         };
@@ -319,6 +323,11 @@ impl Session {
 
     /// Reads more bytes into the buffer; EOF is an error.
     fn fill(&mut self) -> io::Result<()> {
+        self.fill_upto(usize::MAX)
+    }
+
+    /// [`Session::fill`], reading at most `most` bytes.
+    fn fill_upto(&mut self, most: usize) -> io::Result<()> {
         if self.pos == self.len {
             self.pos = 0;
             self.len = 0;
@@ -333,8 +342,9 @@ impl Session {
             let n = self.buf.len() * 2;
             self.buf.resize(n, 0);
         }
+        let end = self.len.saturating_add(most).min(self.buf.len());
         loop {
-            match self.io.read(&mut self.buf[self.len..]) {
+            match self.io.read(&mut self.buf[self.len..end]) {
                 Ok(0) => {
                     return Err(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
@@ -370,7 +380,12 @@ impl Session {
                 self.len -= self.pos;
                 self.pos = 0;
             }
-            self.fill()?;
+            let most = if self.exact {
+                n - (self.len - self.pos)
+            } else {
+                usize::MAX
+            };
+            self.fill_upto(most)?;
         }
         let s = &self.buf[self.pos..self.pos + n];
         self.pos += n;
@@ -406,6 +421,9 @@ impl Session {
     /// (on a small machine the client shares CPUs with the backends, and
     /// its copy would limit every proxy's row, not the proxy).
     pub fn discard_payload(&mut self, max: usize) -> io::Result<usize> {
+        // Frame headers exactly from here on: what `take` would buffer
+        // behind them is payload, copied out instead of discarded.
+        self.exact = matches!(self.io, Io::Plain(_));
         if self.ws {
             while self.frame_left == 0 {
                 self.next_frame()?;

@@ -77,6 +77,72 @@ fn websocket_session_reads_payload_across_frames_and_answers_pings() {
     assert_eq!([pong[6] ^ key[0], pong[7] ^ key[1]], *b"p!");
 }
 
+/// Discarding a WebSocket stream: every frame's payload is counted, the
+/// 16- and 64-bit extended lengths included, and once discarding no
+/// payload is copied out behind a frame header (only headers are
+/// buffered, and only exactly).
+#[test]
+fn discarding_reads_frame_headers_exactly_and_counts_every_payload_byte() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let sizes = [100usize, 300, 70_000, 5];
+    let (opened, wait_open) = std::sync::mpsc::channel::<()>();
+    let server = thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            s.read_exact(&mut b).unwrap();
+            head.push(b[0]);
+        }
+        s.write_all(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
+            .unwrap();
+        // The frames only once the client has read the head.
+        wait_open.recv().unwrap();
+        let mut out = Vec::new();
+        for n in sizes {
+            out.push(0x82);
+            match n {
+                0..=125 => out.push(n as u8),
+                126..=65535 => {
+                    out.push(126);
+                    out.extend_from_slice(&(n as u16).to_be_bytes());
+                }
+                _ => {
+                    out.push(127);
+                    out.extend_from_slice(&(n as u64).to_be_bytes());
+                }
+            }
+            out.extend(std::iter::repeat_n(0xAB, n));
+        }
+        // All frames at once: a buffered header read would take payload too.
+        s.write_all(&out).unwrap();
+        s
+    });
+    let dial = Dial::new(
+        &addr,
+        Front::Ws {
+            path: "/?token=x".into(),
+        },
+        None,
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    let mut session = dial.open().unwrap();
+    opened.send(()).unwrap();
+    let total: usize = sizes.iter().sum();
+    let mut got = 0;
+    while got < total {
+        got += session.discard_payload(1 << 16).unwrap();
+        assert!(
+            session.len - session.pos <= 14,
+            "only a frame header is ever buffered: {session:?}"
+        );
+    }
+    assert_eq!(got, total);
+    drop(server.join().unwrap());
+}
+
 #[test]
 fn sessions_spread_over_source_addresses_and_ways_in() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
