@@ -14,23 +14,9 @@ use std::task::{Context, Poll, ready};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::lazybuf::{LazyBuf, poll_scratch};
-use super::{Counters, End, idle_watch};
+use super::{Counters, Dir, End, idle_watch};
 
 const BUF: usize = 32 * 1024;
-
-enum Dir {
-    Up,
-    Down,
-}
-
-impl Dir {
-    fn name(&self) -> &'static str {
-        match self {
-            Dir::Up => "up",
-            Dir::Down => "down",
-        }
-    }
-}
 
 /// Where one direction is.
 #[derive(Debug, Clone, Copy)]
@@ -82,17 +68,11 @@ impl Half {
     }
 
     fn read_err(&self, e: std::io::Error) -> End {
-        match self.dir {
-            Dir::Up => End::TenantIo(e.to_string()),
-            Dir::Down => End::ComputeIo(e.to_string()),
-        }
+        self.dir.read_err(e)
     }
 
     fn write_err(&self, e: std::io::Error) -> End {
-        match self.dir {
-            Dir::Up => End::ComputeIo(e.to_string()),
-            Dir::Down => End::TenantIo(e.to_string()),
-        }
+        self.dir.write_err(e)
     }
 
     /// A read error, or the end of stream it stands for: a TLS compute
@@ -111,10 +91,7 @@ impl Half {
     }
 
     fn count(&self, counters: &Counters, n: usize) {
-        match self.dir {
-            Dir::Up => counters.add_up(n),
-            Dir::Down => counters.add_down(n),
-        }
+        self.dir.count(counters, n);
     }
 
     /// With no buffer held: one read into the thread's scratch buffer,

@@ -29,6 +29,46 @@ use std::time::Duration;
 // tokio's clock (the system's, except in tests that pause it).
 use tokio::time::Instant;
 
+/// A direction of a session: tenant to compute (up) or back (down).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Dir {
+    Up,
+    Down,
+}
+
+impl Dir {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Dir::Up => "up",
+            Dir::Down => "down",
+        }
+    }
+
+    /// The error of the side this direction reads from.
+    pub(crate) fn read_err(self, e: std::io::Error) -> End {
+        match self {
+            Dir::Up => End::TenantIo(e.to_string()),
+            Dir::Down => End::ComputeIo(e.to_string()),
+        }
+    }
+
+    /// The error of the side this direction writes to.
+    pub(crate) fn write_err(self, e: std::io::Error) -> End {
+        match self {
+            Dir::Up => End::ComputeIo(e.to_string()),
+            Dir::Down => End::TenantIo(e.to_string()),
+        }
+    }
+
+    /// Counts `n` bytes moved this way.
+    pub(crate) fn count(self, counters: &Counters, n: usize) {
+        match self {
+            Dir::Up => counters.add_up(n),
+            Dir::Down => counters.add_down(n),
+        }
+    }
+}
+
 /// Byte counters and last-activity time of one session, shared by its pumps.
 #[derive(Debug)]
 pub struct Counters {

@@ -42,7 +42,7 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::{Counters, End, idle_watch};
+use super::{Counters, Dir, End, idle_watch};
 use crate::sys::pipe::readable_bytes;
 use crate::sys::tcpinfo::{self, TCP_CLOSE_WAIT};
 
@@ -85,36 +85,6 @@ const DRAIN_MAX: usize = 4 << 20;
 /// Tries to find both sockets quiet long enough for exact baselines.
 const SETTLE_TRIES: usize = 200;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Dir {
-    Up,
-    Down,
-}
-
-impl Dir {
-    fn read_err(self, e: io::Error) -> End {
-        match self {
-            Dir::Up => End::TenantIo(e.to_string()),
-            Dir::Down => End::ComputeIo(e.to_string()),
-        }
-    }
-
-    fn write_err(self, e: io::Error) -> End {
-        match self {
-            Dir::Up => End::ComputeIo(e.to_string()),
-            Dir::Down => End::TenantIo(e.to_string()),
-        }
-    }
-
-    fn count(self, counters: &Counters, n: u64) {
-        let n = usize::try_from(n).unwrap_or(usize::MAX);
-        match self {
-            Dir::Up => counters.add_up(n),
-            Dir::Down => counters.add_down(n),
-        }
-    }
-}
-
 /// One non-blocking read straight from the socket (no tokio readiness
 /// check): `Ok(0)` is EOF, `WouldBlock` nothing to read now.
 fn recv_now(sock: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
@@ -155,7 +125,7 @@ async fn drain(
                 let data = buf.get(..n).unwrap_or_default();
                 write_all(dst, data).await.map_err(|e| dir.write_err(e))?;
                 if let Some(c) = counters {
-                    dir.count(c, n as u64);
+                    dir.count(c, n);
                 }
                 moved += n;
             }
@@ -242,7 +212,10 @@ impl Flow {
         let written = written_at_least(dst.as_fd()).map_err(|e| self.dir.write_err(e))?;
         let moved = written.saturating_sub(self.written_base);
         if moved > self.reported {
-            self.dir.count(counters, moved - self.reported);
+            self.dir.count(
+                counters,
+                usize::try_from(moved - self.reported).unwrap_or(usize::MAX),
+            );
             self.reported = moved;
         }
         Ok(moved)

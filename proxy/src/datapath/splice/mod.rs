@@ -25,7 +25,7 @@ use tokio::net::{TcpStream, UnixStream};
 
 use super::ktls::RecvState;
 use super::pipes::PipeSlot;
-use super::{Counters, End, idle_watch};
+use super::{Counters, Dir, End, idle_watch};
 use crate::offload::{KtlsKeys, TxLimit};
 use crate::sys::pipe::{readable_bytes, splice};
 
@@ -157,37 +157,6 @@ impl<'a> Sock<'a> {
             let _ = super::ktls::close_notify(s).await;
         }
         socket2::SockRef::from(&self.fd()).shutdown(Shutdown::Write)
-    }
-}
-
-#[derive(Debug, Clone, Copy)]
-enum Dir {
-    Up,
-    Down,
-}
-
-impl Dir {
-    fn name(self) -> &'static str {
-        match self {
-            Dir::Up => "up",
-            Dir::Down => "down",
-        }
-    }
-
-    /// The error of the side we read from.
-    fn read_err(self, e: io::Error) -> End {
-        match self {
-            Dir::Up => End::TenantIo(e.to_string()),
-            Dir::Down => End::ComputeIo(e.to_string()),
-        }
-    }
-
-    /// The error of the side we write to.
-    fn write_err(self, e: io::Error) -> End {
-        match self {
-            Dir::Up => End::ComputeIo(e.to_string()),
-            Dir::Down => End::TenantIo(e.to_string()),
-        }
     }
 }
 
@@ -419,10 +388,7 @@ impl<'a> Flow<'a> {
         if let Some(tx) = self.tx.as_mut() {
             tx.wrote(n);
         }
-        match self.dir {
-            Dir::Up => self.counters.add_up(n),
-            Dir::Down => self.counters.add_down(n),
-        }
+        self.dir.count(self.counters, n);
     }
 
     /// Reads a small message into a stack buffer and sends it on; what the
@@ -679,10 +645,7 @@ async fn forward_record(
             write_all(dst, &buf[..n])
                 .await
                 .map_err(|e| dir.write_err(e))?;
-            match dir {
-                Dir::Up => counters.add_up(n),
-                Dir::Down => counters.add_down(n),
-            }
+            dir.count(counters, n);
             Ok(Slowed::Record {
                 state,
                 eof: false,

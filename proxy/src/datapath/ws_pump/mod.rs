@@ -31,7 +31,7 @@ use super::lazybuf::{LazyBuf, LazyBytes};
 use super::pipes::PipeSlot;
 use super::splice::Sock;
 use super::websocket::{CLOSE_GRACE, DOWN_CHUNK, MAX_TENANT_FRAME, WsSettings};
-use super::{Counters, End, Stop};
+use super::{Counters, Dir, End, Stop};
 use crate::front::websocket::frame::{Decoder, FrameError, MAX_HEADER_LEN, close_code};
 use crate::front::websocket::message::{Action, Inbound, Mode};
 
@@ -198,12 +198,6 @@ pub(super) struct Pump<'a, T, C> {
     down_done: bool,
     result: Option<End>,
     over: bool,
-}
-
-#[derive(Debug, Clone, Copy)]
-enum Dir {
-    Up,
-    Down,
 }
 
 impl<'a, T: WsLeg, C: WsLeg> Pump<'a, T, C> {
