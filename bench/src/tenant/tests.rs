@@ -30,12 +30,7 @@ fn websocket_session_reads_payload_across_frames_and_answers_pings() {
     let addr = listener.local_addr().unwrap().to_string();
     let server = thread::spawn(move || {
         let (mut s, _) = listener.accept().unwrap();
-        let mut head = Vec::new();
-        let mut b = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            s.read_exact(&mut b).unwrap();
-            head.push(b[0]);
-        }
+        let head = read_head(&mut s);
         let mut out = b"HTTP/1.1 101 Switching Protocols\r\n\r\n".to_vec();
         out.extend_from_slice(&[0x89, 2, b'p', b'!']); // ping
         out.extend_from_slice(&[0x02, 3, b'a', b'b', b'c']); // binary, not FIN
@@ -89,12 +84,7 @@ fn discarding_reads_frame_headers_exactly_and_counts_every_payload_byte() {
     let (opened, wait_open) = std::sync::mpsc::channel::<()>();
     let server = thread::spawn(move || {
         let (mut s, _) = listener.accept().unwrap();
-        let mut head = Vec::new();
-        let mut b = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            s.read_exact(&mut b).unwrap();
-            head.push(b[0]);
-        }
+        read_head(&mut s);
         s.write_all(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
             .unwrap();
         // The frames only once the client has read the head.
@@ -141,6 +131,17 @@ fn discarding_reads_frame_headers_exactly_and_counts_every_payload_byte() {
     }
     assert_eq!(got, total);
     drop(server.join().unwrap());
+}
+
+/// A request head, read byte by byte up to its blank line (nothing after).
+fn read_head(s: &mut std::net::TcpStream) -> Vec<u8> {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut b).unwrap();
+        head.push(b[0]);
+    }
+    head
 }
 
 #[test]
