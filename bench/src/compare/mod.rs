@@ -25,6 +25,7 @@ mod probe;
 mod proc;
 mod report;
 mod svg;
+mod tcpcc;
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -117,6 +118,12 @@ pub struct CompareArgs {
     /// Do not pin anything to CPUs.
     #[arg(long)]
     no_pin: bool,
+    /// Run with this TCP congestion control (net.ipv4.tcp_congestion_control,
+    /// e.g. cubic) for every peer alike, and restore the machine's own at
+    /// the end. Needs root. On loopback BBR can limit the bulk rows more
+    /// than the proxies do (docs/benchmarking.md).
+    #[arg(long, value_name = "NAME")]
+    tcp_cc: Option<String>,
     /// Only render report.md and the plots again from this report.json.
     #[arg(long, value_name = "FILE")]
     render: Option<PathBuf>,
@@ -373,6 +380,8 @@ fn machine() -> Value {
         "cpuidle_driver": read("/sys/devices/system/cpu/cpuidle/current_driver"),
         "guest_halt_poll_ns": read("/sys/module/haltpoll/parameters/guest_halt_poll_ns")
             .and_then(|v| v.parse::<u64>().ok()),
+        // The congestion control every loopback sender ran with.
+        "tcp_congestion_control": tcpcc::current(),
     })
 }
 
@@ -397,7 +406,13 @@ pub fn main(args: CompareArgs) -> Result<ExitCode> {
             settings.idle_sessions
         ));
     }
-    let report = run(&settings)?;
+    let switched = tcpcc::switch(args.tcp_cc.as_deref())?;
+    on_signals(switched.as_ref().map(tcpcc::Switched::restore))?;
+    let mut report = run(&settings)?;
+    if let Some(s) = &switched {
+        report["machine"]["tcp_congestion_control_own"] = json!(s.previous());
+    }
+    drop(switched);
     report::write(&settings.out, &report)?;
     let failed = report["failed_runs"].as_u64().unwrap_or(0);
     let own = report["failed_runs_own"].as_u64().unwrap_or(0);
@@ -413,6 +428,30 @@ pub fn main(args: CompareArgs) -> Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// On SIGINT, SIGTERM or SIGHUP the runner ends its children (by pid,
+/// with what they forked) and puts the machine's congestion control back,
+/// then dies of the signal: no `Drop` would run otherwise.
+fn on_signals(restore: Option<tcpcc::Restore>) -> Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
+        .context("installing the signal handlers")?;
+    std::thread::Builder::new()
+        .name("compare-signals".into())
+        .spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                say(format!("signal {sig}: ending the peers and backends"));
+                proc::end_all();
+                if let Some(r) = &restore {
+                    r.now();
+                }
+                let _ = signal_hook::low_level::emulate_default_handler(sig);
+                std::process::exit(128 + sig);
+            }
+        })
+        .context("starting the signal thread")?;
+    Ok(())
 }
 
 fn say(msg: impl AsRef<str>) {

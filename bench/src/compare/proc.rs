@@ -2,18 +2,45 @@
 //! raised file limit, output into a log file, and killed (with everything
 //! they forked) by pid when dropped.
 
+use std::collections::BTreeSet;
 use std::fs::{self, File};
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc;
+use std::sync::{Mutex, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 
 use crate::procstat;
+
+/// Every child started here and not yet ended: what [`end_all`] ends when
+/// the runner is stopped by a signal (no `Drop` runs then).
+static LIVE: Mutex<BTreeSet<u32>> = Mutex::new(BTreeSet::new());
+
+fn live() -> std::sync::MutexGuard<'static, BTreeSet<u32>> {
+    LIVE.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Ends every child still running and what it forked, by pid.
+pub fn end_all() {
+    let roots: Vec<u32> = live().iter().copied().collect();
+    kill_pids(&procstat::tree(&roots));
+}
+
+fn kill_pids(pids: &[u32]) {
+    if pids.is_empty() {
+        return;
+    }
+    let _ = Command::new("kill")
+        .arg("-KILL")
+        .args(pids.iter().map(u32::to_string))
+        .stderr(Stdio::null())
+        .status();
+}
 
 /// Open files wanted for every child at least (sessions x 2 sockets, with
 /// room).
@@ -106,6 +133,7 @@ impl Proc {
             .stderr(err)
             .spawn()
             .with_context(|| format!("starting {name}: {cmd:?}"))?;
+        live().insert(child.id());
         Ok(Self {
             name: name.to_owned(),
             child,
@@ -123,6 +151,7 @@ impl Proc {
             .stderr(file.try_clone()?)
             .spawn()
             .with_context(|| format!("starting {name}: {cmd:?}"))?;
+        live().insert(child.id());
         let stdout = child.stdout.take().context("child stdout")?;
         let (tx, rx) = mpsc::channel();
         thread::spawn(move || {
@@ -168,20 +197,14 @@ impl Drop for Proc {
         // Descendants first (nginx workers, websockify's per-connection
         // processes), by pid: only what this child started.
         let pid = self.child.id();
-        let tree: Vec<String> = procstat::tree(&[pid])
+        let tree: Vec<u32> = procstat::tree(&[pid])
             .into_iter()
             .filter(|p| *p != pid)
-            .map(|p| p.to_string())
             .collect();
-        if !tree.is_empty() {
-            let _ = Command::new("kill")
-                .arg("-KILL")
-                .args(&tree)
-                .stderr(Stdio::null())
-                .status();
-        }
+        kill_pids(&tree);
         let _ = self.child.kill();
         let _ = self.child.wait();
+        live().remove(&pid);
     }
 }
 
@@ -224,6 +247,8 @@ pub fn run_to_end(mut cmd: Command, timeout: Duration) -> Result<Finished> {
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("starting {cmd:?}"))?;
+    let pid = child.id();
+    live().insert(pid);
     let mut stdout = child.stdout.take().context("child stdout")?;
     let mut stderr = child.stderr.take().context("child stderr")?;
     let (tx, rx) = mpsc::channel();
@@ -243,6 +268,7 @@ pub fn run_to_end(mut cmd: Command, timeout: Duration) -> Result<Finished> {
         let _ = child.kill();
     }
     let status = child.wait().ok();
+    live().remove(&pid);
     Ok(Finished {
         status,
         stdout: out_reader.join().unwrap_or_default(),
@@ -312,11 +338,15 @@ mod tests {
 
     #[test]
     fn listening_sees_a_bound_port_and_not_a_free_one() {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = l.local_addr().unwrap().port();
+        // One socket holds the port throughout, so no other test can
+        // listen on it between the two checks: bound first, then listening.
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .unwrap();
+        let port = s.local_addr().unwrap().as_socket().unwrap().port();
+        assert!(!listening(port), "bound, not listening");
+        s.listen(1).unwrap();
         assert!(listening(port));
-        drop(l);
-        assert!(!listening(port));
     }
 
     #[test]

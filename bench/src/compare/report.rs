@@ -253,6 +253,28 @@ fn cpuidle_line(m: &Value) -> Option<String> {
     })
 }
 
+/// The congestion control every loopback sender ran with: on loopback BBR
+/// can limit the bulk rows more than the proxies do.
+fn tcp_cc_line(m: &Value) -> Option<String> {
+    let cc = m["tcp_congestion_control"].as_str()?;
+    let how = match m["tcp_congestion_control_own"].as_str() {
+        Some(own) => format!(
+            "{cc} for this run (`--tcp-cc`; the machine's own, {own}, was restored after it)"
+        ),
+        None => format!("{cc} (the machine's)"),
+    };
+    Some(if cc == "bbr" {
+        format!(
+            "TCP congestion control: {how}. On loopback BBR can limit the bulk rows before the \
+             proxies do (neither CPU saturated, direct loopback well below what cubic gets): \
+             run again with `--tcp-cc cubic` to measure the proxies; see \
+             docs/benchmarking.md."
+        )
+    } else {
+        format!("TCP congestion control: {how}.")
+    })
+}
+
 pub fn markdown(report: &Value, plots: &[&str]) -> String {
     let mut md = String::new();
     let set = &report["settings"];
@@ -277,7 +299,7 @@ pub fn markdown(report: &Value, plots: &[&str]) -> String {
         report["took_s"].as_f64().unwrap_or(0.0),
         report["failed_runs"],
     );
-    if let Some(line) = cpuidle_line(m) {
+    for line in [cpuidle_line(m), tcp_cc_line(m)].into_iter().flatten() {
         let _ = writeln!(md, "{line}\n");
     }
     md.push_str("Peers:\n\n");
@@ -570,6 +592,31 @@ mod tests {
         assert_eq!(
             line(json!({"cpuidle_driver": "intel_idle"})).as_deref(),
             Some("CPU idle driver: intel_idle.")
+        );
+    }
+
+    #[test]
+    fn the_congestion_control_line_says_which_and_warns_of_bbr() {
+        let line = |m: Value| tcp_cc_line(&m);
+        assert_eq!(line(json!({"cpus": 2})), None);
+        let bbr = line(json!({"tcp_congestion_control": "bbr"})).unwrap();
+        assert!(
+            bbr.contains("bbr (the machine's)") && bbr.contains("--tcp-cc cubic"),
+            "{bbr}"
+        );
+        let switched = line(json!({
+            "tcp_congestion_control": "cubic",
+            "tcp_congestion_control_own": "bbr",
+        }))
+        .unwrap();
+        assert_eq!(
+            switched,
+            "TCP congestion control: cubic for this run (`--tcp-cc`; the machine's own, bbr, \
+             was restored after it)."
+        );
+        assert_eq!(
+            line(json!({"tcp_congestion_control": "cubic"})).as_deref(),
+            Some("TCP congestion control: cubic (the machine's).")
         );
     }
 }
