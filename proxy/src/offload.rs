@@ -215,22 +215,7 @@ impl Offload {
     /// Whether the tenant leg can be offloaded.
     pub fn check_tenant(&self, s: &TenantTls) -> Result<(), String> {
         self.check(s.get_ref().1.negotiated_cipher_suite())
-            .and_then(|()| self.check_owed(s.may_owe_key_update()))
             .map_err(|r| format!("tenant leg: {r}"))
-    }
-
-    /// A KeyUpdate answer rustls still holds can be sent at the hand-over
-    /// only with a KeyUpdate of ours, whose answer the kernel must then
-    /// follow.
-    fn check_owed(&self, owed: bool) -> Result<(), String> {
-        if owed && !self.rekey {
-            return Err(
-                "the peer's TLS 1.3 KeyUpdate is not answered yet and this kernel \
-                 cannot renew kTLS keys"
-                    .to_owned(),
-            );
-        }
-        Ok(())
     }
 
     /// Whether the compute leg can be offloaded (TCP only).
@@ -239,7 +224,6 @@ impl Offload {
             return Err("compute leg: kTLS needs a TCP socket".to_owned());
         }
         self.check(s.get_ref().1.negotiated_cipher_suite())
-            .and_then(|()| self.check_owed(s.may_owe_key_update()))
             .map_err(|r| format!("compute leg: {r}"))
     }
 }
@@ -269,28 +253,18 @@ pub struct KtlsKeys {
 }
 
 /// Flushes, corks and drains a TLS leg: the transport (at a record
-/// boundary), the plaintext rustls had decrypted, and the connection.
-/// `rekey`: the kernel renews keys, so a KeyUpdate answer rustls still
-/// holds can go out with a KeyUpdate of ours (the peer's answer to that
-/// is followed in the kernel); otherwise such a leg is refused.
+/// boundary), the plaintext rustls had decrypted, and the connection. An
+/// answer to a peer's KeyUpdate that rustls still held goes out first:
+/// the secrets it gives up count it as sent.
 pub async fn drain<IO: AsyncRead + AsyncWrite + Unpin, C: Side>(
     mut s: TlsStream<Cork<IO>, C>,
-    rekey: bool,
 ) -> io::Result<(IO, cork::Drained, C)> {
     s.flush().await?;
     s.get_mut().0.cork();
     let drained = cork::drain(&mut s).await?;
-    if s.may_owe_key_update() {
-        if !rekey {
-            return Err(io::Error::other(
-                "a TLS 1.3 KeyUpdate arrived during the hand-over and this kernel cannot \
-                 renew kTLS keys",
-            ));
-        }
-        tracing::debug!("answering a KeyUpdate at the kTLS hand-over with one of ours");
-        s.refresh_keys().await?;
+    if s.send_held().await? {
+        tracing::debug!("a KeyUpdate answer rustls held went out before the kTLS hand-over");
     }
-    s.flush().await?;
     let (cork, conn) = s.into_inner()?;
     Ok((cork.io, drained, conn))
 }
@@ -388,14 +362,14 @@ where
 /// Hands the tenant leg to the kernel. Call only after
 /// [`Offload::check_tenant`]; on error the connection is lost.
 pub async fn tenant(s: Box<TenantTls>, offload: &Offload) -> io::Result<Handed> {
-    let (socket, drained, conn) = drain(*s, offload.rekey).await?;
+    let (socket, drained, conn) = drain(*s).await?;
     install("tenant", socket, conn, drained, offload)
 }
 
 /// Hands the compute leg to the kernel. Call only after
 /// [`Offload::check_compute`]; on error the connection is lost.
 pub async fn compute(s: Box<ComputeTls>, offload: &Offload) -> io::Result<Handed> {
-    let (stream, drained, conn) = drain(*s, offload.rekey).await?;
+    let (stream, drained, conn) = drain(*s).await?;
     let ComputeStream::Tcp(socket) = stream else {
         return Err(io::Error::other("kTLS on a compute leg that is not TCP"));
     };
@@ -435,14 +409,21 @@ mod tests {
     }
 
     /// Reads one whole TLS record from a raw socket; returns its type.
-    async fn raw_record(s: &mut TcpStream) -> (u8, usize) {
+    /// The next TLS record from the peer's side: header and body.
+    async fn read_record(s: &mut TcpStream) -> ([u8; 5], Vec<u8>) {
         use tokio::io::AsyncReadExt as _;
         let mut h = [0u8; 5];
         s.read_exact(&mut h).await.unwrap();
         let len = usize::from(u16::from_be_bytes([h[3], h[4]]));
         let mut body = vec![0u8; len];
         s.read_exact(&mut body).await.unwrap();
-        (h[0], len)
+        (h, body)
+    }
+
+    /// The type and length of the next TLS record.
+    async fn raw_record(s: &mut TcpStream) -> (u8, usize) {
+        let (h, body) = read_record(s).await;
+        (h[0], body.len())
     }
 
     /// The hand-over without the kernel part: after the handshake and a
@@ -474,7 +455,7 @@ mod tests {
             assert_eq!(&four, b"cons");
             // Let the second records arrive before draining.
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            let (mut s_sock, drained, conn) = drain(server, true).await.unwrap();
+            let (mut s_sock, drained, conn) = drain(server).await.unwrap();
             assert_eq!(drained.bytes, b"lo", "{version:?}");
             assert!(!drained.peer_closed);
             assert_eq!(
@@ -494,7 +475,7 @@ mod tests {
             // records (TLS 1.3 and 1.2 alike in rustls's providers).
             let limit = keys.tx.as_ref().expect("AES-GCM keys have a record limit");
             assert_eq!(limit.at(), (1 << 24) - LIMIT_MARGIN, "{version:?}");
-            let (mut c_sock, drained, conn) = drain(client, true).await.unwrap();
+            let (mut c_sock, drained, conn) = drain(client).await.unwrap();
             assert_eq!(drained.bytes, b"ole", "{version:?}");
             assert!(!drained.peer_closed);
             assert_eq!(
@@ -531,7 +512,7 @@ mod tests {
                 assert_eq!(rest, b"words");
             }
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            let (mut sock, drained, _conn) = drain(server, true).await.unwrap();
+            let (mut sock, drained, _conn) = drain(server).await.unwrap();
             if read_to_end {
                 assert!(drained.bytes.is_empty() && drained.peer_closed);
             } else {
@@ -543,45 +524,58 @@ mod tests {
         }
     }
 
-    /// A KeyUpdate asking for ours, arriving as the hand-over begins: the
-    /// drain completes its record and rustls takes it, but rustls sends
-    /// its answer only ahead of our next application data, while the
-    /// secrets it gives up already count that answer as sent. Where the
-    /// kernel renews keys the answer goes out with a KeyUpdate of ours
-    /// (two 22-byte records), whose answer the kernel then follows; where
-    /// it cannot, the hand-over is refused with the reason.
+    /// A peer's KeyUpdate asking for ours, arriving as the hand-over
+    /// begins: the drain completes its record and rustls takes it. rustls
+    /// seals its answer at once, under the key it then leaves, but sends it
+    /// only ahead of our next application data, while the secrets it gives
+    /// up count it as sent. The hand-over sends exactly that answer first,
+    /// on any kernel: the peer opens it with the key it reads with, nothing
+    /// of ours follows, and the kernel's keys start after it (record 0 of
+    /// the next keys, both ways). A padded KeyUpdate (RFC 8446 5.4; sealed
+    /// by hand, since rustls never pads) is answered the same way.
     #[tokio::test]
-    async fn a_key_update_taken_by_the_drain_is_answered_before_the_hand_over() {
-        for rekey in [true, false] {
-            let (server, mut tcp) = server_taking_a_key_update_in_the_drain().await;
-            let drained =
-                tokio::time::timeout(std::time::Duration::from_secs(5), drain(server, rekey))
+    async fn a_key_update_taken_by_the_drain_is_answered_exactly_before_the_hand_over() {
+        use std::time::Duration;
+        for padded in [false, true] {
+            let (server, mut tcp, (seq, keys)) =
+                server_taking_a_key_update_in_the_drain(padded).await;
+            let (_sock, drained, conn) =
+                tokio::time::timeout(Duration::from_secs(5), drain(server))
                     .await
-                    .expect("drain hangs");
-            if !rekey {
-                let e = drained.map(|_| ()).unwrap_err();
-                assert!(e.to_string().contains("cannot renew"), "{e}");
-                continue;
-            }
-            let (_sock, drained, conn) = drained.unwrap();
+                    .expect("drain hangs")
+                    .unwrap();
             assert!(drained.bytes.is_empty() && !drained.peer_closed);
-            let (_, _, keys) = crypto_info(conn, "tenant", true, None).unwrap();
-            assert!(keys.rekey.is_some());
-            for which in ["the owed answer", "our own KeyUpdate"] {
-                let got =
-                    tokio::time::timeout(std::time::Duration::from_secs(5), raw_record(&mut tcp))
-                        .await
-                        .unwrap_or_else(|_| panic!("{which} never came"));
-                assert_eq!(got, (23, 5 + 1 + 16), "{which}");
-            }
+            let (header, body) =
+                tokio::time::timeout(Duration::from_secs(5), read_record(&mut tcp))
+                    .await
+                    .expect("the answer never came");
+            assert_eq!(
+                open_record(&keys, seq, header, body),
+                [24, 0, 0, 1, 0, 22],
+                "our KeyUpdate, not asking for the peer's (padded: {padded})"
+            );
+            let more =
+                tokio::time::timeout(Duration::from_millis(200), read_record(&mut tcp)).await;
+            assert!(more.is_err(), "nothing of ours after the answer");
+            let (secrets, _) = conn.into_kernel().unwrap();
+            assert_eq!((secrets.tx.0, secrets.rx.0), (0, 0), "padded: {padded}");
         }
     }
 
-    /// A TLS 1.3 server leg (ours) and the peer's socket, with the peer's
-    /// KeyUpdate (asking for ours) cut inside its header: the first three
+    /// A TLS 1.3 server leg (ours), the peer's socket, and the key the
+    /// peer reads with (its record number and secrets). The peer's
+    /// KeyUpdate (asking for ours) is cut inside its header: the first three
     /// bytes read before the hand-over, the rest left for the drain.
-    async fn server_taking_a_key_update_in_the_drain()
-    -> (crate::tls_stream::ServerTls<Cork<TcpStream>>, TcpStream) {
+    /// `padded`: the KeyUpdate carries 100 bytes of padding, sealed by hand
+    /// with the peer's keys; otherwise rustls seals it.
+    async fn server_taking_a_key_update_in_the_drain(
+        padded: bool,
+    ) -> (
+        crate::tls_stream::ServerTls<Cork<TcpStream>>,
+        TcpStream,
+        (u64, rustls::ConnectionTrafficSecrets),
+    ) {
+        use std::time::Duration;
         use tokio::io::AsyncReadExt as _;
         let (server_cfg, client_cfg) = configs(&rustls::version::TLS13);
         let (s, c) = tcp_pair().await;
@@ -589,27 +583,90 @@ mod tests {
             crate::tls_stream::ServerTls::accept(server_cfg, Cork::new(s)),
             tokio_rustls::TlsConnector::from(client_cfg).connect(localhost(), c),
         );
-        let (mut server, client) = (server.unwrap(), client.unwrap());
-        let (mut tcp, mut conn) = client.into_inner();
-        // The session tickets of the handshake, out of the way first.
-        while tokio::time::timeout(std::time::Duration::from_millis(100), raw_record(&mut tcp))
-            .await
-            .is_ok()
-        {}
-        conn.refresh_traffic_keys().unwrap();
-        let mut wire = Vec::new();
-        conn.write_tls(&mut wire).unwrap();
-        assert_eq!(wire.len(), 5 + 22, "one KeyUpdate record");
-        tcp.write_all(&wire[..3]).await.unwrap();
+        let (mut server, mut client) = (server.unwrap(), client.unwrap());
+        // The session tickets of the handshake: the peer takes them first,
+        // so that its record count is right.
         let mut buf = [0u8; 16];
-        let read =
-            tokio::time::timeout(std::time::Duration::from_millis(200), server.read(&mut buf))
-                .await;
+        let read = tokio::time::timeout(Duration::from_millis(100), client.read(&mut buf)).await;
+        assert!(read.is_err(), "no application data from our leg");
+        let (mut tcp, mut conn) = client.into_inner();
+        let (wire, reads_with) = if padded {
+            let secrets = conn.dangerous_extract_secrets().unwrap();
+            let (seq, keys) = secrets.tx;
+            (
+                seal_record(&keys, seq, &[24, 0, 0, 1, 1, 22], 100),
+                secrets.rx,
+            )
+        } else {
+            conn.refresh_traffic_keys().unwrap();
+            let mut wire = Vec::new();
+            conn.write_tls(&mut wire).unwrap();
+            assert_eq!(wire.len(), 5 + 22, "one KeyUpdate record");
+            (wire, conn.dangerous_extract_secrets().unwrap().rx)
+        };
+        tcp.write_all(&wire[..3]).await.unwrap();
+        let read = tokio::time::timeout(Duration::from_millis(200), server.read(&mut buf)).await;
         assert!(read.is_err(), "no application data yet");
-        assert!(!server.may_owe_key_update());
         tcp.write_all(&wire[3..]).await.unwrap();
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        (server, tcp)
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        (server, tcp, reads_with)
+    }
+
+    /// A TLS 1.3 AEAD key of `keys` and its IV (ring).
+    fn aead_key(keys: &rustls::ConnectionTrafficSecrets) -> (ring::aead::LessSafeKey, [u8; 12]) {
+        use rustls::ConnectionTrafficSecrets as K;
+        let (alg, key, iv) = match keys {
+            K::Aes128Gcm { key, iv } => (&ring::aead::AES_128_GCM, key, iv),
+            K::Aes256Gcm { key, iv } => (&ring::aead::AES_256_GCM, key, iv),
+            K::Chacha20Poly1305 { key, iv } => (&ring::aead::CHACHA20_POLY1305, key, iv),
+            _ => panic!("not a TLS 1.3 AEAD suite"),
+        };
+        let key = ring::aead::UnboundKey::new(alg, key.as_ref()).unwrap();
+        (
+            ring::aead::LessSafeKey::new(key),
+            iv.as_ref().try_into().unwrap(),
+        )
+    }
+
+    /// The TLS 1.3 nonce of record `seq`: the IV with the number XORed in.
+    fn nonce(mut iv: [u8; 12], seq: u64) -> ring::aead::Nonce {
+        for (b, s) in iv[4..].iter_mut().zip(seq.to_be_bytes()) {
+            *b ^= s;
+        }
+        ring::aead::Nonce::assume_unique_for_key(iv)
+    }
+
+    /// A TLS 1.3 record of `inner` (the content and its type byte) and
+    /// `pad` zero bytes, sealed with `keys` as record `seq`.
+    fn seal_record(
+        keys: &rustls::ConnectionTrafficSecrets,
+        seq: u64,
+        inner: &[u8],
+        pad: usize,
+    ) -> Vec<u8> {
+        let (key, iv) = aead_key(keys);
+        let mut body = inner.to_vec();
+        body.resize(inner.len() + pad, 0);
+        let len = u16::try_from(body.len() + key.algorithm().tag_len()).unwrap();
+        let [hi, lo] = len.to_be_bytes();
+        let header = [23, 3, 3, hi, lo];
+        key.seal_in_place_append_tag(nonce(iv, seq), ring::aead::Aad::from(header), &mut body)
+            .unwrap();
+        [&header[..], &body].concat()
+    }
+
+    /// The inner plaintext (content and type byte) of a TLS 1.3 record
+    /// sealed with `keys` as record `seq`.
+    fn open_record(
+        keys: &rustls::ConnectionTrafficSecrets,
+        seq: u64,
+        header: [u8; 5],
+        mut body: Vec<u8>,
+    ) -> Vec<u8> {
+        let (key, iv) = aead_key(keys);
+        key.open_in_place(nonce(iv, seq), ring::aead::Aad::from(header), &mut body)
+            .expect("sealed with the peer's read key at its record number")
+            .to_vec()
     }
 
     /// The size of an application-data record with `n` plaintext bytes

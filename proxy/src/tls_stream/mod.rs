@@ -34,7 +34,7 @@ use rustls::kernel::KernelConnection;
 use rustls::pki_types::ServerName;
 use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
 use rustls::unbuffered::{ConnectionState, UnbufferedConnectionCommon, UnbufferedStatus};
-use seal::{append, encode_needs, encrypt_needs, key_update_among, sealed_len, tls_error};
+use seal::{append, encode_needs, encrypt_needs, sealed_len, tls_error};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 mod blocking;
@@ -126,12 +126,8 @@ pub struct TlsStream<IO, C> {
     eof: bool,
     /// Our close_notify is queued.
     close_queued: bool,
-    /// rustls may hold an answer to a peer's TLS 1.3 KeyUpdate that it
-    /// sends only with our next application data (see
-    /// [`TlsStream::may_owe_key_update`]).
-    owes_key_update: bool,
-    /// We asked rustls to send a KeyUpdate of ours (at the hand-over).
-    refresh_pending: bool,
+    /// We asked rustls for the records it holds back ([`TlsStream::send_held`]).
+    release_pending: bool,
 }
 
 impl<IO: std::fmt::Debug, C> std::fmt::Debug for TlsStream<IO, C> {
@@ -199,8 +195,7 @@ impl<IO, C: Side> TlsStream<IO, C> {
             peer_closed: false,
             eof: false,
             close_queued: false,
-            owes_key_update: false,
-            refresh_pending: false,
+            release_pending: false,
         }
     }
 
@@ -227,10 +222,6 @@ impl<IO, C: Side> TlsStream<IO, C> {
                     return Err(tls_error(e));
                 }
             };
-            // Records rustls took on its own before this state (the
-            // records of application data it hands out come after): after
-            // the handshake, tickets, alerts or a KeyUpdate.
-            let took = discard;
             let stop = match state {
                 ConnectionState::ReadTraffic(mut r) => {
                     while let Some(record) = r.next_record() {
@@ -269,13 +260,19 @@ impl<IO, C: Side> TlsStream<IO, C> {
                     None
                 }
                 ConnectionState::Closed => Some(Stop::Closed),
-                ConnectionState::WriteTraffic(w) if self.refresh_pending => {
-                    // Sent with what rustls still holds (an owed answer)
-                    // on the next turn, as EncodeTlsData.
-                    self.refresh_pending = false;
-                    w.refresh_traffic_keys().map_err(tls_error)?;
-                    self.owes_key_update = false;
-                    None
+                ConnectionState::WriteTraffic(mut w) if self.release_pending => {
+                    // Sealing one byte into no room fails before anything
+                    // is sealed, but only after rustls has moved a held
+                    // KeyUpdate answer to its outgoing records: the next
+                    // turn hands that out as EncodeTlsData.
+                    self.release_pending = false;
+                    match w.encrypt(&[0], &mut []) {
+                        Err(e) if encrypt_needs(&e).is_some() => None,
+                        Err(e) => {
+                            return Err(io::Error::other(format!("sending what rustls held: {e}")));
+                        }
+                        Ok(_) => return Err(io::Error::other("rustls sealed into no room")),
+                    }
                 }
                 ConnectionState::WriteTraffic(mut w) => {
                     let mut n = 0;
@@ -288,8 +285,6 @@ impl<IO, C: Side> TlsStream<IO, C> {
                             encrypt_needs,
                             "encrypting",
                         )?;
-                        // Any owed KeyUpdate answer went out ahead of it.
-                        self.owes_key_update &= n == 0;
                     }
                     if close && !self.close_queued {
                         append(
@@ -311,10 +306,6 @@ impl<IO, C: Side> TlsStream<IO, C> {
                 }
                 _ => return Err(io::Error::other("TLS connection in an unknown state")),
             };
-            if took > 0 && !self.conn.is_handshaking() {
-                self.owes_key_update |=
-                    key_update_among(&self.incoming[self.in_at..self.in_at + took]);
-            }
             self.discard(discard);
             if let Some(stop) = stop {
                 return Ok(stop);
@@ -373,19 +364,9 @@ impl<IO, C: Side> TlsStream<IO, C> {
     }
 
     /// Hands the transport and the connection over (the kTLS hand-over),
-    /// after the caller has flushed and drained the stream. Ciphertext not
-    /// yet processed would be lost, so it is an error.
-    /// Whether rustls may be holding an answer to a peer's TLS 1.3
-    /// KeyUpdate (one that asked for ours). rustls sends that answer only
-    /// ahead of our next application data, and giving the connection up
-    /// for kernel TLS would lose it while the secrets it gives count it
-    /// as sent. The stream cannot see inside records; it flags a
-    /// post-handshake record of a KeyUpdate's size (22 bytes of payload
-    /// under a 16-byte AEAD tag, unpadded) that yielded no data.
-    pub fn may_owe_key_update(&self) -> bool {
-        self.owes_key_update
-    }
-
+    /// after the caller has flushed and drained the stream and sent what
+    /// rustls held ([`Self::send_held`]). Ciphertext not yet processed or
+    /// not yet sent would be lost, so either is an error.
     pub fn into_inner(self) -> io::Result<(IO, C)> {
         if self.in_len > self.in_at || self.plain_at < self.plain.len() {
             return Err(io::Error::other(
@@ -432,18 +413,24 @@ impl<IO, C: Side> TlsStream<IO, C> {
 }
 
 impl<IO: AsyncRead + AsyncWrite + Unpin, C: Side> TlsStream<IO, C> {
-    /// Sends a KeyUpdate of ours (asking for the peer's), and with it
-    /// whatever answer rustls held: after this the connection owes
-    /// nothing, and the peer will answer with a KeyUpdate of its own.
-    pub async fn refresh_keys(&mut self) -> io::Result<()> {
-        self.refresh_pending = true;
+    /// Sends the records rustls holds back for our next application data:
+    /// the answer to a peer's TLS 1.3 KeyUpdate that asked for ours. rustls
+    /// seals it when the KeyUpdate arrives, under the key it then leaves,
+    /// and the secrets it gives up for kernel TLS count it as sent, so at
+    /// the hand-over it must go out first. Returns whether there was one.
+    pub async fn send_held(&mut self) -> io::Result<bool> {
+        let before = self.pending_out().len();
+        self.release_pending = true;
         self.process(None, None, false)?;
-        if self.refresh_pending {
+        if self.release_pending {
+            self.release_pending = false;
             return Err(io::Error::other(
-                "TLS connection not ready to update its keys",
+                "TLS connection not ready to send application data",
             ));
         }
-        std::future::poll_fn(|cx| self.poll_write_out(cx)).await
+        let held = self.pending_out().len() > before;
+        std::future::poll_fn(|cx| self.poll_write_out(cx)).await?;
+        Ok(held)
     }
 
     async fn handshake(mut self) -> io::Result<Self> {
