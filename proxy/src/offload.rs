@@ -263,7 +263,7 @@ pub async fn drain<IO: AsyncRead + AsyncWrite + Unpin, C: Side>(
     s.get_mut().0.cork();
     let drained = cork::drain(&mut s).await?;
     if s.send_held().await? {
-        tracing::debug!("a KeyUpdate answer rustls held went out before the kTLS hand-over");
+        tracing::info!("a TLS 1.3 KeyUpdate arrived at the kTLS hand-over: answered before it");
     }
     let (cork, conn) = s.into_inner()?;
     Ok((cork.io, drained, conn))
