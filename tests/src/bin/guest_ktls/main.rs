@@ -17,10 +17,13 @@
 //! 4. runs two sessions in which the tenant and the console send TLS 1.3
 //!    KeyUpdates (`rekey.rs`): followed on a kernel that renews kTLS keys
 //!    (6.14 and later), ending just that session on one that cannot;
-//! 5. runs two sessions through a proxy that renews kTLS transmit keys
+//! 5. runs a VNC session whose console sends a KeyUpdate inside its
+//!    VeNCrypt SecurityResult, so that the proxy holds the answer at the
+//!    hand-over (`handover.rs`): carried byte for byte on every kernel;
+//! 6. runs two sessions through a proxy that renews kTLS transmit keys
 //!    every few dozen records (`limit.rs`): renewed where the kernel takes
 //!    new keys, each session ended at the limit where it cannot;
-//! 6. holds a few hundred idle TLS WebSocket sessions (TLS on the compute
+//! 7. holds a few hundred idle TLS WebSocket sessions (TLS on the compute
 //!    leg too) through a proxy with kTLS and one without, and reports the
 //!    proxy's memory per session for each (`idle.rs`).
 //!
@@ -28,6 +31,7 @@
 //! `GUEST-KTLS-RESULT: PASS` or `GUEST-KTLS-RESULT: FAIL <reason>`.
 
 mod direct;
+mod handover;
 mod idle;
 mod limit;
 mod rekey;

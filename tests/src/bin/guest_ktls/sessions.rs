@@ -64,6 +64,8 @@ pub async fn through_proxy(renews: bool) -> anyhow::Result<()> {
     let connect_console = Console::start(Arc::clone(&server), Ending::HalfClose).await?;
     let rekey_consoles = crate::rekey::Consoles::bind(&server).await?;
     let limit_consoles = crate::limit::Consoles::bind(&server).await?;
+    let handover_console = crate::handover::Console::bind(Arc::clone(&server)).await?;
+    let handover_token = random_token();
     let echo_console = crate::idle::echo_console(server).await?;
     let (ws_token, connect_token, echo_token) = (random_token(), random_token(), random_token());
     let (rekey_ws_token, rekey_connect_token, rekey_stream_token) =
@@ -80,6 +82,7 @@ pub async fn through_proxy(renews: bool) -> anyhow::Result<()> {
             raw_token(&rekey_stream_token, rekey_consoles.stream.addr),
             raw_token(&limit_ws_token, limit_consoles.websocket.addr),
             raw_token(&limit_connect_token, limit_consoles.connect.addr),
+            handover_console.token(&handover_token),
         ],
     )?;
     let config = d.join("consolegate.toml");
@@ -178,6 +181,19 @@ pub async fn through_proxy(renews: bool) -> anyhow::Result<()> {
     anyhow::ensure!(
         rekey_paths.len() == 3 && rekey_paths.iter().all(|d| d == EXPECTED),
         "the KeyUpdate sessions ran on data path(s) {rekey_paths:?}, not {EXPECTED:?}"
+    );
+    crate::handover::session(&proxy, handover_console, &handover_token).await?;
+    let handover_path: Vec<String> = proxy
+        .logs()
+        .lines()
+        .filter(|l| l.contains("session established"))
+        .skip(5)
+        .map(|l| datapath_of(l).unwrap_or("<none>").to_owned())
+        .collect();
+    anyhow::ensure!(
+        handover_path == [EXPECTED],
+        "the KeyUpdate-at-the-hand-over session ran on data path(s) {handover_path:?}, not \
+         {EXPECTED:?}"
     );
     drop(proxy);
     crate::limit::sessions(
