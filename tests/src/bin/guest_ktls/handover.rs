@@ -17,7 +17,6 @@
 //! console must open our ClientInit and the rounds after it under the keys
 //! that follow the answer, and the proxy must log the answer once.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,7 +25,6 @@ use consolegate_tests::net::authority;
 use consolegate_tests::proxy::{Proxy, TomlToken};
 use consolegate_tests::{http, rfb, within_for};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::TcpListener;
 
 use crate::direct::random;
 use crate::report;
@@ -43,21 +41,13 @@ const ROUNDS: usize = 3;
 const VENCRYPT: u8 = 19;
 const X509_NONE: u32 = 260;
 
-/// The scripted VNC console, bound before the proxy's token file is written.
-pub struct Console {
-    pub addr: SocketAddr,
-    listener: TcpListener,
-    acceptor: tokio_rustls::TlsAcceptor,
-}
+/// The scripted VNC console, bound before the proxy's token file is
+/// written: a listener and a TLS acceptor, as the KeyUpdate consoles.
+pub struct Console(crate::rekey::Console);
 
 impl Console {
     pub async fn bind(config: Arc<rustls::ServerConfig>) -> anyhow::Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        Ok(Self {
-            addr: listener.local_addr()?,
-            listener,
-            acceptor: tokio_rustls::TlsAcceptor::from(config),
-        })
+        Ok(Self(crate::rekey::Console::bind(config).await?))
     }
 
     /// The token for it: kind `vnc`, so the proxy runs the RFB security
@@ -66,14 +56,14 @@ impl Console {
         TomlToken {
             token: token.to_owned(),
             kind: Some("vnc".into()),
-            target: Some(authority(self.addr)),
+            target: Some(authority(self.0.addr)),
             ..TomlToken::default()
         }
     }
 
     fn serve(self, rounds: Vec<(Vec<u8>, Vec<u8>)>) -> tokio::task::JoinHandle<anyhow::Result<()>> {
         tokio::spawn(async move {
-            let (mut tcp, _) = self.listener.accept().await?;
+            let (mut tcp, _) = self.0.listener.accept().await?;
             tcp.set_nodelay(true)?;
             tcp.write_all(b"RFB 003.008\n").await?;
             let mut version = [0u8; 12];
@@ -92,6 +82,7 @@ impl Console {
             anyhow::ensure!(tcp.read_u32().await? == X509_NONE, "X509None not chosen");
             tcp.write_all(&[1]).await?;
             let mut tls = self
+                .0
                 .acceptor
                 .accept(tcp)
                 .await
@@ -121,16 +112,7 @@ impl Console {
                 tls.write_all(down).await?;
                 tls.flush().await?;
             }
-            tls.shutdown().await.context("console close_notify")?;
-            let mut rest = Vec::new();
-            tls.read_to_end(&mut rest)
-                .await
-                .context("console reading to the end")?;
-            anyhow::ensure!(
-                rest.is_empty(),
-                "console: {} bytes after the end",
-                rest.len()
-            );
+            crate::rekey::close(tls).await?;
             Ok(())
         })
     }
@@ -138,7 +120,7 @@ impl Console {
 
 /// Runs the session through `proxy`'s CONNECT listener and checks it.
 pub async fn session(proxy: &Proxy, console: Console, token: &str) -> anyhow::Result<()> {
-    let target = authority(console.addr);
+    let target = authority(console.0.addr);
     let rounds: Vec<(Vec<u8>, Vec<u8>)> = (0..ROUNDS).map(|_| (random(UP), random(DOWN))).collect();
     let console_run = console.serve(rounds.clone());
     let tenant = async {

@@ -87,8 +87,8 @@ fn connect_rounds() -> Vec<Round> {
 /// the handle.
 pub struct Console {
     pub addr: SocketAddr,
-    listener: TcpListener,
-    acceptor: tokio_rustls::TlsAcceptor,
+    pub listener: TcpListener,
+    pub acceptor: tokio_rustls::TlsAcceptor,
 }
 
 impl Console {
@@ -164,7 +164,7 @@ impl Console {
 /// A console's end: close_notify, then reading on to the proxy's end (its
 /// answer to our last KeyUpdate may still be on the way, and closing with
 /// it unread would reset the connection under the last bytes).
-async fn close(mut tls: tokio_rustls::server::TlsStream<TcpStream>) -> anyhow::Result<()> {
+pub async fn close(mut tls: tokio_rustls::server::TlsStream<TcpStream>) -> anyhow::Result<()> {
     tls.shutdown().await.context("console close_notify")?;
     let mut rest = Vec::new();
     tls.read_to_end(&mut rest)
