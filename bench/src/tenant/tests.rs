@@ -45,16 +45,7 @@ fn websocket_session_reads_payload_across_frames_and_answers_pings() {
         s.write_all(&close).unwrap();
         (String::from_utf8(head).unwrap(), pong)
     });
-    let dial = Dial::new(
-        &addr,
-        Front::Ws {
-            path: "/?token=x".into(),
-        },
-        None,
-        Duration::from_secs(10),
-    )
-    .unwrap();
-    let mut session = dial.open().unwrap();
+    let mut session = open_ws(&addr);
     let mut got = [0u8; 5];
     session.read_payload_exact(&mut got).unwrap();
     assert_eq!(&got, b"abcde");
@@ -109,16 +100,7 @@ fn discarding_reads_frame_headers_exactly_and_counts_every_payload_byte() {
         s.write_all(&out).unwrap();
         s
     });
-    let dial = Dial::new(
-        &addr,
-        Front::Ws {
-            path: "/?token=x".into(),
-        },
-        None,
-        Duration::from_secs(10),
-    )
-    .unwrap();
-    let mut session = dial.open().unwrap();
+    let mut session = open_ws(&addr);
     opened.send(()).unwrap();
     let total: usize = sizes.iter().sum();
     let mut got = 0;
@@ -134,6 +116,15 @@ fn discarding_reads_frame_headers_exactly_and_counts_every_payload_byte() {
 }
 
 /// A request head, read byte by byte up to its blank line (nothing after).
+/// A plain WebSocket session to a scripted server at `addr`.
+fn open_ws(addr: &str) -> Session {
+    let front = Front::Ws {
+        path: "/?token=x".into(),
+    };
+    let dial = Dial::new(addr, front, None, Duration::from_secs(10)).unwrap();
+    dial.open().unwrap()
+}
+
 fn read_head(s: &mut std::net::TcpStream) -> Vec<u8> {
     let mut head = Vec::new();
     let mut b = [0u8; 1];
