@@ -111,21 +111,21 @@ fn compare_runs_every_scenario_and_writes_a_consistent_report() {
     if socat {
         expected.push("socat");
     }
-    // The sockmap row (CONNECT only) runs where the kernel and privileges
-    // load it, and is skipped with a reason elsewhere.
-    if String::from_utf8_lossy(&help.stdout).contains("sockmap") {
-        let ran = rows.contains(&"consolegate-connect-sockmap");
-        let skipped = stderr.contains("skipping consolegate-sockmap");
+    // The sockmap and io_uring rows (CONNECT only) run where the kernel
+    // and privileges allow them, and are skipped with a reason elsewhere.
+    for dp in ["sockmap", "uring"] {
+        if !String::from_utf8_lossy(&help.stdout).contains(dp) {
+            continue;
+        }
+        let ran = rows.contains(&format!("consolegate-connect-{dp}").as_str());
+        let skipped = stderr.contains(&format!("skipping consolegate-{dp}"));
+        assert!(ran || skipped, "{dp} neither ran nor was skipped: {stderr}");
         assert!(
-            ran || skipped,
-            "sockmap neither ran nor was skipped: {stderr}"
-        );
-        assert!(
-            !rows.contains(&"consolegate-ws-sockmap"),
-            "sockmap carries plain TCP only: {rows:?}"
+            !rows.contains(&format!("consolegate-ws-{dp}").as_str()),
+            "{dp} carries plain TCP only: {rows:?}"
         );
         if skipped {
-            println!("the sockmap row was skipped here (see the stderr of compare)");
+            println!("the {dp} row was skipped here (see the stderr of compare)");
         }
     }
     for id in &expected {

@@ -234,6 +234,20 @@ pub(super) fn start_consolegate_sockmap(ctx: &Ctx<'_>, program: &Path) -> Result
     Ok(started)
 }
 
+/// io_uring (opt-in) carries raw sessions whose legs are both plain
+/// sockets: the CONNECT row. Refused when this kernel does not offer the
+/// opcodes it needs (the proxy would fall back to splice, and the row
+/// would measure that instead).
+pub(super) fn start_consolegate_uring(ctx: &Ctx<'_>, program: &Path) -> Result<Started> {
+    let mut started = consolegate(ctx, program, Some("uring"), false, false)?;
+    let log = fs::read_to_string(ctx.log("consolegate-uring")).unwrap_or_default();
+    if !log.contains("io_uring data path ready") {
+        bail!("the io_uring data path is not available here (see its log): no uring row");
+    }
+    started.rows.retain(|r| r.front == "connect");
+    Ok(started)
+}
+
 pub(super) fn start_consolegate_tls(ctx: &Ctx<'_>, program: &Path) -> Result<Started> {
     let dp = has_datapath_flag(program).then_some("copy");
     consolegate(ctx, program, dp, true, false)

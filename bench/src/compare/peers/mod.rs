@@ -23,7 +23,7 @@ use super::{Pki, Settings};
 mod consolegate;
 use consolegate::{
     start_consolegate_copy, start_consolegate_sockmap, start_consolegate_splice,
-    start_consolegate_tls, start_consolegate_tls2,
+    start_consolegate_tls, start_consolegate_tls2, start_consolegate_uring,
 };
 
 /// Who a row stands for, in ratios and colours.
@@ -224,6 +224,17 @@ pub fn kinds(settings: &Settings) -> Vec<Kind> {
             program: Some("consolegate"),
             debian: "",
             start: start_consolegate_sockmap,
+        });
+    }
+    if datapaths(&settings.consolegate)
+        .iter()
+        .any(|d| d == "uring")
+    {
+        v.push(Kind {
+            name: "consolegate-uring",
+            program: Some("consolegate"),
+            debian: "",
+            start: start_consolegate_uring,
         });
     }
     v.push(Kind {

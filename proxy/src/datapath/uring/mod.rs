@@ -18,6 +18,7 @@
 //! descriptors closed only once every operation has completed) and errors
 //! named by side. Applies when both legs are plain TCP or UNIX sockets.
 
+mod pool;
 mod thread;
 
 use std::io;
@@ -30,9 +31,9 @@ use tokio::sync::oneshot;
 
 pub use self::thread::Flavor;
 use self::thread::{Cmd, Driver, Progress, Start};
+use super::pipes::PipeSlot;
 use super::splice::{PIPE_SIZE, Socket};
 use super::{Counters, End, idle_watch};
-use crate::sys::pipe::Pipe;
 use crate::sys::uring::{self as ring, Support};
 
 /// Submission slots of the shared ring (completions: four times as many).
@@ -106,13 +107,14 @@ impl std::fmt::Display for Refused {
     }
 }
 
-/// A session committed to the uring path: the ring thread's handle and,
-/// for the splice flavour, the session's two pipes (made before the
-/// session commits, so running out of descriptors falls back).
+/// A session committed to the uring path: its flavour and, for the splice
+/// flavour, the size of the pipes its directions take while bytes move
+/// (one is made or pooled before the session commits, so a proxy out of
+/// descriptors falls back to the next rung).
 #[derive(Debug)]
 pub struct Uring {
     flavor: Flavor,
-    pipes: Option<[Pipe; 2]>,
+    pipe_size: usize,
 }
 
 impl Uring {
@@ -136,14 +138,10 @@ impl Uring {
                 a.support
             )));
         }
-        let pipes = match flavor {
-            Flavor::Splice => Some([
-                Pipe::new(pipe_size).map_err(Refused::Pipes)?,
-                Pipe::new(pipe_size).map_err(Refused::Pipes)?,
-            ]),
-            Flavor::RecvSend => None,
-        };
-        Ok(Self { flavor, pipes })
+        if flavor == Flavor::Splice {
+            PipeSlot::available(pipe_size).map_err(Refused::Pipes)?;
+        }
+        Ok(Self { flavor, pipe_size })
     }
 
     pub fn flavor(&self) -> Flavor {
@@ -180,7 +178,7 @@ impl Uring {
             tenant,
             compute,
             flavor: self.flavor,
-            pipes: self.pipes,
+            pipe_size: self.pipe_size,
             progress: Arc::clone(&progress),
             done: tx,
         };

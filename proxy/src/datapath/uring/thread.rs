@@ -9,7 +9,14 @@
 //!   `splice(pipe -> dst)` for what the pipe holds; both overlap. io_uring
 //!   always runs a splice in a kernel worker: the polls (and
 //!   `SPLICE_F_NONBLOCK` on non-blocking sockets) make sure that worker
-//!   never waits, so idle sessions hold no worker threads.
+//!   never waits, so idle sessions hold no worker threads. The pipe is
+//!   held only while bytes move, as on the splice rung
+//!   (`datapath::pipes`): a direction starts, and returns after a splice
+//!   read came back short (the source ran dry), with a bare `POLL_ADD`;
+//!   once its pipe is empty and no splice names it, the pipe goes back to
+//!   the ring thread's pool. Idle sessions hold two descriptors, not six.
+//!   With no descriptor left for a pipe the direction goes on with the
+//!   recv/send flavour.
 //! - recv/send flavour (kernels without `IORING_OP_SPLICE`): `POLL_ADD`
 //!   while idle, then `recv(MSG_DONTWAIT)` into a 16 KiB buffer allocated
 //!   on the first readiness and freed when the socket runs dry, then `send`
@@ -25,13 +32,13 @@ use std::collections::HashMap;
 use std::io;
 use std::net::Shutdown;
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, mpsc};
 
 use tokio::sync::{Notify, oneshot};
 
+use super::pool::RingPipe;
 use crate::datapath::End;
-use crate::sys::pipe::Pipe;
 use crate::sys::uring::{Completion, EventFd, Op, OpId, Ring, SharedFd};
 
 /// How a uring session moves its bytes.
@@ -59,6 +66,8 @@ pub(super) struct Progress {
     pub up: AtomicU64,
     pub down: AtomicU64,
     pub notify: Notify,
+    /// Pipes the session's directions hold now (splice flavour).
+    pub pipes: AtomicUsize,
 }
 
 /// What a session hands the ring thread.
@@ -68,8 +77,8 @@ pub(super) struct Start {
     pub tenant: OwnedFd,
     pub compute: OwnedFd,
     pub flavor: Flavor,
-    /// Up and down pipes (splice flavour).
-    pub pipes: Option<[Pipe; 2]>,
+    /// Capacity asked for each direction's pipe (splice flavour).
+    pub pipe_size: usize,
     pub progress: Arc<Progress>,
     pub done: oneshot::Sender<End>,
 }
@@ -286,13 +295,21 @@ impl RingThread {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Dir {
-    /// Read and write ends of this direction's pipe (splice flavour).
-    pipe: Option<(SharedFd, SharedFd)>,
-    cap: usize,
+    /// Splice, or recv/send (also after a pipe could not be had).
+    flavor: Flavor,
+    /// This direction's pipe while bytes move (splice flavour).
+    pipe: Option<RingPipe>,
+    pipe_size: usize,
     /// Bytes in the pipe not yet written (splice flavour).
     pending: usize,
+    /// Length of the splice read in flight; 0 while the read in flight is
+    /// a bare poll (splice flavour).
+    asked: usize,
+    /// The last splice read came back short, or none ran yet: poll before
+    /// the next one, and let the pipe go once it is empty.
+    dry: bool,
     /// The buffer when no op holds it, and its unwritten bytes (recv/send).
     buf: Option<Vec<u8>>,
     start: usize,
@@ -312,7 +329,6 @@ struct Session {
     fds: [SharedFd; 2],
     /// Up (tenant -> compute), down.
     dirs: [Dir; 2],
-    flavor: Flavor,
     progress: Arc<Progress>,
     done: Option<oneshot::Sender<End>>,
     /// Set by the first error or a stop; nothing new is submitted after.
@@ -321,19 +337,26 @@ struct Session {
 
 impl Session {
     fn new(start: Start) -> Self {
-        let mut dirs = [Dir::default(), Dir::default()];
-        if let Some(pipes) = start.pipes {
-            for (d, p) in dirs.iter_mut().zip(pipes) {
-                d.cap = p.capacity();
-                let (r, w) = p.into_fds();
-                d.pipe = Some((Arc::new(r), Arc::new(w)));
-            }
-        }
+        let dir = || Dir {
+            flavor: start.flavor,
+            pipe: None,
+            pipe_size: start.pipe_size,
+            pending: 0,
+            asked: 0,
+            dry: true,
+            buf: None,
+            start: 0,
+            end: 0,
+            eof: false,
+            pipe_full: false,
+            shut: false,
+            reading: None,
+            writing: None,
+        };
         Self {
             id: start.id,
             fds: [Arc::new(start.tenant), Arc::new(start.compute)],
-            dirs,
-            flavor: start.flavor,
+            dirs: [dir(), dir()],
             progress: start.progress,
             done: Some(start.done),
             end: None,
@@ -399,7 +422,7 @@ impl Session {
             return;
         }
         let (src, dst) = self.src_dst(dir);
-        match self.flavor {
+        match self.dirs[dir].flavor {
             Flavor::Splice => self.drive_splice(ring, dir, src, &dst),
             Flavor::RecvSend => self.drive_recv_send(ring, dir, src, &dst),
         }
@@ -414,34 +437,93 @@ impl Session {
 
     fn drive_splice(&mut self, ring: &mut Ring, dir: usize, src: SharedFd, dst: &SharedFd) {
         let d = &self.dirs[dir];
-        let Some((pr, pw)) = d.pipe.clone() else {
-            return;
-        };
-        if !d.eof && d.reading.is_none() && !d.pipe_full && d.pending < d.cap {
-            let len = u32::try_from(d.cap - d.pending).unwrap_or(u32::MAX);
-            let op = Op::PollSplice {
-                poll: Arc::clone(&src),
-                events: POLLIN,
-                from: src,
-                to: pw,
-                len,
-            };
-            let id = self.submit(ring, dir, false, op);
-            self.dirs[dir].reading = id;
+        if !d.eof && d.reading.is_none() && !d.pipe_full {
+            if d.dry {
+                // Readable first: no pipe is needed to wait.
+                let op = Op::Poll {
+                    fd: src,
+                    events: POLLIN,
+                };
+                let id = self.submit(ring, dir, false, op);
+                self.dirs[dir].reading = id;
+            } else if self.take_pipe(dir) {
+                let d = &self.dirs[dir];
+                if let Some(pipe) = d.pipe.as_ref().filter(|p| d.pending < p.cap) {
+                    let room = pipe.cap - d.pending;
+                    let op = Op::PollSplice {
+                        poll: Arc::clone(&src),
+                        events: POLLIN,
+                        from: src,
+                        to: Arc::clone(&pipe.write),
+                        len: u32::try_from(room).unwrap_or(u32::MAX),
+                    };
+                    let id = self.submit(ring, dir, false, op);
+                    let d = &mut self.dirs[dir];
+                    d.reading = id;
+                    d.asked = room;
+                }
+            } else {
+                // No pipe to be had: recv/send from now on.
+                self.drive_recv_send(ring, dir, src, dst);
+                return;
+            }
         }
         let d = &self.dirs[dir];
-        if self.end.is_none() && d.pending > 0 && d.writing.is_none() {
-            let len = u32::try_from(d.pending).unwrap_or(u32::MAX);
+        if let Some(pipe) = d.pipe.as_ref()
+            && self.end.is_none()
+            && d.pending > 0
+            && d.writing.is_none()
+        {
             let op = Op::PollSplice {
                 poll: Arc::clone(dst),
                 events: POLLOUT,
-                from: pr,
+                from: Arc::clone(&pipe.read),
                 to: Arc::clone(dst),
-                len,
+                len: u32::try_from(d.pending).unwrap_or(u32::MAX),
             };
             let id = self.submit(ring, dir, true, op);
             self.dirs[dir].writing = id;
         }
+        let d = &self.dirs[dir];
+        if d.pipe.is_some() && d.pending == 0 && d.writing.is_none() && d.asked == 0 {
+            self.release_pipe(dir);
+        }
+    }
+
+    /// Makes sure direction `dir` holds a pipe: from the ring thread's pool
+    /// or a new one. With no descriptor left the direction switches to
+    /// recv/send (bytes keep moving through a buffer) and this says false.
+    fn take_pipe(&mut self, dir: usize) -> bool {
+        let d = &mut self.dirs[dir];
+        if d.pipe.is_some() {
+            return true;
+        }
+        let pipe = match RingPipe::take(d.pipe_size) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(
+                    session = self.id,
+                    dir = if dir == 0 { "up" } else { "down" },
+                    error = %e,
+                    "no pipe for the io_uring splice (descriptors ran out?): this direction goes on through a buffer"
+                );
+                d.flavor = Flavor::RecvSend;
+                return false;
+            }
+        };
+        d.pipe = Some(pipe);
+        self.progress.pipes.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    /// Gives direction `dir`'s empty pipe back to the pool (closed when
+    /// the pool is full, or if an operation still held it).
+    fn release_pipe(&mut self, dir: usize) {
+        let Some(pipe) = self.dirs[dir].pipe.take() else {
+            return;
+        };
+        self.progress.pipes.fetch_sub(1, Ordering::Relaxed);
+        pipe.give_back();
     }
 
     fn drive_recv_send(&mut self, ring: &mut Ring, dir: usize, src: SharedFd, dst: &SharedFd) {
@@ -479,30 +561,37 @@ impl Session {
 
     fn complete(&mut self, ring: &mut Ring, dir: usize, write: bool, c: Completion) {
         let ending = self.end.is_some();
+        let flavor = self.dirs[dir].flavor;
         let d = &mut self.dirs[dir];
-        if write {
+        let asked = if write {
             d.writing = None;
+            0
         } else {
             d.reading = None;
-        }
+            std::mem::take(&mut d.asked)
+        };
         if let Some(buf) = c.buf {
             d.buf = Some(buf);
         }
         let err = match c.result {
             Ok(0) if write => Some(io::Error::from(io::ErrorKind::WriteZero)),
             Ok(n) => {
-                self.moved(dir, write, n);
+                self.moved(dir, write, n, asked);
                 None
             }
             Err(e) => match e.raw_os_error() {
                 Some(libc::EAGAIN | libc::EINTR) => {
                     let d = &mut self.dirs[dir];
-                    if !write && self.flavor == Flavor::Splice && d.pending > 0 {
+                    if !write && flavor == Flavor::Splice && d.pending > 0 {
                         // Polled readable, yet no room: the pipe's slots are
                         // full of partial pages. Read again after a write.
                         d.pipe_full = true;
                     }
-                    if !write && self.flavor == Flavor::RecvSend {
+                    if !write && flavor == Flavor::Splice && d.pending == 0 {
+                        // Nothing came after all: poll again.
+                        d.dry = true;
+                    }
+                    if !write && flavor == Flavor::RecvSend {
                         // The socket ran dry: free the buffer, poll again.
                         d.buf = None;
                     }
@@ -519,16 +608,21 @@ impl Session {
         self.drive(ring, dir);
     }
 
-    /// A successful completion of `n` (bytes, or a poll mask).
-    fn moved(&mut self, dir: usize, write: bool, n: usize) {
-        let flavor = self.flavor;
+    /// A successful completion of `n` (bytes, or a poll mask), for a read
+    /// of `asked` bytes (0: a bare poll).
+    fn moved(&mut self, dir: usize, write: bool, n: usize, asked: usize) {
         let d = &mut self.dirs[dir];
-        match (flavor, write) {
+        match (d.flavor, write) {
+            // The source is readable: splice from it next.
+            (Flavor::Splice, false) if asked == 0 => d.dry = false,
             (Flavor::Splice, false) => {
                 if n == 0 {
                     d.eof = true;
                 } else {
                     d.pending += n;
+                    // A short read found the source dry (or the pipe's
+                    // slots full): poll before reading again.
+                    d.dry = n < asked;
                 }
             }
             (Flavor::Splice, true) => {
@@ -571,81 +665,4 @@ impl Session {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::os::unix::net::UnixStream;
-    use std::time::{Duration, Instant};
-
-    use super::*;
-    use crate::sys::uring::probe;
-
-    /// Regression test for a lost wake-up (see `RingThread::commands`):
-    /// several threads queue commands at once, as concurrent sessions do,
-    /// and every one of them must reach the ring thread. Each session's
-    /// peers are already closed, so it ends (EOF both ways) as soon as the
-    /// ring thread has seen its `Start`.
-    #[test]
-    fn commands_from_racing_threads_all_reach_the_ring_thread() {
-        match probe() {
-            Ok(s) if s.poll_add && s.recv && s.send => {}
-            Ok(s) => {
-                println!("skipped: io_uring lacks POLL_ADD or RECV/SEND ({s:?})");
-                return;
-            }
-            Err(e) => {
-                println!("skipped: io_uring unavailable: {e}");
-                return;
-            }
-        }
-        let driver = Arc::new(Driver::spawn(Ring::new(64).unwrap()).unwrap());
-        let senders: Vec<_> = (0..4)
-            .map(|_| {
-                let driver = Arc::clone(&driver);
-                std::thread::spawn(move || {
-                    for _ in 0..500 {
-                        let mut waiting = Vec::new();
-                        for _ in 0..8 {
-                            let (tenant, t_peer) = UnixStream::pair().unwrap();
-                            let (compute, c_peer) = UnixStream::pair().unwrap();
-                            drop((t_peer, c_peer));
-                            let (done, rx) = oneshot::channel();
-                            let start = Start {
-                                id: driver.next_id(),
-                                tenant: tenant.into(),
-                                compute: compute.into(),
-                                flavor: Flavor::RecvSend,
-                                pipes: None,
-                                progress: Arc::new(Progress::default()),
-                                done,
-                            };
-                            assert!(driver.send(Cmd::Start(Box::new(start))).is_ok());
-                            waiting.push(rx);
-                        }
-                        for mut rx in waiting {
-                            // Not a timing assertion: a lost wake-up
-                            // leaves the ring thread asleep for ever.
-                            let give_up = Instant::now() + Duration::from_secs(20);
-                            let end = loop {
-                                match rx.try_recv() {
-                                    Ok(end) => break end,
-                                    Err(oneshot::error::TryRecvError::Empty) => {
-                                        assert!(
-                                            Instant::now() < give_up,
-                                            "the ring thread never saw a queued command"
-                                        );
-                                        std::thread::sleep(Duration::from_millis(1));
-                                    }
-                                    Err(e) => panic!("session dropped: {e}"),
-                                }
-                            };
-                            assert_eq!(end, End::Closed);
-                        }
-                    }
-                })
-            })
-            .collect();
-        for s in senders {
-            s.join().unwrap();
-        }
-        assert!(driver.alive());
-    }
-}
+mod tests;
