@@ -221,28 +221,25 @@ pub(super) fn start_consolegate_splice(ctx: &Ctx<'_>, program: &Path) -> Result<
 }
 
 /// sockmap forwards plain TCP only (the CONNECT row): the kernel's sk_skb
-/// verdict moves the bytes, no proxy wake-up per message. Refused when
-/// this kernel or these privileges cannot load it (the proxy would fall
-/// back, and the row would measure something else).
+/// verdict moves the bytes, no proxy wake-up per message.
 pub(super) fn start_consolegate_sockmap(ctx: &Ctx<'_>, program: &Path) -> Result<Started> {
-    let mut started = consolegate(ctx, program, Some("sockmap"), false, false)?;
-    let log = fs::read_to_string(ctx.log("consolegate-sockmap")).unwrap_or_default();
-    if !log.contains("sockmap data path loaded") {
-        bail!("the sockmap data path did not load here (see its log): no sockmap row");
-    }
-    started.rows.retain(|r| r.front == "connect");
-    Ok(started)
+    connect_only(ctx, program, "sockmap", "sockmap data path loaded")
 }
 
 /// io_uring (opt-in) carries raw sessions whose legs are both plain
-/// sockets: the CONNECT row. Refused when this kernel does not offer the
-/// opcodes it needs (the proxy would fall back to splice, and the row
-/// would measure that instead).
+/// sockets: the CONNECT row.
 pub(super) fn start_consolegate_uring(ctx: &Ctx<'_>, program: &Path) -> Result<Started> {
-    let mut started = consolegate(ctx, program, Some("uring"), false, false)?;
-    let log = fs::read_to_string(ctx.log("consolegate-uring")).unwrap_or_default();
-    if !log.contains("io_uring data path ready") {
-        bail!("the io_uring data path is not available here (see its log): no uring row");
+    connect_only(ctx, program, "uring", "io_uring data path ready")
+}
+
+/// An opt-in rung for plain CONNECT sessions only, refused unless the
+/// proxy's log says it is `ready` (else the proxy would fall back, and the
+/// row would measure another rung).
+fn connect_only(ctx: &Ctx<'_>, program: &Path, dp: &str, ready: &str) -> Result<Started> {
+    let mut started = consolegate(ctx, program, Some(dp), false, false)?;
+    let log = fs::read_to_string(ctx.log(&format!("consolegate-{dp}"))).unwrap_or_default();
+    if !log.contains(ready) {
+        bail!("the {dp} data path is not available here (see its log): no {dp} row");
     }
     started.rows.retain(|r| r.front == "connect");
     Ok(started)

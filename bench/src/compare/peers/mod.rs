@@ -110,6 +110,9 @@ impl Ctx<'_> {
     }
 }
 
+/// Starts one service for the run.
+type StartFn = fn(&Ctx<'_>, &Path) -> Result<Started>;
+
 /// A kind of service: how to find it and start it.
 #[derive(Debug, Clone)]
 pub struct Kind {
@@ -118,7 +121,7 @@ pub struct Kind {
     pub program: Option<&'static str>,
     /// Debian package(s) that provide it (`cargo xtask bench` installs them).
     pub debian: &'static str,
-    start: fn(&Ctx<'_>, &Path) -> Result<Started>,
+    start: StartFn,
 }
 
 impl Kind {
@@ -204,38 +207,25 @@ pub fn kinds(settings: &Settings) -> Vec<Kind> {
             start: start_consolegate_copy,
         },
     ];
-    if datapaths(&settings.consolegate)
-        .iter()
-        .any(|d| d == "splice")
-    {
-        v.push(Kind {
-            name: "consolegate-splice",
-            program: Some("consolegate"),
-            debian: "",
-            start: start_consolegate_splice,
-        });
-    }
-    if datapaths(&settings.consolegate)
-        .iter()
-        .any(|d| d == "sockmap")
-    {
-        v.push(Kind {
-            name: "consolegate-sockmap",
-            program: Some("consolegate"),
-            debian: "",
-            start: start_consolegate_sockmap,
-        });
-    }
-    if datapaths(&settings.consolegate)
-        .iter()
-        .any(|d| d == "uring")
-    {
-        v.push(Kind {
-            name: "consolegate-uring",
-            program: Some("consolegate"),
-            debian: "",
-            start: start_consolegate_uring,
-        });
+    // The rungs this binary offers beyond the copy, each a service.
+    let offered = datapaths(&settings.consolegate);
+    let rungs: [(&'static str, StartFn); 3] = [
+        ("consolegate-splice", start_consolegate_splice),
+        ("consolegate-sockmap", start_consolegate_sockmap),
+        ("consolegate-uring", start_consolegate_uring),
+    ];
+    for (name, start) in rungs {
+        if offered
+            .iter()
+            .any(|d| Some(d.as_str()) == name.strip_prefix("consolegate-"))
+        {
+            v.push(Kind {
+                name,
+                program: Some("consolegate"),
+                debian: "",
+                start,
+            });
+        }
     }
     v.push(Kind {
         name: "consolegate-tls",

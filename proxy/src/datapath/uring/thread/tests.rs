@@ -7,6 +7,22 @@ use std::time::{Duration, Instant};
 use super::*;
 use crate::sys::uring::probe;
 
+/// Whether this kernel's io_uring has the opcodes `what` names; says why
+/// a test is skipped when not.
+fn ring_offers(what: &str, has: impl Fn(&crate::sys::uring::Support) -> bool) -> bool {
+    match probe() {
+        Ok(s) if has(&s) => true,
+        Ok(s) => {
+            println!("skipped: io_uring lacks one of {what} ({s:?})");
+            false
+        }
+        Err(e) => {
+            println!("skipped: io_uring unavailable: {e}");
+            false
+        }
+    }
+}
+
 /// Regression test for a lost wake-up (see `RingThread::commands`):
 /// several threads queue commands at once, as concurrent sessions do,
 /// and every one of them must reach the ring thread. Each session's
@@ -14,16 +30,10 @@ use crate::sys::uring::probe;
 /// ring thread has seen its `Start`.
 #[test]
 fn commands_from_racing_threads_all_reach_the_ring_thread() {
-    match probe() {
-        Ok(s) if s.poll_add && s.recv && s.send => {}
-        Ok(s) => {
-            println!("skipped: io_uring lacks POLL_ADD or RECV/SEND ({s:?})");
-            return;
-        }
-        Err(e) => {
-            println!("skipped: io_uring unavailable: {e}");
-            return;
-        }
+    if !ring_offers("POLL_ADD, RECV and SEND", |s| {
+        s.poll_add && s.recv && s.send
+    }) {
+        return;
     }
     let driver = Arc::new(Driver::spawn(Ring::new(64).unwrap()).unwrap());
     let senders: Vec<_> = (0..4)
@@ -95,16 +105,10 @@ fn eventually(what: &str, mut f: impl FnMut() -> bool) {
 fn an_idle_splice_session_holds_no_pipe() {
     use std::io::{Read as _, Write as _};
     use std::net::{TcpListener, TcpStream};
-    match probe() {
-        Ok(s) if s.poll_add && s.async_cancel && s.splice => {}
-        Ok(s) => {
-            println!("skipped: io_uring lacks POLL_ADD, ASYNC_CANCEL or SPLICE ({s:?})");
-            return;
-        }
-        Err(e) => {
-            println!("skipped: io_uring unavailable: {e}");
-            return;
-        }
+    if !ring_offers("POLL_ADD, ASYNC_CANCEL and SPLICE", |s| {
+        s.poll_add && s.async_cancel && s.splice
+    }) {
+        return;
     }
     let pair = || {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
