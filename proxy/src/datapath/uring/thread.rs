@@ -12,7 +12,8 @@
 //!   never waits, so idle sessions hold no worker threads. The pipe is
 //!   held only while bytes move, as on the splice rung
 //!   (`datapath::pipes`): a direction starts, and returns after a splice
-//!   read came back short (the source ran dry), with a bare `POLL_ADD`;
+//!   read that came back short or left the source empty (`FIONREAD`),
+//!   with a bare `POLL_ADD`;
 //!   once its pipe is empty and no splice names it, the pipe goes back to
 //!   the ring thread's pool. Idle sessions hold two descriptors, not six.
 //!   With no descriptor left for a pipe the direction goes on with the
@@ -31,7 +32,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::Shutdown;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd as _, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, mpsc};
 
@@ -39,6 +40,7 @@ use tokio::sync::{Notify, oneshot};
 
 use super::pool::RingPipe;
 use crate::datapath::End;
+use crate::sys::pipe::readable_bytes;
 use crate::sys::uring::{Completion, EventFd, Op, OpId, Ring, SharedFd};
 
 /// How a uring session moves its bytes.
@@ -611,6 +613,7 @@ impl Session {
     /// A successful completion of `n` (bytes, or a poll mask), for a read
     /// of `asked` bytes (0: a bare poll).
     fn moved(&mut self, dir: usize, write: bool, n: usize, asked: usize) {
+        let src = &self.fds[if dir == 0 { 0 } else { 1 }];
         let d = &mut self.dirs[dir];
         match (d.flavor, write) {
             // The source is readable: splice from it next.
@@ -621,8 +624,10 @@ impl Session {
                 } else {
                     d.pending += n;
                     // A short read found the source dry (or the pipe's
-                    // slots full): poll before reading again.
-                    d.dry = n < asked;
+                    // slots full): poll before reading again. A read that
+                    // filled the room may have emptied the source too; a
+                    // splice waiting on it would keep the pipe while idle.
+                    d.dry = n < asked || readable_bytes(src.as_fd()).is_ok_and(|b| b == 0);
                 }
             }
             (Flavor::Splice, true) => {

@@ -146,6 +146,18 @@ fn an_idle_splice_session_holds_no_pipe() {
         assert!(back == down, "round {round}: down bytes differ");
         eventually("both directions give their pipes back", || held() == 0);
     }
+    // A read that fills the pipe's room exactly and empties the socket:
+    // the direction must not keep the pipe in a splice waiting for more.
+    for round in 0..8u8 {
+        let up = vec![round; 64 * 1024];
+        tenant.write_all(&up).unwrap();
+        let mut got = vec![0u8; up.len()];
+        compute.read_exact(&mut got).unwrap();
+        assert!(got == up, "exact round {round}: up bytes differ");
+        eventually("the pipe is back after a read that filled it", || {
+            held() == 0
+        });
+    }
     // Bytes in both directions at once, then idle again.
     tenant.write_all(b"again up").unwrap();
     compute.write_all(b"again down").unwrap();
@@ -156,7 +168,7 @@ fn an_idle_splice_session_holds_no_pipe() {
     eventually("the pipes are back after the last bytes", || held() == 0);
     assert_eq!(
         progress.up.load(Ordering::Relaxed),
-        4 * 300_000 + 8,
+        4 * 300_000 + 8 * 64 * 1024 + 8,
         "up bytes counted"
     );
     assert_eq!(progress.down.load(Ordering::Relaxed), 4 * 200_000 + 10);
