@@ -204,7 +204,9 @@ struct RingThread {
     ring: Ring,
     rx: mpsc::Receiver<Cmd>,
     wake: Arc<Wake>,
-    sessions: HashMap<u64, Session>,
+    /// Boxed: the table keeps spare buckets (a quarter to a half of them
+    /// at any size), which should cost a pointer each, not a `Session`.
+    sessions: HashMap<u64, Box<Session>>,
 }
 
 impl RingThread {
@@ -265,11 +267,11 @@ impl RingThread {
             match cmd {
                 Cmd::Start(start) => {
                     let id = start.id;
-                    let mut s = Session::new(*start);
+                    let mut s = Box::new(Session::new(*start));
                     s.drive(&mut self.ring, 0);
                     s.drive(&mut self.ring, 1);
                     self.sessions.insert(id, s);
-                    if self.sessions.get(&id).is_some_and(Session::over) {
+                    if self.sessions.get(&id).is_some_and(|s| s.over()) {
                         self.finish(id);
                     }
                 }
