@@ -17,6 +17,11 @@ thread_local! {
     static POOL: RefCell<Vec<RingPipe>> = const { RefCell::new(Vec::new()) };
 }
 
+/// Tests: a pipe size for which no pipe can be had, as when the process
+/// has run out of descriptors.
+#[cfg(test)]
+pub(super) const NO_PIPE: usize = usize::MAX;
+
 /// A pipe as the ring hands it to operations.
 #[derive(Debug)]
 pub(super) struct RingPipe {
@@ -31,6 +36,10 @@ pub(super) struct RingPipe {
 impl RingPipe {
     /// An empty pipe of `size` bytes from this thread's pool, or a new one.
     pub fn take(size: usize) -> io::Result<Self> {
+        #[cfg(test)]
+        if size == NO_PIPE {
+            return Err(io::Error::from_raw_os_error(libc::EMFILE));
+        }
         let pooled = POOL.with(|p| {
             let mut p = p.borrow_mut();
             let at = p.iter().position(|q| q.size == size)?;

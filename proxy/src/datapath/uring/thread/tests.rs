@@ -177,3 +177,72 @@ fn an_idle_splice_session_holds_no_pipe() {
         matches!(end.try_recv(), Ok(End::Closed))
     });
 }
+
+/// With no pipe to be had (descriptors ran out) a splice-flavour
+/// direction goes on through a buffer: every byte still arrives, in both
+/// directions, and the session ends normally.
+#[test]
+fn without_a_pipe_a_splice_session_moves_its_bytes_through_a_buffer() {
+    use std::io::{Read as _, Write as _};
+    use std::net::{TcpListener, TcpStream};
+    if !ring_offers("POLL_ADD, RECV and SEND", |s| {
+        s.poll_add && s.recv && s.send
+    }) {
+        return;
+    }
+    let pair = || {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let peer = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (ours, _) = l.accept().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        // A stalled session fails the test instead of hanging it.
+        peer.set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        (peer, ours)
+    };
+    let (mut tenant, proxy_t) = pair();
+    let (mut compute, proxy_c) = pair();
+    let driver = Driver::spawn(Ring::new(64).unwrap()).unwrap();
+    let progress = Arc::new(Progress::default());
+    let (done, mut end) = oneshot::channel();
+    let start = Start {
+        id: driver.next_id(),
+        tenant: proxy_t.into(),
+        compute: proxy_c.into(),
+        flavor: Flavor::Splice,
+        pipe_size: super::super::pool::NO_PIPE,
+        progress: Arc::clone(&progress),
+        done,
+    };
+    assert!(driver.send(Cmd::Start(Box::new(start))).is_ok());
+    let up: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let down: Vec<u8> = (0..200_000u32).map(|i| (i % 241) as u8).collect();
+    let writer = {
+        let up = up.clone();
+        let mut t = tenant.try_clone().unwrap();
+        std::thread::spawn(move || t.write_all(&up).unwrap())
+    };
+    let mut got = vec![0u8; up.len()];
+    compute.read_exact(&mut got).unwrap();
+    writer.join().unwrap();
+    assert!(got == up, "up bytes differ");
+    compute.write_all(&down).unwrap();
+    let mut back = vec![0u8; down.len()];
+    tenant.read_exact(&mut back).unwrap();
+    assert!(back == down, "down bytes differ");
+    assert_eq!(
+        progress.pipes.load(Ordering::Relaxed),
+        0,
+        "no pipe was held"
+    );
+    // The ring counts a write when it reaps its completion, which may
+    // come after the peer has read the bytes.
+    eventually("every byte is counted", || {
+        progress.up.load(Ordering::Relaxed) == up.len() as u64
+            && progress.down.load(Ordering::Relaxed) == down.len() as u64
+    });
+    drop((tenant, compute));
+    eventually("the session ends on both EOFs", || {
+        matches!(end.try_recv(), Ok(End::Closed))
+    });
+}
